@@ -1,0 +1,341 @@
+"""The `peftcli` command. Thin: parse, validate, call library functions, print.
+
+Exit codes: 0 success, 2 bad input (recipe, arguments, missing files), 1 failure while running.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=True,
+    no_args_is_help=True,
+    help="Parameter-efficient fine-tuning of Hugging Face transformers from YAML recipes.",
+    rich_markup_mode="markdown",
+)
+recipes_app = typer.Typer(help="List and copy the shipped recipes.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+out = Console()
+err = Console(stderr=True)
+
+BAD_INPUT, FAILURE = 2, 1
+
+
+def _bad_input_types() -> tuple[type, ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .models import ModelLoadError
+    from .recipe import RecipeError
+
+    types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError]
+    try:
+        from .arch import UnsupportedArchitecture
+
+        types_.append(UnsupportedArchitecture)
+    except ImportError:
+        pass
+    try:
+        from .quant import QuantizationUnavailable
+
+        types_.append(QuantizationUnavailable)
+    except ImportError:
+        pass
+    return tuple(types_)
+
+
+class UsageError(Exception):
+    """Bad command-line input that is not a recipe problem."""
+
+
+def handle_errors(fn):
+    """Turn known errors into a short message and an exit code; never a raw traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (UsageError, *_bad_input_types()) as e:
+            err.print(f"[red]error:[/] {e}", highlight=False, markup=True)
+            raise typer.Exit(BAD_INPUT) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]; checkpoints already written are intact")
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001
+            if os.environ.get("PEFTCLI_DEBUG"):
+                raise
+            msg = str(e).strip() or type(e).__name__
+            err.print(f"[red]error:[/] {msg}", highlight=False)
+            err.print("[dim](set PEFTCLI_DEBUG=1 for the full traceback)[/]")
+            raise typer.Exit(FAILURE) from None
+
+    return wrapper
+
+
+def _load(recipe_path: Path, overrides: list[str] | None):
+    from .recipe import load_recipe
+
+    return load_recipe(recipe_path, overrides or [])
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+@app.command(epilog="Example: `peftcli train recipes/tweets_lora.yaml train.lr=3e-4 method.r=16`")
+@handle_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and budget, then exit")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir from its last checkpoint")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end: train, eval, save, reload")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed)")] = 1,
+) -> None:
+    """Train a recipe and save the adapter into its run folder."""
+    r = _load(recipe, overrides)
+    if nproc > 1:
+        from .launch import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke))
+    if dry_run:
+        from .budget import budget_from_recipe
+        from .recipe import recipe_yaml
+
+        out.print(recipe_yaml(r), highlight=False)
+        b = budget_from_recipe(r)
+        out.print(f"trainable parameters: {b['trainable']:,} of {b['total']:,} ({b['percent']:.4f} %)")
+        return
+    if smoke:
+        r.output.dir = str(r.run_dir()) + "-smoke"
+        r.output.overwrite = True
+        r.train.progress = False
+        r.output.plot = True
+    from .train import train as run_train
+
+    summary = run_train(r, resume=resume, smoke=smoke)
+    final = summary.get("final", {})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+    out.print(f"done in {summary['train_time_s']:.1f} s · {shown}")
+    out.print(f"run saved to {r.run_dir()}")
+    if "accuracy" in final:
+        out.print(f"held-out accuracy: {100 * final['accuracy']:.2f} %")
+    if smoke:
+        from .build import pick_device
+        from .evaluate import evaluate as run_eval
+        from .pipeline import collator, load_run, prepare_data
+
+        built, _ = load_run(r.run_dir(), pick_device("cpu"))
+        _, _, held = prepare_data(built.recipe, built.tokenizer)
+        m = run_eval(built.model, held[:16], collator(built.recipe, built.tokenizer), task=built.recipe.model.task,
+                     device=pick_device("cpu"), num_labels=len(built.label_names or []) or None)
+        if abs(m["loss"] - final.get("loss", m["loss"])) > 1e-3:
+            raise RuntimeError(f"smoke: reloaded adapter gives eval loss {m['loss']:.5f}, trained model gave {final['loss']:.5f}")
+        out.print(f"smoke ok: reloaded adapter reproduces eval loss {m['loss']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+@app.command("eval", epilog="Example: `peftcli eval runs/lora-tweets --split eval`")
+@handle_errors
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="run folder written by `peftcli train`")],
+    split: Annotated[str, typer.Option(help="'eval' (the recipe's held-out split), 'train', or a split name")] = "eval",
+    limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Evaluate a run's saved adapter on a split; prints and saves the metrics."""
+    from .build import pick_device
+    from .evaluate import evaluate, generation_eval
+    from .pipeline import collator, load_run, prepare_data
+
+    dev = pick_device(device)
+    built, meta = load_run(run, dev)
+    rec = built.recipe
+    if split not in ("eval", "train"):
+        rec.data.eval_split = split
+    _, train_ex, held = prepare_data(rec, built.tokenizer)
+    examples = train_ex if split == "train" else held
+    if limit:
+        examples = examples[:limit]
+    m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
+                 batch_size=rec.eval.batch_size, precision=rec.train.precision,
+                 num_labels=len(built.label_names or []) or None)
+    if rec.model.task == "causal_lm" and examples and "prompt_len" in examples[0]:
+        g, samples = generation_eval(built.model, built.arch, built.tokenizer, examples, device=dev,
+                                     max_new_tokens=rec.eval.max_new_tokens,
+                                     limit=None if rec.eval.generate_accuracy else rec.eval.generate_samples)
+        if rec.eval.generate_accuracy:
+            m.update(g)
+        for s in samples[: rec.eval.generate_samples]:
+            out.print(f"[dim]sample[/] {s['generated']!r} (reference {s['reference']!r})")
+    table = Table(title=f"{run} · {split} · {len(examples)} examples")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in m.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+    from .checkpoint import atomic_file_write
+
+    atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
+
+
+# ---------------------------------------------------------------------------------------- count-params
+
+
+@app.command("count-params", epilog="Examples: `peftcli count-params recipes/tweets_lora.yaml` · "
+             "`peftcli count-params --model config.json --method lora method.r=16`")
+@handle_errors
+def count_params(
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (or use --model/--method)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    model: Annotated[str | None, typer.Option(help="hub id, model folder or config.json")] = None,
+    method: Annotated[str | None, typer.Option(help="registered method name")] = None,
+    task: Annotated[str, typer.Option(help="classification or causal_lm")] = "causal_lm",
+    num_labels: Annotated[int, typer.Option(help="classes, for classification")] = 2,
+    depth: Annotated[int, typer.Option(help="module-name depth of the per-module table")] = 3,
+    batch_size: Annotated[int, typer.Option(help="memory estimate: sequences per step")] = 8,
+    seq_len: Annotated[int, typer.Option(help="memory estimate: tokens per sequence")] = 1024,
+) -> None:
+    """Trainable / total parameters of a method on a model, built on the meta device (no weights read)."""
+    from .budget import budget, print_budget
+    from .recipe import recipe_from_dict
+
+    if recipe is not None and recipe.suffix in (".yaml", ".yml"):
+        r = _load(recipe, overrides)
+    else:
+        if recipe is not None:  # `count-params config.json --method lora`
+            overrides = [str(recipe), *(overrides or [])] if "=" in str(recipe) else overrides
+            model = model or (str(recipe) if "=" not in str(recipe) else None)
+        if model is None or method is None:
+            raise UsageError("count-params needs a recipe, or --model and --method (e.g. --model gpt2 --method lora)")
+        raw = {"model": {"name": model, "task": task, "num_labels": num_labels if task == "classification" else None},
+               "method": {"name": method}}
+        r = recipe_from_dict(raw, "count-params", overrides or [])
+    b = budget(r, depth=depth, batch_size=batch_size, seq_len=seq_len)
+    print_budget(out, r, b)
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+
+@app.command(epilog="Example: `peftcli merge runs/lora-tweets merged/`")
+@handle_errors
+def merge(
+    run: Annotated[Path, typer.Argument(help="run folder (or HF PEFT adapter folder)")],
+    dest: Annotated[Path, typer.Argument(help="where to write the merged model folder")],
+    force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+) -> None:
+    """Bake a mergeable adapter into the base weights; write a plain HF model folder."""
+    from .merge import merge_run
+
+    diff = merge_run(run, dest, force=force)
+    out.print(f"merged model written to {dest}")
+    out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
+
+
+# ---------------------------------------------------------------------------------------- validate
+
+
+@app.command(epilog="Example: `peftcli validate recipes/tweets_lora.yaml method.r=16`")
+@handle_errors
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+) -> None:
+    """Check a recipe without running it."""
+    r = _load(recipe, overrides)
+    out.print(f"{recipe}: ok · method {r.method_name} · model {r.model.name} · data {r.data.source}")
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+
+def _recipe_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipe_files() -> list[Path]:
+    d = _recipe_dir()
+    return sorted(d.glob("*.yaml")) if d.exists() else []
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import yaml
+
+    table = Table(show_header=True)
+    table.add_column("name")
+    table.add_column("method")
+    table.add_column("model")
+    table.add_column("data")
+    table.add_column("description")
+    for f in _recipe_files():
+        text = f.read_text()
+        desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+        raw = yaml.safe_load(text) or {}
+        table.add_row(f.stem, str((raw.get("method") or {}).get("name", "")), str((raw.get("model") or {}).get("name", "")),
+                      str((raw.get("data") or {}).get("source", "")), desc)
+    out.print(table)
+
+
+@recipes_app.command("copy", epilog="Example: `peftcli recipes copy tweets_lora my_recipe.yaml`")
+@handle_errors
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="shipped recipe name (see `peftcli recipes`)")],
+    dest: Annotated[Path, typer.Argument(help="file or folder to copy to")],
+) -> None:
+    """Copy a shipped recipe to edit."""
+    import difflib
+
+    names = {f.stem: f for f in _recipe_files()}
+    key = name.removesuffix(".yaml")
+    if key not in names:
+        close = difflib.get_close_matches(key, list(names), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; `peftcli recipes` lists them"
+        raise UsageError(f"no shipped recipe named {name!r}{hint}")
+    target = dest / f"{key}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise UsageError(f"{target} exists; choose another destination")
+    target.write_text(names[key].read_text())
+    out.print(f"copied {key} to {target}")
+
+
+# ---------------------------------------------------------------------------------------- plot
+
+
+@app.command(epilog="Example: `peftcli plot runs/lora-tweets runs/full-tweets --out compare.png`")
+@handle_errors
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="one or more run folders")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("curves.png"),
+) -> None:
+    """Draw loss and evaluation curves of several runs on one figure."""
+    from .plot import plot_runs
+
+    plot_runs(runs, out_file)
+    out.print(f"wrote {out_file}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

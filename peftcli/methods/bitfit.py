@@ -1,0 +1,43 @@
+"""BitFit (Ben Zaken et al. 2022): train only the bias terms (and the task head).
+
+Nothing is added, so there is nothing to merge: the trained biases are the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..arch import Arch
+from ..registry import register
+
+
+@dataclass
+class BitFitConfig:
+    include_norm_bias: bool = field(default=True, metadata={"help": "also train layer-norm biases"})
+
+
+def attach(model: nn.Module, arch: Arch, cfg: BitFitConfig) -> None:
+    layers_prefix = arch.layers_path + "."
+    found = 0
+    for mname, mod in model.named_modules():
+        bias = getattr(mod, "bias", None)
+        if not isinstance(bias, nn.Parameter):
+            continue
+        if not (mname.startswith(layers_prefix) or "embeddings" in mname):
+            continue
+        if not cfg.include_norm_bias and "norm" in type(mod).__name__.lower():
+            continue
+        bias.requires_grad_(True)
+        found += 1
+    if found == 0:
+        raise ValueError("bitfit: this model has no bias terms to train (Llama-like models have none)")
+
+
+register(
+    "bitfit",
+    BitFitConfig,
+    summary="train bias terms only; the result is a full model, nothing to merge",
+    merge_refusal="BitFit changes biases in place; the trained biases are already part of the saved adapter",
+)(attach)

@@ -1,0 +1,116 @@
+"""LoRA (Hu et al. 2021) with the rsLoRA scaling switch.
+
+    y = W x + s · B A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A is Kaiming-uniform(a=sqrt 5) and B is zero, so training starts exactly at the base model.
+Parameter names follow HF PEFT (`lora_A.weight` [r, in], `lora_B.weight` [out, r]) so that
+exporting to its format is a key rename.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import Arch, dense_weight, linear_dims, set_module
+from ..registry import parse_layers, register, select_linears
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=8, metadata={"min": 1, "help": "rank of the update B·A"})
+    alpha: float = field(default=16.0, metadata={"min": 0.0, "help": "scaling numerator: s = alpha / r"})
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "dropout on the adapter input"})
+    targets: list[str] = field(
+        default_factory=lambda: ["q", "v"],
+        metadata={"help": "roles (q, k, v, o, ffn_in, ffn_out), 'all-linear', or module-name patterns"},
+    )
+    layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
+    rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r) (rank-stabilised LoRA)"})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: learn a magnitude vector per output"})
+
+
+class LoraLinear(nn.Module):
+    """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D) with a low-rank update."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        super().__init__()
+        self.base = base
+        in_f, out_f = linear_dims(base)
+        self.in_features, self.out_features = in_f, out_f
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        w = base.weight
+        self.lora_A = nn.Linear(in_f, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, out_f, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if w.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A as an (out, in) matrix."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        a = self.lora_A.weight
+        b = self.lora_B.weight
+        h = F.linear(self.lora_dropout(x).to(a.dtype), a)
+        return y + self.scaling * F.linear(h, b).to(y.dtype)
+
+
+def wrap_linears(model: nn.Module, paths: list[str], make) -> list[nn.Module]:
+    out = []
+    for p in paths:
+        m = make(model.get_submodule(p))
+        set_module(model, p, m)
+        out.append(m)
+    return out
+
+
+def merge_into_base(base: nn.Module, delta: torch.Tensor) -> nn.Module:
+    """Add an (out, in) delta to a linear layer's weight in its own storage convention."""
+    with torch.no_grad():
+        w = base.weight
+        d = delta.to(torch.float32)
+        if type(base).__name__ == "Conv1D":
+            d = d.t()
+        w.copy_((w.to(torch.float32) + d).to(w.dtype))
+    return base
+
+
+def attach(model: nn.Module, arch: Arch, cfg: LoraConfig) -> None:
+    if cfg.use_dora:
+        from .dora import attach_dora
+
+        attach_dora(model, arch, cfg)
+        return
+    layers = parse_layers(cfg.layers, arch.num_layers)
+    paths = select_linears(model, arch, cfg.targets, layers)
+    if not paths:
+        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
+    wrap_linears(model, paths, lambda m: LoraLinear(m, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+
+
+def merge(model: nn.Module, arch: Arch, cfg: LoraConfig) -> None:
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLinear):
+            set_module(model, name, merge_into_base(mod.base, mod.delta_weight()))
+        elif hasattr(mod, "merged_base"):
+            set_module(model, name, mod.merged_base())
+
+
+register(
+    "lora",
+    LoraConfig,
+    summary="low-rank update B·A beside chosen linear layers (rsLoRA, DoRA as options); mergeable",
+    merge=merge,
+)(attach)
+
+__all__ = ["LoraConfig", "LoraLinear", "attach", "merge", "merge_into_base", "wrap_linears", "dense_weight"]

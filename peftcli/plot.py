@@ -1,0 +1,58 @@
+"""Training curves as PNG: one run next to its metrics.jsonl, or several runs side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl; is it a training run folder?")
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "eval" in rec:
+            evals.append(rec)
+        elif "loss" in rec:
+            train.append(rec)
+    return train, evals
+
+
+def plot_runs(runs: list[Path], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    eval_key = None
+    for run in runs:
+        train, evals = read_metrics(run)
+        label = Path(run).name
+        if train:
+            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{label} train")
+        if evals:
+            ax_loss.plot([r["step"] for r in evals], [r["eval"]["loss"] for r in evals], "--o", ms=3,
+                         label=f"{label} eval")
+            eval_key = next((k for k in ("accuracy", "generate_accuracy", "perplexity") if k in evals[0]["eval"]), "loss")
+            ax_eval.plot([r["step"] for r in evals], [r["eval"][eval_key] for r in evals], "-o", ms=3, label=label)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss")
+    ax_loss.legend(fontsize=7)
+    ax_eval.set_xlabel("optimizer step")
+    ax_eval.set_ylabel(eval_key or "eval")
+    ax_eval.set_title(f"evaluation {eval_key or ''}")
+    if eval_key:
+        ax_eval.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

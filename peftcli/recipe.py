@@ -1,0 +1,375 @@
+"""Recipes: YAML in, a fully validated `Recipe` out.
+
+Every key is a dataclass field with a type, a default and a one-line help, so validation, the
+README's key table and `--dry-run` all come from the same source. Validation collects every
+problem before reporting, because a user fixing a recipe one error per run is a user wasting runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .registry import all_methods
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A recipe field: default + help + optional min/max."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("sentence-transformers/all-MiniLM-L6-v2", "hub id or local folder of the base model")
+    task: Literal["classification", "causal_lm"] = opt("classification", "what the model is trained to do")
+    num_labels: int | None = opt(None, "classification classes; null = taken from the data", min=2)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the frozen base weights; auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    attn_implementation: Literal["sdpa", "eager"] = opt("sdpa", "attention kernel")
+    quantization: Literal["none", "nf4"] = opt(
+        "none", "nf4 = QLoRA: frozen base in 4-bit NF4 with double quantization (CUDA + bitsandbytes)"
+    )
+    gradient_checkpointing: bool = opt(False, "recompute layer activations in backward to save memory")
+    revision: str | None = opt(None, "hub revision (branch, tag or commit)")
+    trust_remote_code: bool = opt(False, "allow model code from the hub")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt(
+        "tweets",
+        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct, fortunes), "
+        "a hub dataset id, or a local csv/json/jsonl/parquet file",
+    )
+    config_name: str | None = opt(None, "hub dataset configuration, e.g. sst2 for glue")
+    train_split: str = opt("train", "split to train on")
+    eval_split: str | None = opt(None, "split to evaluate on; null = hold out eval_fraction of train")
+    eval_fraction: float = opt(0.2, "fraction held out when eval_split is null", min=0.0, max=0.9)
+    train_size: int | None = opt(None, "use the first N training rows (after the seeded shuffle)", min=1)
+    eval_size: int | None = opt(None, "use the last N held-out rows", min=1)
+    seed: int = opt(0, "seed of the shuffle that splits and subsamples the data")
+    text_column: str = opt("text", "input text column")
+    text_pair_column: str | None = opt(None, "second text column for pair tasks")
+    label_column: str = opt("label", "label column (classification)")
+    label_names: list[str] | None = opt(None, "class names in id order; null = from the data")
+    prompt_column: str | None = opt(None, "causal_lm: prompt column; the loss covers the response only")
+    response_column: str | None = opt(None, "causal_lm: response column")
+    chat_template: bool = opt(True, "causal_lm: wrap prompts with the tokenizer's chat template if it has one")
+    max_length: int = opt(128, "truncate inputs to this many tokens", min=8)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(1.0, "passes over the training data", min=0.0)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)", min=1)
+    batch_size: int = opt(32, "examples per micro-batch", min=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
+    lr: float = opt(1e-3, "peak learning rate", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate schedule after warmup")
+    warmup_ratio: float = opt(0.06, "fraction of steps spent warming up", min=0.0, max=1.0)
+    max_grad_norm: float | None = opt(1.0, "gradient clipping; null = off", min=0.0)
+    seed: int = opt(0, "seed for initialisation, dropout and batch order")
+    device: Literal["auto", "cpu", "cuda", "mps"] = opt("auto", "auto = cuda if available, else cpu")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    num_threads: int | None = opt(None, "CPU threads for torch; null = torch's default", min=1)
+    eval_every: int | None = opt(None, "evaluate every N optimizer steps; null = end of each epoch", min=1)
+    log_every: int = opt(10, "append a metrics line every N optimizer steps", min=1)
+    drop_layers: int = opt(
+        0, "AdapterDrop robust training: each step, drop adapters from a random number (0..N) of lowest layers", min=0
+    )
+    distributed: Literal["none", "ddp", "fsdp"] = opt("none", "multi-process training under torchrun")
+    compile: bool = opt(False, "torch.compile each transformer layer (CUDA)")
+    chunked_ce: bool = opt(True, "causal_lm: cross-entropy in chunks, never materialising full fp32 logits")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    metric: Literal["accuracy", "f1", "loss"] = opt("accuracy", "metric that picks the best checkpoint")
+    batch_size: int = opt(64, "examples per evaluation batch", min=1)
+    generate_samples: int = opt(3, "causal_lm: generated samples shown after evaluation", min=0)
+    max_new_tokens: int = opt(16, "causal_lm: tokens generated per sample", min=1)
+    generate_accuracy: bool = opt(
+        False, "causal_lm: score accuracy by generating each eval response and comparing it to the label"
+    )
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/{method}-{data}", "run folder; {method}, {data} and {model} are filled in")
+    overwrite: bool = opt(False, "replace an existing run folder instead of refusing")
+    plot: bool = opt(True, "write curves.png next to metrics.jsonl")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    method: Any  # the registered method's config dataclass
+    method_name: str
+    train: TrainConfig
+    eval: EvalConfig
+    output: OutputConfig
+    # Optional: start from existing adapter weights (a peftcli run folder or an HF PEFT folder).
+    init_from: str | None = None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "method": {"name": self.method_name, **dataclasses.asdict(self.method)},
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+            "output": dataclasses.asdict(self.output),
+        }
+        if self.init_from is not None:
+            d["init_from"] = self.init_from
+        return d
+
+    def run_dir(self) -> Path:
+        model_short = self.model.name.rstrip("/").split("/")[-1]
+        return Path(
+            self.output.dir.format(method=self.method_name, data=Path(self.data.source).stem, model=model_short)
+        )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+TOP_LEVEL = [*SECTIONS, "method", "init_from"]
+
+
+class RecipeError(Exception):
+    """All problems found in one recipe. `str()` is the message shown to the user."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the recipe"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, converted). Ints are accepted for floats; a single string for a list of strings."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Literal:
+        return (value in typing.get_args(tp)), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str) and inner is str:
+            return True, [value]
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for v in value:
+            ok, cv = _coerce(v, inner)
+            if not ok:
+                return False, value
+            out.append(cv)
+        return True, out
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def build_section(cls: type, raw: Any, where: str, problems: list[str], skip: tuple[str, ...] = ()) -> Any:
+    """Validate a mapping against a dataclass; append problems; return an instance (defaults where bad)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in skip:
+            continue
+        if key not in fields:
+            problems.append(f"{where}.{key}: unknown key{_suggest(str(key), list(fields))}")
+            continue
+        tp = hints[key]
+        ok, conv = _coerce(value, tp)
+        if not ok:
+            problems.append(f"{where}.{key}: expected {_type_name(tp)}, got {value!r}")
+            continue
+        meta = fields[key].metadata
+        if isinstance(conv, (int, float)) and not isinstance(conv, bool):
+            if "min" in meta and conv < meta["min"]:
+                problems.append(f"{where}.{key}: {conv} is below the minimum {meta['min']}")
+                continue
+            if "max" in meta and conv > meta["max"]:
+                problems.append(f"{where}.{key}: {conv} is above the maximum {meta['max']}")
+                continue
+        kwargs[key] = conv
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # __post_init__ checks
+        problems.append(f"{where}: {e}")
+        return cls()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value (e.g. train.lr=3e-4)")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw != "" else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dict:
+    for ov in overrides:
+        try:
+            path, value = parse_override(ov)
+        except (ValueError, yaml.YAMLError) as e:
+            problems.append(str(e))
+            continue
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], dict):
+                    problems.append(f"override {ov!r}: {part} is not a section")
+                    break
+            node = node[part]
+        else:
+            node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise RecipeError(source, ["the recipe must be a YAML mapping with sections " + ", ".join(TOP_LEVEL)])
+    raw = apply_overrides(raw, overrides or [], problems)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{key}: unknown section{_suggest(str(key), TOP_LEVEL)}")
+    sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()}
+
+    methods = all_methods()
+    mraw = raw.get("method")
+    if mraw is None:
+        mraw = {"name": "lora"}
+    if not isinstance(mraw, dict):
+        problems.append("method: expected a mapping with at least `name:`")
+        mraw = {"name": "lora"}
+    mname = mraw.get("name")
+    if mname is None:
+        problems.append(f"method.name: missing; one of {', '.join(sorted(methods))}")
+        mname = "lora"
+    if mname not in methods:
+        problems.append(f"method.name: unknown method {mname!r}{_suggest(str(mname), sorted(methods))}")
+        mname = "lora"
+    mcfg = build_section(methods[mname].config_cls, mraw, "method", problems, skip=("name",))
+
+    init_from = raw.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        problems.append(f"init_from: expected a path to a run or HF PEFT adapter folder, got {init_from!r}")
+        init_from = None
+
+    data: DataConfig = sections["data"]
+    model: ModelConfig = sections["model"]
+    if model.task == "causal_lm" and (data.prompt_column is None) != (data.response_column is None):
+        problems.append("data.prompt_column / data.response_column: set both (instruction data) or neither (plain text)")
+    if problems:
+        raise RecipeError(source, problems)
+    return Recipe(
+        model=model,
+        data=data,
+        method=mcfg,
+        method_name=mname,
+        train=sections["train"],
+        eval=sections["eval"],
+        output=sections["output"],
+        init_from=init_from,
+    )
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(str(path), ["file not found; `peftcli recipes` lists the shipped recipes"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    return recipe_from_dict(raw, str(path), overrides)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def describe_sections() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every recipe key, for the README and `peftcli validate --keys`."""
+    rows = []
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{name}.{f.name}", _type_name(hints[f.name]), repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,55 @@
+"""Tiny models built from config: no downloads, milliseconds per forward."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def tiny_config(kind: str):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if kind == "bert":
+        return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str, task: str = "classification", num_labels: int = 3, seed: int = 0,
+               attn: str = "sdpa"):
+    from peftcli.models import model_from_config
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind)
+    cfg._attn_implementation = attn
+    m = model_from_config(cfg, task, num_labels=num_labels)
+    m.eval()
+    return m
+
+
+@pytest.fixture(params=["bert", "gpt2", "llama"])
+def arch_kind(request) -> str:
+    return request.param
+
+
+def batch(vocab: int = 100, b: int = 3, s: int = 7, pad_last: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    if pad_last:
+        mask[-1, -pad_last:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
