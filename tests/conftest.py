@@ -53,3 +53,73 @@ def batch(vocab: int = 100, b: int = 3, s: int = 7, pad_last: int = 2, seed: int
     if pad_last:
         mask[-1, -pad_last:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def have_embedded_minilm() -> bool:
+    from peftcli.models import resolve_source
+
+    return resolve_source(MINILM).embedded
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT saved with the embedded MiniLM tokenizer: a real folder, offline."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftcli.models import resolve_source
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(resolve_source(MINILM).path).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 (causal LM) with the MiniLM word-piece tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from peftcli.models import resolve_source
+
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(resolve_source(MINILM).path)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    tok.eos_token = tok.sep_token
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory):
+    """Sixty short labelled sentences whose label is learnable from one word."""
+    import csv
+
+    d = tmp_path_factory.mktemp("data")
+    path = d / "toy.csv"
+    words_pos = ["great", "lovely", "superb", "fine", "happy"]
+    words_neg = ["awful", "bad", "terrible", "sad", "poor"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "label", "prompt", "response"])
+        for i in range(60):
+            pos = i % 2 == 0
+            word = (words_pos if pos else words_neg)[i % 5]
+            lab = "positive" if pos else "negative"
+            w.writerow([f"the film was {word} today {i}", lab, f"review: the film was {word}", lab])
+    return path
+
+
+def write_recipe(path, **sections) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return str(path)

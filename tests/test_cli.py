@@ -1,0 +1,165 @@
+"""End to end through the `peftcli` command: train -> eval -> merge, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_recipe
+from peftcli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(
+        d / "r.yaml",
+        model={"name": str(tiny_bert_dir)},
+        data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 12, "max_length": 32},
+        method={"name": "lora", "r": 4, "targets": ["q", "v", "ffn_out"]},
+        train={"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False, "log_every": 1},
+        output={"dir": str(d / "run")},
+    )
+    res = invoke("train", recipe)
+    assert res.exit_code == 0, res.output
+    return d, recipe, d / "run"
+
+
+def test_train_writes_run(trained_run):
+    _, _, run = trained_run
+    for f in ("recipe.yaml", "metrics.jsonl", "summary.json", "curves.png", "adapter/adapter.safetensors",
+              "adapter/meta.json", "last/trainer_state.pt"):
+        assert (run / f).exists(), f
+    meta = json.loads((run / "adapter" / "meta.json").read_text())
+    assert meta["method"] == "lora" and meta["label_names"] == ["negative", "positive"]
+    assert meta["trainable"] < meta["total"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in x for x in lines) and any("samples_per_s" in x for x in lines)
+    # only adapter tensors saved (LoRA + head), never the frozen base
+    from safetensors.torch import load_file
+
+    keys = load_file(str(run / "adapter" / "adapter.safetensors")).keys()
+    assert all("lora_" in k or "classifier" in k for k in keys)
+
+
+def test_eval_matches_training_metrics(trained_run):
+    _, _, run = trained_run
+    res = invoke("eval", run)
+    assert res.exit_code == 0, res.output
+    m = json.loads((run / "eval_eval.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert m["examples"] == 12
+    best = summary["best"]["accuracy"]
+    assert abs(m["accuracy"] - best) < 1e-9
+
+
+def test_merge_exact_and_loadable(trained_run, tmp_path):
+    _, _, run = trained_run
+    res = invoke("merge", run, tmp_path / "merged")
+    assert res.exit_code == 0, res.output
+    diff = float(res.output.split("sample batch:")[1].split()[0])
+    assert diff < 1e-5
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in m.named_parameters())
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_resume_continues(trained_run, tmp_path):
+    d, recipe, run = trained_run
+    res = invoke("train", recipe, "train.epochs=4", f"output.dir={run}", "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resuming at step" in res.output
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s) > 18
+
+
+def test_existing_run_refused(trained_run):
+    _, recipe, _ = trained_run
+    res = invoke("train", recipe)
+    assert res.exit_code == 2
+    assert "already holds a run" in res.output
+
+
+def test_dry_run_prints_budget(trained_run):
+    _, recipe, _ = trained_run
+    res = invoke("train", recipe, "--dry-run", "method.r=2")
+    assert res.exit_code == 0, res.output
+    assert "trainable parameters:" in res.output and "r: 2" in res.output
+
+
+def test_bad_recipe_exit_2(tmp_path):
+    rec = write_recipe(tmp_path / "bad.yaml", train={"lrr": 1, "batch_size": -1}, method={"name": "lora", "r": "x"})
+    res = invoke("train", rec)
+    assert res.exit_code == 2
+    assert "bad.yaml: 3 problems" in res.output
+    assert "did you mean 'lr'" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_bad_override_exit_2(trained_run):
+    _, recipe, _ = trained_run
+    res = invoke("validate", recipe, "method.rank=4")
+    assert res.exit_code == 2 and "method.rank: unknown key" in res.output
+
+
+def test_missing_model_exit_2(tmp_path, tiny_csv):
+    rec = write_recipe(tmp_path / "r.yaml", model={"name": "no-such-org/no-such-model"},
+                       data={"source": str(tiny_csv), "text_column": "sentence"}, output={"dir": str(tmp_path / "o")})
+    res = invoke("train", rec)
+    assert res.exit_code == 2
+    assert "could not load model 'no-such-org/no-such-model'" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_offline_hub_dataset_clear_message(tmp_path, tiny_bert_dir):
+    rec = write_recipe(tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
+                       data={"source": "glue", "config_name": "sst2"}, output={"dir": str(tmp_path / "o")})
+    res = invoke("train", rec)
+    assert res.exit_code == 2
+    assert "data.source: could not load 'glue'" in res.output
+
+
+def test_count_params_from_recipe(trained_run):
+    _, recipe, _ = trained_run
+    res = invoke("count-params", recipe)
+    assert res.exit_code == 0, res.output
+    assert "trainable %" in res.output
+
+
+def test_recipes_list_and_copy(tmp_path):
+    res = invoke("recipes")
+    assert res.exit_code == 0 and "tweets_lora" in res.output
+    res = invoke("recipes", "copy", "tweets_lora", tmp_path / "mine.yaml")
+    assert res.exit_code == 0 and (tmp_path / "mine.yaml").exists()
+    res = invoke("recipes", "copy", "tweets_lroa", tmp_path / "x.yaml")
+    assert res.exit_code == 2 and "did you mean 'tweets_lora'" in res.output
+
+
+def test_plot_several_runs(trained_run, tmp_path):
+    _, _, run = trained_run
+    res = invoke("plot", run, run, "--out", tmp_path / "c.png")
+    assert res.exit_code == 0 and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny_bert_dir, tiny_csv, tmp_path):
+    rec = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
+        data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 12},
+        method={"name": "lora"}, train={"epochs": 30, "batch_size": 8, "lr": 1e12, "max_grad_norm": None,
+                                         "eval_every": 1, "progress": False},
+        output={"dir": str(tmp_path / "run")},
+    )
+    res = invoke("train", rec)
+    assert res.exit_code == 1
+    assert "NaN or infinite" in res.output
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
