@@ -1,8 +1,10 @@
 """Budgeting a method on a model before training: parameters and training memory.
 
 The model is built on PyTorch's meta device: shapes exist, storage does not, so a 70B-sized config
-costs seconds and no memory. Memory is estimated for the parts that do not depend on the batch:
-weights at their dtype, and gradients plus AdamW state for the trainable weights.
+costs seconds and no memory. Memory is estimated in closed form for what does not depend on the
+batch (weights at their dtype, gradients and AdamW moments of the trainable weights), plus a
+rough figure for activations, so that a user can choose between full fine-tuning, LoRA on a
+bf16 base and QLoRA before renting a GPU.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from .models import auto_class, load_config
 from .recipe import Recipe
 
 GIB = 1024**3
-# bits per frozen weight: NF4 = 4 bits + a float32... constant per 64-block, itself 8-bit quantized
-# in blocks of 256 with double quantization (Dettmers et al. 2023): 4 + 8/64 + 32/(64*256).
+# Bits per NF4 weight with double quantization (Dettmers et al. 2023): 4 bits, plus one absmax
+# per block of 64 stored in 8 bits, plus one float32 constant per 256 of those blocks.
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+# Activation bytes kept for backward per token, per layer, per unit of hidden size, in 16-bit
+# precision with a fused attention kernel (Korthikanti et al. 2022, eq. 1 without the s²·a term
+# that an sdpa/flash kernel never stores). Training a frozen base still stores them: the adapter
+# gradient of layer i needs the activations of every layer above it.
+ACT_BYTES_PER_HIDDEN = 34
 
 
 def meta_model(recipe: Recipe):
@@ -33,45 +40,64 @@ def meta_model(recipe: Recipe):
     return model
 
 
-def memory_estimate(model, trainable: int, total: int) -> list[dict]:
-    """Bytes for weights, grads and AdamW state under each precision a user can pick."""
+# name -> (frozen dense weight bytes, trainable weight bytes, gradient bytes, AdamW bytes) per param.
+# torch's AdamW keeps both moments in the parameter's dtype, and peftcli creates adapter weights in
+# the base's dtype (bf16 on CUDA by default), so the bf16 rows count 2 + 2 + 4 bytes per trainable
+# parameter. QLoRA differs from bf16 only in the frozen linear weights of the layers.
+PRECISIONS: dict[str, tuple[float, float, float, float]] = {
+    "fp32": (4, 4, 4, 8),
+    "bf16 mixed": (2, 2, 2, 4),
+    "nf4 QLoRA": (2, 2, 2, 4),
+}
+
+
+def memory_estimate(
+    trainable: int, total: int, quantizable: int, *, method: str = "lora",
+    tokens: int = 0, hidden: int = 0, layers: int = 0,
+) -> list[dict]:
+    """Bytes for weights, gradients and AdamW state under each precision a user can pick.
+
+    `quantizable` is the number of frozen linear weights an NF4 load turns into 4 bits; every
+    other frozen parameter (embeddings, norms, biases, heads) stays in bf16 under QLoRA.
+    `tokens` (batch × sequence length), `hidden` and `layers` give the activation estimate.
+    """
+    from .quant import _NEEDS_DENSE_BASE
+
     frozen = total - trainable
     rows = []
-    # (name, frozen weight bytes/param, trainable weight bytes, grad bytes, optimizer bytes)
-    setups = [
-        ("fp32", 4.0, 4, 4, 8),
-        ("bf16 base, fp32 adapter", 2.0, 4, 4, 8),
-        ("bf16 base, bf16 adapter", 2.0, 2, 2, 4),
-        ("nf4 base (QLoRA), bf16 adapter", NF4_BITS / 8, 2, 2, 4),
-    ]
-    for name, fb, tw, g, o in setups:
-        weights = frozen * fb + trainable * tw
+    for name, (fb, tw, g, o) in PRECISIONS.items():
+        if name == "nf4 QLoRA":
+            if method in _NEEDS_DENSE_BASE or frozen == 0:
+                continue
+            weights = quantizable * NF4_BITS / 8 + (frozen - quantizable) * fb + trainable * tw
+        else:
+            weights = frozen * fb + trainable * tw
+        act_bytes = ACT_BYTES_PER_HIDDEN * (2 if name == "fp32" else 1) * tokens * hidden * layers
         rows.append({
             "precision": name,
             "weights_gib": weights / GIB,
             "grads_gib": trainable * g / GIB,
             "optimizer_gib": trainable * o / GIB,
             "total_gib": (weights + trainable * (g + o)) / GIB,
+            "activations_gib": act_bytes / GIB,
         })
     return rows
 
 
 def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
+    from .quant import quantized_names
+
     model = meta_model(recipe)
-    attach_method(model, recipe.method_name, recipe.method)
+    arch, _ = attach_method(model, recipe.method_name, recipe.method)
     s = trainable_summary(model)
     s["table"] = per_module_table(model, depth=depth)
-    s["memory"] = memory_estimate(model, s["trainable"], s["total"])
-    if recipe.method_name == "full":
-        s["memory"] = [m for m in s["memory"] if "nf4" not in m["precision"] and "adapter" not in m["precision"]]
-        s["memory"].insert(1, _full_bf16(s["total"]))
+    s["quantizable"] = sum(model.get_submodule(n).weight.numel() for n in quantized_names(model))
+    s["batch_size"], s["seq_len"] = batch_size, seq_len
+    s["memory"] = memory_estimate(
+        s["trainable"], s["total"], s["quantizable"], method=recipe.method_name,
+        tokens=batch_size * seq_len, hidden=arch.hidden_size, layers=arch.num_layers,
+    )
     return s
-
-
-def _full_bf16(total: int) -> dict:
-    # bf16 weights and grads, fp32 AdamW state (mixed precision without fp32 master weights).
-    return {"precision": "bf16", "weights_gib": total * 2 / GIB, "grads_gib": total * 2 / GIB,
-            "optimizer_gib": total * 8 / GIB, "total_gib": total * 12 / GIB}
 
 
 def budget_from_recipe(recipe: Recipe) -> dict:
@@ -90,10 +116,15 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
     console.print(
         f"trainable: {b['trainable']:,} · total: {b['total']:,} · trainable %: {b['percent']:.4f}"
     )
-    mem = Table(title="training memory, excluding activations (GiB)")
-    for col in ("precision", "weights", "grads", "optimizer", "total"):
+    mem = Table(title="training memory (GiB): weights + grads + AdamW state; activations apart")
+    for col in ("precision", "weights", "grads", "optimizer", "total", "activations ≈"):
         mem.add_column(col, justify="left" if col == "precision" else "right")
     for m in b["memory"]:
         mem.add_row(m["precision"], f"{m['weights_gib']:.2f}", f"{m['grads_gib']:.2f}",
-                    f"{m['optimizer_gib']:.2f}", f"{m['total_gib']:.2f}")
+                    f"{m['optimizer_gib']:.2f}", f"{m['total_gib']:.2f}", f"{m['activations_gib']:.2f}")
     console.print(mem)
+    console.print(
+        f"[dim]activations: rough, for batch {b.get('batch_size', '?')} × {b.get('seq_len', '?')} tokens "
+        "without gradient checkpointing (model.gradient_checkpointing: true cuts them to about 1/17); "
+        "nf4 QLoRA needs a CUDA GPU and bitsandbytes[/]"
+    )

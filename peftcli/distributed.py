@@ -1,8 +1,13 @@
 """Multi-process training on torch.distributed: DDP or FSDP2, started by torchrun.
 
 Only the pieces the training loop needs: join the process group torchrun describes in the
-environment, wrap the model, and move optimizer state in a layout that does not depend on the
-world size (keyed by parameter name, full tensors), so `--resume` works after a change of ranks.
+environment, wrap the model, gather what rank 0 saves, and move optimizer state in a layout that
+does not depend on the world size (keyed by parameter name, full tensors), so `--resume` works
+after a change of ranks.
+
+Collectives: under FSDP every parameter is a DTensor shard, so turning it into a full tensor is a
+collective that every rank must enter in the same order. Every function here that says
+"all ranks" must therefore be called by every rank, even though only rank 0 writes the result.
 """
 
 from __future__ import annotations
@@ -18,14 +23,34 @@ from torch import nn
 from .checkpoint import read_adapter
 
 
+class DistributedSetupError(RuntimeError):
+    pass
+
+
 def init_from_env(device_choice: str) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
         use_cuda = device_choice in ("auto", "cuda") and torch.cuda.is_available()
+        if use_cuda:
+            # NCCL needs each rank on its own GPU before the first collective.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if dist.get_rank() != 0:
+        _quiet_libraries()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and warnings of transformers and datasets: rank 0 shows them for all."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 def device_for_rank(device: torch.device, rank: int) -> torch.device:
@@ -40,6 +65,10 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()
@@ -50,25 +79,131 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, arch, mode: str, device: torch.device) -> nn.Module:
+def check_setup(mode: str, world: int, quantization: str) -> str:
+    """The wrapping to use; refuses combinations that cannot work before any model is loaded.
+
+    Under torchrun with `train.distributed: none` the ranks would train independent copies on
+    different data, which is never what anyone means, so it becomes DDP.
+    """
+    if world <= 1:
+        return "none"
+    if mode == "fsdp" and quantization == "nf4":
+        from .quant import QuantizationUnavailable
+
+        raise QuantizationUnavailable(
+            "train.distributed: fsdp cannot shard a bitsandbytes 4-bit base (its packed uint8 weights carry "
+            "per-block quantization state outside the tensor); use train.distributed: ddp for QLoRA"
+        )
+    return "ddp" if mode == "none" else mode
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    """All ranks: the mean of a scalar over ranks (a NaN on any rank makes every rank see NaN)."""
+    if not is_dist():
+        return float(value)
+    t = value.detach().float().reshape(1).clone()
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def rank0_decides(flag: bool) -> bool:
+    """All ranks: rank 0's answer, so that ranks never disagree on whether to enter a collective."""
+    if not is_dist():
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+# ------------------------------------------------------------------------------------ wrapping
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return bool(fsdp_modules(model))
+
+
+def wrap(model: nn.Module, arch, mode: str, device: torch.device, *, find_unused: bool = False) -> nn.Module:
+    """DDP: a wrapper around the model. FSDP2: the model itself, sharded in place.
+
+    FSDP2 shards each transformer layer as one group and everything else (embeddings, head) as
+    the root group. Frozen base weights and trainable adapter weights share a group; FSDP2 only
+    reduce-scatters gradients of parameters that have them, but it needs all trainable parameters
+    of a group in one dtype.
+    """
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+        if len(dtypes) > 1:
+            raise DistributedSetupError(
+                f"train.distributed: fsdp needs every trainable parameter in one dtype; this method made {sorted(map(str, dtypes))}"
+            )
         for layer in arch.layers:
             fully_shard(layer)
         fully_shard(model)
+        # transformers' generate() then keeps ranks in lockstep until all have finished.
+        model._is_fsdp_managed_module = True
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+    )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, trainable: list[nn.Parameter]) -> dict:
-    """AdamW state keyed by parameter name, full (unsharded) tensors on CPU."""
+def _reshard(model: nn.Module) -> None:
+    # FSDP2 leaves the root group unsharded after a forward without backward (evaluation); the
+    # optimizer holds the sharded parameters, so put those back before naming parameters.
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Tensor]:
+    """All ranks: the adapter tensors as plain CPU tensors, exactly what a single process saves.
+
+    Methods that save every trainable parameter gather only those (adapter-sized). A method with
+    its own export_state may compute across modules, so the whole model is unsharded around it.
+    """
+    if not is_fsdp(model):
+        from .checkpoint import adapter_state
+
+        return adapter_state(model, spec, arch, cfg)
+    _reshard(model)
+    if spec.export_state is None:
+        sd = {n: _full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        mods = fsdp_modules(model)
+        for m in mods:
+            m.unshard()
+        try:
+            # Copies: unsharded parameters are views into a buffer that reshard() frees.
+            sd = {k: _full(v.detach()).to("cpu", copy=True) for k, v in spec.export_state(model, arch, cfg).items()}
+        finally:
+            for m in mods:
+                m.reshard()
+    return {k: v.to("cpu").contiguous() for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------ optimizer state
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, trainable: list[nn.Parameter] | None = None) -> dict:
+    """All ranks: AdamW state keyed by parameter name, full (unsharded) tensors on CPU."""
+    _reshard(model)
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, Any] = {"param_groups": [], "state": {}}
     for g in optimizer.param_groups:
@@ -84,41 +219,67 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, trainabl
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict) -> None:
+    """All ranks: put name-keyed full-tensor state back, sharding it like each parameter."""
+    _reshard(model)
     params = dict(model.named_parameters())
+    group_of: dict[int, dict] = {}
     for g_saved, g in zip(saved["param_groups"], optimizer.param_groups, strict=False):
         for k, v in g_saved.items():
             if k not in ("names", "params"):
                 g[k] = v
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            group_of[id(p)] = g
     for name, st in saved["state"].items():
         p = params.get(name)
-        if p is None:
+        if p is None or id(p) not in group_of:
             continue
+        g = group_of[id(p)]
         new = {}
         for k, v in st.items():
-            if torch.is_tensor(v) and v.ndim > 0:
+            if k == "step" and torch.is_tensor(v):
+                # torch keeps `step` on the parameter's device only for fused/capturable AdamW.
+                on_device = g.get("fused") or g.get("capturable")
+                v = v.to(dtype=torch.float32, device=p.device if on_device else "cpu")
+            elif torch.is_tensor(v) and v.ndim > 0:
                 if hasattr(p, "device_mesh"):  # FSDP2 DTensor: shard the full tensor like the param
                     from torch.distributed.tensor import distribute_tensor
 
-                    v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                    v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
                 else:
-                    v = v.to(p.device)
+                    v = v.to(p.device, p.dtype)
             new[k] = v
         optimizer.state[p] = new
 
 
-def load_resume_state(last: Path, model, spec, arch, recipe, optimizer, trainable) -> dict | None:
+# ------------------------------------------------------------------------------------ resume
+
+
+def load_resume_weights(last: Path, model, spec, arch, recipe) -> dict | None:
+    """Load the last checkpoint's adapter into the unwrapped model; return its trainer state.
+
+    Called before wrapping, so the weights go into plain tensors and FSDP shards them from there.
+    """
     if not (last / "trainer_state.pt").exists():
         return None
     from .checkpoint import load_adapter_state
 
     sd, _ = read_adapter(last)
     load_adapter_state(model, spec, arch, recipe.method, sd)
-    state = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def load_resume_state(state: dict, model, optimizer, *, batch_size: int) -> dict:
+    """All ranks: optimizer state back in, and the place in the epoch for this world size.
+
+    The data order is per epoch, not per rank: with W ranks and batch b, batch i of every rank
+    together covers positions [i·b·W, (i+1)·b·W) of the epoch's order. Resuming continues at the
+    same number of examples seen (rounded down to a whole batch), whatever W and b are now.
+    """
     load_optimizer_state(optimizer, model, state["optimizer"])
     saved_world = state.get("world", 1)
-    world = dist.get_world_size() if is_dist() else 1
-    if saved_world != world:
-        # The data order is per epoch, not per rank: restart the epoch's batches at the same
-        # number of examples seen.
-        state["batch_in_epoch"] = state["batch_in_epoch"] * saved_world // world
+    saved_bs = state.get("batch_size", batch_size)
+    world = world_size()
+    seen = state["batch_in_epoch"] * saved_bs * saved_world
+    state["batch_in_epoch"] = seen // (batch_size * world)
     return state

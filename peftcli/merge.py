@@ -1,4 +1,10 @@
-"""Merging: bake an adapter into the base weights and write a plain HF model folder."""
+"""Merging: bake an adapter into the base weights and write a plain HF model folder.
+
+The point of merging is a model that runs exactly as fast as the base model, so the merged folder
+is checked to be the base model and nothing else: no module a method added survives, every module
+is a transformers class again, and the saved folder reloads with `from_pretrained` to the same
+parameter names and (within float error) the same logits as the adapted model.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,26 @@ class MergeRefused(CheckpointError):
 
 
 @torch.no_grad()
-def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu") -> float:
-    """Merge, save, reload the saved folder, and return max |logit difference| on a sample batch."""
+def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu", recipe: Path | None = None) -> float:
+    """Merge, save, reload the saved folder, and return max |logit difference| on a sample batch.
+
+    `run` may also be an HF PEFT adapter folder: it is imported first (with `recipe`, or with a
+    recipe made from its adapter_config.json).
+    """
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty; pass --force to replace it")
-    dev = pick_device(device)
+    from .peft_format import is_peft_folder, temporary_run
+
+    if is_peft_folder(Path(run)) and not (Path(run) / "recipe.yaml").exists():
+        with temporary_run(Path(run), recipe) as tmp_run:
+            return merge_run(tmp_run, dest, force=force, device=device)
+    refusal = _refusal_from_recipe(Path(run))
+    if refusal:
+        raise MergeRefused(refusal)
+    nf4 = _is_nf4_run(Path(run))
+    # A 4-bit base only loads on CUDA; "auto" lets the QLoRA check explain when there is none.
+    dev = pick_device("auto" if nf4 else device)
     built, _ = load_run(run, dev)
     spec = built.spec
     if spec.merge is None:
@@ -34,10 +54,13 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
         return_tensors="pt", padding=True,
     ).to(dev)
     before = model(**sample).logits.float()
+    if nf4:
+        # QLoRA: the update is added to the de-quantized weights the 4-bit matmul used, in bf16.
+        from .quant import dequantize_model
+
+        dequantize_model(model, torch.bfloat16)
     spec.merge(model, built.arch, built.recipe.method)
-    leftovers = [n for n, m in model.named_modules() if hasattr(m, "adapter_enabled")]
-    if leftovers:
-        raise RuntimeError(f"merge left adapter modules in place (e.g. {leftovers[0]})")
+    check_plain(model)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -52,5 +75,60 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
 
     reloaded = auto_class(built.recipe.model.task).from_pretrained(str(dest), dtype=next(model.parameters()).dtype)
     reloaded.to(dev).eval()
+    merged_names = [n for n, _ in model.named_parameters()]
+    reloaded_names = [n for n, _ in reloaded.named_parameters()]
+    if merged_names != reloaded_names:
+        extra = sorted(set(merged_names) ^ set(reloaded_names))
+        raise RuntimeError(f"the merged folder does not reload to the same parameters (e.g. {extra[:1]})")
     after = reloaded(**sample).logits.float()
     return float((before - after).abs().max())
+
+
+def check_plain(model: torch.nn.Module) -> None:
+    """Raise unless `model` is a plain transformers model again: no adapter module, no peftcli class,
+    no attention function or hook left behind by a method."""
+    leftovers = [n for n, m in model.named_modules() if hasattr(m, "adapter_enabled")]
+    if leftovers:
+        raise RuntimeError(f"merge left adapter modules in place (e.g. {leftovers[0]})")
+    ours = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if type(m).__module__.startswith("peftcli")]
+    if ours:
+        raise RuntimeError(f"merge left peftcli modules in place (e.g. {ours[0]})")
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    if impl.startswith("peftcli"):
+        raise RuntimeError(f"merge left the attention function {impl!r} in the model config")
+    hooked = [n for n, m in model.named_modules()
+              if any(_is_ours(h) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))]
+    if hooked:
+        raise RuntimeError(f"merge left forward hooks on {hooked[0]}")
+
+
+def _is_ours(fn) -> bool:
+    mod = getattr(fn, "__module__", None) or type(fn).__module__
+    return str(mod).startswith("peftcli")
+
+
+def _refusal_from_recipe(run: Path) -> str | None:
+    """Refuse a non-mergeable method before loading any weights."""
+    import yaml
+
+    from .registry import all_methods
+
+    f = run / "recipe.yaml"
+    if not f.exists():
+        return None
+    raw = yaml.safe_load(f.read_text()) or {}
+    name = (raw.get("method") or {}).get("name")
+    spec = all_methods().get(name)
+    if spec is None or spec.merge is not None:
+        return None
+    return f"method {name!r} cannot be merged: {spec.merge_refusal or 'it is not a weight delta'}"
+
+
+def _is_nf4_run(run: Path) -> bool:
+    import yaml
+
+    f = run / "recipe.yaml"
+    if not f.exists():
+        return False
+    raw = yaml.safe_load(f.read_text()) or {}
+    return (raw.get("model") or {}).get("quantization") == "nf4"

@@ -1,18 +1,44 @@
-"""QLoRA support: a frozen 4-bit NF4 base (bitsandbytes) under bf16 LoRA weights."""
+"""QLoRA support: a frozen 4-bit NF4 base (bitsandbytes) under bf16 LoRA weights.
+
+Loading goes through transformers' BitsAndBytesConfig; every nn.Linear of the base except the
+output head becomes a bitsandbytes Linear4bit whose `weight` is packed uint8 plus a quantization
+state. Two things follow for the rest of peftcli: adapter weights must take the layer's compute
+dtype, not its storage dtype (`float_dtype`), and merging must first turn each 4-bit layer back
+into a dense one (`dequantize_model`).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
+from torch import nn
 
 
 class QuantizationUnavailable(RuntimeError):
     pass
 
 
-def check_qlora_possible(method: str, device: torch.device) -> None:
-    """Refuse before any work when the machine cannot run a 4-bit base."""
+# Methods that change or read the frozen base weights themselves, which a 4-bit base cannot give.
+_NEEDS_DENSE_BASE = {
+    "full": "trains the base weights",
+    "bitfit": "trains the base model's biases, all of which peftcli then treats as base weights",
+}
+
+
+def check_qlora_possible(method: str, device: torch.device, method_cfg: Any = None) -> None:
+    """Refuse before any work when the machine or the method cannot run on a 4-bit base."""
+    if method in _NEEDS_DENSE_BASE:
+        raise QuantizationUnavailable(
+            f"model.quantization: nf4 freezes the base in 4 bits; method {method!r} {_NEEDS_DENSE_BASE[method]}. "
+            "Use an adapter method such as lora."
+        )
+    if getattr(method_cfg, "use_dora", False):
+        raise QuantizationUnavailable(
+            "model.quantization: nf4 with method.use_dora: DoRA normalises the dense base weight, "
+            "which a 4-bit base does not hold; use plain LoRA (method.use_dora: false)"
+        )
     if device.type != "cuda" or not torch.cuda.is_available():
         raise QuantizationUnavailable(
             "model.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
@@ -22,11 +48,22 @@ def check_qlora_possible(method: str, device: torch.device) -> None:
         raise QuantizationUnavailable(
             "model.quantization: nf4 needs bitsandbytes: `pip install 'peftcli[qlora]'`"
         )
-    if method in ("full", "bitfit"):
-        raise QuantizationUnavailable(
-            f"model.quantization: nf4 freezes the base in 4 bits; method {method!r} trains base weights. "
-            "Use an adapter method such as lora."
-        )
+
+
+def skip_modules() -> list[str]:
+    """Module-name suffixes kept dense: the task heads and LM heads of every mapped architecture.
+
+    Task heads are trained by every method, and a packed 4-bit weight cannot be trained; the LM
+    head is what transformers keeps dense by default too.
+    """
+    from .arch import SPECS
+
+    names: set[str] = set()
+    for spec in SPECS.values():
+        names.update(spec.heads)
+        if spec.lm_head:
+            names.add(spec.lm_head)
+    return sorted(names)
 
 
 def nf4_config():
@@ -37,4 +74,80 @@ def nf4_config():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=skip_modules(),
     )
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """Linear layers of the base that an NF4 load turns into 4-bit ones (for budgeting on meta)."""
+    from .arch import is_linear
+
+    skip = skip_modules()
+    out = []
+    for name, m in model.named_modules():
+        if not is_linear(m) or m.weight.requires_grad:
+            continue
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        out.append(name)
+    return out
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (checked by name: bitsandbytes need not be installed)."""
+    return type(module).__name__ == "Linear4bit" or type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype new weights beside this layer should have.
+
+    A 4-bit layer stores uint8; its matmul runs in `compute_dtype` (bf16 for QLoRA), which is
+    the dtype LoRA weights beside it take.
+    """
+    w = module.weight
+    if w.dtype.is_floating_point:
+        return w.dtype
+    if is_4bit(module):
+        cd = getattr(module, "compute_dtype", None)
+        if cd is None and getattr(w, "quant_state", None) is not None:
+            cd = w.quant_state.dtype
+        return cd or torch.bfloat16
+    return torch.float32
+
+
+def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A dense nn.Linear with the exact weights a Linear4bit multiplies by."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    w = module.weight
+    dense = dequantize_4bit(w.data, w.quant_state).to(dtype)
+    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    out.weight = nn.Parameter(dense.reshape(module.out_features, module.in_features), requires_grad=False)
+    if module.bias is not None:
+        out.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return out
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace every 4-bit layer (wrapped by an adapter or not) by a dense one; returns how many.
+
+    Afterwards the model carries no trace of quantization, so `save_pretrained` writes an ordinary
+    checkpoint that loads without bitsandbytes.
+    """
+    from .arch import set_module
+
+    names = [n for n, m in model.named_modules() if is_4bit(m)]
+    for n in names:
+        set_module(model, n, dequantize_linear(model.get_submodule(n), dtype))
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                setattr(model, attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "is_loaded_in_4bit"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    return len(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -17,7 +18,7 @@ from . import distributed as dist_utils
 from .build import pick_device, trainable_summary
 from .checkpoint import atomic_file_write, save_adapter
 from .data import batches, num_batches
-from .drop import random_drop
+from .drop import random_drop, set_dropped_layers
 from .evaluate import autocast_ctx, evaluate, generation_eval
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .pipeline import build, collator, prepare_data
@@ -26,6 +27,10 @@ from .recipe import Recipe, recipe_yaml
 
 class TrainingError(RuntimeError):
     pass
+
+
+class RunExistsError(ValueError):
+    """The run folder already holds a run: bad input (exit 2), not a failure."""
 
 
 def seed_everything(seed: int) -> None:
@@ -67,13 +72,19 @@ def train(
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     device = dist_utils.device_for_rank(pick_device(tcfg.device), rank)
+    # Refuse what this machine or this launch cannot do before any file is written or loaded.
+    dist_mode = dist_utils.check_setup(tcfg.distributed, world, recipe.model.quantization)
+    if recipe.model.quantization == "nf4":
+        from .quant import check_qlora_possible
+
+        check_qlora_possible(recipe.method_name, device, recipe.method)
     seed_everything(tcfg.seed)
 
     run_dir = recipe.run_dir()
     if is_main:
         if run_dir.exists() and not resume:
             if not recipe.output.overwrite and any(run_dir.iterdir()):
-                raise TrainingError(
+                raise RunExistsError(
                     f"{run_dir} already holds a run; pass --resume to continue it, "
                     "set output.overwrite=true to replace it, or choose output.dir"
                 )
@@ -97,12 +108,20 @@ def train(
     console.print(
         f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
         f"{budget['total']:,} ({budget['percent']:.3f} %) · {len(train_ex)} train / {len(eval_ex)} eval · {device}"
-        + (f" · {world} ranks ({tcfg.distributed})" if world > 1 else "")
+        + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError(f"method {spec.name} left nothing trainable in {recipe.model.name}")
-    train_model = dist_utils.wrap(model, arch, tcfg.distributed, device) if world > 1 else model
+    # Adapter weights of a resumed run go in before wrapping: FSDP then shards them like the rest.
+    resume_state = (
+        dist_utils.load_resume_weights(run_dir / "last", model, spec, arch, recipe) if resume else None
+    )
+    train_model = (
+        dist_utils.wrap(model, arch, dist_mode, device, find_unused=tcfg.drop_layers > 0) if world > 1 else model
+    )
+    # FSDP replaces every parameter by a sharded one: clip and optimize those.
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- optimizer and schedule
     steps_per_epoch = max(1, num_batches(len(train_ex), tcfg.batch_size, world) // tcfg.grad_accum)
@@ -128,8 +147,9 @@ def train(
     step, best, start_epoch, skip_batches = 0, None, 0, 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        state = dist_utils.load_resume_state(run_dir / "last", model, spec, arch, recipe, optimizer, trainable)
+        state = resume_state
         if state is not None:
+            state = dist_utils.load_resume_state(state, model, optimizer, batch_size=tcfg.batch_size)
             step, best = state["step"], state.get("best")
             start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
             scheduler.load_state_dict(state["scheduler"])
@@ -150,6 +170,8 @@ def train(
     }
 
     def run_eval() -> dict[str, Any]:
+        if tcfg.drop_layers:  # evaluate (and save) the whole model, not the last step's random drop
+            set_dropped_layers(model, arch, ())
         m = evaluate(
             model, eval_ex, collate, task=task, device=device, batch_size=recipe.eval.batch_size,
             precision=tcfg.precision, num_labels=len(splits.label_names or []) or None,
@@ -163,11 +185,15 @@ def train(
         return m
 
     def save(dest: str, extra_state: dict | None) -> None:
+        # Every rank takes part in building the state (under FSDP, gathering a full tensor is a
+        # collective); only rank 0 writes it, through the same save_adapter as a single process.
+        sd = dist_utils.full_adapter_state(model, spec, arch, recipe.method)
         state_extra = None
         if extra_state is not None:
             state_extra = {**extra_state, "optimizer": dist_utils.optimizer_state(optimizer, model, trainable)}
         if is_main:
-            save_adapter(run_dir / dest, model, spec, arch, recipe.method, meta, extra=state_extra)
+            gathered = dataclasses.replace(spec, export_state=lambda *_: sd)
+            save_adapter(run_dir / dest, model, gathered, arch, recipe.method, meta, extra=state_extra)
         dist_utils.barrier()
 
     # ---------------------------------------------------------------- loop
@@ -214,8 +240,12 @@ def train(
                     else:
                         out = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                         loss, _ = causal_lm_loss_from_logits(out.logits, batch["labels"])
+                aux = getattr(model, "peftcli_aux_loss", None)  # a method's own loss term, e.g. fusion's
+                if aux is not None:
+                    loss = loss + aux()
                 (loss / tcfg.grad_accum).backward()
-                lval = float(loss.detach())
+                # The mean over ranks: the loss of the global batch, and a NaN stops every rank.
+                lval = dist_utils.mean_across_ranks(loss.detach())
                 if not math.isfinite(lval):
                     stopped_nan = True
                     break
@@ -247,11 +277,14 @@ def train(
                     final_metrics = m
                     log({"step": step, "epoch": epoch, "eval": m, "elapsed_s": time.perf_counter() - started})
                     console.print(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-                    if metric_name in m and better(metric_name, m[metric_name], best):
+                    # Rank 0 decides: a last-bit difference in a rank's eval must not send only
+                    # some ranks into save()'s collectives.
+                    if metric_name in m and dist_utils.rank0_decides(better(metric_name, m[metric_name], best)):
                         best = m[metric_name]
                         save("adapter", None)
                     save("last", {"step": step, "epoch": epoch, "batch_in_epoch": bi + 1, "best": best,
-                                  "scheduler": scheduler.state_dict(), "world": world})
+                                  "scheduler": scheduler.state_dict(), "world": world,
+                                  "batch_size": tcfg.batch_size})
                     last_good_step = step
                 if step >= total_steps:
                     break
@@ -269,19 +302,20 @@ def train(
         raise TrainingError(msg)
 
     elapsed = time.perf_counter() - started
-    if not (run_dir / "adapter").exists():
+    if not dist_utils.rank0_decides((run_dir / "adapter").exists()):
         save("adapter", None)
     summary = {"final": final_metrics, "best": {metric_name: best}, "train_time_s": elapsed, "steps": step,
                "trainable": budget["trainable"], "total": budget["total"]}
+    show_samples = task == "causal_lm" and recipe.eval.generate_samples and eval_ex and "prompt_len" in eval_ex[0]
+    if show_samples and (is_main or dist_mode == "fsdp"):  # FSDP: every rank runs the sharded forward
+        _, samples = generation_eval(
+            model, arch, tokenizer, eval_ex, device=device,
+            max_new_tokens=recipe.eval.max_new_tokens, limit=recipe.eval.generate_samples,
+        )
+        for s in samples:
+            console.print(f"[dim]sample[/] {s['generated']!r} (reference {s['reference']!r})")
     if is_main:
         atomic_file_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-        if task == "causal_lm" and recipe.eval.generate_samples and eval_ex and "prompt_len" in eval_ex[0]:
-            _, samples = generation_eval(
-                model, arch, tokenizer, eval_ex, device=device,
-                max_new_tokens=recipe.eval.max_new_tokens, limit=recipe.eval.generate_samples,
-            )
-            for s in samples:
-                console.print(f"[dim]sample[/] {s['generated']!r} (reference {s['reference']!r})")
         if recipe.output.plot:
             from .plot import plot_runs
 
