@@ -1,0 +1,147 @@
+"""IA³ (Liu et al. 2022): learned vectors, initialised to 1, that rescale activations.
+
+Attention targets scale their output (keys, values): y = l ⊙ (W x + b), PEFT's `ia3_l` [out, 1].
+"Feed-forward" targets scale their input, which for the FFN down-projection is the intermediate
+activation: y = W (l ⊙ x) + b, PEFT's `ia3_l` [1, in]. Both are diagonal rescalings of a linear map,
+so merging multiplies rows (and the bias) or columns of W and leaves a plain layer.
+
+GPT-2 computes q, k and v with one fused projection. There only the rows of the targeted roles
+get a learned scale (`ia3_l` [rows, 1], `ia3_rows` says which), the others stay exactly 1 and
+are not trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import Arch, linear_dims, set_module
+from ..registry import parse_layers, register, select_linears
+
+QKV = ("q", "k", "v")
+
+
+@dataclass
+class IA3Config:
+    targets: list[str] = field(
+        default_factory=lambda: ["k", "v", "ffn_out"],
+        metadata={"help": "roles (q, k, v, o, ffn_in, ffn_out) or module-name patterns to rescale"},
+    )
+    feedforward: list[str] = field(
+        default_factory=lambda: ["ffn_out"],
+        metadata={"help": "targets whose input is scaled (PEFT feedforward_modules); the others scale their output"},
+    )
+    layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
+
+
+class IA3Linear(nn.Module):
+    """A frozen linear layer whose input or output is rescaled by a learned vector."""
+
+    def __init__(self, base: nn.Module, scale_input: bool, rows: list[int] | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter_enabled = True
+        self.scale_input = scale_input
+        in_f, out_f = linear_dims(base)
+        self.in_features, self.out_features = in_f, out_f
+        w = base.weight
+        if scale_input:
+            shape = (1, in_f)
+        else:
+            shape = (len(rows) if rows is not None else out_f, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=w.dtype))
+        self.ia3_rows: torch.Tensor | None
+        if rows is not None and not scale_input:
+            self.register_buffer("ia3_rows", torch.tensor(rows, dtype=torch.long, device=w.device), persistent=False)
+        else:
+            self.ia3_rows = None
+
+    def output_scale(self) -> torch.Tensor:
+        """The full [out] scale vector (1 on rows that are not trained)."""
+        vec = self.ia3_l.view(-1)
+        if self.ia3_rows is None:
+            return vec
+        return torch.ones(self.out_features, device=vec.device, dtype=vec.dtype).index_copy(0, self.ia3_rows, vec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base(x)
+        if self.scale_input:
+            return self.base(x * self.ia3_l.view(-1).to(x.dtype))
+        y = self.base(x)
+        return y * self.output_scale().to(y.dtype)
+
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        base = self.base
+        conv = type(base).__name__ == "Conv1D"  # weight stored (in, out)
+        w = base.weight
+        if self.scale_input:
+            vec = self.ia3_l.view(-1).to(torch.float32)
+            w.copy_((w.float() * (vec.view(-1, 1) if conv else vec.view(1, -1))).to(w.dtype))
+            return base
+        s = self.output_scale().to(torch.float32)
+        w.copy_((w.float() * (s.view(1, -1) if conv else s.view(-1, 1))).to(w.dtype))
+        if getattr(base, "bias", None) is not None:
+            base.bias.copy_((base.bias.float() * s).to(base.bias.dtype))
+        return base
+
+
+def _fused_rows(arch: Arch, roles: set[str]) -> list[int] | None:
+    """Output rows of a fused [q; k; v] projection that belong to `roles`; None = all of them."""
+    if roles >= set(QKV):
+        return None
+    sizes = {"q": arch.num_heads * arch.head_dim, "k": arch.num_kv_heads * arch.head_dim,
+             "v": arch.num_kv_heads * arch.head_dim}
+    rows, start = [], 0
+    for r in QKV:
+        if r in roles:
+            rows.extend(range(start, start + sizes[r]))
+        start += sizes[r]
+    return rows
+
+
+def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, list[int] | None]]:
+    """path -> (scale input?, rows of a fused projection or None)."""
+    layers = parse_layers(cfg.layers, arch.num_layers)
+    paths = select_linears(model, arch, cfg.targets, layers)
+    if not paths:
+        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
+    ff = set(select_linears(model, arch, cfg.feedforward, layers)) if cfg.feedforward else set()
+    stray = sorted(ff - set(paths))
+    if stray:
+        raise ValueError(f"method.feedforward must be a subset of method.targets; {stray[0]} is not a target")
+    out: dict[str, tuple[bool, list[int] | None]] = {p: (p in ff, None) for p in paths}
+    if arch.spec.fused_qkv:
+        qkv_roles = [t for t in cfg.targets if t in QKV]
+        other = [t for t in cfg.targets if t not in QKV]
+        # A fused projection named only through q/k/v roles gets per-row scales.
+        by_other = set(select_linears(model, arch, other, layers)) if other else set()
+        for i in layers if layers is not None else range(arch.num_layers):
+            path = arch.path(i, "q")
+            if path in out and path not in by_other and not out[path][0]:
+                out[path] = (False, _fused_rows(arch, set(qkv_roles)))
+    return out
+
+
+def attach(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
+    for path, (scale_input, rows) in plan(model, arch, cfg).items():
+        set_module(model, path, IA3Linear(model.get_submodule(path), scale_input, rows))
+
+
+def merge(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, IA3Linear):
+            set_module(model, name, mod.merged_base())
+
+
+register(
+    "ia3",
+    IA3Config,
+    summary="IA³: learned vectors (init 1) rescaling keys, values and the FFN activation; mergeable",
+    merge=merge,
+)(attach)
+
+__all__ = ["IA3Config", "IA3Linear", "attach", "merge"]

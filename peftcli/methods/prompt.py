@@ -1,0 +1,265 @@
+"""Prompt tuning (Lester et al. 2021): L trainable vectors prepended to the input embeddings.
+
+The prompt enters at the backbone (`model.base_model`, the module that turns token ids into
+hidden states): a forward pre-hook looks the ids up itself, prepends the prompt and extends the
+attention mask, position ids and token type ids; a forward hook removes the L virtual positions
+from the backbone's hidden states again. So every head and every caller sees one position per real
+token:
+
+- causal-LM logits line up with `input_ids` and labels (no label padding, as PEFT needs);
+- decoder classifiers pool the last real token of right-padded batches (PEFT hands the base model
+  `inputs_embeds` only, so it pools the last position, a pad token in padded rows);
+- BERT-like classifiers are unchanged from PEFT: their pooler reads position 0 inside the
+  backbone, which is the first virtual token there as here.
+
+With a KV cache (`generate`) only the first forward injects the prompt; later steps find it in
+the cache and only need the mask and the position ids that `generate` keeps for the real tokens
+moved by L. Numerically the forward equals PEFT's `PromptTuningConfig` for the same embeddings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..arch import Arch
+from ..registry import register
+
+ATTR = "peftcli_prompt"
+PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings`, shape [L, hidden]
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = field(default=20, metadata={"min": 1, "help": "number of trainable prompt vectors"})
+    init: Literal["vocab", "random", "text"] = field(
+        default="vocab",
+        metadata={"help": "vocab: copies of randomly sampled token embeddings; random: normal with the "
+                          "embeddings' own std; text: the embeddings of init_text, repeated/truncated"},
+    )
+    init_text: str | None = field(default=None, metadata={"help": "text whose token embeddings start the prompt (init: text)"})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "tokenizer for init_text; null = the base model's own"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("method.init is 'text' but method.init_text is empty")
+
+
+# ------------------------------------------------------------------ backbone call helpers
+
+
+class BackboneCall:
+    """The arguments of one backbone forward call, by name, whatever was passed positionally."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sig = _signature(module)
+        self._bound = sig.bind_partial(*args, **kwargs)
+        self.a = self._bound.arguments
+        self._var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+
+    def get(self, name: str) -> Any:
+        if name in self.a:
+            return self.a[name]
+        if self._var_kw and self._var_kw in self.a:
+            return self.a[self._var_kw].get(name)
+        return None
+
+    def set(self, name: str, value: Any) -> None:
+        if name in self._bound.signature.parameters:
+            self.a[name] = value
+        elif self._var_kw:
+            self.a.setdefault(self._var_kw, {})[name] = value
+        else:
+            raise TypeError(f"{name} is not an argument of this model's forward")
+
+    def call_args(self) -> tuple[tuple, dict]:
+        # All by keyword: HF's forward decorators fill some arguments (use_cache, ...) from the
+        # config when they are missing from kwargs, which would clash with positional ones.
+        kwargs = {k: v for k, v in self.a.items() if k != self._var_kw}
+        kwargs.update(self.a.get(self._var_kw, {}) if self._var_kw else {})
+        return (), kwargs
+
+    def seq_len(self) -> int:
+        ids = self.get("input_ids")
+        return (ids if ids is not None else self.get("inputs_embeds")).shape[1]
+
+    def batch_size(self) -> int:
+        ids = self.get("input_ids")
+        return (ids if ids is not None else self.get("inputs_embeds")).shape[0]
+
+    def device(self) -> torch.device:
+        ids = self.get("input_ids")
+        return (ids if ids is not None else self.get("inputs_embeds")).device
+
+    def past_len(self) -> int:
+        past = self.get("past_key_values")
+        if past is None:
+            return 0
+        if hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length())
+        return int(past[0][0].shape[-2])  # legacy tuple cache
+
+
+_SIGS: dict[type, inspect.Signature] = {}
+
+
+def _signature(module: nn.Module) -> inspect.Signature:
+    t = type(module)
+    if t not in _SIGS:
+        _SIGS[t] = inspect.signature(module.forward)
+    return _SIGS[t]
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module that maps token ids to hidden states (HF's `base_model`)."""
+    return getattr(model, "base_model", model)
+
+
+def accepts(module: nn.Module, name: str) -> bool:
+    params = _signature(module).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+# ------------------------------------------------------------------ the prompt
+
+
+class PromptEmbedding(nn.Module):
+    """The trainable prompt plus the hooks that put it in front of every input."""
+
+    def __init__(self, num_tokens: int, hidden: int, embeddings: nn.Embedding) -> None:
+        super().__init__()
+        w = embeddings.weight
+        self.num_virtual_tokens = num_tokens
+        self.prompt_embeddings = nn.Parameter(torch.empty(num_tokens, hidden, device=w.device, dtype=w.dtype))
+        # Not a submodule: the embedding table belongs to the base model.
+        self._embeddings = (embeddings,)
+        self._pending: list[int] = []
+        self._handles: list[Any] = []
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self._embeddings[0]
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        call = BackboneCall(module, args, kwargs)
+        L = self.num_virtual_tokens
+        b, dev = call.batch_size(), call.device()
+        past_len = call.past_len()
+        mask = call.get("attention_mask")
+        pos = call.get("position_ids")
+        if past_len > 0:
+            # Decoding with a cache that already holds the prompt: only the bookkeeping that the
+            # caller keeps for the real tokens needs moving by L.
+            self._pending.append(0)
+            if mask is not None and mask.dim() == 2 and mask.shape[1] == past_len + call.seq_len() - L:
+                call.set("attention_mask", torch.cat([mask.new_ones(b, L), mask], dim=1))
+            if pos is not None:
+                call.set("position_ids", pos + L)
+            return call.call_args()
+        embeds = call.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.embeddings(call.get("input_ids"))
+            call.set("input_ids", None)
+        prompt = self.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
+        call.set("inputs_embeds", torch.cat([prompt, embeds], dim=1))
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("prompt tuning needs a 2-D attention mask (batch, tokens)")
+            call.set("attention_mask", torch.cat([mask.new_ones(b, L), mask], dim=1))
+        tt = call.get("token_type_ids")
+        if tt is not None:
+            call.set("token_type_ids", torch.cat([tt.new_zeros(b, L), tt], dim=1))
+        if pos is not None:
+            pos = pos.expand(b, -1) if pos.shape[0] == 1 else pos
+            head = torch.arange(L, device=dev, dtype=pos.dtype).unsqueeze(0).expand(b, -1)
+            call.set("position_ids", torch.cat([head, pos + L], dim=1))
+        self._pending.append(L)
+        return call.call_args()
+
+    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        L = self._pending.pop() if self._pending else 0
+        if L == 0:
+            return output
+        if isinstance(output, tuple):
+            return (output[0][:, L:], *output[1:])
+        output.last_hidden_state = output.last_hidden_state[:, L:]
+        hs = getattr(output, "hidden_states", None)
+        if hs is not None:
+            output.hidden_states = tuple(h[:, L:] for h in hs)
+        return output
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _text_ids(model: nn.Module, cfg: PromptConfig, n: int, vocab: int) -> torch.Tensor:
+    from ..models import load_tokenizer
+
+    name = cfg.tokenizer or getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", "")
+    if not name:
+        raise ValueError("prompt init 'text' needs a tokenizer; set method.tokenizer")
+    ids = load_tokenizer(str(name))(cfg.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"method.init_text {cfg.init_text!r} tokenizes to nothing")
+    if max(ids) >= vocab:
+        raise ValueError(f"the tokenizer for init_text gives ids up to {max(ids)}, beyond this model's vocabulary ({vocab})")
+    ids = (ids * math.ceil(n / len(ids)))[:n]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def init_prompt(store: PromptEmbedding, model: nn.Module, cfg: PromptConfig) -> None:
+    table = store.embeddings.weight
+    n, vocab = store.num_virtual_tokens, table.shape[0]
+    if cfg.init == "random":
+        store.prompt_embeddings.normal_(0.0, float(table.float().std()))
+        return
+    if cfg.init == "vocab":
+        ids = torch.randint(0, vocab, (n,))
+    else:
+        ids = _text_ids(model, cfg, n, vocab)
+    store.prompt_embeddings.copy_(table[ids.to(table.device)].to(store.prompt_embeddings.dtype))
+
+
+def find_store(model: nn.Module) -> PromptEmbedding:
+    store = getattr(model, ATTR, None)
+    if not isinstance(store, PromptEmbedding):
+        raise ValueError("this model has no prompt-tuning prompt attached")
+    return store
+
+
+def attach(model: nn.Module, arch: Arch, cfg: PromptConfig) -> None:
+    if hasattr(model, ATTR):
+        raise ValueError("prompt tuning is already attached to this model")
+    emb = arch.embeddings()
+    bb = backbone(model)
+    for name in ("inputs_embeds", "attention_mask"):
+        if not accepts(bb, name):
+            raise ValueError(f"prompt tuning: {type(bb).__name__}.forward takes no {name}")
+    store = PromptEmbedding(cfg.num_virtual_tokens, emb.embedding_dim, emb)
+    if emb.weight.device.type != "meta":
+        init_prompt(store, model, cfg)
+    setattr(model, ATTR, store)
+    store._handles = [
+        bb.register_forward_pre_hook(store.pre_hook, with_kwargs=True),
+        bb.register_forward_hook(store.post_hook),
+    ]
+
+
+register(
+    "prompt",
+    PromptConfig,
+    summary="prompt tuning: L trainable embeddings prepended to the input (init vocab, random or text)",
+    merge_refusal="prompt tuning adds virtual input tokens, not a weight change; load the run instead",
+)(attach)
+
+__all__ = ["PROMPT_KEY", "BackboneCall", "PromptConfig", "PromptEmbedding", "attach", "backbone", "find_store"]
