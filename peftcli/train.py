@@ -20,6 +20,7 @@ from .checkpoint import atomic_file_write, save_adapter
 from .data import batches, num_batches
 from .drop import random_drop, set_dropped_layers
 from .evaluate import autocast_ctx, evaluate, generation_eval
+from .fast import compile_layers, trim_unread_positions
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .pipeline import build, collator, prepare_data
 from .recipe import Recipe, recipe_yaml
@@ -103,6 +104,10 @@ def train(
         train_ex, eval_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], eval_ex[:16]
     built = build(recipe, device, label_names=splits.label_names)
     model, arch, spec = built.model, built.arch, built.spec
+    # Speed-ups that leave results unchanged (see peftcli/fast.py for why each is exact).
+    trim_unread_positions(model, arch, spec.name, task)
+    if tcfg.compile and device.type == "cuda":
+        compile_layers(model, arch)
     collate = collator(recipe, tokenizer)
     budget = trainable_summary(model)
     console.print(

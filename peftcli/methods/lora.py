@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import Arch, dense_weight, linear_dims, set_module
+from ..fast import lora_linear
+from ..quant import float_dtype
 from ..registry import parse_layers, register, select_linears
 
 
@@ -35,7 +37,15 @@ class LoraConfig:
 
 
 class LoraLinear(nn.Module):
-    """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D) with a low-rank update."""
+    """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D) with a low-rank update.
+
+    The forward goes through `peftcli.fast.lora_linear` (one autograd node with a hand-written
+    backward) whenever the base is a plain nn.Linear or Conv1D; anything else (quantized bases,
+    hooked modules, mixed dtypes outside autocast) takes the plain formula. Both compute the same
+    numbers; `fast_path = False` on an instance or the class forces the plain one.
+    """
+
+    fast_path: bool = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__()
@@ -45,24 +55,39 @@ class LoraLinear(nn.Module):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         w = base.weight
-        self.lora_A = nn.Linear(in_f, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, out_f, bias=False, device=w.device, dtype=w.dtype)
+        dtype = float_dtype(base)  # a 4-bit base stores uint8; the adapter takes its compute dtype
+        self.lora_A = nn.Linear(in_f, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_f, bias=False, device=w.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if w.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.adapter_enabled = True
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A as an (out, in) matrix."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled or self.merged:
+            return self.base(x)
+        a = self.lora_A.weight
+        b = self.lora_B.weight
+        if self.fast_path:
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            y = lora_linear(x, self.base, a, b, self.scaling, p, self.training)
+            if y is not None:
+                return y
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula as written, term by term (HF PEFT's order of operations)."""
         y = self.base(x)
         a = self.lora_A.weight
         b = self.lora_B.weight
         h = F.linear(self.lora_dropout(x).to(a.dtype), a)
-        return y + self.scaling * F.linear(h, b).to(y.dtype)
+        return y + (F.linear(h, b) * self.scaling).to(y.dtype)
 
 
 def wrap_linears(model: nn.Module, paths: list[str], make) -> list[nn.Module]:

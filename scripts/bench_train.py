@@ -1,0 +1,468 @@
+"""Training-step benchmark: peftcli's LoRA path against HF PEFT on the same model and batch.
+
+Both sides get the same base model (same seed, same weights), the same LoRA settings (peftcli's
+targets resolved to module paths and handed to PEFT verbatim), the same batch, AdamW with the
+same learning rate, and the same autocast. What differs is what each library does with that:
+peftcli runs `peftcli.build.attach_method` and the loss code the training loop uses
+(`peftcli.losses`: hidden states out + chunked cross-entropy for causal LMs); PEFT runs
+`get_peft_model` and the model's own loss (`labels=`) for causal LMs, as its users do. The
+peftcli side also gets what its training loop is meant to call once: `fast.trim_unread_positions`
+(BERT-family classification; --no-trim turns it off) and, on CUDA, `fast.compile_layers`
+(--compile). "first loss" is each side's loss at initialisation with dropout off: equal
+values show that both sides train the same function.
+
+    python scripts/bench_train.py --case cpu-minilm --threads 1
+    python scripts/bench_train.py --case gpu-bert
+    python scripts/bench_train.py --case gpu-llama1b
+    python scripts/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
+
+On a CPU shared with other processes, use --threads 1 (or auto): with torch's default of one
+thread per core, every op waits at a barrier for a descheduled thread, and step times swing by 2×
+from one step to the next whatever the library. "CPU s/step" (process CPU time) is then the
+steadier figure to compare.
+
+Timing. CPU: sides alternate step by step (the order flips every round) so that load from other
+processes on a shared machine hits both alike; the figure is the median of the timed steps. CUDA:
+each side runs alone (build, warm up, time, free) so that `torch.cuda.max_memory_allocated` is
+that side's whole footprint (weights, adapter, gradients, optimizer state, activations); steps
+are timed with a device synchronise on both ends.
+
+Memory. CUDA: peak allocated bytes over the timed steps. CPU has no allocator statistics, so two
+figures are printed, both labelled: "saved" = bytes of the distinct tensors autograd keeps for
+backward in one step (measured with saved-tensor hooks, in a separate untimed step; excludes
+weights and short-lived temporaries), and "rss+" = rise of the process's peak resident set over
+one step (kernel high-water mark, reset before the step; the allocator may reuse memory freed
+earlier, so this under-reads and is only indicative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CASES = {
+    "cpu-minilm": dict(device="cpu", batch=32, seq=64, task="classification", targets=["q", "v"], r=8, alpha=16,
+                       lr=1e-3, dtype="float32"),
+    "gpu-bert": dict(device="cuda", batch=32, seq=128, task="classification", targets=["q", "v"], r=8, alpha=16,
+                     lr=1e-3, dtype="bfloat16"),
+    "gpu-llama1b": dict(device="cuda", batch=8, seq=1024, task="causal_lm",
+                        targets=["q", "k", "v", "o", "ffn_in", "ffn_out"], r=16, alpha=32, lr=2e-4,
+                        dtype="bfloat16"),
+}
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+def base_model(
+    case: str, seed: int, attn: str, tiny: bool, device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """The same frozen base for every side: a fixed seed before any weight (or head) is drawn.
+
+    `tiny` keeps each case's architecture and code path but shrinks its shapes, to check this
+    script on a machine without the case's device.
+    """
+    from peftcli.models import load_base_model, model_from_config
+
+    torch.manual_seed(seed)
+    if case == "cpu-minilm" and not tiny:
+        return load_base_model(
+            "sentence-transformers/all-MiniLM-L6-v2", "classification", num_labels=3, dtype=dtype,
+            attn_implementation=attn,
+        ).to(device)
+    if case in ("cpu-minilm", "gpu-bert"):
+        from transformers import BertConfig
+
+        # BERT-base: 768 hidden, 12 layers, 12 heads, FFN 3072, vocab 30522
+        cfg = BertConfig(**(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=1000) if tiny else {}))
+        cfg._attn_implementation = attn
+        return model_from_config(cfg, "classification", num_labels=3).to(device=device, dtype=dtype)
+    if case == "gpu-llama1b":
+        from transformers import LlamaConfig
+
+        shape = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64, intermediate_size=8192, vocab_size=128256)
+        if tiny:
+            shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=256, vocab_size=1000)
+        cfg = LlamaConfig(
+            **shape, tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )
+        cfg._attn_implementation = attn
+        # Random weights drawn directly in bf16 on the device: no fp32 copy of 1.2 B weights, and
+        # RoPE's inverse frequencies stay float32 as they do after from_pretrained(dtype=bf16).
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                return model_from_config(cfg, "causal_lm")
+        finally:
+            torch.set_default_dtype(prev)
+    raise ValueError(case)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+@dataclass
+class Side:
+    name: str
+    model: torch.nn.Module
+    loss: Callable[[], torch.Tensor]  # forward + loss under the case's autocast
+    opt: torch.optim.Optimizer
+    notes: str = ""
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU time per timed step
+    peak: float | None = None  # bytes (CUDA: max allocated; CPU: rss high-water rise)
+    saved: float | None = None  # bytes autograd kept for backward in one step
+    first_loss: float | None = None  # at initialisation, dropout off: must agree across sides
+
+    def step(self) -> float:
+        loss = self.loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def init_loss(self) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            v = float(self.loss())
+        self.model.train()
+        return v
+
+
+def make_batch(case: str, cfg: dict, vocab: int, device: torch.device, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g)
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if cfg["task"] == "classification":
+        b["labels"] = torch.randint(0, 3, (cfg["batch"],), generator=g)
+    else:
+        b["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def autocast(device: torch.device, cfg: dict):
+    from peftcli.evaluate import autocast_ctx
+
+    return autocast_ctx(device, "auto" if cfg["dtype"] == "bfloat16" else "fp32")
+
+
+def optimizer_for(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+
+
+def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict) -> Side:
+    from peftcli.build import attach_method
+    from peftcli.losses import chunked_causal_lm_loss, hidden_states_out
+    from peftcli.methods.lora import LoraConfig
+
+    model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
+    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=args.lora_dropout, targets=cfg["targets"])
+    torch.manual_seed(args.seed + 1)
+    arch, _ = attach_method(model, "lora", lcfg)
+    model.to(device)
+    notes = []
+    if args.grad_ckpt:  # as peftcli.pipeline.build does for model.gradient_checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        notes.append("grad-ckpt")
+    from peftcli.fast import compile_layers, trim_unread_positions
+
+    if not args.no_trim and trim_unread_positions(model, arch, "lora", cfg["task"]):
+        notes.append("last layer after attention at the head's position only")
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        compile_layers(model, arch, mode=args.compile_mode)
+        notes.append("compiled layers" + (f" ({args.compile_mode})" if args.compile_mode else ""))
+    model.train()
+    opt = optimizer_for(model, cfg["lr"], device)
+    head_path = arch.spec.lm_head
+
+    def loss() -> torch.Tensor:
+        with autocast(device, cfg):
+            if cfg["task"] == "classification":
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                return F.cross_entropy(out.logits.float(), batch["labels"])
+            with hidden_states_out(model, head_path) as head:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                return chunked_causal_lm_loss(out.logits, head, batch["labels"])[0]
+
+    return Side("peftcli", model, loss, opt, ", ".join(notes))
+
+
+def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, autocast_adapter: bool) -> Side:
+    from peft import LoraConfig, get_peft_model
+
+    from peftcli.arch import resolve
+    from peftcli.registry import select_linears
+
+    model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
+    arch = resolve(model)
+    paths = select_linears(model, arch, cfg["targets"])  # the very modules peftcli adapts
+    task_type = "SEQ_CLS" if cfg["task"] == "classification" else "CAUSAL_LM"
+    pcfg = LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=args.lora_dropout,
+                      target_modules=paths, task_type=task_type)
+    torch.manual_seed(args.seed + 1)
+    model = get_peft_model(model, pcfg, autocast_adapter_dtype=autocast_adapter)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    opt = optimizer_for(model, cfg["lr"], device)
+
+    def loss() -> torch.Tensor:
+        with autocast(device, cfg):
+            if cfg["task"] == "classification":
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                return F.cross_entropy(out.logits.float(), batch["labels"])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            return out.loss
+
+    name = "peft" if autocast_adapter else "peft-bf16" if cfg["dtype"] == "bfloat16" else "peft-noautocast"
+    notes = "fp32 adapters (default)" if autocast_adapter and cfg["dtype"] != "float32" else ""
+    if not autocast_adapter:
+        notes = "autocast_adapter_dtype=False"
+    return Side(name, model, loss, opt, notes)
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(side: Side, device: torch.device) -> float:
+    _sync(device)
+    t, c = time.perf_counter(), time.process_time()
+    loss = side.step()
+    _sync(device)
+    side.times.append(time.perf_counter() - t)
+    side.cpu_times.append(time.process_time() - c)
+    return loss
+
+
+def saved_bytes(side: Side) -> float:
+    """Bytes of distinct storages autograd saves for backward during one step."""
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in side.model.parameters()}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in params:
+                seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # sparse / opaque tensors
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        side.step()
+    return float(sum(seen.values()))
+
+
+def _rss_hwm_reset() -> int | None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS")
+    except OSError:
+        return None
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_peak_rise(side: Side) -> float | None:
+    base = _rss_hwm_reset()
+    if base is None:
+        return None
+    side.step()
+    return float(max(0, _status_kb("VmHWM") - base) * 1024)
+
+
+def run_cpu(sides_fns: list[Callable[[], Side]], args, device: torch.device) -> list[Side]:
+    sides = [fn() for fn in sides_fns]
+    for s in sides:
+        s.first_loss = s.init_loss()
+    for _ in range(args.warmup):
+        for s in sides:
+            s.step()
+    for s in sides:
+        if not args.no_memory:
+            s.saved = saved_bytes(s)
+            s.peak = cpu_peak_rise(s)
+    for i in range(args.steps):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for s in order:
+            timed(s, device)
+    return sides
+
+
+def run_cuda(sides_fns: list[Callable[[], Side]], args, device: torch.device) -> list[Side]:
+    done = []
+    for fn in sides_fns:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        s = fn()
+        s.first_loss = s.init_loss()
+        for _ in range(args.warmup):
+            s.step()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.steps):
+            timed(s, device)
+        s.peak = float(torch.cuda.max_memory_allocated())
+        s.model = s.opt = s.loss = None  # free weights and optimizer state before the next side
+        torch._dynamo.reset()  # and compiled graphs, which hold on to the modules
+        done.append(s)
+    return done
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def report(sides: list[Side], cfg: dict, args, device: torch.device) -> str:
+    n_samples = cfg["batch"]
+    n_tokens = cfg["batch"] * cfg["seq"]
+    cuda = device.type == "cuda"
+    gib, mib = 2**30, 2**20
+    med = {s.name: statistics.median(s.times) for s in sides}
+    cpu = {s.name: statistics.median(s.cpu_times) for s in sides}
+    ours = next(s for s in sides if s.name == "peftcli")
+    head = ("| side | step ms (median) | min | samples/s | tokens/s | "
+            + ("peak alloc GiB |" if cuda else "CPU s/step (median) | saved MiB | rss+ MiB |")
+            + " first loss | notes |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in sides:
+        m = med[s.name]
+        if cuda:
+            mem = f" {s.peak / gib:.2f} |" if s.peak is not None else " n/a |"
+        else:
+            saved = f"{s.saved / mib:.1f}" if s.saved is not None else "n/a"
+            rss = f"{s.peak / mib:.0f}" if s.peak is not None else "n/a"
+            mem = f" {cpu[s.name]:.3f} | {saved} | {rss} |"
+        lines.append(f"| {s.name} | {m * 1e3:.1f} | {min(s.times) * 1e3:.1f} | {n_samples / m:.2f} | "
+                     f"{n_tokens / m:.0f} |{mem} {s.first_loss:.4f} | {s.notes} |")
+    lines += ["", "| peftcli / other | step time (median) | samples/s (median) | step time (min) | "
+              + ("peak memory |" if cuda else "CPU time | saved for backward |"),
+              "|---|---|---|---|---|" + ("" if cuda else "---|")]
+    for s in sides:
+        if s is ours:
+            continue
+        t = med[ours.name] / med[s.name]
+        tmin = min(ours.times) / min(s.times)
+        if cuda:
+            tail = f"{ours.peak / s.peak:.2f}× |" if ours.peak and s.peak else "n/a |"
+        else:
+            sv = f"{ours.saved / s.saved:.2f}×" if ours.saved and s.saved else "n/a"
+            tail = f"{cpu[ours.name] / cpu[s.name]:.2f}× | {sv} |"
+        lines.append(f"| vs {s.name} | {t:.2f}× | {1 / t:.2f}× | {tmin:.2f}× | {tail}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", choices=sorted(CASES), default="cpu-minilm")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per side; the median is reported")
+    ap.add_argument("--sides", default="auto",
+                    help="comma list of peftcli, peft, peft-bf16; auto = peftcli,peft (+ peft-bf16 for bf16 cases)")
+    ap.add_argument("--threads", default=None,
+                    help="torch intra-op threads for the whole process (both sides): a number, or auto = "
+                         "peftcli.fast.idle_cpu_threads(); default: torch's own")
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel, both sides")
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="peftcli side: compile each layer (auto = on for CUDA)")
+    ap.add_argument("--no-trim", action="store_true",
+                    help="peftcli side: keep every position in the last layer (see fast.trim_unread_positions)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on both sides")
+    ap.add_argument("--no-memory", action="store_true", help="CPU: skip the two memory probe steps")
+    ap.add_argument("--tiny", action="store_true",
+                    help="same case and code path with shrunk shapes, on CPU when the case's device is absent "
+                         "(checks the script; its timings mean nothing)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. reduce-overhead)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = dict(CASES[args.case])
+    if args.tiny:
+        cfg.update(batch=4, seq=32)
+        if not torch.cuda.is_available():
+            cfg["device"] = "cpu"
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        print(f"--case {args.case} needs a CUDA device; none is visible here (--tiny checks the script on CPU).",
+              file=sys.stderr)
+        return 2
+    device = torch.device(cfg["device"])
+    if args.threads == "auto":
+        from peftcli.fast import idle_cpu_threads
+
+        torch.set_num_threads(idle_cpu_threads())
+    elif args.threads:
+        torch.set_num_threads(int(args.threads))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    names = (["peftcli", "peft"] + (["peft-bf16"] if cfg["dtype"] == "bfloat16" else [])
+             if args.sides == "auto" else [s.strip() for s in args.sides.split(",")])
+    if "peftcli" not in names:
+        names.insert(0, "peftcli")
+
+    vocab = 1000 if args.tiny else {"cpu-minilm": 30522, "gpu-bert": 30522, "gpu-llama1b": 128256}[args.case]
+    batch = make_batch(args.case, cfg, vocab, device, args.seed)
+    fns = {
+        "peftcli": lambda: build_peftcli(args.case, cfg, args, device, batch),
+        "peft": lambda: build_peft(args.case, cfg, args, device, batch, autocast_adapter=True),
+        "peft-bf16": lambda: build_peft(args.case, cfg, args, device, batch, autocast_adapter=False),
+    }
+    sides = (run_cuda if device.type == "cuda" else run_cpu)([fns[n] for n in names], args, device)
+
+    where = (torch.cuda.get_device_name() if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    print(f"\n## {args.case}: {cfg['batch']} × {cfg['seq']} tokens, {cfg['dtype']}, LoRA r {cfg['r']} on "
+          f"{','.join(cfg['targets'])}, attn {args.attn}, {args.warmup} warm-up + {args.steps} timed steps per side"
+          f" · {where} · torch {torch.__version__}\n")
+    print(report(sides, cfg, args, device))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "case": args.case, "device": where, "args": {k: str(v) for k, v in vars(args).items()},
+            "sides": [{"name": s.name, "times_s": s.times, "peak_bytes": s.peak, "saved_bytes": s.saved,
+                       "first_loss": s.first_loss, "notes": s.notes} for s in sides],
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
