@@ -1,6 +1,7 @@
 """BitFit (Ben Zaken et al. 2022): train only the bias terms (and the task head).
 
-Nothing is added, so there is nothing to merge: the trained biases are the model.
+Nothing is added: once the trained biases are loaded they are part of the base weights, so
+"merging" is writing the model out as it is.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ def attach(model: nn.Module, arch: Arch, cfg: BitFitConfig) -> None:
         raise ValueError("bitfit: this model has no bias terms to train (Llama-like models have none)")
 
 
+def merge(model: nn.Module, arch: Arch, cfg: BitFitConfig) -> None:
+    """The trained biases already live in the base modules; nothing to fold."""
+
+
 register(
     "bitfit",
     BitFitConfig,
-    summary="train bias terms only; the result is a full model, nothing to merge",
-    merge_refusal="BitFit changes biases in place; the trained biases are already part of the saved adapter",
+    summary="train bias terms only (+ head); merge writes the model with its trained biases",
+    merge=merge,
 )(attach)

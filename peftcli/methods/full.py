@@ -20,9 +20,13 @@ def attach(model: nn.Module, arch: Arch, cfg: FullConfig) -> None:
         p.requires_grad_(True)
 
 
+def merge(model: nn.Module, arch: Arch, cfg: FullConfig) -> None:
+    """Every weight was trained in place; `merge` just writes the HF model folder."""
+
+
 register(
     "full",
     FullConfig,
-    summary="train every weight (baseline); the checkpoint is the whole model",
-    merge_refusal="full fine-tuning has no adapter: the checkpoint already is the full model",
+    summary="train every weight (baseline); merge writes a plain HF model folder",
+    merge=merge,
 )(attach)

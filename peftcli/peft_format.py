@@ -1,0 +1,699 @@
+"""HF PEFT's adapter folder format, both ways.
+
+A PEFT adapter folder is `adapter_config.json` + `adapter_model.safetensors`. Four of our methods
+have a PEFT twin computing the same function (LoRA with rsLoRA and DoRA, IA³, prefix tuning,
+prompt tuning), so their weights can go to PEFT users and come back from them. Everything here is
+a key rename plus bookkeeping, decided by one `Layout` computed from the live model:
+
+- LoRA/DoRA/IA³ tensors sit at `base_model.model.<module path>.<tensor>`, exactly our module path,
+  because our wrappers take the place of the layer they adapt as PEFT's do.
+- Prompt learning has one `prompt_embeddings` tensor and keeps trained heads at `base_model.<path>`
+  (PEFT does not wrap the model there), the other methods at `base_model.model.<path>`.
+- `target_modules` is written as the shortest module-name suffixes that select exactly the wrapped
+  layers under PEFT's matching rule, so a PEFT user reads e.g. `["query", "value"]`, not paths.
+- GPT-2's fused c_attn under IA³ with only some of q/k/v targeted: PEFT scales whole rows of the
+  fused output, so the exported vector is the full [out, 1] one with the untargeted rows at 1.
+
+Export never reads base weights: the model is built on the meta device, so it is instant and also
+works for QLoRA runs on a machine without CUDA. Importing (`init_from:` a PEFT folder) loads into
+a built model and refuses, with the recipe key to change, when the recipe describes a different
+adapter than the folder holds.
+
+Three ways in for a PEFT folder:
+    init_from: DIR in a recipe         train on from its weights (the method must match the folder)
+    peftcli import-peft DIR RUN        a run folder; eval, merge, generate and export then work on it
+    peftcli merge DIR DEST             straight to a merged HF model folder
+The last two take `--recipe R`; without it the recipe is made from adapter_config.json
+(base_model_name_or_path, task_type, the method's settings; classes from the head's shape).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .checkpoint import CheckpointError, atomic_dir_write
+from .registry import MethodSpec
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+
+# PEFT's peft_type -> our method name.
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING")
+
+# Why a method has no PEFT adapter to become. Methods not listed get a generic reason.
+_BOTTLENECK = (
+    "HF PEFT has no bottleneck adapters (W_up act(W_down h) inserted into each layer), so its format "
+    "cannot hold a {name} adapter; use the run folder with peftcli (eval, generate)"
+)
+NO_PEFT_EQUIVALENT: dict[str, str] = {
+    "houlsby": _BOTTLENECK,
+    "pfeiffer": _BOTTLENECK,
+    "parallel": _BOTTLENECK,
+    "scaled_parallel": _BOTTLENECK,
+    "compacter": _BOTTLENECK.replace("bottleneck adapters", "Compacter, i.e. bottleneck adapters with PHM weights"),
+    "compacter++": _BOTTLENECK.replace("bottleneck adapters", "Compacter, i.e. bottleneck adapters with PHM weights"),
+    "mam": (
+        "HF PEFT has no MAM adapter (prefix tuning together with a parallel bottleneck adapter); "
+        "exporting the prefix alone would not reproduce the model, so use the run folder with peftcli"
+    ),
+    "unipelt": (
+        "HF PEFT has no UniPELT (LoRA, prefix tuning and a bottleneck adapter, each behind a learned gate); "
+        "use the run folder with peftcli"
+    ),
+    "krona": (
+        "HF PEFT has no KronA update s·(A ⊗ B) (its LoKr factorises differently and is not "
+        "interchangeable); `peftcli merge` turns the run into a plain HF model instead"
+    ),
+    "bitfit": (
+        "HF PEFT has no BitFit: the trained biases are base-model weights, not an adapter; "
+        "use the run folder with peftcli"
+    ),
+    "full": "full fine-tuning trains the whole model, which is no adapter; use the run folder with peftcli",
+    "fusion": (
+        "HF PEFT has no AdapterFusion (attention over several bottleneck adapters); "
+        "use the run folder with peftcli"
+    ),
+}
+
+
+class PeftFormatError(CheckpointError):
+    """The adapter cannot be written to, or read from, HF PEFT's format as asked."""
+
+
+def export_refusal(method_name: str) -> str | None:
+    """None when the method has a PEFT twin, else why not."""
+    if method_name in PEFT_TYPES.values():
+        return None
+    reason = NO_PEFT_EQUIVALENT.get(method_name) or (
+        "HF PEFT has no method computing the same function, so its format cannot hold a {name} adapter; "
+        "use the run folder with peftcli"
+    )
+    return f"cannot export method {method_name!r} to HF PEFT: " + reason.format(name=method_name)
+
+
+def peft_type_for(method_name: str) -> str:
+    refusal = export_refusal(method_name)
+    if refusal:
+        raise PeftFormatError(refusal)
+    return next(k for k, v in PEFT_TYPES.items() if v == method_name)
+
+
+# ------------------------------------------------------------------------------ the layout
+
+
+@dataclass
+class Layout:
+    """How one adapted model's tensors are named in PEFT's format."""
+
+    peft_type: str
+    config: dict[str, Any]
+    to_peft: dict[str, str] = field(default_factory=dict)  # our tensor name -> PEFT key
+    # our IA³ tensor name -> (rows of the full output vector it fills, full length)
+    rows: dict[str, tuple[list[int], int]] = field(default_factory=dict)
+    # our tensor names PEFT neither has nor needs (prefix tuning's reparameterisation MLP)
+    ignored: set[str] = field(default_factory=set)
+    # PEFT key -> the module it adapts (for messages about target mismatches)
+    module_of: dict[str, str] = field(default_factory=dict)
+    heads: list[str] = field(default_factory=list)  # our names of trained task-head tensors
+    notes: list[str] = field(default_factory=list)  # what a PEFT user should know about this export
+    feedforward: set[str] = field(default_factory=set)  # our IA³ tensor names that scale their layer's input
+
+
+def _plain_module_names(model: nn.Module) -> list[str]:
+    """Module names as PEFT sees them in the plain base: wrappers count as the layer they replaced,
+    and nothing inside or added by a method counts."""
+    names: list[str] = []
+    inside: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if hasattr(mod, "adapter_enabled"):
+            inside.append(name)
+            if hasattr(mod, "base"):  # a wrapper standing where the base layer was
+                names.append(name)
+            continue
+        if name.split(".")[-1].startswith("peftcli_"):
+            inside.append(name)
+            continue
+        names.append(name)
+    return names
+
+
+def shortest_suffixes(chosen: list[str], universe: list[str], feedforward: list[str] | None = None) -> dict[str, str]:
+    """For each chosen module, the shortest name suffix that selects only chosen modules out of
+    `universe` under PEFT's `target_modules` rule (name == s or name ends with "." + s).
+
+    `feedforward` (IA³) must be told apart by a subset of the same strings under PEFT's
+    `feedforward_modules` rule, a plain str.endswith over the targeted modules, so a suffix given
+    to a feed-forward module must not end any other targeted module's name.
+    """
+    want = set(chosen)
+    ff = set(feedforward or ())
+    out: dict[str, str] = {}
+    for path in chosen:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            s = ".".join(parts[-k:])
+            ok = {n for n in universe if n == s or n.endswith("." + s)} <= want
+            if ok and path in ff:
+                ok = {c for c in chosen if c.endswith(s)} <= ff
+            if ok:
+                out[path] = s
+                break
+    return out
+
+
+def _head_params(arch: Arch) -> list[str]:
+    return [f"{name}.{pn}" for name, head in arch.head_modules() for pn, _ in head.named_parameters()]
+
+
+def _common_config(peft_type: str, recipe, arch: Arch) -> dict[str, Any]:
+    heads = [name for name, _ in arch.head_modules()] if recipe.model.task == "classification" else []
+    return {
+        "peft_type": peft_type,
+        "task_type": TASK_TYPES[recipe.model.task],
+        "base_model_name_or_path": recipe.model.name,
+        "revision": recipe.model.revision,
+        "inference_mode": True,
+        "modules_to_save": heads or None,
+    }
+
+
+def _prompt_learning_dims(arch: Arch, peft_type: str) -> dict[str, Any]:
+    """token_dim / num_attention_heads as PEFT's own `_prepare_prompt_learning_config` sets them
+    (for prefix tuning they describe the key/value heads, which differ under grouped-query attention)."""
+    d: dict[str, Any] = {
+        "num_layers": arch.num_layers,
+        "token_dim": arch.hidden_size,
+        "num_attention_heads": arch.num_heads,
+        "num_transformer_submodules": 1,
+    }
+    if peft_type == "PREFIX_TUNING" and getattr(arch.config, "num_key_value_heads", None) is not None:
+        d["token_dim"] = arch.head_dim * arch.num_kv_heads
+        d["num_attention_heads"] = arch.num_kv_heads
+    return d
+
+
+def layout(model: nn.Module, arch: Arch, spec: MethodSpec, recipe) -> Layout:
+    """The PEFT config and key names for a model with `spec` attached as `recipe.method` says."""
+    peft_type = peft_type_for(spec.name)
+    cfg = recipe.method
+    conf = _common_config(peft_type, recipe, arch)
+    lay = Layout(peft_type=peft_type, config=conf)
+    head_prefix = "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
+    lay.heads = _head_params(arch) if recipe.model.task == "classification" else []
+    for name in lay.heads:
+        lay.to_peft[name] = head_prefix + name
+
+    if peft_type in ("LORA", "IA3"):
+        from .methods.dora import DoraLinear
+        from .methods.ia3 import IA3Linear
+        from .methods.lora import LoraLinear
+
+        kinds = (LoraLinear, DoraLinear) if peft_type == "LORA" else (IA3Linear,)
+        wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+        if not wrapped:
+            raise PeftFormatError(f"no {spec.name} layers found in the model; nothing to export")
+        universe = _plain_module_names(model)
+        conv1d = any(type(m.base).__name__ == "Conv1D" for _, m in wrapped)
+        paths = [n for n, _ in wrapped]
+        ff = [n for n, m in wrapped if getattr(m, "scale_input", False)]
+        suffix = shortest_suffixes(paths, universe, ff)
+        conf["target_modules"] = sorted(set(suffix.values()))
+        conf["fan_in_fan_out"] = conv1d
+        conf["exclude_modules"] = None
+        if peft_type == "LORA":
+            for n, m in wrapped:
+                tensors = ["lora_A.weight", "lora_B.weight"]
+                if isinstance(m, DoraLinear):
+                    tensors.append("lora_magnitude_vector")
+                for t in tensors:
+                    lay.to_peft[f"{n}.{t}"] = f"base_model.model.{n}.{t}"
+                    lay.module_of[f"base_model.model.{n}.{t}"] = n
+            conf.update({
+                "r": cfg.r,
+                "lora_alpha": cfg.alpha,
+                "lora_dropout": cfg.dropout,
+                "use_rslora": cfg.rslora,
+                "use_dora": cfg.use_dora,
+                "bias": "none",
+                "lora_bias": False,
+                "init_lora_weights": True,
+                "layers_to_transform": None,
+                "layers_pattern": None,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+            })
+        else:
+            conf["feedforward_modules"] = sorted({suffix[n] for n in ff})
+            lay.feedforward = {f"{n}.ia3_l" for n in ff}
+            conf["init_ia3_weights"] = True
+            for n, m in wrapped:
+                key = f"base_model.model.{n}.ia3_l"
+                lay.to_peft[f"{n}.ia3_l"] = key
+                lay.module_of[key] = n
+                if m.ia3_rows is not None:
+                    lay.rows[f"{n}.ia3_l"] = (_ia3_rows(arch, cfg), m.out_features)
+        return lay
+
+    dims = _prompt_learning_dims(arch, peft_type)
+    conf.update({"num_virtual_tokens": cfg.num_virtual_tokens, **dims})
+    if peft_type == "PREFIX_TUNING":
+        from .methods import prefix
+
+        if not cfg.shift_positions:
+            raise PeftFormatError(
+                "cannot export prefix tuning with method.shift_positions: false; PEFT always places real "
+                "tokens after the prefix's positions (retrain with method.shift_positions: true)"
+            )
+        conf.update({"encoder_hidden_size": dims["token_dim"], "prefix_projection": False, "init_weights": None})
+        lay.to_peft[prefix.PROMPT_KEY] = "prompt_embeddings"
+        lay.ignored = {f"{prefix.ATTR}.{n}" for n, _ in prefix.find_store(model).named_parameters()} - {prefix.PROMPT_KEY}
+    else:
+        from .methods import prompt
+
+        conf.update({
+            "prompt_tuning_init": "RANDOM",  # the weights are in the file; TEXT would make PEFT load a tokenizer
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+        })
+        lay.to_peft[prompt.PROMPT_KEY] = "prompt_embeddings"
+        if recipe.model.task == "classification" and arch.spec.lm_head:
+            lay.notes.append(
+                "PEFT's prompt tuning makes a decoder classifier pool the last position of each row, a pad token "
+                "in right-padded rows; give PEFT unpadded or left-padded batches to get peftcli's predictions"
+            )
+    return lay
+
+
+def _ia3_rows(arch: Arch, cfg) -> list[int]:
+    """Rows of GPT-2's fused [q; k; v] output that IA³ scales when only some of q/k/v are targeted."""
+    from .methods.ia3 import QKV, _fused_rows
+
+    rows = _fused_rows(arch, {t for t in cfg.targets if t in QKV})
+    if rows is None:
+        raise PeftFormatError("internal: IA³ row subset without a q/k/v role in method.targets")
+    return rows
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def to_peft_state(sd: dict[str, torch.Tensor], lay: Layout) -> dict[str, torch.Tensor]:
+    """Our adapter tensors renamed (and IA³ row subsets widened) for PEFT. Refuses leftovers."""
+    out: dict[str, torch.Tensor] = {}
+    left = [k for k in sd if k not in lay.to_peft and k not in lay.ignored]
+    if left:
+        raise PeftFormatError(
+            f"the adapter holds {len(left)} tensors PEFT's {lay.peft_type} format has no place for "
+            f"(e.g. {left[0]}); it cannot be exported without losing them"
+        )
+    missing = [k for k in lay.to_peft if k not in sd]
+    if missing:
+        raise PeftFormatError(f"the adapter file lacks {missing[0]}, which the recipe's method creates; "
+                              "was the run trained with another recipe?")
+    for ours, key in lay.to_peft.items():
+        t = sd[ours].detach().to("cpu")
+        if ours in lay.rows:
+            rows, full = lay.rows[ours]
+            wide = torch.ones(full, 1, dtype=t.dtype)
+            wide[torch.tensor(rows)] = t.reshape(-1, 1)
+            t = wide
+        out[key] = t.contiguous()
+    return out
+
+
+def write_peft_folder(dest: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    atomic_dir_write(Path(dest), write)
+
+
+def export_model(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, sd: dict[str, torch.Tensor],
+                 dest: Path) -> Layout:
+    """Write `sd` (the adapter tensors of `model`, as checkpoint.adapter_state gives them) as a PEFT folder."""
+    lay = layout(model, arch, spec, recipe)
+    write_peft_folder(dest, to_peft_state(sd, lay), lay.config)
+    return lay
+
+
+def _meta_model(recipe, label_names: list[str] | None) -> nn.Module:
+    """The base model's structure without its weights."""
+    from .models import auto_class, load_config
+
+    config = load_config(recipe.model.name)
+    if recipe.model.task == "classification":
+        config.num_labels = len(label_names) if label_names else (recipe.model.num_labels or 2)
+    config._attn_implementation = recipe.model.attn_implementation
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with torch.device("meta"):
+        return auto_class(recipe.model.task).from_config(config)
+
+
+def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
+    """`peftcli export RUN --to peft DEST`."""
+    from .build import attach_method
+    from .checkpoint import find_run_adapter, read_adapter
+    from .recipe import load_recipe
+
+    run, dest = Path(run), Path(dest)
+    if not (run / "recipe.yaml").exists():
+        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+    recipe = load_recipe(run / "recipe.yaml")
+    peft_type_for(recipe.method_name)  # refuse before any work
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise CheckpointError(f"{dest} exists and is not empty; pass --force to replace it")
+    sd, meta = read_adapter(find_run_adapter(run))
+    model = _meta_model(recipe, meta.get("label_names"))
+    arch, spec = attach_method(model, recipe.method_name, recipe.method)
+    if dest.exists() and force:
+        shutil.rmtree(dest)
+    return export_model(model, arch, spec, recipe, sd, dest)
+
+
+# ------------------------------------------------------------------------------ import
+
+
+def read_peft_folder(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    src = Path(src)
+    cfg_file = src / PEFT_CONFIG
+    if not cfg_file.exists():
+        raise PeftFormatError(f"{src}: no {PEFT_CONFIG}; is this an HF PEFT adapter folder?")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise PeftFormatError(f"{cfg_file}: not valid JSON ({e})") from None
+    if (src / PEFT_WEIGHTS).exists():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(src / PEFT_WEIGHTS))
+    elif (src / PEFT_WEIGHTS_BIN).exists():
+        sd = torch.load(src / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+    else:
+        raise PeftFormatError(f"{src}: no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_BIN}) next to {PEFT_CONFIG}")
+    return config, sd
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def method_from_peft(config: dict[str, Any]) -> dict[str, Any]:
+    """The recipe `method:` block that builds the adapter a PEFT config describes."""
+    pt = str(config.get("peft_type", "")).upper()
+    if pt not in PEFT_TYPES:
+        raise PeftFormatError(
+            f"PEFT adapter type {config.get('peft_type')!r} has no peftcli counterpart; "
+            f"peftcli reads {', '.join(PEFT_TYPES)}"
+        )
+    block: dict[str, Any] = {"name": PEFT_TYPES[pt]}
+    tm = config.get("target_modules")
+    targets = [tm] if isinstance(tm, str) else sorted(tm or [])
+    if pt == "LORA":
+        block.update(r=config.get("r", 8), alpha=float(config.get("lora_alpha", 8)),
+                     dropout=float(config.get("lora_dropout", 0.0)), targets=targets,
+                     rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)))
+        layers = config.get("layers_to_transform")
+        if layers is not None:
+            block["layers"] = ",".join(str(i) for i in ([layers] if isinstance(layers, int) else layers))
+    elif pt == "IA3":
+        ff = config.get("feedforward_modules")
+        block.update(targets=targets, feedforward=[ff] if isinstance(ff, str) else sorted(ff or []))
+    elif pt == "PREFIX_TUNING":
+        block.update(num_virtual_tokens=config.get("num_virtual_tokens", 20))
+    else:
+        block.update(num_virtual_tokens=config.get("num_virtual_tokens", 20), init="random")
+    return block
+
+
+def _check_settings(src: Path, config: dict[str, Any], recipe) -> None:
+    """The recipe's method must describe the adapter in the folder; say which keys differ."""
+    pt = str(config.get("peft_type", "")).upper()
+    block = method_from_peft(config)
+    want = block["name"]
+    where = f"init_from {src}"
+    if recipe.method_name != want:
+        shown = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in block.items())
+        raise PeftFormatError(
+            f"{where}: the folder holds a PEFT {pt} adapter but the recipe's method.name is "
+            f"{recipe.method_name!r}; set method.name: {want} (the folder's settings: {shown})"
+        )
+    task = recipe.model.task
+    tt = config.get("task_type")
+    if tt and tt != TASK_TYPES[task]:
+        fix = {v: k for k, v in TASK_TYPES.items()}.get(tt)
+        raise PeftFormatError(
+            f"{where}: adapter_config.json has task_type {tt} but the recipe's model.task is {task!r}"
+            + (f"; set model.task: {fix}" if fix else "; peftcli reads SEQ_CLS and CAUSAL_LM adapters")
+        )
+    cfg = recipe.method
+    pairs: list[tuple[str, str, Any, Any]] = []  # (peft key, recipe key, theirs, ours)
+    problems: list[str] = []
+    if pt == "LORA":
+        pairs += [
+            ("r", "r", config.get("r", 8), cfg.r),
+            ("lora_alpha", "alpha", float(config.get("lora_alpha", 8)), float(cfg.alpha)),
+            ("use_rslora", "rslora", bool(config.get("use_rslora", False)), cfg.rslora),
+            ("use_dora", "use_dora", bool(config.get("use_dora", False)), cfg.use_dora),
+        ]
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            problems.append("adapter_config.json sets rank_pattern/alpha_pattern (a rank or alpha per layer), "
+                            "which peftcli's LoRA does not have")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "eva")):
+            problems.append(
+                f"adapter_config.json has init_lora_weights: {init!r}: such an adapter is only valid on the modified "
+                "base weights it was saved with; have PEFT convert it to a plain LoRA adapter first "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            )
+        if config.get("bias", "none") != "none" or config.get("lora_bias"):
+            problems.append(f"adapter_config.json trains biases (bias: {config.get('bias')!r}, lora_bias: "
+                            f"{config.get('lora_bias')}), which peftcli's LoRA does not")
+    elif pt in PROMPT_LEARNING:
+        pairs.append(("num_virtual_tokens", "num_virtual_tokens", config.get("num_virtual_tokens"),
+                      cfg.num_virtual_tokens))
+    for pk, rk, theirs, ours in pairs:
+        if theirs != ours:
+            problems.append(f"adapter_config.json has {pk}: {_yaml_value(theirs)} but the recipe has "
+                            f"method.{rk}: {_yaml_value(ours)}; set method.{rk}: {_yaml_value(theirs)}")
+    if problems:
+        raise PeftFormatError(f"{where}: the recipe does not describe this adapter:\n  - " + "\n  - ".join(problems))
+
+
+def _strip_head_key(key: str) -> str:
+    for p in ("base_model.model.", "base_model."):
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, src: Path, recipe,
+                    target_modules: Any = None, config_ff: Any = None) -> dict[str, torch.Tensor]:
+    """PEFT tensors renamed to ours; explains what the recipe would need to change on a mismatch."""
+    inverse = {v: k for k, v in lay.to_peft.items()}
+    for ours in lay.heads:  # PEFT keeps heads under base_model. or base_model.model. depending on the type
+        inverse.setdefault("base_model.model." + ours, ours)
+        inverse.setdefault("base_model." + ours, ours)
+    where = f"init_from {src}"
+    ours_sd: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, t in peft_sd.items():
+        name = inverse.get(key)
+        if name is None:
+            unknown.append(key)
+            continue
+        if name.endswith(".ia3_l"):
+            scales_input = t.ndim == 2 and t.shape[0] == 1 and t.shape[1] > 1
+            if scales_input != (name in lay.feedforward):
+                theirs, ours = ("input", "output") if scales_input else ("output", "input")
+                raise PeftFormatError(
+                    f"{where}: {lay.module_of[key]} scales its {theirs} in the adapter (feedforward_modules: "
+                    f"{config_ff}) but its {ours} under the recipe; set method.feedforward to match"
+                )
+        if name in lay.rows:
+            rows, full = lay.rows[name]
+            flat = t.reshape(-1)
+            if flat.numel() != full:
+                raise PeftFormatError(f"{where}: {key} has {flat.numel()} entries, the model's layer {full}")
+            others = torch.ones(full, dtype=torch.bool)
+            others[torch.tensor(rows)] = False
+            if not torch.allclose(flat[others].float(), torch.ones(int(others.sum()))):
+                raise PeftFormatError(
+                    f"{where}: {key} scales rows of the fused q/k/v projection that the recipe's method.targets "
+                    "leave fixed; add the missing roles (q, k, v) to method.targets"
+                )
+            t = flat[torch.tensor(rows)].reshape(-1, 1)
+        ours_sd[name] = t
+    adapted_there = sorted({_module_of(k) for k in unknown if _module_of(k)} |
+                           {lay.module_of[k] for k in peft_sd if k in lay.module_of})
+    adapted_here = sorted(set(lay.module_of.values()))
+    if adapted_there != adapted_here:
+        extra = [m for m in adapted_there if m not in adapted_here]
+        lacking = [m for m in adapted_here if m not in adapted_there]
+        msg = [f"{where}: the adapter and the recipe adapt different layers"]
+        if extra:
+            msg.append(f"the adapter adapts {len(extra)} layers the recipe does not (e.g. {extra[0]})")
+        if lacking:
+            msg.append(f"the recipe adapts {len(lacking)} layers the adapter does not (e.g. {lacking[0]})")
+        if target_modules:
+            msg.append(f"the folder's target_modules are {target_modules}; set method.targets accordingly")
+        raise PeftFormatError("; ".join(msg))
+    if unknown:
+        hint = ("was it made for another base model or with other settings?" if _module_of(unknown[0]) else
+                "PEFT trained it as a full copy (modules_to_save), which peftcli only does for the task head")
+        raise PeftFormatError(
+            f"{where}: the adapter holds {len(unknown)} tensors this model has no place for (e.g. {unknown[0]}); {hint}"
+        )
+    heads = [k for k in lay.heads if k not in ours_sd]
+    if heads:
+        raise PeftFormatError(
+            f"{where}: the adapter has no weights for the classification head ({heads[0]}); PEFT saves them "
+            "when the head is in modules_to_save (task_type SEQ_CLS does that by itself)"
+        )
+    return ours_sd
+
+
+def _module_of(peft_key: str) -> str | None:
+    """`base_model.model.<path>.lora_A.weight` -> <path>; None for keys that are not adapter tensors."""
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".ia3_l",
+                   ".lora_embedding_A", ".lora_embedding_B", ".lora_A.bias", ".lora_B.bias"):
+        if peft_key.endswith(suffix):
+            return _strip_head_key(peft_key[: -len(suffix)])
+    return None
+
+
+def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path) -> None:
+    """Load an HF PEFT adapter folder into a model built from `recipe` (its `init_from:`)."""
+    from .checkpoint import load_adapter_state
+
+    src = Path(src)
+    config, peft_sd = read_peft_folder(src)
+    _check_settings(src, config, recipe)
+    lay = layout(model, arch, spec, recipe)
+    sd = from_peft_state(peft_sd, lay, src, recipe, config.get("target_modules"), config.get("feedforward_modules"))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    for name, t in sd.items():
+        if name in lay.heads and tuple(shapes[name]) != tuple(t.shape):
+            raise PeftFormatError(
+                f"init_from {src}: {name} has shape {tuple(t.shape)} in the adapter, {tuple(shapes[name])} here; "
+                f"set model.num_labels: {t.shape[0]} (or data.label_names with {t.shape[0]} names)"
+            )
+    load_adapter_state(model, spec, arch, recipe.method, sd)
+
+
+# ------------------------------------------------------------------------------ PEFT folder -> run folder
+
+
+def recipe_from_peft(src: Path, overrides: list[str] | None = None):
+    """A recipe for a PEFT folder from its adapter_config.json alone (base model, task, method)."""
+    from .recipe import recipe_from_dict
+
+    config, sd = read_peft_folder(src)
+    name = config.get("base_model_name_or_path")
+    if not name:
+        raise PeftFormatError(f"{src}/{PEFT_CONFIG} has no base_model_name_or_path; pass --recipe")
+    task = {v: k for k, v in TASK_TYPES.items()}.get(config.get("task_type") or "CAUSAL_LM")
+    if task is None:
+        raise PeftFormatError(f"{src}: task_type {config.get('task_type')!r}; peftcli reads SEQ_CLS and CAUSAL_LM "
+                              "adapters (pass --recipe to say which)")
+    raw: dict[str, Any] = {"model": {"name": name, "task": task}, "method": method_from_peft(config)}
+    if config.get("revision"):
+        raw["model"]["revision"] = config["revision"]
+    if task == "classification":
+        rows = _head_rows(sd)
+        if rows:
+            raw["model"]["num_labels"] = rows
+    return recipe_from_dict(raw, f"{src}/{PEFT_CONFIG}", overrides or [])
+
+
+def _head_rows(sd: dict[str, torch.Tensor]) -> int | None:
+    for k, t in sd.items():
+        if _module_of(k) is None and k.endswith(".weight") and t.ndim == 2 and "prompt_embeddings" not in k:
+            return int(t.shape[0])
+    return None
+
+
+def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
+                overrides: list[str] | None = None, force: bool = False) -> Path:
+    """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work)."""
+    from . import __version__
+    from .build import pick_device, trainable_summary
+    from .checkpoint import atomic_file_write, save_adapter
+    from .pipeline import build
+    from .recipe import load_recipe, recipe_yaml
+
+    src, run_dir = Path(src), Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise CheckpointError(f"{run_dir} exists and is not empty; pass --force to replace it")
+    config, sd = read_peft_folder(src)
+    recipe = load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides)
+    label_names = recipe.data.label_names
+    if recipe.model.task == "classification" and not recipe.model.num_labels and not label_names:
+        recipe.model.num_labels = _head_rows(sd)
+    recipe.init_from = str(src)
+    built = build(recipe, pick_device("cpu"), label_names=label_names)
+    recipe.init_from = None
+    recipe.output.dir = str(run_dir)
+    budget = trainable_summary(built.model)
+    meta = {
+        "base_model": recipe.model.name,
+        "task": recipe.model.task,
+        "label_names": label_names,
+        "trainable": budget["trainable"],
+        "total": budget["total"],
+        "imported_from": str(src),
+        "peft_type": config.get("peft_type"),
+        "importer_version": __version__,
+    }
+    if run_dir.exists() and force:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_file_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
+    save_adapter(run_dir / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
+    return run_dir
+
+
+def temporary_run(src: Path, recipe_path: Path | None = None):
+    """A context manager yielding a throw-away run folder imported from a PEFT folder."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        with tempfile.TemporaryDirectory(prefix="peftcli-import-") as tmp:
+            yield import_peft(src, Path(tmp) / "run", recipe_path=recipe_path)
+
+    return cm()
+
+
+def is_peft_folder(path: Path) -> bool:
+    return (Path(path) / PEFT_CONFIG).exists()
+
+
+__all__ = [
+    "Layout", "PeftFormatError", "export_model", "export_refusal", "export_run", "import_peft", "is_peft_folder",
+    "layout", "load_peft_weights", "method_from_peft", "read_peft_folder", "recipe_from_peft",
+    "shortest_suffixes", "temporary_run",
+]
