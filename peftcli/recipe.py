@@ -48,7 +48,7 @@ class ModelConfig:
 class DataConfig:
     source: str = opt(
         "tweets",
-        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct, fortunes), "
+        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct), "
         "a hub dataset id, or a local csv/json/jsonl/parquet file",
     )
     config_name: str | None = opt(None, "hub dataset configuration, e.g. sst2 for glue")
@@ -96,7 +96,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metric: Literal["accuracy", "f1", "loss"] = opt("accuracy", "metric that picks the best checkpoint")
+    metric: Literal["accuracy", "f1", "loss", "generate_accuracy"] = opt(
+        "accuracy", "metric that picks the best checkpoint (generate_accuracy: causal_lm with eval.generate_accuracy)"
+    )
     batch_size: int = opt(64, "examples per evaluation batch", min=1)
     generate_samples: int = opt(3, "causal_lm: generated samples shown after evaluation", min=0)
     max_new_tokens: int = opt(16, "causal_lm: tokens generated per sample", min=1)

@@ -1,9 +1,17 @@
-"""Print the README's recipe-key and method tables from the dataclasses that validate recipes."""
+"""The README's recipe-key and method-option tables, generated from the dataclasses that validate recipes.
+
+    python scripts/recipe_keys.py            # print
+    python scripts/recipe_keys.py --write    # replace the generated block in README.md
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import sys
 import typing
+from pathlib import Path
 
 from peftcli.recipe import _type_name, describe_sections
 from peftcli.registry import all_methods
@@ -34,5 +42,21 @@ def main() -> None:
         print()
 
 
+START, END = "<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->"
+
+
+def write_readme(path: Path) -> None:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main()
+    text = path.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{START}\n{buf.getvalue()}{END}{tail}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--write" in sys.argv:
+        write_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        main()

