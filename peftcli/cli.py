@@ -14,15 +14,18 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
     add_completion=True,
     no_args_is_help=True,
     help="Parameter-efficient fine-tuning of Hugging Face transformers from YAML recipes.",
+    epilog="Example: `peftcli train recipes/quickstart.yaml` · shell completion: `peftcli --install-completion`",
     rich_markup_mode="markdown",
 )
-recipes_app = typer.Typer(help="List and copy the shipped recipes.", invoke_without_command=True)
+recipes_app = typer.Typer(help="List and copy the shipped recipes.", invoke_without_command=True,
+                          epilog="Examples: `peftcli recipes` · `peftcli recipes copy tweets_lora my_recipe.yaml`")
 app.add_typer(recipes_app, name="recipes")
 out = Console()
 err = Console(stderr=True)
@@ -35,8 +38,9 @@ def _bad_input_types() -> tuple[type, ...]:
     from .data import DataError
     from .models import ModelLoadError
     from .recipe import RecipeError
+    from .train import RunExistsError
 
-    types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError]
+    types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError]
     try:
         from .arch import UnsupportedArchitecture
 
@@ -56,6 +60,17 @@ class UsageError(Exception):
     """Bad command-line input that is not a recipe problem."""
 
 
+def _complete_methods(incomplete: str) -> list[str]:
+    """Shell completion of method names (the registry is the only list)."""
+    from .registry import all_methods
+
+    return [m for m in sorted(all_methods()) if m.startswith(incomplete)]
+
+
+def _complete_recipes(incomplete: str) -> list[str]:
+    return [f.stem for f in _recipe_files() if f.stem.startswith(incomplete)]
+
+
 def handle_errors(fn):
     """Turn known errors into a short message and an exit code; never a raw traceback."""
 
@@ -66,7 +81,7 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except (UsageError, *_bad_input_types()) as e:
-            err.print(f"[red]error:[/] {e}", highlight=False, markup=True)
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(BAD_INPUT) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]; checkpoints already written are intact")
@@ -75,7 +90,7 @@ def handle_errors(fn):
             if os.environ.get("PEFTCLI_DEBUG"):
                 raise
             msg = str(e).strip() or type(e).__name__
-            err.print(f"[red]error:[/] {msg}", highlight=False)
+            err.print(f"[red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
             err.print("[dim](set PEFTCLI_DEBUG=1 for the full traceback)[/]")
             raise typer.Exit(FAILURE) from None
 
@@ -103,7 +118,7 @@ def train(
 ) -> None:
     """Train a recipe and save the adapter into its run folder."""
     r = _load(recipe, overrides)
-    if nproc > 1:
+    if nproc > 1 and not dry_run:
         from .launch import launch_torchrun
 
         raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke))
@@ -123,6 +138,8 @@ def train(
     from .train import train as run_train
 
     summary = run_train(r, resume=resume, smoke=smoke)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return
     final = summary.get("final", {})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
     out.print(f"done in {summary['train_time_s']:.1f} s · {shown}")
@@ -200,7 +217,8 @@ def count_params(
     recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (or use --model/--method)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
     model: Annotated[str | None, typer.Option(help="hub id, model folder or config.json")] = None,
-    method: Annotated[str | None, typer.Option(help="registered method name")] = None,
+    method: Annotated[str | None, typer.Option(help="registered method name",
+                                               autocompletion=lambda incomplete: _complete_methods(incomplete))] = None,
     task: Annotated[str, typer.Option(help="classification or causal_lm")] = "causal_lm",
     num_labels: Annotated[int, typer.Option(help="classes, for classification")] = 2,
     depth: Annotated[int, typer.Option(help="module-name depth of the per-module table")] = 3,
@@ -229,19 +247,67 @@ def count_params(
 # ---------------------------------------------------------------------------------------- merge
 
 
-@app.command(epilog="Example: `peftcli merge runs/lora-tweets merged/`")
+@app.command(epilog="Examples: `peftcli merge runs/lora-tweets merged/` · "
+             "`peftcli merge my-peft-adapter/ merged/ --recipe recipes/tweets_lora.yaml`")
 @handle_errors
 def merge(
     run: Annotated[Path, typer.Argument(help="run folder (or HF PEFT adapter folder)")],
     dest: Annotated[Path, typer.Argument(help="where to write the merged model folder")],
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+    recipe: Annotated[Path | None, typer.Option(
+        help="HF PEFT folder only: recipe describing it (default: made from its adapter_config.json)")] = None,
 ) -> None:
-    """Bake a mergeable adapter into the base weights; write a plain HF model folder."""
+    """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
+    model folder that runs as fast as the base model."""
     from .merge import merge_run
 
-    diff = merge_run(run, dest, force=force)
+    diff = merge_run(run, dest, force=force, recipe=recipe)
     out.print(f"merged model written to {dest}")
     out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
+
+
+# ---------------------------------------------------------------------------------------- HF PEFT format
+
+
+@app.command(epilog="Example: `peftcli export runs/tweets_lora --to peft exported/` then, in Python, "
+             "`PeftModel.from_pretrained(base, \"exported/\")`")
+@handle_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder written by `peftcli train`")],
+    dest: Annotated[Path, typer.Argument(help="folder to write the adapter to")],
+    to: Annotated[str, typer.Option("--to", help="target format; 'peft' = HF PEFT adapter folder")] = "peft",
+    force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+) -> None:
+    """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
+    if to != "peft":
+        raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
+    from .peft_format import export_run
+
+    lay = export_run(run, dest, force=force)
+    out.print(f"wrote {lay.peft_type} adapter to {dest} (adapter_config.json + adapter_model.safetensors)")
+    if lay.config.get("target_modules"):
+        out.print(f"target_modules: {lay.config['target_modules']}", highlight=False)
+    for note in lay.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@app.command("import-peft", epilog="Examples: `peftcli import-peft my-peft-adapter/ runs/imported` · "
+             "`peftcli import-peft my-peft-adapter/ runs/imported --recipe recipes/tweets_lora.yaml` · "
+             "then `peftcli eval runs/imported` or `peftcli merge runs/imported merged/`")
+@handle_errors
+def import_peft_cmd(
+    src: Annotated[Path, typer.Argument(help="HF PEFT adapter folder (adapter_config.json + weights)")],
+    run: Annotated[Path, typer.Argument(help="run folder to create")],
+    recipe: Annotated[Path | None, typer.Option(
+        help="recipe whose method matches the adapter (default: made from adapter_config.json)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides of that recipe")] = None,
+    force: Annotated[bool, typer.Option(help="replace RUN if it exists")] = False,
+) -> None:
+    """Turn an HF PEFT adapter folder into a peftcli run folder (eval, merge, generate, export then work)."""
+    from .peft_format import import_peft
+
+    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force)
+    out.print(f"imported {src} into run folder {run}")
 
 
 # ---------------------------------------------------------------------------------------- validate
@@ -295,7 +361,8 @@ def recipes_list(ctx: typer.Context) -> None:
 @recipes_app.command("copy", epilog="Example: `peftcli recipes copy tweets_lora my_recipe.yaml`")
 @handle_errors
 def recipes_copy(
-    name: Annotated[str, typer.Argument(help="shipped recipe name (see `peftcli recipes`)")],
+    name: Annotated[str, typer.Argument(help="shipped recipe name (see `peftcli recipes`)",
+                                        autocompletion=lambda incomplete: _complete_recipes(incomplete))],
     dest: Annotated[Path, typer.Argument(help="file or folder to copy to")],
 ) -> None:
     """Copy a shipped recipe to edit."""
@@ -328,6 +395,111 @@ def plot(
 
     plot_runs(runs, out_file)
     out.print(f"wrote {out_file}")
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+@app.command("generate", epilog="Example: `peftcli generate runs/smollm2_prefix \"Tweet: what a lovely day\"`")
+@handle_errors
+def generate_cmd(
+    run_or_recipe: Annotated[Path, typer.Argument(help="run folder, or a causal_lm recipe (fresh adapter)")],
+    prompt: Annotated[str, typer.Argument(help="the prompt; the recipe's chat template is applied")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Greedy-generate a continuation of PROMPT with a run's adapter (KV cache on)."""
+    from .generate import GenerateError, generate
+
+    try:
+        texts = generate(run_or_recipe, [prompt], max_new_tokens=max_new_tokens, device=device)
+    except GenerateError as e:
+        raise UsageError(str(e)) from None
+    out.print(texts[0], highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------------------- fuse
+
+
+@app.command(epilog="Example: `peftcli fuse recipes/tweets_fusion.yaml` (train the three *_source recipes first)")
+@handle_errors
+def fuse(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe with method.name: fusion")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end")] = False,
+) -> None:
+    """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
+    from .fuse import fuse as run_fuse
+    from .methods.fusion import FusionError
+
+    r = _load(recipe, overrides)
+    if smoke:
+        r.output.dir, r.output.overwrite, r.train.progress = str(r.run_dir()) + "-smoke", True, False
+    try:
+        summary = run_fuse(r, resume=resume, smoke=smoke)
+    except FusionError as e:
+        raise UsageError(str(e)) from None
+    final = summary.get("final", {})
+    out.print(f"done in {summary['train_time_s']:.1f} s · " + ", ".join(
+        f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)))
+    att = summary["attention"]
+    table = Table(title=f"mean fusion attention per source ({att['examples']} held-out examples, all layers)")
+    table.add_column("source")
+    table.add_column("attention", justify="right")
+    for name, v in att["mean"].items():
+        table.add_row(name, f"{v:.3f}")
+    out.print(table)
+    out.print(f"run saved to {r.run_dir()} (self-contained: source adapters copied in)")
+
+
+# ---------------------------------------------------------------------------------------- drop
+
+
+@app.command(epilog="Examples: `peftcli drop runs/tweets_pfeiffer --lowest 5` · "
+             "`peftcli drop runs/tweets_fusion --prune-fusion 2 --limit 500`")
+@handle_errors
+def drop(
+    run: Annotated[Path, typer.Argument(help="trained (or fused) run folder")],
+    layers: Annotated[str | None, typer.Option("--layers", help="layers to drop adapters from, e.g. 0-4")] = None,
+    lowest: Annotated[int | None, typer.Option("--lowest", help="drop adapters from the N lowest layers")] = None,
+    prune_fusion: Annotated[int | None, typer.Option(
+        "--prune-fusion", help="fused run: keep the K most attended sources per layer")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="new run folder (default RUN-drop-...)")] = None,
+    limit: Annotated[int | None, typer.Option(help="measure on the first N eval examples")] = None,
+    repeats: Annotated[int, typer.Option(help="timed passes per state (median)", min=1)] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
+    from .drop import DropError, drop_run
+
+    try:
+        rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
+                       repeats=repeats, device=device, force=force)
+    except DropError as e:
+        raise UsageError(str(e)) from None
+    if rep["attention"]:
+        att = Table(title="mean fusion attention per site (before pruning)")
+        att.add_column("site")
+        names = list(next(iter(rep["attention"].values())))
+        for n in names:
+            att.add_column(n, justify="right")
+        for site, row in rep["attention"].items():
+            att.add_row(site, *(f"{row.get(n, 0.0):.3f}" for n in names))
+        out.print(att)
+    b, a = rep["before"], rep["after"]
+    table = Table(title=f"{run} · {rep['examples']} eval examples · {rep['device']}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for k in ("accuracy", "f1", "loss", "perplexity", "examples_per_s"):
+        if k in b:
+            table.add_row(k, f"{b[k]:.4f}", f"{a[k]:.4f}")
+    out.print(table)
+    out.print(f"layers without adapters: {rep['layers_dropped'] or 'none'} · modules switched off: "
+              f"{rep['modules_switched_off']} · speed ×{a['examples_per_s'] / b['examples_per_s']:.3f}")
+    out.print(f"dropped run written to {rep['dest']} (reload max |Δlogit| {rep['reload_max_diff']:.1e})")
 
 
 def main() -> None:

@@ -3,15 +3,30 @@
 Every module a method inserts inside a transformer layer carries an `adapter_enabled` flag and
 skips its own contribution when it is False. Dropping is therefore a walk over the layers, with
 no knowledge of which method put what where.
+
+A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off modules
+(`disabled_modules`); `pipeline.load_run` switches them off again after loading, so `peftcli eval`
+and a further `peftcli drop` see the dropped model. The adapter file is copied unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from .arch import Arch
+
+
+class DropError(ValueError):
+    """Bad drop request: exit 2 at the command line."""
 
 
 def adapter_modules(layer: nn.Module) -> list[nn.Module]:
@@ -34,3 +49,219 @@ def random_drop(model: nn.Module, arch: Arch, max_layers: int, rng: random.Rando
     n = (rng or random).randint(0, min(max_layers, arch.num_layers))
     set_dropped_layers(model, arch, set(range(n)))
     return n
+
+
+# ------------------------------------------------------------------------ switching, recording
+
+
+def disable_layers(model: nn.Module, arch: Arch, layers: set[int] | list[int]) -> int:
+    """Switch adapters off in `layers`, leaving every other flag as it is (unlike set_dropped_layers)."""
+    off = 0
+    for i in set(layers):
+        for m in adapter_modules(arch.layer(i)):
+            off += bool(m.adapter_enabled)
+            m.adapter_enabled = False
+    return off
+
+
+def flags(model: nn.Module) -> dict[str, bool]:
+    return {n: bool(m.adapter_enabled) for n, m in model.named_modules() if hasattr(m, "adapter_enabled")}
+
+
+def set_flags(model: nn.Module, state: dict[str, bool]) -> None:
+    for n, on in state.items():
+        model.get_submodule(n).adapter_enabled = on
+
+
+def disabled_modules(model: nn.Module) -> list[str]:
+    return [n for n, on in flags(model).items() if not on]
+
+
+def apply_recorded(model: nn.Module, meta: dict[str, Any]) -> int:
+    """Switch off the modules a dropped run's meta.json lists; returns how many."""
+    names = meta.get("disabled_modules") or []
+    for n in names:
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"the run's meta.json drops {n}, which this model does not have") from None
+        m.adapter_enabled = False
+    return len(names)
+
+
+def dropped_layers(model: nn.Module, arch: Arch) -> list[int]:
+    """Layers whose adapter modules are all switched off."""
+    out = []
+    for i, layer in enumerate(arch.layers):
+        mods = adapter_modules(layer)
+        if mods and not any(m.adapter_enabled for m in mods):
+            out.append(i)
+    return out
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def timed_eval(model: nn.Module, examples: list[dict], collate, *, task: str, device: torch.device,
+               batch_size: int, precision: str, num_labels: int | None) -> tuple[dict[str, Any], float]:
+    """Metrics and examples per second of one pass over `examples` (fixed batches, no shuffling)."""
+    from .evaluate import evaluate
+
+    t = time.perf_counter()
+    m = evaluate(model, examples, collate, task=task, device=device, batch_size=batch_size,
+                 precision=precision, num_labels=num_labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return m, len(examples) / max(time.perf_counter() - t, 1e-9)
+
+
+def compare(model: nn.Module, states: dict[str, dict[str, bool]], examples: list[dict], collate, *,
+            repeats: int = 1, **kw: Any) -> dict[str, dict[str, Any]]:
+    """Evaluate the model under each flag state on the same batches, alternating the states
+    `repeats` times so that load from other processes hits them alike; speed is the median."""
+    from .evaluate import evaluate
+
+    first = next(iter(states.values()))
+    set_flags(model, first)
+    evaluate(model, examples[: kw["batch_size"]], collate, **{k: v for k, v in kw.items()})  # warm-up
+    out: dict[str, dict[str, Any]] = {}
+    speeds: dict[str, list[float]] = {k: [] for k in states}
+    for _ in range(max(1, repeats)):
+        for name, state in states.items():
+            set_flags(model, state)
+            m, eps = timed_eval(model, examples, collate, **kw)
+            out.setdefault(name, m)
+            speeds[name].append(eps)
+    for name in states:
+        out[name]["examples_per_s"] = statistics.median(speeds[name])
+    return out
+
+
+# ------------------------------------------------------------------------ dropping a run
+
+
+def _span(layers: list[int]) -> str:
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return "_".join(map(str, layers))
+
+
+def drop_run(
+    run: str | Path,
+    dest: str | Path | None = None,
+    *,
+    layers: str | None = None,
+    lowest: int | None = None,
+    prune_fusion: int | None = None,
+    limit: int | None = None,
+    repeats: int = 1,
+    device: str = "cpu",
+    force: bool = False,
+) -> dict[str, Any]:
+    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run."""
+    from .build import pick_device
+    from .checkpoint import CheckpointError, find_run_adapter
+    from .pipeline import collator, load_run, prepare_data
+    from .recipe import recipe_yaml
+    from .registry import parse_layers
+
+    if layers is None and lowest is None and prune_fusion is None:
+        raise DropError("say what to drop: --layers 0-4, --lowest N, or --prune-fusion K")
+    if layers is not None and lowest is not None:
+        raise DropError("--layers and --lowest both choose layers; give one")
+    run = Path(run)
+    dev = pick_device(device)
+    built, meta = load_run(run, dev)
+    model, arch, rec = built.model, built.arch, built.recipe
+    n = arch.num_layers
+    try:
+        chosen = parse_layers(layers, n) if layers is not None else []
+    except ValueError as e:
+        raise DropError(f"--layers: {e}") from None
+    if lowest is not None:
+        if not 0 <= lowest <= n:
+            raise DropError(f"--lowest {lowest}: the model has {n} layers")
+        chosen = list(range(lowest))
+    if prune_fusion is not None:
+        from .methods.fusion import fusion_sites
+
+        if not fusion_sites(model):
+            raise DropError(f"--prune-fusion: {run} is a {built.spec.name} run, not a fused one")
+        if prune_fusion < 1:
+            raise DropError("--prune-fusion K keeps K sources per layer; K must be at least 1")
+    tag = "-".join(([f"layers{_span(chosen)}"] if chosen else [])
+                   + ([f"fusion{prune_fusion}"] if prune_fusion is not None else [])) or "none"
+    dest = Path(dest) if dest is not None else run.with_name(f"{run.name}-drop-{tag}")
+    if dest.resolve() == run.resolve():
+        raise DropError("the dropped run needs its own folder; choose another --out")
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise DropError(f"{dest} exists; pass --force to replace it or choose --out")
+
+    _, _, held = prepare_data(rec, built.tokenizer)
+    examples = held[:limit] if limit else held
+    if not examples:
+        raise DropError(f"{run}: the recipe's eval split is empty; nothing to measure on")
+    collate = collator(rec, built.tokenizer)
+    kw = dict(task=rec.model.task, device=dev, batch_size=rec.eval.batch_size, precision=rec.train.precision,
+              num_labels=len(built.label_names or []) or None)
+
+    before = flags(model)
+    attention = None
+    switched = disable_layers(model, arch, chosen)
+    if prune_fusion is not None:
+        from .methods.fusion import attention_table, prune, read_sources, record_attention
+
+        set_flags(model, before)  # attention is measured on the model as it was
+        record_attention(model, True)
+        timed_eval(model, examples, collate, **kw)
+        record_attention(model, False)
+        names = [s.name for s in read_sources(rec.method)]
+        attention = attention_table(model, names)
+        disable_layers(model, arch, chosen)
+        switched += len(prune(model, prune_fusion))
+    after = flags(model)
+    result = compare(model, {"before": before, "after": after}, examples, collate, repeats=repeats, **kw)
+    set_flags(model, after)
+
+    src_adapter = find_run_adapter(run)
+    off = disabled_modules(model)
+    drop_info = {"layers": dropped_layers(model, arch), "prune_fusion": prune_fusion, "from": str(run)}
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "adapter").mkdir(parents=True)
+    for f in src_adapter.iterdir():
+        if f.is_file() and f.name != "trainer_state.pt":
+            shutil.copy2(f, dest / "adapter" / f.name)
+    new_meta = {**meta, "disabled_modules": off, "drop": drop_info}
+    (dest / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
+    rec.output.dir = str(dest)
+    (dest / "recipe.yaml").write_text(recipe_yaml(rec))
+    report = {
+        "run": str(run), "dest": str(dest), "examples": len(examples), "layers_dropped": drop_info["layers"],
+        "modules_switched_off": switched, "disabled_modules": off, "before": result["before"],
+        "after": result["after"], "attention": attention, "device": str(dev), "repeats": repeats,
+    }
+    (dest / "drop.json").write_text(json.dumps(report, indent=2))
+
+    # The written run must rebuild the dropped model: same outputs on a few examples.
+    check = examples[: min(len(examples), 32)]
+    reloaded, _ = load_run(dest, dev)
+    with torch.no_grad():
+        b = collate(check)
+        b = {k: v.to(dev) for k, v in b.items() if k != "labels"}
+        model.eval()
+        reloaded.model.eval()
+        diff = float((model(**b).logits.float() - reloaded.model(**b).logits.float()).abs().max())
+    if diff > 1e-4:
+        raise CheckpointError(f"{dest}: reloading the dropped run changes the outputs (max diff {diff:.2e})")
+    report["reload_max_diff"] = diff
+    return report
+
+
+__all__ = [
+    "DropError", "adapter_modules", "apply_recorded", "compare", "disable_layers", "disabled_modules", "drop_run",
+    "dropped_layers", "flags", "random_drop", "set_dropped_layers", "set_flags", "timed_eval",
+]

@@ -105,6 +105,9 @@ def load_run(run: str | Path, device: torch.device, overrides: list[str] | None 
     label_names = meta.get("label_names")
     built = build(recipe, device, label_names=label_names)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, sd)
+    from .drop import apply_recorded  # a run written by `peftcli drop` lists its switched-off adapters
+
+    apply_recorded(built.model, meta)
     return built, meta
 
 

@@ -1,3 +1,19 @@
 """Importing this package registers every method. One file per method."""
 
-from . import bitfit, full, lora  # noqa: F401
+from . import (  # noqa: F401
+    bitfit,
+    compacter,
+    dora,
+    full,
+    fusion,
+    houlsby,
+    ia3,
+    krona,
+    lora,
+    mam,
+    parallel,
+    pfeiffer,
+    prefix,
+    prompt,
+    unipelt,
+)

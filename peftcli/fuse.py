@@ -1,0 +1,88 @@
+"""`peftcli fuse`: AdapterFusion stage 2 from a recipe with `method.name: fusion`.
+
+The recipe names the stage-1 runs (`method.adapters`) and the target task (its `data:`). Before
+training, the sources are checked (finished runs, fusable method, same base model) and their
+method options are written into `method.sources`, so the fused run's recipe.yaml describes the
+whole model and the run reloads without the source folders (their weights are saved into the
+fused run's adapter file too). Training itself is the ordinary loop (`peftcli.train.train`); the
+V regulariser reaches it through `model.peftcli_aux_loss`.
+
+`peftcli train` on the same recipe trains the same model, but its recipe.yaml keeps only the
+paths, so that run reloads only while the source folders exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from .checkpoint import CheckpointError, find_run_adapter
+from .methods.fusion import FusionError, Source, read_sources
+from .recipe import Recipe, load_recipe
+
+
+def prepare(recipe: Recipe) -> list[Source]:
+    """Check the sources and record their method options in the recipe (in place)."""
+    if recipe.method_name != "fusion":
+        raise FusionError(f"peftcli fuse needs a recipe with method.name: fusion (this one has {recipe.method_name!r})")
+    cfg = recipe.method
+    if len(cfg.adapters) < 2:
+        raise FusionError(f"method.adapters names {len(cfg.adapters)} run(s); fusion mixes two or more")
+    cfg.sources = []
+    sources = read_sources(cfg)
+    for s in sources:
+        try:
+            find_run_adapter(Path(s.run))
+        except CheckpointError as e:
+            raise FusionError(f"source {s.run}: {e}") from None
+        src = load_recipe(Path(s.run) / "recipe.yaml")
+        if src.model.name != recipe.model.name:
+            raise FusionError(
+                f"source {s.run} adapts {src.model.name!r} but the recipe's model is {recipe.model.name!r}; "
+                "fused adapters must come from the same base model"
+            )
+    cfg.sources = [s.to_json() for s in sources]
+    return sources
+
+
+def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu") -> dict[str, Any]:
+    """Reload the fused run from its folder and measure the mean attention each source receives
+    on up to `limit` held-out examples: per site, and averaged over sites."""
+    from .build import pick_device
+    from .drop import timed_eval
+    from .methods.fusion import attention_table, record_attention
+    from .pipeline import collator, load_run, prepare_data
+
+    dev = pick_device(device)
+    built, _ = load_run(run, dev)
+    rec = built.recipe
+    _, _, held = prepare_data(rec, built.tokenizer)
+    names = [s.name for s in read_sources(rec.method)]
+    record_attention(built.model, True)
+    m, _ = timed_eval(built.model, held[:limit], collator(rec, built.tokenizer), task=rec.model.task, device=dev,
+                      batch_size=rec.eval.batch_size, precision=rec.train.precision,
+                      num_labels=len(built.label_names or []) or None)
+    table = attention_table(built.model, names)
+    mean = {n: sum(t.get(n, 0.0) for t in table.values()) / max(len(table), 1) for n in names}
+    return {"per_site": table, "mean": mean, "examples": len(held[:limit]), "reloaded_metrics": m}
+
+
+def fuse(recipe: Recipe, *, resume: bool = False, smoke: bool = False, console: Console | None = None,
+         attention_examples: int = 256) -> dict[str, Any]:
+    """Train the fusion described by `recipe`; returns the training summary plus the sources'
+    mean attention measured on the reloaded run."""
+    from .train import train
+
+    sources = prepare(recipe)
+    summary = train(recipe, resume=resume, smoke=smoke, console=console)
+    summary["sources"] = [s.run for s in sources]
+    if attention_examples:
+        with torch.no_grad():
+            summary["attention"] = attention_summary(recipe.run_dir(), limit=attention_examples)
+    return summary
+
+
+__all__ = ["attention_summary", "fuse", "prepare"]
