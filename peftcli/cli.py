@@ -480,13 +480,15 @@ def drop(
     except DropError as e:
         raise UsageError(str(e)) from None
     if rep["attention"]:
-        att = Table(title="mean fusion attention per site (before pruning)")
-        att.add_column("site")
         names = list(next(iter(rep["attention"].values())))
-        for n in names:
-            att.add_column(n, justify="right")
+        att = Table(title="mean fusion attention per layer (before pruning); sources: "
+                    + ", ".join(f"{i} = {n}" for i, n in enumerate(names)))
+        att.add_column("site")
+        for i in range(len(names)):
+            att.add_column(str(i), justify="right")
         for site, row in rep["attention"].items():
-            att.add_row(site, *(f"{row.get(n, 0.0):.3f}" for n in names))
+            short = site.split(".")[-2] + " " + site.rsplit("_", 1)[-1]  # "3 ffn"
+            att.add_row(short, *(f"{row.get(n, 0.0):.3f}" for n in names))
         out.print(att)
     b, a = rep["before"], rep["after"]
     table = Table(title=f"{run} · {rep['examples']} eval examples · {rep['device']}")

@@ -120,16 +120,17 @@ def timed_eval(model: nn.Module, examples: list[dict], collate, *, task: str, de
 def compare(model: nn.Module, states: dict[str, dict[str, bool]], examples: list[dict], collate, *,
             repeats: int = 1, **kw: Any) -> dict[str, dict[str, Any]]:
     """Evaluate the model under each flag state on the same batches, alternating the states
-    `repeats` times so that load from other processes hits them alike; speed is the median."""
+    `repeats` times (in reverse order every other time) so that load from other processes hits
+    them alike; speed is the median. An untimed pass first: the first time a batch shape is seen
+    costs extra (kernel and buffer set-up), which would otherwise count against the first state."""
     from .evaluate import evaluate
 
-    first = next(iter(states.values()))
-    set_flags(model, first)
-    evaluate(model, examples[: kw["batch_size"]], collate, **{k: v for k, v in kw.items()})  # warm-up
+    set_flags(model, next(iter(states.values())))
+    evaluate(model, examples, collate, **kw)
     out: dict[str, dict[str, Any]] = {}
     speeds: dict[str, list[float]] = {k: [] for k in states}
-    for _ in range(max(1, repeats)):
-        for name, state in states.items():
+    for r in range(max(1, repeats)):
+        for name, state in list(states.items())[:: -1 if r % 2 else 1]:
             set_flags(model, state)
             m, eps = timed_eval(model, examples, collate, **kw)
             out.setdefault(name, m)
