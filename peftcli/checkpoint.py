@@ -55,6 +55,11 @@ def load_adapter_state(model: nn.Module, spec, arch, cfg, sd: dict[str, torch.Te
         )
     if missing_from_file and spec.name != "full":
         raise CheckpointError(f"adapter is missing {len(missing_from_file)} trained tensors (e.g. {missing_from_file[0]})")
+    copy_into_params(params, sd)
+
+
+def copy_into_params(params: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into named parameters, refusing any shape mismatch."""
     with torch.no_grad():
         for k, v in sd.items():
             p = params[k]

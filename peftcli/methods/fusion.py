@@ -310,7 +310,7 @@ def export_state(model: nn.Module, arch: Arch, cfg: FusionConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: FusionConfig, sd: dict[str, torch.Tensor]) -> None:
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, copy_into_params
 
     params = dict(model.named_parameters())
     unknown = [k for k in sd if k not in params]
@@ -320,12 +320,7 @@ def load_state(model: nn.Module, arch: Arch, cfg: FusionConfig, sd: dict[str, to
     missing = sorted(wanted - set(sd))
     if missing:
         raise CheckpointError(f"fused adapter is missing {len(missing)} tensors (e.g. {missing[0]})")
-    with torch.no_grad():
-        for k, v in sd.items():
-            p = params[k]
-            if p.shape != v.shape:
-                raise CheckpointError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(p.shape)} in the model")
-            p.copy_(v.to(p.dtype))
+    copy_into_params(params, sd)
     for _, fs in fusion_sites(model):
         fs.ready = True
 

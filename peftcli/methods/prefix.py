@@ -252,7 +252,7 @@ def export_state(model: nn.Module, arch: Arch, cfg: PrefixConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: PrefixConfig, sd: dict[str, torch.Tensor]) -> None:
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, copy_into_params
 
     store = find_store(model)
     mlp_keys = _own_names(model) - {PROMPT_KEY}
@@ -283,12 +283,8 @@ def load_state(model: nn.Module, arch: Arch, cfg: PrefixConfig, sd: dict[str, to
     missing = [n for n, p in params.items() if p.requires_grad and not n.startswith(ATTR + ".") and n not in sd]
     if missing:
         raise CheckpointError(f"adapter is missing {len(missing)} trained tensors (e.g. {missing[0]})")
+    copy_into_params(params, rest)
     with torch.no_grad():
-        for k, v in rest.items():
-            p = params[k]
-            if p.shape != v.shape:
-                raise CheckpointError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(p.shape)} in the model")
-            p.copy_(v.to(p.dtype))
         if expected is not None:
             got = store.table().float().cpu()
             err = float((got - expected.float()).abs().max())
