@@ -9,8 +9,8 @@ no network:
     tweets_instruct      the sentiment task as instruction data for causal LMs (prompt -> label word)
 
 The held-out split follows one rule for every source without an eval split: shuffle with
-random.Random(seed), hold out the LAST eval_size (or eval_fraction) rows, train on the first
-train_size rows of the rest.
+random.Random(seed), hold out the LAST eval_size (or eval_fraction) rows, skip train_offset rows of
+the rest and train on the next train_size.
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
         random.Random(cfg.seed).shuffle(allrows)
         n_eval = cfg.eval_size or max(1, int(len(allrows) * cfg.eval_fraction))
         held, train = allrows[-n_eval:], allrows[:-n_eval]
+    if cfg.train_offset:
+        train = train[cfg.train_offset :]
     if cfg.train_size:
         train = train[: cfg.train_size]
     # Rows without a label (e.g. tweets with no recorded agreement) are dropped after the split so

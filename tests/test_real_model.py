@@ -23,6 +23,24 @@ def test_tweets_split_matches_reference():
     assert counts == {"negative": 850, "neutral": 799, "positive": 351}
 
 
+def test_train_offset_keeps_source_rows_apart_from_target():
+    from peftcli.data import load_splits
+    from peftcli.recipe import DataConfig
+
+    target = load_splits(DataConfig(source="tweets", train_size=500, eval_size=2000), "classification")
+    source = load_splits(
+        DataConfig(source="tweets_subjectivity", train_offset=500, train_size=3000, eval_size=2000), "classification"
+    )
+    assert len(target.train) == 500 and len(source.train) == 3000
+    # The corpus holds repeated tweets, so compare positions in the shuffled order, not texts.
+    both = load_splits(DataConfig(source="tweets_subjectivity", train_size=3500, eval_size=2000), "classification")
+    texts = [r["text"] for r in both.train]
+    assert [r["text"] for r in target.train] == texts[:500]
+    assert [r["text"] for r in source.train] == texts[500:]
+    # Same held-out rows whatever the offset: only the training slice moves.
+    assert [r["text"] for r in source.eval] == [r["text"] for r in target.eval]
+
+
 def test_minilm_lora_budget_and_short_training():
     from peftcli.build import attach_method, trainable_summary
     from peftcli.methods.lora import LoraConfig
