@@ -47,6 +47,9 @@ class ArchSpec:
     heads: tuple[str, ...] = ("classifier", "score")  # task heads trained with any method
     lm_head: str | None = None
     embeddings: tuple[str, ...] = ()  # candidate paths of the input token embedding
+    # Pretrained pooler between the encoder and a one-layer classifier (BERT). Trained only with
+    # model.train_pooler; heads that already have two layers (RoBERTa, ELECTRA, DistilBERT) have none.
+    pooler: tuple[str, ...] = ()
 
 
 _BERT = dict(
@@ -72,6 +75,7 @@ SPECS: dict[str, ArchSpec] = {
         family="bert",
         layers=("bert.encoder.layer", "encoder.layer"),
         embeddings=("bert.embeddings.word_embeddings", "embeddings.word_embeddings"),
+        pooler=("bert.pooler",),
         **_BERT,
     ),
     "roberta": ArchSpec(
@@ -178,6 +182,7 @@ class Arch:
     model: nn.Module
     layers_path: str
     config: Any
+    train_pooler: bool = False  # the pooler counts as part of the trained task head
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -262,8 +267,15 @@ class Arch:
                     seen[p] = None
         return list(seen)
 
+    def pooler(self) -> tuple[str, nn.Module] | None:
+        for name in self.spec.pooler:
+            m = _get(self.model, name)
+            if m is not None:
+                return name, m
+        return None
+
     def head_modules(self) -> list[tuple[str, nn.Module]]:
-        out = []
+        out = [self.pooler()] if self.train_pooler and self.pooler() is not None else []
         for name in self.spec.heads:
             m = _get(self.model, name)
             if m is not None:

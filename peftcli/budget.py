@@ -88,7 +88,7 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
     from .quant import quantized_names
 
     model = meta_model(recipe)
-    arch, _ = attach_method(model, recipe.method_name, recipe.method)
+    arch, _ = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     s = trainable_summary(model)
     s["table"] = per_module_table(model, depth=depth)
     s["quantizable"] = sum(model.get_submodule(n).weight.numel() for n in quantized_names(model))

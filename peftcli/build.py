@@ -5,18 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import Arch, resolve
+from .arch import Arch, UnsupportedArchitecture, resolve
 from .registry import MethodSpec, count_trainable, freeze, get_method
 
 
-def attach_method(model: nn.Module, method_name: str, method_cfg) -> tuple[Arch, MethodSpec]:
+def attach_method(
+    model: nn.Module, method_name: str, method_cfg, *, train_pooler: bool = False
+) -> tuple[Arch, MethodSpec]:
     """Freeze the base, attach the method, and make the task head trainable.
 
     The classification head is new (randomly initialised), so every method trains it, as HF PEFT
-    does with `modules_to_save`.
+    does with `modules_to_save`. `train_pooler` adds BERT's pretrained pooler to the head, which
+    then has the two layers AdapterHub's default head has (and its parameter count).
     """
     spec = get_method(method_name)
     arch = resolve(model)
+    if train_pooler:
+        if arch.pooler() is None:
+            raise UnsupportedArchitecture(
+                f"model.train_pooler: {model.config.model_type} {type(model).__name__} has no pretrained pooler "
+                "(its head may already have two layers); fix: set model.train_pooler: false"
+            )
+        arch.train_pooler = True
     freeze(model)
     spec.attach(model, arch, method_cfg)
     if method_name != "full":

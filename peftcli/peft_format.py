@@ -384,7 +384,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
         raise CheckpointError(f"{dest} exists and is not empty; pass --force to replace it")
     sd, meta = read_adapter(find_run_adapter(run))
     model = _meta_model(recipe, meta.get("label_names"))
-    arch, spec = attach_method(model, recipe.method_name, recipe.method)
+    arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     if dest.exists() and force:
         shutil.rmtree(dest)
     return export_model(model, arch, spec, recipe, sd, dest)

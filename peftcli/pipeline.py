@@ -56,7 +56,7 @@ def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None
         model.to(device)
     if model.config.pad_token_id is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
-    arch, spec = attach_method(model, recipe.method_name, recipe.method)
+    arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     # Adapter weights follow the base's device; their dtype is float32 on CPU and the base dtype
     # under CUDA autocast.
     model.to(device)

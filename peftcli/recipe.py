@@ -40,6 +40,9 @@ class ModelConfig:
         "none", "nf4 = QLoRA: frozen base in 4-bit NF4 with double quantization (CUDA + bitsandbytes)"
     )
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward to save memory")
+    train_pooler: bool = opt(
+        False, "classification, BERT: also train the pretrained pooler, a 2-layer head like AdapterHub's default"
+    )
     revision: str | None = opt(None, "hub revision (branch, tag or commit)")
     trust_remote_code: bool = opt(False, "allow model code from the hub")
 
@@ -55,7 +58,10 @@ class DataConfig:
     train_split: str = opt("train", "split to train on")
     eval_split: str | None = opt(None, "split to evaluate on; null = hold out eval_fraction of train")
     eval_fraction: float = opt(0.2, "fraction held out when eval_split is null", min=0.0, max=0.9)
-    train_size: int | None = opt(None, "use the first N training rows (after the seeded shuffle)", min=1)
+    train_offset: int = opt(
+        0, "skip the first N training rows (after the seeded shuffle): keeps a source task's rows apart from a target's", min=0
+    )
+    train_size: int | None = opt(None, "use the first N training rows (after the seeded shuffle and offset)", min=1)
     eval_size: int | None = opt(None, "use the last N held-out rows", min=1)
     seed: int = opt(0, "seed of the shuffle that splits and subsamples the data")
     text_column: str = opt("text", "input text column")

@@ -163,3 +163,35 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_bert_dir, tiny_csv, tmp_path):
     assert res.exit_code == 1
     assert "NaN or infinite" in res.output
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
+
+
+def test_train_pooler_trains_saves_and_reloads(tiny_bert_dir, tiny_csv, tmp_path):
+    from safetensors import safe_open
+
+    rec = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_bert_dir), "train_pooler": True},
+        data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 12, "max_length": 32},
+        method={"name": "pfeiffer", "reduction_factor": 4},
+        train={"max_steps": 2, "batch_size": 8, "progress": False},
+        output={"dir": str(tmp_path / "run")},
+    )
+    res = invoke("train", rec)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # hidden 32, 2 layers: Pfeiffer 2*(2*8*32 + 8 + 32) + pooler 32*32 + 32 + classifier 32*2 + 2
+    assert summary["trainable"] == 2 * (2 * 8 * 32 + 8 + 32) + 32 * 32 + 32 + 32 * 2 + 2
+    with safe_open(tmp_path / "run" / "adapter" / "adapter.safetensors", "pt") as f:
+        assert "bert.pooler.dense.weight" in set(f.keys())
+    res = invoke("eval", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+
+
+def test_train_pooler_refused_without_pooler(tiny_gpt2_dir, tiny_csv, tmp_path):
+    rec = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_gpt2_dir), "train_pooler": True},
+        data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 12},
+        method={"name": "lora"}, output={"dir": str(tmp_path / "run")},
+    )
+    res = invoke("train", rec, "--dry-run")
+    assert res.exit_code == 2, res.output
+    assert "model.train_pooler" in res.output and "set model.train_pooler: false" in res.output

@@ -454,3 +454,23 @@ def test_export_needs_no_weights_so_qlora_runs_export_anywhere(tmp_path, tiny_be
     assert res.exit_code == 0, res.output
     a, b = load_file(str(tmp_path / "plain" / "adapter_model.safetensors")), load_file(str(tmp_path / "nf4" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_with_trained_pooler_loads_in_peft(tmp_path):
+    r = recipe_for("classification", {"name": "lora", "r": 4, "targets": ["q", "v"]})
+    r.model.train_pooler = True
+    model = tiny_model("bert", "classification")
+    arch, spec = attach_method(model, r.method_name, r.method, train_pooler=True)
+    randomize(model)
+    with torch.no_grad():
+        arch.pooler()[1].dense.weight.add_(0.3)  # a trained pooler that differs from the base's
+    model.eval()
+    b = batch()
+    with torch.no_grad():
+        ours = model(**b).logits
+    export_model(model, arch, spec, r, adapter_state(model, spec, arch, r.method), tmp_path)
+    assert "bert.pooler" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    pm = peft_load(tiny_model("bert", "classification"), tmp_path)
+    with torch.no_grad():
+        theirs = pm(**b).logits
+    assert compare(ours, theirs, b, "classification") < 1e-5
