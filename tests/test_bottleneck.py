@@ -140,7 +140,7 @@ def _capture(model, arch):
 
         def attn_pre(mod, args, kwargs, r=r):
             # no KV cache: re-running attention by hand must not append to the model's cache
-            r["attn_kw"] = {k: (None if k == "past_key_values" else v) for k, v in kwargs.items()
+            r["attn_kw"] = {k: (None if k in ("past_key_values", "cache") else v) for k, v in kwargs.items()
                             if k != "hidden_states"}
 
         def post(mod, args, kwargs, out, r=r):
@@ -330,7 +330,7 @@ def test_recipe_budget_matches_closed_form(name, tmp_path):
     assert recipe.method_name == name
     assert recipe.output.dir == f"runs/tweets_{RECIPES[name]}"
     b = budget(recipe)
-    head = 128 * 2 + 2
+    head = 128 * 2 + 2 + (128 * 128 + 128 if recipe.model.train_pooler else 0)  # classifier (+ pooler)
     d = 128
     if name == "krona":  # q, v are (128, 128); 8 is the divisor of 128 closest to sqrt(128)
         expected = L * 2 * (8 * 8 + 16 * 16)
@@ -354,7 +354,8 @@ def test_minilm_counts():
             "compacter": 14_384, "compacter++": 7_256, "krona": 9_984}
     for name, n in want.items():
         recipe = load_recipe(ROOT / "recipes" / f"tweets_{RECIPES[name]}.yaml")
-        assert budget(recipe)["trainable"] == n + head, name
+        pooler = 384 * 384 + 384 if recipe.model.train_pooler else 0  # AdapterHub's 2-layer head
+        assert budget(recipe)["trainable"] == n + head + pooler, name
 
 
 # --------------------------------------------------------------------------- 4. training and friends
@@ -526,7 +527,11 @@ def test_recipes_validate_and_match_lora_benchmark(stem):
 
     lora = yaml.safe_load((ROOT / "recipes" / "tweets_lora.yaml").read_text())
     raw = yaml.safe_load((ROOT / "recipes" / f"tweets_{stem}.yaml").read_text())
-    for section in ("model", "data", "eval"):
+    # Same model, data and evaluation as the LoRA benchmark; bottleneck recipes may also train
+    # BERT's pooler (model.train_pooler), as AdapterHub's default head does.
+    model = {k: v for k, v in raw["model"].items() if k != "train_pooler"}
+    assert model == lora["model"]
+    for section in ("data", "eval"):
         assert raw[section] == lora[section]
     assert {k: v for k, v in raw["train"].items() if k != "lr"} == {k: v for k, v in lora["train"].items() if k != "lr"}
     r = load_recipe(ROOT / "recipes" / f"tweets_{stem}.yaml")

@@ -99,7 +99,10 @@ class BackboneCall:
         return (ids if ids is not None else self.get("inputs_embeds")).device
 
     def past_len(self) -> int:
+        # transformers renamed the argument from past_key_values to cache (5.2x); accept both.
         past = self.get("past_key_values")
+        if past is None:
+            past = self.get("cache")
         if past is None:
             return 0
         if hasattr(past, "get_seq_length"):
