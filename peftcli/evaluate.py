@@ -53,7 +53,8 @@ def evaluate(
     for batch in batches(examples, batch_size, collate, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_ctx(device, precision):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            extra = {} if task == "classification" else {"use_cache": False}  # no cache: nothing to continue
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         logits = out.logits.float()
         if task == "classification":
             loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
@@ -97,8 +98,11 @@ def generate_texts(
             enc = tokenizer(
                 prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
             ).to(device)
+            # Only ids and mask: word-piece tokenizers also emit token_type_ids, which Llama-like
+            # models' generate() rejects.
             gen = model.generate(
-                **enc,
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

@@ -41,12 +41,87 @@ def _chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i Wᵀ + b, y_i), chunk by chunk, with the gradients worked out in the same pass.
+
+    Each chunk's float32 logits exist once: the loss and dL/dlogits = softmax - onehot come from
+    them, are multiplied into dL/dh (and dL/dW, dL/db when the head trains) and dropped. Backward
+    only scales what forward stored, so the head's matmul runs twice per chunk (logits, dL/dh)
+    where recomputing logits under a checkpoint runs it three times and the softmax twice.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, bias, y, chunk: int):  # noqa: ANN001, ANN205
+        need_h, need_w = h.requires_grad, w.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        gb = torch.zeros(bias.shape, dtype=torch.float32, device=w.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hs, ys = h[i : i + chunk], y[i : i + chunk]
+            logits = F.linear(hs, w, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, ys[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.shape[0], device=g.device), ys] -= 1.0
+            if need_b:
+                gb += g.sum(0)
+            g = g.to(h.dtype)
+            if need_h:
+                torch.mm(g, w, out=gh[i : i + chunk])
+            if need_w:
+                gw.addmm_(g.t().float(), hs.float())
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (w.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g_total):  # noqa: ANN001, ANN205
+        gh, gw, gb = ctx.saved_tensors
+        wdt, bdt = ctx.dtypes
+        return (
+            gh * g_total.to(gh.dtype) if gh is not None else None,
+            (gw * g_total).to(wdt) if gw is not None else None,
+            (gb * g_total).to(bdt) if gb is not None else None,
+            None,
+            None,
+        )
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    return type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+
+
+def linear_cross_entropy_sum(head: nn.Linear, h: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """sum_i CE(head(h_i), y_i) in float32, without keeping any logits for backward.
+
+    Operands are cast as autocast would cast the head's matmul, and the Function runs with
+    autocast off, so forward and backward see one dtype.
+    """
+    w, b = head.weight, head.bias
+    if not torch.is_grad_enabled():  # inputs may still require grad; nothing will ask for it
+        h, w, b = h.detach(), w.detach(), b.detach() if b is not None else None
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        h, w = h.to(dt), w.to(dt)
+        b = b.to(dt) if b is not None else None
+    elif w.dtype != h.dtype:
+        h = h.to(w.dtype)
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h, w, b, y, chunk)
+
+
 def chunked_causal_lm_loss(
     hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
 ) -> tuple[torch.Tensor, int]:
     """(mean next-token loss over labelled positions, number of labelled positions).
 
-    Each chunk's logits are recomputed in backward (checkpoint) rather than stored.
+    A plain linear head goes through `linear_cross_entropy_sum`; any other head (wrapped,
+    quantized, hooked) has each chunk's logits recomputed in backward (checkpoint) instead.
     """
     if hidden.shape[1] > labels.shape[1]:  # virtual tokens prepended (prompt tuning)
         hidden = hidden[:, -labels.shape[1] :]
@@ -57,6 +132,8 @@ def chunked_causal_lm_loss(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    if _plain_linear(head):
+        return linear_cross_entropy_sum(head, h, y, chunk) / n, n
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk):
         hs, ys = h[i : i + chunk], y[i : i + chunk]

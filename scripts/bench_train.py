@@ -191,8 +191,11 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
     if not args.no_trim and trim_unread_positions(model, arch, "lora", cfg["task"]):
         notes.append("last layer after attention at the head's position only")
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-        compile_layers(model, arch, mode=args.compile_mode)
-        notes.append("compiled layers" + (f" ({args.compile_mode})" if args.compile_mode else ""))
+        if args.compile_scope == "model":  # one region: one guard check per step instead of one per layer
+            model.compile(dynamic=False, mode=args.compile_mode)
+        else:
+            compile_layers(model, arch, mode=args.compile_mode)
+        notes.append(f"compiled {args.compile_scope}" + (f" ({args.compile_mode})" if args.compile_mode else ""))
     model.train()
     opt = optimizer_for(model, cfg["lr"], device)
     head_path = arch.spec.lm_head
@@ -202,8 +205,8 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
             if cfg["task"] == "classification":
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 return F.cross_entropy(out.logits.float(), batch["labels"])
-            with hidden_states_out(model, head_path) as head:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            with hidden_states_out(model, head_path) as head:  # as peftcli.train does: no KV cache
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 return chunked_causal_lm_loss(out.logits, head, batch["labels"])[0]
 
     return Side("peftcli", model, loss, opt, ", ".join(notes))
@@ -307,6 +310,19 @@ def cpu_peak_rise(side: Side) -> float | None:
     return float(max(0, _status_kb("VmHWM") - base) * 1024)
 
 
+def profile(side: Side, rows: int) -> None:
+    """Where one side's step time goes: the kernels with the most device time over two steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            side.step()
+        torch.cuda.synchronize()
+    print(f"\n### profile: {side.name} (2 steps)\n")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def run_cpu(sides_fns: list[Callable[[], Side]], args, device: torch.device) -> list[Side]:
     sides = [fn() for fn in sides_fns]
     for s in sides:
@@ -339,6 +355,8 @@ def run_cuda(sides_fns: list[Callable[[], Side]], args, device: torch.device) ->
         for _ in range(args.steps):
             timed(s, device)
         s.peak = float(torch.cuda.max_memory_allocated())
+        if args.profile:
+            profile(s, args.profile)
         s.model = s.opt = s.loss = None  # free weights and optimizer state before the next side
         torch._dynamo.reset()  # and compiled graphs, which hold on to the modules
         done.append(s)
@@ -408,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true",
                     help="same case and code path with shrunk shapes, on CPU when the case's device is absent "
                          "(checks the script; its timings mean nothing)")
+    ap.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
+                    help="peftcli side: compile each layer (as train.compile does) or the whole model")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. reduce-overhead)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="CUDA: after timing, profile two steps per side and print the ROWS costliest ops")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = ap.parse_args(argv)
