@@ -199,8 +199,11 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
     model.train()
     opt = optimizer_for(model, cfg["lr"], device)
     head_path = arch.spec.lm_head
+    cuda_graphs = args.compile_mode == "reduce-overhead"
 
     def loss() -> torch.Tensor:
+        if cuda_graphs:  # a new step: graph outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, cfg):
             if cfg["task"] == "classification":
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -63,7 +63,11 @@ def _peftcli() -> list[str]:
 
 
 def test_show_completion_prints_a_bash_script():
-    res = subprocess.run([*_peftcli(), "--show-completion", "bash"], capture_output=True, text=True, timeout=120)
+    # With shellingham installed, typer detects the shell from the process tree (none under
+    # pytest) and --show-completion takes no value; its test switch restores the explicit value.
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    res = subprocess.run([*_peftcli(), "--show-completion", "bash"], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert res.returncode == 0, res.stderr
     assert "complete " in res.stdout and "_PEFTCLI_COMPLETE=complete_bash" in res.stdout
 

@@ -12,12 +12,11 @@ token, so causal-LM logits are compared on PEFT's last `seq_len` rows.
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 
 import pytest
 import torch
-from conftest import batch, tiny_model
+from conftest import batch, skip_if_peft_refuses_prefix, tiny_model
 
 from peftcli.build import attach_method
 from peftcli.methods.ia3 import IA3Config
@@ -153,13 +152,7 @@ def test_prefix(kind, task):
     ours, ref = pair(kind, task)
     attach_method(ours, "prefix", PrefixConfig(num_virtual_tokens=L))  # reparameterised: compare its output
     jiggle(ours, scale=0.1)
-    if task == "classification" and "past_key_values" not in inspect.signature(ref.forward).parameters:
-        # transformers 5.24 renamed forward's past_key_values to cache; PEFT 0.21's prefix tuning
-        # for classifiers looks for the old name and refuses. test_prefix_prompt checks ours against
-        # HF's own attention over a cache holding the same prefix, which needs no PEFT.
-        import transformers
-
-        pytest.skip(f"PEFT {peft.__version__} prefix tuning refuses transformers {transformers.__version__}'s classifiers")
+    skip_if_peft_refuses_prefix(ref, task, "prefix")
     theirs = peft.get_peft_model(ref, peft.PrefixTuningConfig(task_type=TASK_TYPE[task], num_virtual_tokens=L))
     copy_adapter(ours, theirs)  # the head
     with torch.no_grad():
