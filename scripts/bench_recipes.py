@@ -40,14 +40,15 @@ def row(name: str, out: Path) -> str:
     if not summary_path.exists():
         return f"| {name} | – | – | – | – | not finished |"
     s = json.loads(summary_path.read_text())
+    key = "accuracy" if "accuracy" in s["final"] else "generate_accuracy"  # causal LMs: generated labels
     evals = [
-        json.loads(line)["eval"]["accuracy"]
+        json.loads(line)["eval"][key]
         for line in (run_dir(out, name) / "metrics.jsonl").read_text().splitlines()
         if '"eval"' in line
     ]
     per_epoch = " / ".join(f"{100 * a:.2f}" for a in evals)
     pct = 100 * s["trainable"] / s["total"]
-    final = 100 * s["final"]["accuracy"]
+    final = 100 * s["final"][key]
     return f"| {name} | {s['trainable']:,} | {pct:.3f} % | {final:.2f} % | {per_epoch} | {s['train_time_s']:.0f} s |"
 
 
