@@ -52,9 +52,11 @@ def evaluate(
     golds: list[int] = []
     for batch in batches(examples, batch_size, collate, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if task != "classification":
+            inputs["use_cache"] = False  # nothing will continue from a cache
         with autocast_ctx(device, precision):
-            extra = {} if task == "classification" else {"use_cache": False}  # no cache: nothing to continue
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+            out = model(**inputs)
         logits = out.logits.float()
         if task == "classification":
             loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")

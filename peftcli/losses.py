@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
+from .fast import _autocast_dtype
 
 
 class _Passthrough(nn.Module):
@@ -105,8 +106,8 @@ def linear_cross_entropy_sum(head: nn.Linear, h: torch.Tensor, y: torch.Tensor, 
     if not torch.is_grad_enabled():  # inputs may still require grad; nothing will ask for it
         h, w, b = h.detach(), w.detach(), b.detach() if b is not None else None
     dev = h.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = _autocast_dtype(dev)
+    if dt is not None:
         h, w = h.to(dt), w.to(dt)
         b = b.to(dt) if b is not None else None
     elif w.dtype != h.dtype:

@@ -234,22 +234,21 @@ def train(
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if tcfg.drop_layers:
                     random_drop(model, arch, tcfg.drop_layers)
-                with autocast_ctx(device, tcfg.precision):
-                    if task == "classification":
-                        out = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                        loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                if task != "classification":
                     # No KV cache in training: building one copies every layer's keys and values,
                     # and its per-layer state makes compiled layers recompile layer by layer.
+                    inputs["use_cache"] = False
+                with autocast_ctx(device, tcfg.precision):
+                    if task == "classification":
+                        out = train_model(**inputs)
+                        loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
                     elif tcfg.chunked_ce and arch.spec.lm_head:
                         with hidden_states_out(model, arch.spec.lm_head) as head:
-                            out = train_model(
-                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                            )
+                            out = train_model(**inputs)
                             loss, _ = chunked_causal_lm_loss(out.logits, head, batch["labels"])
                     else:
-                        out = train_model(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                        )
+                        out = train_model(**inputs)
                         loss, _ = causal_lm_loss_from_logits(out.logits, batch["labels"])
                 aux = getattr(model, "peftcli_aux_loss", None)  # a method's own loss term, e.g. fusion's
                 if aux is not None:
