@@ -200,15 +200,44 @@ class _KeepPosition:
         return tuple(out)
 
 
+class _QueryAtPosition:
+    """Pre- and forward hook on the last layer's query projection: project one position only.
+
+    The attention still sees a full-length query (the one row broadcast with stride 0, so the
+    modeling code's reshapes hold), but the rows other than `pos` only feed outputs that
+    `_KeepPosition` drops; their gradient is exactly zero, so dL/dq at `pos` is unchanged.
+    """
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+        self.length: int | None = None
+
+    def pre(self, module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            self.length = None
+            return None
+        self.length = x.shape[1]
+        return (x[:, self.pos : self.pos + 1], *args[1:])
+
+    def post(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.length is None or not isinstance(output, torch.Tensor):
+            return None
+        n, self.length = self.length, None
+        return output.expand(output.shape[0], n, *output.shape[2:])
+
+
 def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -> list:
-    """Run the last layer after its attention only at the position the classification head reads.
+    """Run the last layer only where the classification head reads it.
 
     A BERT-family classifier reads position 0 of the last layer. Everything in that layer after
     the attention (output projection, norm, FFN: five sixths of the layer's FLOPs, forward and
-    backward) is position by position, so the other positions feed nothing. The head's logits
-    are unchanged (same values up to float reordering), and so is every gradient; only dropout
-    draws fewer random numbers. Returns the hook handles (remove them to undo); an empty list
-    where the model, task or method is not one this is known to be exact for.
+    backward) is position by position, so the other positions feed nothing; the same holds for
+    the query projection, since other positions' queries only make attention rows nobody reads
+    (keys and values still need every position). The head's logits are unchanged (same values
+    up to float reordering), and so is every gradient; only dropout draws fewer random numbers.
+    Returns the hook handles (remove them to undo); an empty list where the model, task or
+    method is not one this is known to be exact for.
     """
     pos = _HEAD_READS_POSITION.get(arch.spec.family)
     if (
@@ -224,7 +253,13 @@ def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -
         return []
     # The block computes LN(dropout(dense(attention output)) + residual): slice both inputs.
     # prepend: run before any other hook on it, so that every hook sees one sequence length.
-    return [block.register_forward_pre_hook(_KeepPosition((0, 1), pos), prepend=True)]
+    handles = [block.register_forward_pre_hook(_KeepPosition((0, 1), pos), prepend=True)]
+    q = arch.get(arch.num_layers - 1, "q")
+    if q is not None:
+        hook = _QueryAtPosition(pos)
+        handles.append(q.register_forward_pre_hook(hook.pre, prepend=True))
+        handles.append(q.register_forward_hook(hook.post))
+    return handles
 
 
 def idle_cpu_threads() -> int:

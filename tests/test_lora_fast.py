@@ -10,6 +10,7 @@ from conftest import batch, tiny_model
 from peftcli.build import attach_method
 from peftcli.fast import trim_unread_positions
 from peftcli.methods.lora import LoraConfig, LoraLinear
+from peftcli.registry import get_method
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -205,10 +206,14 @@ def test_saves_less_for_backward_with_dropout():
     assert saved(True) < saved(False) / 3
 
 
-def test_trim_unread_positions_exact():
+@pytest.mark.parametrize("method", ["lora", "full", "bitfit"])
+def test_trim_unread_positions_exact(method):
     m = tiny_model("bert")
-    arch, _ = attach_method(m, "lora", LoraConfig(r=4, alpha=8, targets=["all-linear"]))
-    _randomize(m)
+    if method == "lora":
+        arch, _ = attach_method(m, "lora", LoraConfig(r=4, alpha=8, targets=["all-linear"]))
+        _randomize(m)
+    else:
+        arch, _ = attach_method(m, method, get_method(method).config_cls())
     b = batch()
     m.train()  # the tiny config has no dropout: train mode is deterministic
 
@@ -218,8 +223,8 @@ def test_trim_unread_positions_exact():
         return loss, torch.autograd.grad(loss, params)
 
     ref = run()
-    handles = trim_unread_positions(m, arch, "lora", "classification")
-    assert len(handles) == 1
+    handles = trim_unread_positions(m, arch, method, "classification")
+    assert len(handles) == 3  # last block's inputs, and its query projection (pre + post)
     got = run()
     for h in handles:
         h.remove()
