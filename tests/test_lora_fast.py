@@ -225,7 +225,11 @@ def test_trim_unread_positions_exact(method):
     ref = run()
     handles = trim_unread_positions(m, arch, method, "classification")
     assert len(handles) == 3  # last block's inputs, and its query projection (pre + post)
+    seen = []
+    q = arch.get(arch.num_layers - 1, "q")
+    handles.append(q.register_forward_hook(lambda mod, args, out: seen.append((args[0].shape[1], out.shape[1]))))
     got = run()
+    assert seen == [(1, b["input_ids"].shape[1])]  # one position projected, the full length handed on
     for h in handles:
         h.remove()
     torch.testing.assert_close(got[0], ref[0], **TOL)
