@@ -189,7 +189,7 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
     from peftcli.fast import compile_layers, trim_unread_positions
 
     if not args.no_trim and trim_unread_positions(model, arch, "lora", cfg["task"]):
-        notes.append("last layer after attention at the head's position only")
+        notes.append("last layer's query and post-attention part at the head's position only")
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
         if args.compile_scope == "model":  # one region: one guard check per step instead of one per layer
             model.compile(dynamic=False, mode=args.compile_mode)
