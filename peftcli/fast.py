@@ -203,8 +203,8 @@ class _KeepPosition:
 class _QueryAtPosition:
     """Pre- and forward hook on the last layer's query projection: project one position only.
 
-    The attention still sees a full-length query (the one row broadcast with stride 0, so the
-    modeling code's reshapes hold), but the rows other than `pos` only feed outputs that
+    The attention still sees a full-length query (the one row repeated, so the modeling
+    code's reshapes hold), but the rows other than `pos` only feed outputs that
     `_KeepPosition` drops; their gradient is exactly zero, so dL/dq at `pos` is unchanged.
     """
 
@@ -224,7 +224,9 @@ class _QueryAtPosition:
         if self.length is None or not isinstance(output, torch.Tensor):
             return None
         n, self.length = self.length, None
-        return output.expand(output.shape[0], n, *output.shape[2:])
+        # A real copy, not the stride-0 view: attention code that scales q in place must not
+        # write to one element through many positions.
+        return output.expand(output.shape[0], n, *output.shape[2:]).contiguous()
 
 
 def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -> list:
@@ -258,7 +260,7 @@ def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -
     if q is not None:
         hook = _QueryAtPosition(pos)
         handles.append(q.register_forward_pre_hook(hook.pre, prepend=True))
-        handles.append(q.register_forward_hook(hook.post))
+        handles.append(q.register_forward_hook(hook.post, prepend=True))
     return handles
 
 

@@ -206,9 +206,9 @@ def test_saves_less_for_backward_with_dropout():
     assert saved(True) < saved(False) / 3
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "bitfit"])
-def test_trim_unread_positions_exact(method):
-    m = tiny_model("bert")
+@pytest.mark.parametrize("method,attn", [("lora", "sdpa"), ("lora", "eager"), ("full", "sdpa"), ("bitfit", "sdpa")])
+def test_trim_unread_positions_exact(method, attn):
+    m = tiny_model("bert", attn=attn)
     if method == "lora":
         arch, _ = attach_method(m, "lora", LoraConfig(r=4, alpha=8, targets=["all-linear"]))
         _randomize(m)
