@@ -33,6 +33,19 @@ def autocast_ctx(device: torch.device, precision: str):
     return torch.autocast(device.type, enabled=False)
 
 
+
+def forward_inputs(batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
+    """The model's arguments for one training or evaluation batch.
+
+    Causal LMs run without a KV cache: nothing continues from it, building one copies every
+    layer's keys and values, and its per-layer state makes compiled layers recompile one by one.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if task != "classification":
+        inputs["use_cache"] = False
+    return inputs
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -55,9 +68,7 @@ def evaluate(
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
     for batch in batches(by_length, batch_size, collate, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if task != "classification":
-            inputs["use_cache"] = False  # nothing will continue from a cache
+        inputs = forward_inputs(batch, task)
         with autocast_ctx(device, precision):
             out = model(**inputs)
         logits = out.logits.float()

