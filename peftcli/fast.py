@@ -181,9 +181,14 @@ def compile_layers(model: nn.Module, arch: Any, mode: str | None = None) -> int:
 # (BERT's pooler, RoBERTa's and ELECTRA's heads all take position 0).
 _HEAD_READS_POSITION = {"bert": 0}
 # Methods whose computation after the last attention is position by position, so that dropping
-# unread positions there changes no number the head sees. Others (e.g. gates averaged over the
-# sequence, adapters reading the sub-layer input) are left alone.
-_POSITIONWISE_METHODS = {"lora", "full", "bitfit"}
+# unread positions there changes no number the head sees (each checked against the untrimmed
+# model in tests/test_lora_fast.py). Left alone: UniPELT (its gates average over the sequence),
+# prompt tuning (it strips the virtual positions from the backbone's output, which a head reading
+# the last hidden state would then find empty) and fusion (not checked).
+_POSITIONWISE_METHODS = {
+    "full", "lora", "bitfit", "ia3", "krona", "prefix",
+    "houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter++", "mam",
+}
 
 
 class _KeepPosition:

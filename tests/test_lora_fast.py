@@ -206,14 +206,37 @@ def test_saves_less_for_backward_with_dropout():
     assert saved(True) < saved(False) / 3
 
 
-@pytest.mark.parametrize("method,attn", [("lora", "sdpa"), ("lora", "eager"), ("full", "sdpa"), ("bitfit", "sdpa")])
-def test_trim_unread_positions_exact(method, attn):
+TRIM_CASES = [
+    ("lora", "sdpa", {"r": 4, "alpha": 8, "targets": ["all-linear"]}),
+    ("lora", "eager", {"r": 4, "alpha": 8, "targets": ["all-linear"]}),
+    ("lora", "sdpa", {"use_dora": True, "targets": ["all-linear"]}),
+    ("full", "sdpa", {}),
+    ("bitfit", "sdpa", {}),
+    ("ia3", "sdpa", {}),
+    ("krona", "sdpa", {"targets": ["all-linear"]}),
+    ("prefix", "sdpa", {}),
+    ("prefix", "eager", {"reparameterize": False}),
+    ("houlsby", "sdpa", {}),
+    ("pfeiffer", "eager", {}),
+    ("parallel", "sdpa", {"attn": True}),
+    ("scaled_parallel", "sdpa", {}),
+    ("compacter", "sdpa", {"bottleneck_size": 8}),
+    ("compacter++", "sdpa", {"bottleneck_size": 8}),
+    ("mam", "sdpa", {}),
+]
+
+
+@pytest.mark.parametrize("method,attn,kw", TRIM_CASES, ids=[f"{m}-{a}-{i}" for i, (m, a, _) in enumerate(TRIM_CASES)])
+def test_trim_unread_positions_exact(method, attn, kw):
     m = tiny_model("bert", attn=attn)
-    if method == "lora":
-        arch, _ = attach_method(m, "lora", LoraConfig(r=4, alpha=8, targets=["all-linear"]))
-        _randomize(m)
-    else:
-        arch, _ = attach_method(m, method, get_method(method).config_cls())
+    arch, _ = attach_method(m, method, get_method(method).config_cls(**kw))
+    # Move every trainable tensor off its (often identity) initialisation, so that each adapter
+    # changes what the head sees.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
     b = batch()
     m.train()  # the tiny config has no dropout: train mode is deterministic
 
@@ -243,7 +266,8 @@ def test_trim_refuses_what_it_cannot_prove():
     assert trim_unread_positions(llama, arch, "lora", "classification") == []
     bert = tiny_model("bert")
     arch, _ = attach_method(bert, "lora", LoraConfig())
-    assert trim_unread_positions(bert, arch, "houlsby", "classification") == []
+    assert trim_unread_positions(bert, arch, "unipelt", "classification") == []  # gates read every position
+    assert trim_unread_positions(bert, arch, "prompt", "classification") == []
     assert trim_unread_positions(bert, arch, "lora", "causal_lm") == []
 
 
