@@ -102,6 +102,16 @@ def test_bottleneck_is_the_formula():
     torch.testing.assert_close(f(x), ref)
 
 
+@pytest.mark.parametrize("init,down_std,up_std", [("near_identity", 0.01, 0.0), ("bert", 0.02, 0.02)])
+def test_init_scales(init, down_std, up_std):
+    """near_identity: an exactly-zero adapter; bert: AdapterHub's N(0, 0.02²) on both weights."""
+    torch.manual_seed(0)
+    f = Bottleneck(768, 384, init=init)
+    assert abs(f.down.weight.std().item() - down_std) < 0.001
+    assert abs(f.up.weight.std().item() - up_std) < 0.001
+    assert not f.down.bias.any() and not f.up.bias.any()
+
+
 def test_phm_weight_is_a_sum_of_kronecker_products():
     torch.manual_seed(0)
     rule = PHMRule(4)

@@ -70,7 +70,7 @@ class DenseBottleneckOptions(BottleneckOptions):
     init: AdapterInit = field(
         default="near_identity",
         metadata={
-            "help": "near_identity: down N(0, 0.01²), up 0 (Houlsby); bert: both N(0, 0.01²); "
+            "help": "near_identity: down N(0, 0.01²), up 0 (Houlsby); bert: both N(0, 0.02²) (AdapterHub's default); "
             "lora: down Kaiming-uniform, up 0. Biases start at 0"
         },
     )
@@ -157,11 +157,13 @@ def init_dense(down: nn.Linear, up: nn.Linear, init: str) -> None:
     with torch.no_grad():
         if init == "lora":
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        else:
+            nn.init.zeros_(up.weight)
+        elif init == "bert":
+            # AdapterHub's `init_weights: bert`: BERT's initializer range, 0.02, for both weights.
+            nn.init.normal_(down.weight, std=0.02)
+            nn.init.normal_(up.weight, std=0.02)
+        else:  # near_identity: the adapter starts as exactly zero, the block as the identity
             nn.init.normal_(down.weight, std=0.01)
-        if init == "bert":
-            nn.init.normal_(up.weight, std=0.01)
-        else:
             nn.init.zeros_(up.weight)
         nn.init.zeros_(down.bias)
         nn.init.zeros_(up.bias)

@@ -43,7 +43,7 @@ class ParallelConfig(DenseBottleneckOptions):
         default="lora",
         metadata={
             "help": "lora: down Kaiming-uniform, up 0 (par_bn); near_identity: down N(0, 0.01²), up 0; "
-            "bert: both N(0, 0.01²). Biases start at 0"
+            "bert: both N(0, 0.02²) (AdapterHub's default for sequential adapters). Biases start at 0"
         },
     )
     attn: bool = field(default=False, metadata={"help": "also add a parallel adapter to the attention sub-layer"})
