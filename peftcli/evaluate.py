@@ -33,7 +33,6 @@ def autocast_ctx(device: torch.device, precision: str):
     return torch.autocast(device.type, enabled=False)
 
 
-
 def forward_inputs(batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
     """The model's arguments for one training or evaluation batch.
 
