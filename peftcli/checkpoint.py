@@ -3,7 +3,7 @@
 A run folder holds:
     recipe.yaml              the resolved recipe (every default filled in)
     adapter/                 best checkpoint: adapter.safetensors + meta.json
-    last/                    latest checkpoint + trainer_state.pt tensors for --resume
+    last/                    latest checkpoint + trainer state (JSON + safetensors) for --resume
     metrics.jsonl, curves.png
 
 Writes go to a temporary sibling folder that is renamed into place, so a crash mid-save leaves the
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .faults import kill_point
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "meta.json"
@@ -68,30 +69,95 @@ def copy_into_params(params: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
             p.copy_(v.to(p.dtype))
 
 
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+
+
+def _old_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.old-{os.getpid()}")
+
+
 def atomic_dir_write(dest: Path, write) -> None:
-    """Call write(tmp_dir), then swap tmp_dir into dest."""
+    """Call write(tmp_dir), then swap tmp_dir into dest.
+
+    A kill at any point leaves either the previous folder, or the new one complete in its temp
+    name with the previous one moved aside; `recover_dir` turns either state back into `dest`.
+    """
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(dest)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    kill_point("save:tmp-written")
+    old = _old_name(dest)
     if dest.exists():
         dest.rename(old)
+    kill_point("save:old-moved")
     tmp.rename(dest)
+    _fsync_dir(dest.parent)
+    kill_point("save:renamed")
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dest: Path) -> str | None:
+    """Bring a checkpoint folder back after a kill inside `atomic_dir_write`; say what was done.
+
+    Temp folders are complete once they reach the rename (they are written and synced first),
+    so when `dest` is missing the newest temp folder is the checkpoint, else the moved-aside one.
+    When `dest` exists, leftovers of an unfinished swap are removed. Only folders named as
+    atomic_dir_write names them are touched.
+    """
+    dest = Path(dest)
+    tmps = sorted(dest.parent.glob(f".{dest.name}.tmp-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    done = None
+    if not dest.exists():
+        complete = [t for t in tmps if (t / META_FILE).exists()]
+        if complete and olds:  # killed between the two renames: the new folder is whole
+            complete[-1].rename(dest)
+            done = f"finished an interrupted checkpoint swap of {dest}"
+        elif olds:
+            olds[-1].rename(dest)
+            done = f"restored {dest} from its moved-aside copy"
+    for p in [*tmps, *olds]:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    return done
 
 
 def atomic_file_write(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -102,8 +168,9 @@ def save_adapter(
     arch,
     cfg,
     meta: dict[str, Any],
-    extra: dict[str, Any] | None = None,
+    extra: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> None:
+    """Write an adapter folder; `extra` is a trainer state (JSON part, tensors) for `--resume`."""
     sd = adapter_state(model, spec, arch, cfg)
     full_meta = {
         "method": spec.name,
@@ -116,9 +183,12 @@ def save_adapter(
 
     def write(tmp: Path) -> None:
         save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "method": spec.name})
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
         if extra:
-            torch.save(extra, tmp / "trainer_state.pt")
+            from .runstate import write_trainer_state
+
+            write_trainer_state(tmp, *extra)
+        # Written last: a folder with meta.json is complete (recover_dir relies on it).
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
 
     atomic_dir_write(Path(dest), write)
 
@@ -129,7 +199,21 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not f.exists():
         raise CheckpointError(f"{folder}: no {ADAPTER_FILE}; is this a peftcli run's adapter folder?")
     meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
-    return load_file(str(f)), meta
+    return load_tensors(f), meta
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file is named in the error, never a raw message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types for a bad header)
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}); "
+            "it is damaged or not a peftcli checkpoint"
+        ) from None
 
 
 def find_run_adapter(run: Path) -> Path:

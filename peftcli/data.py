@@ -254,16 +254,19 @@ class Collator:
 
 def batches(
     examples: list[dict], batch_size: int, collate: Collator, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-    rank: int = 0, world: int = 1,
+    rank: int = 0, world: int = 1, start: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Plain batching; with world > 1 each rank takes every world-th example of the same order."""
+    """Plain batching; with world > 1 each rank takes every world-th example of the same order.
+
+    `start` skips that many batches without collating them (a resumed run's place in its epoch).
+    """
     order = list(range(len(examples)))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     if world > 1:
         usable = len(order) - len(order) % (batch_size * world)
         order = order[:usable][rank::world]
-    for i in range(0, len(order), batch_size):
+    for i in range(start * batch_size, len(order), batch_size):
         idx = order[i : i + batch_size]
         yield collate([examples[j] for j in idx])
 

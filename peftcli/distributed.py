@@ -255,31 +255,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
 # ------------------------------------------------------------------------------------ resume
 
 
-def load_resume_weights(last: Path, model, spec, arch, recipe) -> dict | None:
+def load_resume_weights(last: Path, model, spec, arch, recipe):
     """Load the last checkpoint's adapter into the unwrapped model; return its trainer state.
 
     Called before wrapping, so the weights go into plain tensors and FSDP shards them from there.
+    The state is JSON and safetensors (peftcli.runstate): nothing read here can run code.
     """
-    if not (last / "trainer_state.pt").exists():
-        return None
     from .checkpoint import load_adapter_state
+    from .runstate import read_trainer_state
 
+    saved = read_trainer_state(last)
+    if saved is None:
+        return None
     sd, _ = read_adapter(last)
     load_adapter_state(model, spec, arch, recipe.method, sd)
-    return torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return saved
 
 
-def load_resume_state(state: dict, model, optimizer, *, batch_size: int) -> dict:
-    """All ranks: optimizer state back in, and the place in the epoch for this world size.
+def micro_in_epoch(saved_micro: int, saved_batch: int, saved_world: int, *, batch_size: int) -> int:
+    """The micro-batch to continue at, for this world size and batch size.
 
     The data order is per epoch, not per rank: with W ranks and batch b, batch i of every rank
     together covers positions [i·b·W, (i+1)·b·W) of the epoch's order. Resuming continues at the
-    same number of examples seen (rounded down to a whole batch), whatever W and b are now.
+    same number of examples seen (the resume check keeps the global batch equal, so this is exact).
     """
-    load_optimizer_state(optimizer, model, state["optimizer"])
-    saved_world = state.get("world", 1)
-    saved_bs = state.get("batch_size", batch_size)
-    world = world_size()
-    seen = state["batch_in_epoch"] * saved_bs * saved_world
-    state["batch_in_epoch"] = seen // (batch_size * world)
-    return state
+    seen = saved_micro * saved_batch * saved_world
+    return seen // (batch_size * world_size())

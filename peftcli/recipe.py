@@ -131,6 +131,8 @@ class Recipe:
     output: OutputConfig
     # Optional: start from existing adapter weights (a peftcli run folder or an HF PEFT folder).
     init_from: str | None = None
+    # The YAML file the recipe was read from (not part of the recipe: never saved or compared).
+    source: str | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -365,7 +367,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
-    return recipe_from_dict(raw, str(path), overrides)
+    r = recipe_from_dict(raw, str(path), overrides)
+    r.source = str(path)
+    return r
 
 
 def recipe_yaml(recipe: Recipe) -> str:

@@ -1,37 +1,60 @@
-"""The training loop. Read it top to bottom: set-up, data, model, optimizer, loop, save."""
+"""The training loop. Read `train()` top to bottom: set up, take steps, evaluate and save, finish.
+
+Everything the loop needs is built once by `set_up` into a `Session`; where the run stands is a
+`Position` (peftcli.runstate), the one object a checkpoint restores. A run either finishes, stops
+with a message, or can be resumed to exactly where an uninterrupted run would be: the data
+position, optimizer, schedule and every RNG are in each checkpoint, and gradients never cross an
+optimizer step (the last group of an epoch is a shorter step of its own).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
-import shutil
 import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import distributed as dist_utils
+from . import runfolder
 from .build import pick_device, trainable_summary
-from .checkpoint import atomic_file_write, save_adapter
-from .data import batches, num_batches
+from .checkpoint import atomic_file_write, recover_dir, save_adapter
+from .data import DataError, batches, num_batches
 from .drop import random_drop, set_dropped_layers
 from .evaluate import autocast_ctx, evaluate, forward_inputs, generation_eval
 from .fast import compile_layers, trim_unread_positions
+from .faults import kill_point
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .pipeline import build, collator, prepare_data
-from .recipe import Recipe, recipe_yaml
+from .recipe import Recipe, recipe_from_dict, recipe_yaml
+from .runstate import (
+    Position,
+    Saved,
+    check_resume,
+    read_trainer_state,
+    restore_rng,
+    trainer_state,
+    trim_metrics,
+)
 
 
 class TrainingError(RuntimeError):
     pass
 
 
+class NonFiniteError(TrainingError):
+    """The loss (training or evaluation) or the gradient norm became NaN or infinite."""
+
+
 class RunExistsError(ValueError):
-    """The run folder already holds a run: bad input (exit 2), not a failure."""
+    """The run folder cannot be used as asked: bad input (exit 2), not a failure."""
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +80,45 @@ def better(metric: str, new: float, best: float | None) -> bool:
     return new < best if metric == "loss" else new > best
 
 
+@dataclass
+class Session:
+    """What one training run works with, built once by `set_up` and never rebuilt."""
+
+    recipe: Recipe
+    run_dir: Path
+    console: Console
+    rank: int
+    world: int
+    dist_mode: str
+    device: torch.device
+    tokenizer: Any
+    label_names: list[str] | None
+    train_ex: list[dict]
+    eval_ex: list[dict]
+    collate: Any
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    arch: Any
+    spec: Any
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    drop_rng: random.Random
+    loss_kind: str  # "classification", "chunked" or "logits": chosen once, see compute_loss
+    micro_per_epoch: int  # micro-batches per epoch on each rank
+    total_steps: int
+    eval_every: int
+    meta: dict
+    budget: dict
+    started: float
+    aside: Path | None = None  # a replaced run, kept until this run's first checkpoint
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def train(
     recipe: Recipe,
     *,
@@ -64,11 +126,67 @@ def train(
     smoke: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Train a recipe; returns the final evaluation metrics. Writes everything under the run dir."""
-    # ---------------------------------------------------------------- set-up
+    """Train a recipe; returns the run's summary. Writes everything under the run folder."""
+    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console)
+    if finished is not None:
+        return finished
+    try:
+        with _progress(s) as (bar, update):
+            update(bar, pos, None)
+            while pos.step < s.total_steps:
+                steps_at_start = pos.step
+                epoch_from_start = pos.micro == 0
+                group: list[dict] = []
+                for batch in batches(s.train_ex, s.recipe.train.batch_size, s.collate, shuffle=True,
+                                     seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
+                                     start=pos.micro):
+                    group.append(batch)
+                    if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
+                        continue
+                    losses = train_step(s, group, pos)
+                    pos.micro += len(group)
+                    pos.step += 1
+                    pos.window_loss += sum(losses)
+                    pos.window_n += len(losses)
+                    pos.seen += sum(int(b["input_ids"].shape[0]) for b in group) * s.world
+                    group = []
+                    kill_point("step")
+                    if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
+                        log_train(s, pos)
+                    update(bar, pos, losses[-1])
+                    if pos.step % s.eval_every == 0 or pos.step == s.total_steps:
+                        evaluate_and_save(s, pos)
+                    if pos.step >= s.total_steps:
+                        break
+                else:
+                    if epoch_from_start and pos.step == steps_at_start:  # never spin without progress
+                        raise TrainingError(f"epoch {pos.epoch} made no optimizer step; nothing left to train on")
+                    pos.epoch, pos.micro = pos.epoch + 1, 0
+    except NonFiniteError as e:
+        log(s, {"step": pos.step, "error": "non-finite", "detail": str(e)})
+        _restore_replaced(s)
+        dist_utils.shutdown()
+        raise TrainingError(
+            f"{e}; stopped. The last good checkpoint is in {s.run_dir / 'last'}"
+            + " (none was written yet)" * (not (s.run_dir / "last").exists())
+            + ". Try a lower train.lr or train.max_grad_norm."
+        ) from None
+    except BaseException:
+        _restore_replaced(s)
+        raise
+    return finish(s, pos)
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def set_up(
+    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None
+) -> tuple[Session, Position, dict | None]:
+    """Check, load and build everything; restore a checkpoint. Returns (session, position, summary
+    of an already finished run or None)."""
     rank, world = dist_utils.init_from_env(recipe.train.device)
-    is_main = rank == 0
-    console = console or Console(stderr=True, quiet=not is_main)
+    console = console or Console(stderr=True, quiet=rank != 0)
     tcfg, task = recipe.train, recipe.model.task
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
@@ -79,255 +197,351 @@ def train(
         from .quant import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
+    if tcfg.precision == "fp16" and device.type != "cuda":
+        console.print("[yellow]train.precision fp16 autocasts on CUDA only; training in fp32 here[/]")
     seed_everything(tcfg.seed)
 
     run_dir = recipe.run_dir()
-    if is_main:
-        if run_dir.exists() and not resume:
-            if not recipe.output.overwrite and any(run_dir.iterdir()):
-                raise RunExistsError(
-                    f"{run_dir} already holds a run; pass --resume to continue it, "
-                    "set output.overwrite=true to replace it, or choose output.dir"
-                )
-            if recipe.output.overwrite:
-                shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_file_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
+    saved, saved_recipe = None, None
+    if resume:
+        saved, saved_recipe, resume = _resume_target(recipe, run_dir, world, rank, console)
+    elif rank == 0:
+        runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe),
+                                    replace=recipe.output.overwrite)
     dist_utils.barrier()
 
-    # ---------------------------------------------------------------- data and model
+    # ---- data and model
     from .models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name)
     splits, train_ex, eval_ex = prepare_data(recipe, tokenizer)
     if smoke:
         train_ex, eval_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], eval_ex[:16]
+    micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
+    if micro_per_epoch < tcfg.grad_accum:
+        raise DataError(
+            f"{recipe.source or 'recipe'}: {len(train_ex)} training rows cannot make one optimizer step of "
+            f"train.batch_size {tcfg.batch_size} x train.grad_accum {tcfg.grad_accum} x {world} rank(s) = "
+            f"{tcfg.batch_size * tcfg.grad_accum * world} rows; lower train.batch_size or train.grad_accum, "
+            "or use more data (data.train_size / data.eval_fraction)"
+        )
     built = build(recipe, device, label_names=splits.label_names)
     model, arch, spec = built.model, built.arch, built.spec
     # Speed-ups that leave results unchanged (see peftcli/fast.py for why each is exact).
     trim_unread_positions(model, arch, spec.name, task)
     if tcfg.compile and device.type == "cuda":
         compile_layers(model, arch)
-    collate = collator(recipe, tokenizer)
     budget = trainable_summary(model)
-    console.print(
-        f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
-        f"{budget['total']:,} ({budget['percent']:.3f} %) · {len(train_ex)} train / {len(eval_ex)} eval · {device}"
-        + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError(f"method {spec.name} left nothing trainable in {recipe.model.name}")
-    # Adapter weights of a resumed run go in before wrapping: FSDP then shards them like the rest.
-    resume_state = (
-        dist_utils.load_resume_weights(run_dir / "last", model, spec, arch, recipe) if resume else None
-    )
-    train_model = (
-        dist_utils.wrap(model, arch, dist_mode, device, find_unused=tcfg.drop_layers > 0) if world > 1 else model
-    )
+    if saved is not None:
+        # Adapter weights of a resumed run go in before wrapping: FSDP then shards them like the rest.
+        dist_utils.load_resume_weights(run_dir / "last", model, spec, arch, recipe)
+    train_model = dist_utils.wrap(model, arch, dist_mode, device, find_unused=tcfg.drop_layers > 0) if world > 1 else model
     # FSDP replaces every parameter by a sharded one: clip and optimize those.
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # ---------------------------------------------------------------- optimizer and schedule
-    steps_per_epoch = max(1, num_batches(len(train_ex), tcfg.batch_size, world) // tcfg.grad_accum)
+    # ---- optimizer and schedule
+    steps_per_epoch = -(-micro_per_epoch // tcfg.grad_accum)
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     if smoke:
         total_steps = min(total_steps, 4)
     warmup = int(tcfg.warmup_ratio * total_steps)
-    decay = [p for n, p in train_model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in train_model.named_parameters() if p.requires_grad and p.ndim < 2]
+    decay = [p for p in train_model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in train_model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tcfg.lr,
         fused=device.type == "cuda",
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, tcfg.scheduler)
-    )
-    eval_every = tcfg.eval_every or steps_per_epoch
-    if smoke:
-        eval_every = total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: lr_factor(st, total_steps, warmup, tcfg.scheduler))
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and tcfg.precision == "fp16")
+    if task == "classification":
+        loss_kind = "classification"
+    else:
+        loss_kind = "chunked" if tcfg.chunked_ce and arch.spec.lm_head else "logits"
 
-    # ---------------------------------------------------------------- resume
-    step, best, start_epoch, skip_batches = 0, None, 0, 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        state = resume_state
-        if state is not None:
-            state = dist_utils.load_resume_state(state, model, optimizer, batch_size=tcfg.batch_size)
-            step, best = state["step"], state.get("best")
-            start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
-            scheduler.load_state_dict(state["scheduler"])
-            console.print(f"resuming at step {step} (epoch {start_epoch}, batch {skip_batches})")
+    s = Session(
+        recipe=recipe, run_dir=run_dir, console=console, rank=rank, world=world, dist_mode=dist_mode, device=device,
+        tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, eval_ex=eval_ex,
+        collate=collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
+        trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, drop_rng=random.Random(tcfg.seed),
+        loss_kind=loss_kind, micro_per_epoch=micro_per_epoch, total_steps=total_steps,
+        eval_every=total_steps if smoke else (tcfg.eval_every or steps_per_epoch),
+        meta={"base_model": recipe.model.name, "task": task, "label_names": splits.label_names,
+              **{k: budget[k] for k in ("trainable", "total")}},
+        budget=budget, started=time.perf_counter(),
+    )
+    console.print(
+        f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
+        f"{budget['total']:,} ({budget['percent']:.3f} %) · {len(train_ex)} train / {len(eval_ex)} eval · {device}"
+        + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
+    )
+
+    # ---- the position: a fresh run, or the checkpoint's
+    pos = Position()
+    if saved is not None:
+        pos = _restore(s, saved)
+    if s.is_main:
+        _open_run_folder(s, pos, resumed=resume, saved_recipe=saved_recipe)
+    dist_utils.barrier()
+    if saved is not None:
+        restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
+        if pos.step >= total_steps and (run_dir / "summary.json").exists():
+            console.print(f"{run_dir} already finished at step {pos.step}; raise train.epochs or "
+                          "train.max_steps to train further")
+            dist_utils.shutdown()
+            return s, pos, json.loads((run_dir / "summary.json").read_text())
+        console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
+    return s, pos, None
+
+
+def _protected(recipe: Recipe) -> list[Path]:
+    """Paths a run folder must never be, hold or sit inside: the user's inputs."""
+    paths = [Path(p) for p in (recipe.source, recipe.init_from) if p]
+    if Path(recipe.data.source).exists():
+        paths.append(Path(recipe.data.source))
+    return paths
+
+
+def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
+    """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
+    if not (run_dir / "recipe.yaml").exists():
+        if run_dir.exists() and any(run_dir.iterdir()) and not runfolder.is_ours(run_dir):
+            raise RunExistsError(f"--resume: {run_dir} is not a peftcli run folder (no recipe.yaml); "
+                                 "check output.dir")
+        console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
+        if rank == 0:
+            runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
+        return None, None, False
+    if rank == 0:  # a kill inside a checkpoint swap leaves it half-renamed: finish or undo it first
+        for name in ("last", "adapter"):
+            note = recover_dir(run_dir / name)
+            if note:
+                console.print(f"[yellow]{note}[/]")
+    dist_utils.barrier()
+    saved_path = run_dir / "recipe.yaml"
+    try:
+        saved_recipe = recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)).to_dict()
+    except yaml.YAMLError as e:
+        raise RunExistsError(f"{saved_path}: not valid YAML ({e}); the run folder is damaged") from None
+    saved = read_trainer_state(run_dir / "last")
+    check_resume(saved_recipe, recipe.to_dict(), saved, world=world, source=str(saved_path))
+    if saved is None:
+        console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
+    return saved, saved_recipe, True
+
+
+def _restore(s: Session, saved: Saved) -> Position:
+    """Optimizer, schedule and loss scale back from a checkpoint; the position in this world size."""
+    dist_utils.load_optimizer_state(s.optimizer, s.model, saved.optimizer)
+    s.scheduler.load_state_dict(saved.scheduler)
+    if saved.scaler and s.scaler.is_enabled():
+        s.scaler.load_state_dict(saved.scaler)
+    pos = replace(saved.position)
+    pos.micro = dist_utils.micro_in_epoch(pos.micro, saved.batch_size, saved.world,
+                                          batch_size=s.recipe.train.batch_size)
+    return pos
+
+
+def _open_run_folder(s: Session, pos: Position, *, resumed: bool, saved_recipe: dict | None) -> None:
+    """Rank 0: the run folder, with recipe.yaml written only now that every check has passed."""
+    if not resumed and s.run_dir.exists():
+        if any(s.run_dir.iterdir()):
+            s.aside = runfolder.move_aside(s.run_dir)  # removed at this run's first checkpoint
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = s.run_dir / "metrics.jsonl"
+    if resumed or pos.step == 0:
+        dropped = trim_metrics(metrics, pos.step) if metrics.exists() else 0
+        if dropped:
+            s.console.print(f"[dim]metrics.jsonl: {dropped} line(s) after the checkpoint dropped; they are re-run[/]")
+    if saved_recipe is None or saved_recipe != s.recipe.to_dict():
+        atomic_file_write(s.run_dir / "recipe.yaml", recipe_yaml(s.recipe))
+    runfolder.write_marker(s.run_dir, "run")
+
+
+def _restore_replaced(s: Session) -> None:
+    """A run that fails before its first checkpoint gives the replaced run back."""
+    if s.aside is not None and s.is_main:
+        runfolder.restore_aside(s.aside, s.run_dir)
+        s.console.print(f"[yellow]the previous run in {s.run_dir} was put back[/]")
+        s.aside = None
+
+
+# ------------------------------------------------------------------------------------------ one step
+
+
+def compute_loss(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss of one micro-batch (plus the method's own term, e.g. fusion's)."""
+    inputs = forward_inputs(batch, s.recipe.model.task)
+    with autocast_ctx(s.device, s.recipe.train.precision):
+        if s.loss_kind == "classification":
+            out = s.train_model(**inputs)
+            loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+        elif s.loss_kind == "chunked":
+            with hidden_states_out(s.model, s.arch.spec.lm_head) as head:
+                out = s.train_model(**inputs)
+                loss, _ = chunked_causal_lm_loss(out.logits, head, batch["labels"])
         else:
-            console.print("[yellow]--resume: no checkpoint in the run folder yet; starting from step 0[/]")
+            out = s.train_model(**inputs)
+            loss, _ = causal_lm_loss_from_logits(out.logits, batch["labels"])
+    aux = getattr(s.model, "peftcli_aux_loss", None)
+    if aux is not None:
+        loss = loss + aux()
+    return loss
 
-    def log(record: dict) -> None:
-        if is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    meta = {
-        "base_model": recipe.model.name,
-        "task": task,
-        "label_names": splits.label_names,
-        **{k: budget[k] for k in ("trainable", "total")},
-    }
+def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
+    """One optimizer step over a group of micro-batches; returns each micro-batch's loss."""
+    losses = []
+    for batch in group:
+        batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
+        if s.recipe.train.drop_layers:
+            random_drop(s.model, s.arch, s.recipe.train.drop_layers, rng=s.drop_rng)
+        loss = compute_loss(s, batch)
+        s.scaler.scale(loss / len(group)).backward()
+        # The mean over ranks: the loss of the global batch, and a NaN stops every rank.
+        lval = dist_utils.mean_across_ranks(loss.detach())
+        if not math.isfinite(lval):
+            raise NonFiniteError(f"training loss became NaN or infinite ({lval}) at step {pos.step + 1}")
+        losses.append(lval)
+    if s.recipe.train.max_grad_norm:
+        s.scaler.unscale_(s.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(s.trainable, s.recipe.train.max_grad_norm)
+        if not torch.isfinite(gnorm) and not s.scaler.is_enabled():  # fp16: the scaler skips the step
+            raise NonFiniteError(f"gradient norm became NaN or infinite ({float(gnorm)}) at step {pos.step + 1}")
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return losses
 
-    def run_eval() -> dict[str, Any]:
-        if tcfg.drop_layers:  # evaluate (and save) the whole model, not the last step's random drop
-            set_dropped_layers(model, arch, ())
-        m = evaluate(
-            model, eval_ex, collate, task=task, device=device, batch_size=recipe.eval.batch_size,
-            precision=tcfg.precision, num_labels=len(splits.label_names or []) or None,
-        )
-        if task == "causal_lm" and recipe.eval.generate_accuracy and eval_ex and "prompt_len" in eval_ex[0]:
-            g, _ = generation_eval(
-                model, arch, tokenizer, eval_ex, device=device,
-                max_new_tokens=recipe.eval.max_new_tokens, limit=None,
-            )
-            m.update(g)
-        return m
 
-    def save(dest: str, extra_state: dict | None) -> None:
-        # Every rank takes part in building the state (under FSDP, gathering a full tensor is a
-        # collective); only rank 0 writes it, through the same save_adapter as a single process.
-        sd = dist_utils.full_adapter_state(model, spec, arch, recipe.method)
-        state_extra = None
-        if extra_state is not None:
-            state_extra = {**extra_state, "optimizer": dist_utils.optimizer_state(optimizer, model, trainable)}
-        if is_main:
-            gathered = dataclasses.replace(spec, export_state=lambda *_: sd)
-            save_adapter(run_dir / dest, model, gathered, arch, recipe.method, meta, extra=state_extra)
-        dist_utils.barrier()
+# ------------------------------------------------------------------------------------------ evaluate and save
 
-    # ---------------------------------------------------------------- loop
-    train_model.train()
-    metric_name = recipe.eval.metric
-    last_good_step = step
-    started = time.perf_counter()
-    seen = 0
-    window_loss, window_n = 0.0, 0
-    final_metrics: dict[str, Any] = {}
-    stopped_nan = False
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (tcfg.progress and is_main),
-        transient=False,
+
+def log(s: Session, record: dict) -> None:
+    if s.is_main:
+        with open(s.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        kill_point("metrics:written")
+
+
+def log_train(s: Session, pos: Position) -> None:
+    elapsed = time.perf_counter() - s.started
+    log(s, {"step": pos.step, "epoch": pos.epoch, "loss": pos.window_loss / max(pos.window_n, 1),
+            "lr": s.scheduler.get_last_lr()[0], "samples_per_s": pos.seen / max(elapsed, 1e-9),
+            "elapsed_s": elapsed})
+    pos.window_loss, pos.window_n = 0.0, 0
+
+
+def run_eval(s: Session) -> dict[str, Any]:
+    if s.recipe.train.drop_layers:  # evaluate (and save) the whole model, not the last step's random drop
+        set_dropped_layers(s.model, s.arch, ())
+    m = evaluate(
+        s.model, s.eval_ex, s.collate, task=s.recipe.model.task, device=s.device, batch_size=s.recipe.eval.batch_size,
+        precision=s.recipe.train.precision, num_labels=len(s.label_names or []) or None,
     )
-    epoch = start_epoch
-    with progress:
-        bar = progress.add_task("train", total=total_steps, completed=step, info="")
-        while step < total_steps:
-            micro = 0
-            for bi, batch in enumerate(
-                batches(train_ex, tcfg.batch_size, collate, shuffle=True, seed=tcfg.seed, epoch=epoch, rank=rank, world=world)
-            ):
-                if bi < skip_batches:
-                    continue
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if tcfg.drop_layers:
-                    random_drop(model, arch, tcfg.drop_layers)
-                inputs = forward_inputs(batch, task)
-                with autocast_ctx(device, tcfg.precision):
-                    if task == "classification":
-                        out = train_model(**inputs)
-                        loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
-                    elif tcfg.chunked_ce and arch.spec.lm_head:
-                        with hidden_states_out(model, arch.spec.lm_head) as head:
-                            out = train_model(**inputs)
-                            loss, _ = chunked_causal_lm_loss(out.logits, head, batch["labels"])
-                    else:
-                        out = train_model(**inputs)
-                        loss, _ = causal_lm_loss_from_logits(out.logits, batch["labels"])
-                aux = getattr(model, "peftcli_aux_loss", None)  # a method's own loss term, e.g. fusion's
-                if aux is not None:
-                    loss = loss + aux()
-                (loss / tcfg.grad_accum).backward()
-                # The mean over ranks: the loss of the global batch, and a NaN stops every rank.
-                lval = dist_utils.mean_across_ranks(loss.detach())
-                if not math.isfinite(lval):
-                    stopped_nan = True
-                    break
-                window_loss += lval
-                window_n += 1
-                seen += batch["input_ids"].shape[0] * world
-                micro += 1
-                if micro % tcfg.grad_accum:
-                    continue
-                if tcfg.max_grad_norm:
-                    gnorm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
-                    if not torch.isfinite(gnorm):
-                        stopped_nan = True
-                        break
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                elapsed = time.perf_counter() - started
-                lr = scheduler.get_last_lr()[0]
-                if step % tcfg.log_every == 0 or step == total_steps:
-                    rec = {"step": step, "epoch": epoch, "loss": window_loss / max(window_n, 1), "lr": lr,
-                           "samples_per_s": seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
-                    log(rec)
-                    window_loss, window_n = 0.0, 0
-                progress.update(bar, completed=step, info=f"loss {lval:.4f} lr {lr:.2e} {seen / max(elapsed, 1e-9):.0f} samples/s")
-                if step % eval_every == 0 or step == total_steps:
-                    m = run_eval()
-                    final_metrics = m
-                    log({"step": step, "epoch": epoch, "eval": m, "elapsed_s": time.perf_counter() - started})
-                    console.print(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-                    # Rank 0 decides: a last-bit difference in a rank's eval must not send only
-                    # some ranks into save()'s collectives.
-                    if metric_name in m and dist_utils.rank0_decides(better(metric_name, m[metric_name], best)):
-                        best = m[metric_name]
-                        save("adapter", None)
-                    save("last", {"step": step, "epoch": epoch, "batch_in_epoch": bi + 1, "best": best,
-                                  "scheduler": scheduler.state_dict(), "world": world,
-                                  "batch_size": tcfg.batch_size})
-                    last_good_step = step
-                if step >= total_steps:
-                    break
-            if stopped_nan:
-                break
-            if step < total_steps:
-                epoch += 1
-                skip_batches = 0
+    if (s.recipe.model.task == "causal_lm" and s.recipe.eval.generate_accuracy and s.eval_ex
+            and "prompt_len" in s.eval_ex[0]):
+        g, _ = generation_eval(s.model, s.arch, s.tokenizer, s.eval_ex, device=s.device,
+                               max_new_tokens=s.recipe.eval.max_new_tokens, limit=None)
+        m.update(g)
+    return m
 
-    if stopped_nan:
-        msg = (f"loss became NaN or infinite at step {step}; stopped. The last good checkpoint (step "
-               f"{last_good_step}) is in {run_dir}. Try a lower train.lr or train.max_grad_norm.")
-        log({"step": step, "error": "non-finite loss"})
-        dist_utils.shutdown()
-        raise TrainingError(msg)
 
-    elapsed = time.perf_counter() - started
-    if not dist_utils.rank0_decides((run_dir / "adapter").exists()):
-        save("adapter", None)
-    summary = {"final": final_metrics, "best": {metric_name: best}, "train_time_s": elapsed, "steps": step,
-               "trainable": budget["trainable"], "total": budget["total"]}
-    show_samples = task == "causal_lm" and recipe.eval.generate_samples and eval_ex and "prompt_len" in eval_ex[0]
-    if show_samples and (is_main or dist_mode == "fsdp"):  # FSDP: every rank runs the sharded forward
-        _, samples = generation_eval(
-            model, arch, tokenizer, eval_ex, device=device,
-            max_new_tokens=recipe.eval.max_new_tokens, limit=recipe.eval.generate_samples,
+def evaluate_and_save(s: Session, pos: Position) -> None:
+    """Evaluate; save the best adapter and the `last` checkpoint (in that order: `last` says
+    which best it has seen)."""
+    m = run_eval(s)
+    log(s, {"step": pos.step, "epoch": pos.epoch, "eval": m, "elapsed_s": time.perf_counter() - s.started})
+    if not math.isfinite(m["loss"]):
+        raise NonFiniteError(f"evaluation loss became NaN or infinite ({m['loss']}) at step {pos.step}")
+    s.console.print(f"step {pos.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    pos.last_eval = m
+    metric = s.recipe.eval.metric
+    # Rank 0 decides: a last-bit difference in a rank's eval must not send only some ranks into
+    # save()'s collectives.
+    if metric in m and dist_utils.rank0_decides(better(metric, m[metric], pos.best)):
+        pos.best = m[metric]
+        save_checkpoint(s, "adapter", None)
+    save_checkpoint(s, "last", pos)
+    if s.aside is not None and s.is_main:
+        runfolder.discard_aside(s.aside)
+        s.aside = None
+
+
+def save_checkpoint(s: Session, dest: str, pos: Position | None) -> None:
+    """All ranks: build the state (under FSDP gathering a tensor is a collective); rank 0 writes."""
+    sd = dist_utils.full_adapter_state(s.model, s.spec, s.arch, s.recipe.method)
+    extra = None
+    if pos is not None:
+        extra = trainer_state(
+            pos, optimizer=dist_utils.optimizer_state(s.optimizer, s.model, s.trainable),
+            scheduler=s.scheduler.state_dict(), scaler=s.scaler.state_dict() if s.scaler.is_enabled() else None,
+            drop_rng=s.drop_rng, world=s.world, batch_size=s.recipe.train.batch_size,
         )
-        for s in samples:
-            console.print(f"[dim]sample[/] {s['generated']!r} (reference {s['reference']!r})")
-    if is_main:
-        atomic_file_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-        if recipe.output.plot:
+    if s.is_main:
+        gathered = replace(s.spec, export_state=lambda *_: sd)
+        save_adapter(s.run_dir / dest, s.model, gathered, s.arch, s.recipe.method, s.meta, extra=extra)
+    dist_utils.barrier()
+
+
+# ------------------------------------------------------------------------------------------ finish
+
+
+def finish(s: Session, pos: Position) -> dict[str, Any]:
+    """The best adapter (if no evaluation chose one), samples, summary.json and the curves."""
+    if not dist_utils.rank0_decides((s.run_dir / "adapter").exists()):
+        save_checkpoint(s, "adapter", None)
+    metric = s.recipe.eval.metric
+    summary = {"final": pos.last_eval or {}, "best": {metric: pos.best}, "train_time_s": time.perf_counter() - s.started,
+               "steps": pos.step, "trainable": s.budget["trainable"], "total": s.budget["total"]}
+    task = s.recipe.model.task
+    show_samples = task == "causal_lm" and s.recipe.eval.generate_samples and s.eval_ex and "prompt_len" in s.eval_ex[0]
+    if show_samples and (s.is_main or s.dist_mode == "fsdp"):  # FSDP: every rank runs the sharded forward
+        _, samples = generation_eval(
+            s.model, s.arch, s.tokenizer, s.eval_ex, device=s.device,
+            max_new_tokens=s.recipe.eval.max_new_tokens, limit=s.recipe.eval.generate_samples,
+        )
+        for smp in samples:
+            s.console.print(f"[dim]sample[/] {smp['generated']!r} (reference {smp['reference']!r})")
+    if s.is_main:
+        atomic_file_write(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if s.recipe.output.plot:
             from .plot import plot_runs
 
             try:
-                plot_runs([run_dir], run_dir / "curves.png")
+                plot_runs([s.run_dir], s.run_dir / "curves.png")
             except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
-                console.print(f"[yellow]could not draw curves.png: {e}[/]")
+                s.console.print(f"[yellow]could not draw curves.png: {e}[/]")
+        runfolder.write_marker(s.run_dir, "run")
     dist_utils.shutdown()
     return summary
+
+
+class _progress:
+    """The progress bar (rank 0, `train.progress`) and its update function."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=s.console, disable=not (s.recipe.train.progress and s.is_main), transient=False,
+        )
+
+    def __enter__(self):
+        self.bar.__enter__()
+        task_id = self.bar.add_task("train", total=self.s.total_steps, completed=0, info="")
+        return task_id, self._update
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def _update(self, task_id, pos: Position, loss: float | None) -> None:
+        elapsed = max(time.perf_counter() - self.s.started, 1e-9)
+        info = "" if loss is None else (
+            f"loss {loss:.4f} lr {self.s.scheduler.get_last_lr()[0]:.2e} {pos.seen / elapsed:.0f} samples/s")
+        self.bar.update(task_id, completed=pos.step, info=info)

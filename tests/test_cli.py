@@ -36,7 +36,7 @@ def trained_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
 def test_train_writes_run(trained_run):
     _, _, run = trained_run
     for f in ("recipe.yaml", "metrics.jsonl", "summary.json", "curves.png", "adapter/adapter.safetensors",
-              "adapter/meta.json", "last/trainer_state.pt"):
+              "adapter/meta.json", "last/trainer_state.json", "last/trainer_state.safetensors"):
         assert (run / f).exists(), f
     meta = json.loads((run / "adapter" / "meta.json").read_text())
     assert meta["method"] == "lora" and meta["label_names"] == ["negative", "positive"]

@@ -26,6 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftcli.runstate import read_trainer_state
+
 TOL = 1e-5
 GOOD = ["good", "great", "fine", "nice", "happy", "love"]
 BAD = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -152,8 +154,8 @@ def test_ddp_two_ranks_follow_one_rank_then_resume_on_one_rank(setup):
     run = root / "runs" / "ddp"
     _launch(recipe, [f"output.dir={run}", "train.batch_size=4", "train.max_steps=3"])
     _assert_curve(run, setup, range(1, 4))
-    state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
-    assert state["world"] == 2 and state["step"] == 3
+    state = read_trainer_state(run / "last")
+    assert state.world == 2 and state.position.step == 3
     # Only rank 0 wrote: one metrics line per step, and the same adapter format as one process.
     assert len(_curve(run)[0]) == 3
     _assert_same_adapter(root / "runs" / "ref3" / "last", run / "last")
@@ -171,13 +173,13 @@ def test_fsdp_resumes_a_one_rank_run_on_two_ranks(setup):
     shutil.copytree(root / "runs" / "ref3", run)
     _launch(recipe, [f"output.dir={run}", "train.batch_size=4", "train.distributed=fsdp"], resume=True)
     _assert_curve(run, setup, range(1, 7))
-    state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
-    assert state["world"] == 2 and state["step"] == 6
+    state = read_trainer_state(run / "last")
+    assert state.world == 2 and state.position.step == 6
     # Optimizer state is saved as full tensors keyed by name, whatever the sharding was.
-    ref_state = torch.load(root / "runs" / "ref6" / "last" / "trainer_state.pt", weights_only=False)
-    assert set(state["optimizer"]["state"]) == set(ref_state["optimizer"]["state"])
-    for name, st in state["optimizer"]["state"].items():
-        ref_avg = ref_state["optimizer"]["state"][name]["exp_avg"]
+    ref_state = read_trainer_state(root / "runs" / "ref6" / "last")
+    assert set(state.optimizer["state"]) == set(ref_state.optimizer["state"])
+    for name, st in state.optimizer["state"].items():
+        ref_avg = ref_state.optimizer["state"][name]["exp_avg"]
         assert type(st["exp_avg"]) is torch.Tensor and st["exp_avg"].shape == ref_avg.shape, name
         assert torch.allclose(st["exp_avg"], ref_avg, atol=1e-5), name
     _assert_same_adapter(root / "runs" / "ref6" / "last", run / "last")
@@ -209,14 +211,8 @@ def test_launcher_keeps_the_recipes_mode(tmp_path):
 
 
 def test_resume_position_is_in_examples_not_batches():
-    from peftcli.distributed import load_resume_state
+    from peftcli.distributed import micro_in_epoch
 
-    class _Opt:
-        param_groups: list = []
-        state: dict = {}
-
-    st = {"optimizer": {"param_groups": [], "state": {}}, "batch_in_epoch": 3, "world": 2, "batch_size": 4}
-    out = load_resume_state(st, torch.nn.Linear(1, 1), _Opt(), batch_size=8)
-    assert out["batch_in_epoch"] == 3  # 3 batches × 4 × 2 ranks = 24 examples = 3 batches of 8
-    st = {"optimizer": {"param_groups": [], "state": {}}, "batch_in_epoch": 5, "world": 1, "batch_size": 8}
-    assert load_resume_state(st, torch.nn.Linear(1, 1), _Opt(), batch_size=8)["batch_in_epoch"] == 5
+    # 3 batches × 4 × 2 ranks = 24 examples = 3 batches of 8 on one rank
+    assert micro_in_epoch(3, 4, 2, batch_size=8) == 3
+    assert micro_in_epoch(5, 8, 1, batch_size=8) == 5
