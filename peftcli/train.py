@@ -186,7 +186,7 @@ def set_up(
     """Check, load and build everything; restore a checkpoint. Returns (session, position, summary
     of an already finished run or None)."""
     rank, world = dist_utils.init_from_env(recipe.train.device)
-    console = console or Console(stderr=True, quiet=rank != 0)
+    console = console or Console(stderr=True, quiet=rank != 0, soft_wrap=True)
     tcfg, task = recipe.train, recipe.model.task
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
@@ -283,16 +283,16 @@ def set_up(
     pos = Position()
     if saved is not None:
         pos = _restore(s, saved)
+    if saved is not None and pos.step >= total_steps and (run_dir / "summary.json").exists():
+        console.print(f"{run_dir} already finished at step {pos.step}; raise train.epochs or "
+                      "train.max_steps to train further")
+        dist_utils.shutdown()
+        return s, pos, json.loads((run_dir / "summary.json").read_text())
     if s.is_main:
         _open_run_folder(s, pos, resumed=resume, saved_recipe=saved_recipe)
     dist_utils.barrier()
     if saved is not None:
         restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
-        if pos.step >= total_steps and (run_dir / "summary.json").exists():
-            console.print(f"{run_dir} already finished at step {pos.step}; raise train.epochs or "
-                          "train.max_steps to train further")
-            dist_utils.shutdown()
-            return s, pos, json.loads((run_dir / "summary.json").read_text())
         console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
     return s, pos, None
 
