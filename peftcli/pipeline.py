@@ -82,7 +82,7 @@ def load_initial_adapter(model: nn.Module, arch: Arch, spec: MethodSpec, recipe:
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict]]:
-    splits = load_splits(recipe.data, recipe.model.task)
+    splits = load_splits(recipe.data, recipe.model.task, recipe.model.num_labels)
     train = tokenize(splits.train, tokenizer, recipe.model.task, recipe.data)
     held = tokenize(splits.eval, tokenizer, recipe.model.task, recipe.data)
     return splits, train, held

@@ -84,7 +84,8 @@ def train(
     run_dir = recipe.run_dir()
     if is_main:
         if run_dir.exists() and not resume:
-            if not recipe.output.overwrite and any(run_dir.iterdir()):
+            # A folder holding only recipe.yaml is a start refused before any step (bad data): nothing to lose.
+            if not recipe.output.overwrite and any(f.name != "recipe.yaml" for f in run_dir.iterdir()):
                 raise RunExistsError(
                     f"{run_dir} already holds a run; pass --resume to continue it, "
                     "set output.overwrite=true to replace it, or choose output.dir"
