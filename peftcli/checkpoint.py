@@ -193,12 +193,56 @@ def save_adapter(
     atomic_dir_write(Path(dest), write)
 
 
+def _check_meta(path: Path) -> dict:
+    """meta.json, parsed and checked: a hand-edited or truncated file should fail here, naming the
+    key, not later as a KeyError or a model with the wrong number of classes.
+
+    `method` is always written by save_adapter; the other keys are checked when present, since
+    adapters saved through the library API may omit them.
+    """
+    def names(v: Any) -> bool:
+        return v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def text(v: Any) -> bool:
+        return isinstance(v, str)
+
+    types_ = {
+        "method": (text, "a method name"),
+        "base_model": (text, "a model name or folder"),
+        "task": (lambda v: v in ("classification", "causal_lm"), "'classification' or 'causal_lm'"),
+        "label_names": (names, "a list of class names or null"),
+        "disabled_modules": (names, "a list of module names"),
+        "tensors": (count, "an integer"),
+        "adapter_parameters": (count, "an integer"),
+        "trainable": (count, "an integer"),
+        "total": (count, "an integer"),
+    }
+    fix = "restore it from the run that wrote it, or retrain"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of keys, got {type(meta).__name__}; {fix}")
+    if "method" not in meta:
+        raise CheckpointError(f"{path}: key 'method' is missing; {fix}")
+    for key, (ok, want) in types_.items():
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: key {key!r} should be {want}, got {meta[key]!r}; {fix}")
+    return meta
+
+
 def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
     f = folder / ADAPTER_FILE
     if not f.exists():
         raise CheckpointError(f"{folder}: no {ADAPTER_FILE}; is this a peftcli run's adapter folder?")
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
+    if not (folder / META_FILE).exists():
+        raise CheckpointError(f"{folder}: no {META_FILE} next to {ADAPTER_FILE}; restore it from the run that wrote it, or retrain")
+    meta = _check_meta(folder / META_FILE)
     return load_tensors(f), meta
 
 

@@ -100,10 +100,12 @@ def handle_errors(fn):
     return wrapper
 
 
-def _load(recipe_path: Path, overrides: list[str] | None):
+def _load(recipe_path: Path, overrides: list[str] | None, *, check_files: bool = True):
+    """Commands that go on to read the data check that a local data file exists, so a typo in
+    data.source is reported by `validate` and before `train` loads a model."""
     from .recipe import load_recipe
 
-    return load_recipe(recipe_path, overrides or [])
+    return load_recipe(recipe_path, overrides or [], check_files=check_files)
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -233,7 +235,7 @@ def count_params(
     from .recipe import recipe_from_dict
 
     if recipe is not None and recipe.suffix in (".yaml", ".yml"):
-        r = _load(recipe, overrides)
+        r = _load(recipe, overrides, check_files=False)  # counting parameters reads no data
     else:
         if recipe is not None:  # `count-params config.json --method lora`
             overrides = [str(recipe), *(overrides or [])] if "=" in str(recipe) else overrides

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .recipe import DataConfig
+from .recipe import BUILTIN_SOURCES, DataConfig, missing_data_file
 
 IGNORE = -100
 INSTRUCT_PROMPT = (
@@ -74,7 +75,7 @@ def builtin_rows(name: str) -> list[dict[str, Any]] | None:
 BUILTIN_COLUMNS = {
     "tweets_instruct": {"prompt_column": "prompt", "response_column": "response"},
 }
-BUILTINS = ("tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct")
+BUILTINS = BUILTIN_SOURCES
 
 
 def _load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
@@ -84,12 +85,14 @@ def _load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
     datasets.logging.set_verbosity_error()
     src = cfg.source
     p = Path(src).expanduser()
+    if why := missing_data_file(src):  # never ask the hub for a misspelt file name
+        raise DataError(why)
     try:
         if p.exists():
-            ext = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}.get(p.suffix)
+            ext = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}.get(p.suffix.lower())
             if ext is None:
                 raise DataError(f"data.source: {src}: unsupported file type {p.suffix!r}; use csv, json, jsonl or parquet")
-            kw = {"delimiter": "\t"} if p.suffix == ".tsv" else {}
+            kw = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
             ds = datasets.load_dataset(ext, data_files={"train": str(p)}, **kw)
         else:
             ds = datasets.load_dataset(src, cfg.config_name)
@@ -111,7 +114,113 @@ class Splits:
     label_names: list[str] | None
 
 
-def load_splits(cfg: DataConfig, task: str) -> Splits:
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _as_int(v: Any) -> int | None:
+    """A class id, or None for a class name. 1.0 counts as 1: csv columns with a gap read as floats."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None
+
+
+def _shown(values: list[Any], n: int = 5) -> str:
+    """'label 5' or 'labels 5, 7 and 3 more': enough to find the rows, short enough for one line."""
+    more = f" and {len(values) - n} more" if len(values) > n else ""
+    return ("label " if len(values) == 1 else "labels ") + ", ".join(repr(v) for v in values[:n]) + more
+
+
+def _check_columns(columns: list[str], cfg: DataConfig, task: str, text_col: str, label_col: str,
+                   pcol: str | None, rcol: str | None) -> None:
+    """A wrong column name otherwise surfaces as a KeyError, or as every row silently dropped."""
+    if task == "classification":
+        needed = [("data.text_column", text_col), ("data.label_column", label_col)]
+        if cfg.text_pair_column:
+            needed.append(("data.text_pair_column", cfg.text_pair_column))
+        hint = ""
+    elif pcol and rcol:
+        needed, hint = [("data.prompt_column", pcol), ("data.response_column", rcol)], ""
+    else:
+        needed = [("data.text_column", text_col)]
+        hint = " (or data.prompt_column and data.response_column for instruction data)"
+    bad = [(key, col) for key, col in needed if col not in columns]
+    if not bad:
+        return
+    keys = ", ".join(key for key, _ in bad)
+    cols = ", ".join(repr(col) for _, col in bad)
+    noun, fix = ("column", f"set {keys} to one of them") if len(bad) == 1 else ("columns", "set those keys to columns it has")
+    raise DataError(
+        f"{keys}: {noun} {cols} not in {cfg.source}; its columns are {', '.join(columns) or '(none)'}; {fix}{hint}"
+    )
+
+
+def _label_names(
+    splits: dict[str, list[dict]], cfg: DataConfig, label_col: str, num_labels: int | None, keep_missing: bool
+) -> tuple[list[str], bool]:
+    """Class names in id order, and whether labels are ids (ints) rather than names.
+
+    Every row of the splits in use is checked in file order, before the shuffle, so the message can
+    point at a row; a bad label otherwise fails as "Target 5 is out of bounds" in the middle of training.
+    """
+    src = cfg.source
+    values: list[Any] = []
+    for split, rows in splits.items():
+        where = src if len(splits) == 1 and split == "train" else f"{src} (split {split!r})"
+        gaps = [i for i, r in enumerate(rows) if _is_missing(r.get(label_col))]
+        if gaps and not keep_missing:
+            raise DataError(
+                f"data.label_column: {len(gaps)} row{'s' if len(gaps) != 1 else ''} of {where} have no "
+                f"{label_col!r} value (first: data row {gaps[0] + 1}); fill them in or remove those rows"
+            )
+        values += [r[label_col] for r in rows if not _is_missing(r.get(label_col))]
+    names = cfg.label_names
+    ints = [i for i in (_as_int(v) for v in values) if i is not None]
+    all_ids = len(ints) == len(values)
+    if names is None and not all_ids:
+        names = sorted({str(v) for v in values})
+        if num_labels and len(names) > num_labels:
+            raise DataError(
+                f"model.num_labels: {src} has {len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) but model.num_labels is "
+                f"{num_labels}; set model.num_labels: {len(names)} or null"
+            )
+        return names, False
+    n = len(names) if names is not None else num_labels
+    negative = sorted({i for i in ints if i < 0})
+    if negative:
+        raise DataError(
+            f"data.label_column: negative {_shown(negative)} in {src}; class ids run from 0 to the number "
+            "of classes - 1: fix those rows or remove them"
+        )
+    too_big = sorted({i for i in ints if n is not None and i >= n})
+    if too_big:
+        key = "data.label_names" if names is not None else "model.num_labels"
+        raise DataError(
+            f"data.label_column: {_shown(too_big)} in {src} outside 0..{n - 1} ({key} gives {n} classes); "
+            f"fix those rows, or set {key} to cover every class"
+        )
+    if names is not None:
+        known = set(names)
+        unknown = sorted({str(v) for v in values if _as_int(v) is None and str(v) not in known})
+        if unknown:
+            raise DataError(
+                f"data.label_names: {_shown(unknown)} of {src} not in data.label_names {names}; "
+                "add them to data.label_names or fix those rows"
+            )
+        return list(names), False
+    top = max(ints, default=-1) + 1
+    return [str(i) for i in range(max(top, num_labels or 0))], True
+
+
+def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Splits:
+    """Rows of the recipe's splits, checked against the recipe before any model is built.
+
+    `num_labels` is the recipe's model.num_labels: integer labels must fit the head it sizes.
+    """
     rows = builtin_rows(cfg.source)
     text_col, label_col = cfg.text_column, cfg.label_column
     if rows is not None:
@@ -122,9 +231,27 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
 
     if cfg.train_split not in table:
         raise DataError(f"data.train_split: {cfg.train_split!r} not in {cfg.source}; splits: {', '.join(table)}")
+    if cfg.eval_split is not None and cfg.eval_split not in table:
+        raise DataError(f"data.eval_split: {cfg.eval_split!r} not in {cfg.source}; splits: {', '.join(table)}")
+    in_use = {cfg.train_split: table[cfg.train_split]}
     if cfg.eval_split is not None:
-        if cfg.eval_split not in table:
-            raise DataError(f"data.eval_split: {cfg.eval_split!r} not in {cfg.source}; splits: {', '.join(table)}")
+        in_use[cfg.eval_split] = table[cfg.eval_split]
+    if not in_use[cfg.train_split]:
+        raise DataError(f"data: no training rows in {cfg.source}")
+
+    cols = BUILTIN_COLUMNS.get(cfg.source, {})
+    pcol = cfg.prompt_column or cols.get("prompt_column")
+    rcol = cfg.response_column or cols.get("response_column")
+    for split_rows in in_use.values():
+        if split_rows:
+            _check_columns(list(split_rows[0]), cfg, task, text_col, label_col, pcol, rcol)
+    label_names, ids = None, False
+    if task == "classification":
+        # Built-in rows without a label (tweets with no recorded agreement) are kept until after the
+        # split, so that derived tasks share the main task's train/held-out partition.
+        label_names, ids = _label_names(in_use, cfg, label_col, num_labels, keep_missing=rows is not None)
+
+    if cfg.eval_split is not None:
         train, held = list(table[cfg.train_split]), list(table[cfg.eval_split])
         random.Random(cfg.seed).shuffle(train)
         if cfg.eval_size:
@@ -138,32 +265,16 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
         train = train[cfg.train_offset :]
     if cfg.train_size:
         train = train[: cfg.train_size]
-    # Rows without a label (e.g. tweets with no recorded agreement) are dropped after the split so
-    # that derived tasks share the same train/held-out partition as the main task.
-    if task == "classification":
-        train = [r for r in train if r.get(label_col) is not None]
-        held = [r for r in held if r.get(label_col) is not None]
 
-    label_names = None
     if task == "classification":
-        for col in (text_col, label_col):
-            if train and col not in train[0]:
-                raise DataError(f"data: column {col!r} not in {cfg.source}; columns: {', '.join(train[0])}")
-        label_names = cfg.label_names
-        values = [r[label_col] for r in train + held]
-        if label_names is None:
-            if all(isinstance(v, int) for v in values):
-                label_names = [str(i) for i in range(max(values) + 1)]
-            else:
-                label_names = sorted({str(v) for v in values})
+        train = [r for r in train if not _is_missing(r.get(label_col))]
+        held = [r for r in held if not _is_missing(r.get(label_col))]
+        assert label_names is not None
         name_to_id = {n: i for i, n in enumerate(label_names)}
 
         def to_id(v: Any) -> int:
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
-            if str(v) not in name_to_id:
-                raise DataError(f"data: label {v!r} is not in data.label_names {label_names}")
-            return name_to_id[str(v)]
+            i = _as_int(v)
+            return i if i is not None and (ids or cfg.label_names is not None) else name_to_id[str(v)]
 
         def norm(r: dict) -> dict:
             out = {"text": r[text_col], "label": to_id(r[label_col])}
@@ -173,9 +284,6 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
 
         train, held = [norm(r) for r in train], [norm(r) for r in held]
     else:
-        cols = BUILTIN_COLUMNS.get(cfg.source, {})
-        pcol = cfg.prompt_column or cols.get("prompt_column")
-        rcol = cfg.response_column or cols.get("response_column")
 
         def norm_lm(r: dict) -> dict:
             if pcol and rcol:

@@ -382,7 +382,11 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     peft_type_for(recipe.method_name)  # refuse before any work
     if dest.exists() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty; pass --force to replace it")
-    sd, meta = read_adapter(find_run_adapter(run))
+    from .pipeline import check_adapter_matches
+
+    adapter_dir = find_run_adapter(run)
+    sd, meta = read_adapter(adapter_dir)
+    check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
     model = _meta_model(recipe, meta.get("label_names"))
     arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     if dest.exists() and force:

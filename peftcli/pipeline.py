@@ -77,12 +77,52 @@ def load_initial_adapter(model: nn.Module, arch: Arch, spec: MethodSpec, recipe:
 
         load_peft_weights(model, arch, spec, recipe, src)
         return
-    sd, _ = read_adapter(find_run_adapter(src))
+    adapter_dir = find_run_adapter(src)
+    sd, meta = read_adapter(adapter_dir)
+    check_adapter_matches(recipe, meta, adapter_dir, None)
     load_adapter_state(model, spec, arch, recipe.method, sd)
 
 
+def _same_model(a: str, b: str) -> bool:
+    """The same hub id, or two spellings of one local folder."""
+    if a.rstrip("/") == b.rstrip("/"):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_file: str | None) -> None:
+    """Refuse an adapter saved for another method or base model before loading it.
+
+    Tensor names often still line up across base models of one family, so loading would "work" and
+    give a silently wrong model; across methods it fails deep in load_state with no hint of why.
+    `recipe_file` is the run's recipe.yaml; None means the adapter is the recipe's `init_from`.
+    """
+    holder = recipe_file or "the recipe"
+    diffs, fixes = [], []
+    saved_method, saved_base = meta.get("method"), meta.get("base_model")
+    if saved_method is not None and saved_method != recipe.method_name:
+        diffs.append(f"method {saved_method!r}, but {holder} has method.name {recipe.method_name!r}")
+        fixes.append(f"method.name: {saved_method}")
+    if saved_base is not None and not _same_model(saved_base, recipe.model.name):
+        diffs.append(f"base model {saved_base!r}, but {holder} has model.name {recipe.model.name!r}")
+        fixes.append(f"model.name: {saved_base}")
+    if not diffs:
+        return
+    meta_file = Path(adapter_dir) / "meta.json"
+    if recipe_file is None:
+        raise CheckpointError(
+            f"init_from: {meta_file}: the adapter was trained with {'; and '.join(diffs)}; point init_from at an "
+            f"adapter of method {recipe.method_name!r} on {recipe.model.name!r}, or set {' and '.join(fixes)}"
+        )
+    raise CheckpointError(
+        f"{meta_file}: the adapter was trained with {'; and '.join(diffs)}; "
+        f"restore {' and '.join(fixes)} in {recipe_file}, or train a new run"
+    )
+
+
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict]]:
-    splits = load_splits(recipe.data, recipe.model.task)
+    splits = load_splits(recipe.data, recipe.model.task, recipe.model.num_labels)
     train = tokenize(splits.train, tokenizer, recipe.model.task, recipe.data)
     held = tokenize(splits.eval, tokenizer, recipe.model.task, recipe.data)
     return splits, train, held
@@ -102,6 +142,7 @@ def load_run(run: str | Path, device: torch.device, overrides: list[str] | None 
     recipe.init_from = None
     adapter_dir = find_run_adapter(run)
     sd, meta = read_adapter(adapter_dir)
+    check_adapter_matches(recipe, meta, adapter_dir, str(recipe_path))
     label_names = meta.get("label_names")
     built = build(recipe, device, label_names=label_names)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, sd)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,8 +78,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = opt(1.0, "passes over the training data", min=0.0)
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)", min=1)
+    epochs: float = opt(
+        1.0, "passes over the training data", above=0.0, fix="use train.max_steps or a positive epochs"
+    )
+    max_steps: int | None = opt(
+        None, "stop after this many optimizer steps (overrides epochs)", min=1,
+        fix="set a positive number of steps, or null to train for train.epochs",
+    )
     batch_size: int = opt(32, "examples per micro-batch", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
@@ -162,6 +169,70 @@ SECTIONS: dict[str, type] = {
     "output": OutputConfig,
 }
 TOP_LEVEL = [*SECTIONS, "method", "init_from"]
+
+
+BUILTIN_SOURCES = ("tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct")
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+OUTPUT_PLACEHOLDERS = ("method", "data", "model")
+
+
+def looks_like_local_file(source: str) -> bool:
+    """True when `data.source` can only mean a file on this machine.
+
+    A hub dataset id is `name` or `owner/name`, so a data-file suffix, a leading `/`, `./`, `../`
+    or `~`, a backslash or a second `/` rules it out; `owner/name` alone stays a hub id.
+    """
+    if source in BUILTIN_SOURCES:
+        return False
+    if Path(source).suffix.lower() in DATA_FILE_SUFFIXES:
+        return True
+    return source.startswith(("/", "./", "../", "~", ".\\")) or "\\" in source or source.count("/") >= 2
+
+
+def missing_data_file(source: str) -> str | None:
+    """Why a local `data.source` cannot be read, or None; relative paths count from the working directory,
+    as data.py opens them."""
+    if not looks_like_local_file(source):
+        return None
+    p = Path(source).expanduser()
+    if not p.exists():
+        return f"data.source: file not found: {source} (relative paths start at the current directory {Path.cwd()}); fix the path"
+    if p.is_dir():
+        return f"data.source: {source} is a folder; point it at a csv, tsv, json, jsonl or parquet file"
+    if p.suffix.lower() not in DATA_FILE_SUFFIXES:
+        return f"data.source: {source}: unsupported file type {p.suffix!r}; use csv, tsv, json, jsonl or parquet"
+    return None
+
+
+def _output_dir_problem(template: str) -> str | None:
+    """An unknown placeholder or a stray brace would only fail when the run folder is made, after
+    loading the model; an empty dir would put the run in the working directory itself."""
+    known = ", ".join("{" + k + "}" for k in OUTPUT_PLACEHOLDERS)
+    if not template.strip():
+        return f"output.dir: empty; set a run folder, e.g. runs/{{method}}-{{data}} (placeholders: {known})"
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return f"output.dir: {template!r} has an unbalanced brace; write {{{{ or }}}} for a literal one (placeholders: {known})"
+    unknown = [n for n in names if n not in OUTPUT_PLACEHOLDERS]
+    if unknown:
+        shown = ", ".join("{" + n + "}" for n in unknown)
+        return f"output.dir: unknown placeholder {shown} in {template!r}; the known ones are {known}"
+    try:
+        template.format(**{k: "x" for k in OUTPUT_PLACEHOLDERS})
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        return f"output.dir: {template!r} cannot be filled in ({e}); the known placeholders are {known}"
+    return None
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
 
 
 class RecipeError(Exception):
@@ -265,12 +336,19 @@ def build_section(cls: type, raw: Any, where: str, problems: list[str], skip: tu
             problems.append(f"{where}.{key}: expected {_type_name(tp)}, got {value!r}")
             continue
         meta = fields[key].metadata
+        fix = f"; {meta['fix']}" if "fix" in meta else ""
+        if _non_finite(conv):  # .nan passes every min/max comparison, so it must be refused first
+            problems.append(f"{where}.{key}: {value!r} is not a finite number; give a real value")
+            continue
         if isinstance(conv, (int, float)) and not isinstance(conv, bool):
             if "min" in meta and conv < meta["min"]:
-                problems.append(f"{where}.{key}: {conv} is below the minimum {meta['min']}")
+                problems.append(f"{where}.{key}: {conv} is below the minimum {meta['min']}{fix}")
+                continue
+            if "above" in meta and conv <= meta["above"]:
+                problems.append(f"{where}.{key}: {conv:g} must be above {meta['above']:g}{fix}")
                 continue
             if "max" in meta and conv > meta["max"]:
-                problems.append(f"{where}.{key}: {conv} is above the maximum {meta['max']}")
+                problems.append(f"{where}.{key}: {conv} is above the maximum {meta['max']}{fix}")
                 continue
         kwargs[key] = conv
     try:
@@ -308,7 +386,12 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dic
     return raw
 
 
-def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+def recipe_from_dict(
+    raw: Any, source: str = "<recipe>", overrides: list[str] | None = None, *, check_files: bool = False
+) -> Recipe:
+    """Validate a parsed recipe. `check_files` also requires a local `data.source` to exist: on for
+    commands that will read the data, off for a finished run's recipe.yaml, which must still load
+    for merge or export after its data file is gone."""
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise RecipeError(source, ["the recipe must be a YAML mapping with sections " + ", ".join(TOP_LEVEL)])
@@ -343,6 +426,17 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | 
     model: ModelConfig = sections["model"]
     if model.task == "causal_lm" and (data.prompt_column is None) != (data.response_column is None):
         problems.append("data.prompt_column / data.response_column: set both (instruction data) or neither (plain text)")
+    if model.task == "classification" and model.num_labels and data.label_names:
+        if len(data.label_names) != model.num_labels:
+            problems.append(
+                f"data.label_names: {len(data.label_names)} names but model.num_labels is {model.num_labels}; "
+                "make them agree or set model.num_labels: null"
+            )
+    if check_files and (why := missing_data_file(data.source)):
+        problems.append(why)
+    output: OutputConfig = sections["output"]
+    if why := _output_dir_problem(output.dir):
+        problems.append(why)
     if problems:
         raise RecipeError(source, problems)
     return Recipe(
@@ -352,22 +446,29 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | 
         method_name=mname,
         train=sections["train"],
         eval=sections["eval"],
-        output=sections["output"],
+        output=output,
         init_from=init_from,
     )
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = False) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(str(path), ["file not found; `peftcli recipes` lists the shipped recipes"])
+    if path.is_dir():
+        raise RecipeError(str(path), ["is a folder, not a recipe; pass a YAML file (`peftcli recipes` lists the shipped ones)"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(str(path), ["not a text file (not UTF-8); a recipe is a YAML mapping of sections "
+                                      + ", ".join(TOP_LEVEL)]) from None
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot be read: {e.strerror or e}"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
-    r = recipe_from_dict(raw, str(path), overrides)
+    r = recipe_from_dict(raw, str(path), overrides, check_files=check_files)
     r.source = str(path)
     return r
 
