@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .checkpoint import CheckpointError, atomic_dir_write
+from .checkpoint import CheckpointError, atomic_dir_write, load_tensors
 from .registry import MethodSpec
 
 PEFT_CONFIG = "adapter_config.json"
@@ -400,14 +400,14 @@ def read_peft_folder(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise PeftFormatError(f"{src}: no {PEFT_CONFIG}; is this an HF PEFT adapter folder?")
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftFormatError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{cfg_file}: holds a JSON {type(config).__name__}, not PEFT's config object")
     if (src / PEFT_WEIGHTS).exists():
-        from safetensors.torch import load_file
-
-        sd = load_file(str(src / PEFT_WEIGHTS))
+        sd = load_tensors(src / PEFT_WEIGHTS)
     elif (src / PEFT_WEIGHTS_BIN).exists():
-        sd = torch.load(src / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        sd = load_tensors(src / PEFT_WEIGHTS_BIN)
     else:
         raise PeftFormatError(f"{src}: no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_BIN}) next to {PEFT_CONFIG}")
     return config, sd
