@@ -38,9 +38,11 @@ def _bad_input_types() -> tuple[type, ...]:
     from .data import DataError
     from .models import ModelLoadError
     from .recipe import RecipeError
+    from .runfolder import UnsafePathError
     from .train import RunExistsError
 
-    types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError]
+    types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
+                          UnsafePathError]
     try:
         from .arch import UnsupportedArchitecture
 
