@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -235,6 +239,68 @@ def _check_meta(path: Path) -> dict:
     return meta
 
 
+def _pickle_reason(e: BaseException) -> str:
+    """One line out of torch's many-line refusal: the part that says what the pickle wanted."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it is a pickle that asks to call {m.group(1)}, which only code (never tensors) needs"
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if m:
+        return f"it is a pickle holding more than tensors ({m.group(1).strip()})"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return first[:200]
+
+
+def _file_kind(path: Path) -> str:
+    """What a file that failed to load looks like, for the message."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        return "; it looks like a torch.save/pickle archive, which can run code when read, so it is not read"
+    if head[:1] == b"\x80":
+        return "; it looks like a pickle, which can run code when read, so it is not read"
+    return ""
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A name -> tensor file that runs no code while being read.
+
+    safetensors for everything peftcli writes; a `.bin`/`.pt` file (HF PEFT's older adapter format)
+    goes through torch's weights-only unpickler, which refuses anything but tensors and containers.
+    Every failure becomes one CheckpointError naming the file, so the command exits 2 and says which
+    file to replace instead of showing a traceback (or, with a plain unpickler, running the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({reason}){_file_kind(path)}; "
+                "replace it with the file as it was saved (or train/export again)"
+            ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError, KeyError,
+            TypeError, IndexError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: refused to read: {_pickle_reason(e)}; only plain tensors are loaded from pickle files. "
+            "Save the adapter as safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a mapping of names to tensors")
+    return obj
+
+
 def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
     f = folder / ADAPTER_FILE
@@ -245,19 +311,6 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = _check_meta(folder / META_FILE)
     return load_tensors(f), meta
 
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; a damaged file is named in the error, never a raw message."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001  (safetensors raises several types for a bad header)
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}); "
-            "it is damaged or not a peftcli checkpoint"
-        ) from None
 
 
 def find_run_adapter(run: Path) -> Path:

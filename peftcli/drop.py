@@ -197,8 +197,9 @@ def drop_run(
     dest = Path(dest) if dest is not None else run.with_name(f"{run.name}-drop-{tag}")
     if dest.resolve() == run.resolve():
         raise DropError("the dropped run needs its own folder; choose another --out")
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise DropError(f"{dest} exists; pass --force to replace it or choose --out")
+    from .runfolder import check_destination, local_inputs, replacing
+
+    check_destination(dest, what="drop output", sources=[run, *local_inputs(rec)], replace=force)
 
     _, _, held = prepare_data(rec, built.tokenizer)
     examples = held[:limit] if limit else held
@@ -230,34 +231,34 @@ def drop_run(
     off = disabled_modules(model)
     drop_info = {"layers": dropped_layers(model, arch), "prune_fusion": prune_fusion, "from": str(run)}
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "adapter").mkdir(parents=True)
-    for f in src_adapter.iterdir():
-        if f.is_file() and f.name != "trainer_state.pt":
-            shutil.copy2(f, dest / "adapter" / f.name)
-    new_meta = {**meta, "disabled_modules": off, "drop": drop_info}
-    (dest / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
-    rec.output.dir = str(dest)
-    (dest / "recipe.yaml").write_text(recipe_yaml(rec))
     report = {
         "run": str(run), "dest": str(dest), "examples": len(examples), "layers_dropped": drop_info["layers"],
         "modules_switched_off": switched, "disabled_modules": off, "before": result["before"],
         "after": result["after"], "attention": attention, "device": str(dev), "repeats": repeats,
     }
-    (dest / "drop.json").write_text(json.dumps(report, indent=2))
+    # Written beside DEST and checked there: a run that does not rebuild never replaces the old one.
+    with replacing(dest, kind="drop") as tmp:
+        (tmp / "adapter").mkdir()
+        for f in src_adapter.iterdir():
+            if f.is_file() and f.name != "trainer_state.pt":
+                shutil.copy2(f, tmp / "adapter" / f.name)
+        new_meta = {**meta, "disabled_modules": off, "drop": drop_info}
+        (tmp / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
+        rec.output.dir = str(dest)
+        (tmp / "recipe.yaml").write_text(recipe_yaml(rec))
+        (tmp / "drop.json").write_text(json.dumps(report, indent=2))
 
-    # The written run must rebuild the dropped model: same outputs on a few examples.
-    check = examples[: min(len(examples), 32)]
-    reloaded, _ = load_run(dest, dev)
-    with torch.no_grad():
-        b = collate(check)
-        b = {k: v.to(dev) for k, v in b.items() if k != "labels"}
-        model.eval()
-        reloaded.model.eval()
-        diff = float((model(**b).logits.float() - reloaded.model(**b).logits.float()).abs().max())
-    if diff > 1e-4:
-        raise CheckpointError(f"{dest}: reloading the dropped run changes the outputs (max diff {diff:.2e})")
+        # The written run must rebuild the dropped model: same outputs on a few examples.
+        check = examples[: min(len(examples), 32)]
+        reloaded, _ = load_run(tmp, dev)
+        with torch.no_grad():
+            b = collate(check)
+            b = {k: v.to(dev) for k, v in b.items() if k != "labels"}
+            model.eval()
+            reloaded.model.eval()
+            diff = float((model(**b).logits.float() - reloaded.model(**b).logits.float()).abs().max())
+        if diff > 1e-4:
+            raise CheckpointError(f"{dest}: reloading the dropped run changes the outputs (max diff {diff:.2e})")
     report["reload_max_diff"] = diff
     return report
 

@@ -22,6 +22,7 @@ from rich.console import Console
 from .checkpoint import CheckpointError, find_run_adapter
 from .methods.fusion import FusionError, Source, read_sources
 from .recipe import Recipe, load_recipe
+from .runfolder import check_paths, local_inputs
 
 
 def prepare(recipe: Recipe) -> list[Source]:
@@ -44,6 +45,9 @@ def prepare(recipe: Recipe) -> list[Source]:
                 f"source {s.run} adapts {src.model.name!r} but the recipe's model is {recipe.model.name!r}; "
                 "fused adapters must come from the same base model"
             )
+    # The fused run folder must not be, hold or sit inside a source run (or the data, or the base
+    # model): output.overwrite would otherwise delete the adapters being fused.
+    check_paths(recipe.run_dir(), what="output.dir", sources=local_inputs(recipe))
     cfg.sources = [s.to_json() for s in sources]
     return sources
 

@@ -8,13 +8,12 @@ parameter names and (within float error) the same logits as the adapted model.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from .build import pick_device
-from .checkpoint import CheckpointError, atomic_dir_write
+from .checkpoint import CheckpointError
 from .pipeline import load_run
 
 
@@ -29,17 +28,21 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     `run` may also be an HF PEFT adapter folder: it is imported first (with `recipe`, or with a
     recipe made from its adapter_config.json).
     """
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise CheckpointError(f"{dest} exists and is not empty; pass --force to replace it")
     from .peft_format import is_peft_folder, temporary_run
+    from .runfolder import check_destination, check_paths, local_inputs
 
-    if is_peft_folder(Path(run)) and not (Path(run) / "recipe.yaml").exists():
-        with temporary_run(Path(run), recipe) as tmp_run:
+    dest, run = Path(dest), Path(run)
+    check_destination(dest, what="merge destination", sources=[run, recipe], replace=force)
+    if is_peft_folder(run) and not (run / "recipe.yaml").exists():
+        with temporary_run(run, recipe) as tmp_run:
             return merge_run(tmp_run, dest, force=force, device=device)
-    refusal = _refusal_from_recipe(Path(run))
+    refusal = _refusal_from_recipe(run)
     if refusal:
         raise MergeRefused(refusal)
+    if (run / "recipe.yaml").exists():  # the base model (and the rest the run was made from) stays untouched too
+        from .recipe import load_recipe
+
+        check_paths(dest, what="merge destination", sources=local_inputs(load_recipe(run / "recipe.yaml")))
     nf4 = _is_nf4_run(Path(run))
     # A 4-bit base only loads on CUDA; "auto" lets the QLoRA check explain when there is none.
     dev = pick_device("auto" if nf4 else device)
@@ -64,23 +67,21 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def write(tmp: Path) -> None:
+    from .models import auto_class
+    from .runfolder import replacing
+
+    # Written beside DEST and checked there: a folder that does not reload never replaces the old one.
+    with replacing(dest, kind="merge") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-
-    if dest.exists() and force:
-        shutil.rmtree(dest)
-    atomic_dir_write(dest, write)
-    from .models import auto_class
-
-    reloaded = auto_class(built.recipe.model.task).from_pretrained(str(dest), dtype=next(model.parameters()).dtype)
-    reloaded.to(dev).eval()
-    merged_names = [n for n, _ in model.named_parameters()]
-    reloaded_names = [n for n, _ in reloaded.named_parameters()]
-    if merged_names != reloaded_names:
-        extra = sorted(set(merged_names) ^ set(reloaded_names))
-        raise RuntimeError(f"the merged folder does not reload to the same parameters (e.g. {extra[:1]})")
-    after = reloaded(**sample).logits.float()
+        reloaded = auto_class(built.recipe.model.task).from_pretrained(str(tmp), dtype=next(model.parameters()).dtype)
+        reloaded.to(dev).eval()
+        merged_names = [n for n, _ in model.named_parameters()]
+        reloaded_names = [n for n, _ in reloaded.named_parameters()]
+        if merged_names != reloaded_names:
+            extra = sorted(set(merged_names) ^ set(reloaded_names))
+            raise RuntimeError(f"the merged folder does not reload to the same parameters (e.g. {extra[:1]})")
+        after = reloaded(**sample).logits.float()
     return float((before - after).abs().max())
 
 

@@ -30,7 +30,6 @@ The last two take `--recipe R`; without it the recipe is made from adapter_confi
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .checkpoint import CheckpointError, atomic_dir_write
+from .checkpoint import CheckpointError, atomic_dir_write, load_tensors
 from .registry import MethodSpec
 
 PEFT_CONFIG = "adapter_config.json"
@@ -374,14 +373,14 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     from .build import attach_method
     from .checkpoint import find_run_adapter, read_adapter
     from .recipe import load_recipe
+    from .runfolder import check_destination, local_inputs, replacing
 
     run, dest = Path(run), Path(dest)
     if not (run / "recipe.yaml").exists():
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
     recipe = load_recipe(run / "recipe.yaml")
     peft_type_for(recipe.method_name)  # refuse before any work
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise CheckpointError(f"{dest} exists and is not empty; pass --force to replace it")
+    check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
     from .pipeline import check_adapter_matches
 
     adapter_dir = find_run_adapter(run)
@@ -389,9 +388,8 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
     model = _meta_model(recipe, meta.get("label_names"))
     arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
-    if dest.exists() and force:
-        shutil.rmtree(dest)
-    return export_model(model, arch, spec, recipe, sd, dest)
+    with replacing(dest, kind="export") as tmp:
+        return export_model(model, arch, spec, recipe, sd, tmp)
 
 
 # ------------------------------------------------------------------------------ import
@@ -404,14 +402,14 @@ def read_peft_folder(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise PeftFormatError(f"{src}: no {PEFT_CONFIG}; is this an HF PEFT adapter folder?")
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftFormatError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{cfg_file}: holds a JSON {type(config).__name__}, not PEFT's config object")
     if (src / PEFT_WEIGHTS).exists():
-        from safetensors.torch import load_file
-
-        sd = load_file(str(src / PEFT_WEIGHTS))
+        sd = load_tensors(src / PEFT_WEIGHTS)
     elif (src / PEFT_WEIGHTS_BIN).exists():
-        sd = torch.load(src / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        sd = load_tensors(src / PEFT_WEIGHTS_BIN)
     else:
         raise PeftFormatError(f"{src}: no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_BIN}) next to {PEFT_CONFIG}")
     return config, sd
@@ -648,12 +646,13 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     from .checkpoint import atomic_file_write, save_adapter
     from .pipeline import build
     from .recipe import load_recipe, recipe_yaml
+    from .runfolder import check_destination, check_paths, local_inputs, replacing
 
     src, run_dir = Path(src), Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise CheckpointError(f"{run_dir} exists and is not empty; pass --force to replace it")
+    check_destination(run_dir, what="import destination", sources=[src, recipe_path], replace=force)
     config, sd = read_peft_folder(src)
     recipe = load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides)
+    check_paths(run_dir, what="import destination", sources=local_inputs(recipe))
     label_names = recipe.data.label_names
     if recipe.model.task == "classification" and not recipe.model.num_labels and not label_names:
         recipe.model.num_labels = _head_rows(sd)
@@ -672,11 +671,9 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
         "peft_type": config.get("peft_type"),
         "importer_version": __version__,
     }
-    if run_dir.exists() and force:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_file_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
-    save_adapter(run_dir / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
+    with replacing(run_dir, kind="import") as tmp:
+        atomic_file_write(tmp / "recipe.yaml", recipe_yaml(recipe))
+        save_adapter(tmp / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
     return run_dir
 
 

@@ -1,55 +1,360 @@
-"""TEMPORARY stand-in; replaced by the full module at merge."""
+"""Output folders: where a command may write, and what it may delete.
+
+Every command that writes a folder goes through here, so that three promises hold in one place:
+
+- A destination that is, holds, or lies inside something the command reads (the run, the recipe,
+  the data, the base model, a PEFT folder) is refused before any work, and so are '', '.', '/',
+  the home folder and the current folder with its parents: one typo must not cost a user's files.
+- Replacing (`--force`, `output.overwrite`) deletes only a folder peftcli wrote: one whose MARKER
+  lists everything in it, or a run folder from before the marker existed whose entries are all
+  names a run writes. Anything else in the way is refused and left byte-identical.
+- A new folder is written into a temporary sibling and renamed into place only once complete,
+  so a failure (or a kill) leaves the previous folder as it was and nothing half-written at DEST.
+
+Sibling names are `.NAME.peftcli-tmp-PID` (being written) and `.NAME.peftcli-old-PID` (the old
+folder, moved aside during the swap); `recover_stale` tidies those of processes that died.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 MARKER = ".peftcli.json"
+KINDS = ("run", "export", "merge", "import", "drop", "fuse")
+# Kinds whose folders are run folders: `peftcli eval` adds eval_*.json to them later.
+RUN_KINDS = frozenset({"run", "import", "drop", "fuse"})
+# Every top-level name a run folder has ever held (train, eval, drop); a fused run keeps its
+# sources' weights inside adapter/, so it adds no name of its own.
+RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "summary.json", "curves.png", "drop.json"})
+_EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
+# peftcli's dot-temp names: checkpoint.atomic_*_write (.X.tmp-PID, .X.old-PID) and ours.
+_TEMP = re.compile(r"\..+\.(?:peftcli-)?(?:tmp|old)-\d+")
 
 
 class UnsafePathError(ValueError):
-    pass
+    """A destination that would overwrite or delete what is not peftcli's: bad input, exit 2."""
+
+
+# ------------------------------------------------------------------------------ ownership
+
+
+def _is_temp(name: str) -> bool:
+    return _TEMP.fullmatch(name) is not None
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or _EVAL_FILE.fullmatch(name) is not None
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's MARKER if it is present and well-formed, else None (a broken marker proves nothing)."""
+    f = Path(folder) / MARKER
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+        return None
+    entries = data.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        return None
+    return data
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Names in `path` that peftcli did not write (all of them when it is not a peftcli folder)."""
+    path = Path(path)
+    names = sorted(os.listdir(path))
+    marker = read_marker(path)
+    if marker is not None:
+        listed = set(marker["entries"]) | {MARKER}
+        run_like = marker["kind"] in RUN_KINDS
+        return [n for n in names if not (n in listed or _is_temp(n) or (run_like and _is_run_entry(n)))]
+    if "recipe.yaml" not in names:
+        return names
+    return [n for n in names if not (_is_run_entry(n) or _is_temp(n))]
 
 
 def is_ours(path: Path) -> bool:
+    """True only for a real folder peftcli wrote: MARKER lists its entries, or it is a run folder
+    from before markers whose top-level names are all ones a run writes."""
     path = Path(path)
-    return (path / MARKER).exists() or (path / "recipe.yaml").exists()
+    if path.is_symlink() or not path.is_dir():
+        return False
+    names = os.listdir(path)
+    if MARKER not in names and "recipe.yaml" not in names:
+        return False
+    if MARKER in names and read_marker(path) is None:
+        return False
+    return not foreign_entries(path)
 
 
-def check_destination(dest: Path, *, what: str, sources: Sequence[Path] = (), replace: bool = False) -> None:
+def write_marker(folder: Path, kind: str) -> None:
+    """(Re)write MARKER listing the folder's entries as they are now: the list is what a later
+    `--force` may delete, so call it after the last file is written."""
+    from . import __version__
+
+    if kind not in KINDS:
+        raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")
+    folder = Path(folder)
+    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not _is_temp(n))
+    tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, folder / MARKER)
+
+
+# ------------------------------------------------------------------------------ refusing
+
+
+def _abs(p: Path | str) -> Path:
+    """Absolute, symlinks resolved where they exist, so two spellings of one folder compare equal."""
+    return Path(os.path.realpath(str(p)))
+
+
+def local_inputs(recipe) -> list[Path]:
+    """The files and folders on this machine a recipe reads: model, data, init_from, fused sources.
+    A hub id that is not also a local path is no input here."""
+    cands: list[Any] = [recipe.model.name, recipe.data.source, recipe.init_from,
+                        *(getattr(recipe.method, "adapters", None) or [])]
+    return [Path(c) for c in cands if isinstance(c, str) and c and os.path.exists(c)]
+
+
+def check_paths(dest: Path, *, what: str, sources: Iterable[Path | str | None] = ()) -> None:
+    """The path-only half of check_destination (touches nothing, reads nothing): refuse the
+    current folder, its parents, the root, home and its parents, and any overlap with `sources`."""
+    raw = str(dest)
+    if raw.strip() in ("", "."):
+        raise UnsafePathError(f"{what} {raw!r} is the current folder; name a new folder for it (e.g. out/)")
+    if raw.startswith("~"):  # a folder literally named ~ invites a later `rm -rf ~`
+        raise UnsafePathError(f"{what} {raw!r} starts with '~', which no shell expanded here; write the path out")
+    d = _abs(dest)
+    if d == Path(d.anchor):
+        raise UnsafePathError(f"{what} {dest} is the root of the file system; name a new folder for it")
+    cwd = _abs(Path.cwd())
+    if d == cwd or d in cwd.parents:
+        where = "the current folder" if d == cwd else f"a parent of the current folder ({cwd})"
+        raise UnsafePathError(f"{what} {dest} is {where}; name a new folder for it (e.g. {dest}/out)")
+    home = _abs(Path.home())
+    if d == home or d in home.parents:
+        where = "your home folder" if d == home else f"a parent of your home folder ({home})"
+        raise UnsafePathError(f"{what} {dest} is {where}; name a new folder for it")
+    for s in sources:
+        if s is None or str(s) == "":
+            continue
+        rs = _abs(s)
+        if d == rs:
+            why = "is the same path as"
+        elif rs in d.parents:
+            why = "is inside"
+        elif d in rs.parents:
+            why = "contains"
+        else:
+            continue
+        raise UnsafePathError(
+            f"{what} {dest} {why} {s}, which this command reads; choose a folder outside it"
+        )
+
+
+def check_destination(dest: Path, *, what: str, sources: Sequence[Path | str | None] = (),
+                      replace: bool = False) -> None:
+    """Refuse, before anything is written, a destination that is unsafe to fill or to replace.
+
+    `sources` are what the command reads (run, recipe, data, init_from, base model); `replace` is
+    --force / output.overwrite. Leftovers of a killed peftcli writing to `dest` are tidied first
+    (only its own `.peftcli-tmp/old-PID` siblings), so a crash never blocks the next try.
+    """
     dest = Path(dest)
-    if str(dest) in ("", ".") or dest.resolve() in (Path("/"), Path.home(), *Path.cwd().resolve().parents, Path.cwd().resolve()):
-        raise UnsafePathError(f"{what}: {dest!s} is not a folder peftcli may use")
-    if dest.exists() and any(dest.iterdir()):
-        if not replace:
-            raise UnsafePathError(f"{dest} already holds a run; pass --resume to continue it, set output.overwrite=true")
-        if not is_ours(dest):
-            raise UnsafePathError(f"{dest} is not a folder peftcli wrote; refusing to delete it")
+    check_paths(dest, what=what, sources=sources)
+    recover_stale(dest)
+    if dest.is_symlink():
+        raise UnsafePathError(f"{what} {dest} is a symbolic link; name the folder itself, or a new one")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise UnsafePathError(f"{what} {dest} exists and is not a folder; choose another path or move it away")
+    if not any(dest.iterdir()):
+        return
+    if not replace:
+        raise UnsafePathError(
+            f"{what} {dest} exists and is not empty; pass --force (output.overwrite: true in a recipe) "
+            "to replace it, or choose another folder"
+        )
+    if not is_ours(dest):
+        foreign = foreign_entries(dest) or [MARKER]
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UnsafePathError(
+            f"{what} {dest} is not a folder peftcli wrote (it holds {shown}); refusing to delete it. "
+            "Choose another folder, or empty this one yourself"
+        )
+
+
+# ------------------------------------------------------------------------------ swapping
+
+
+def _sibling(dest: Path, role: str, pid: int | None = None) -> Path:
+    return dest.with_name(f".{dest.name}.peftcli-{role}-{os.getpid() if pid is None else pid}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file or folder to disk; file systems that cannot fsync a folder are let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _occupied(path: Path) -> bool:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        return True
+    return path.is_dir() and any(path.iterdir())
+
+
+@contextmanager
+def replacing(dest: Path, *, kind: str) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `dest` to write the new folder into. When the block
+    ends normally, MARKER is written, everything is flushed, the old `dest` (already checked) is
+    moved aside, the new one renamed into place and the old one removed. When the block raises,
+    only the temporary folder is removed: `dest` is never touched."""
+    if kind not in KINDS:
+        raise ValueError(f"folder kind {kind!r}; expected one of {', '.join(KINDS)}")
+    dest = Path(dest)
+    check_paths(dest, what=f"{kind} destination")  # cheap, and a caller that skipped the check never moves cwd
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(dest, "tmp")
+    if tmp.exists() or tmp.is_symlink():  # our own name and pid: a leftover of this very process
+        _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_marker(tmp, kind)
+        _fsync_tree(tmp)
+        if _occupied(dest) and not is_ours(dest):  # something moved in since the destination was checked
+            raise UnsafePathError(f"{dest} now holds files peftcli did not write; refusing to replace it")
+        aside = move_aside(dest)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, dest)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(dest.parent)
+    if aside is not None:
+        discard_aside(aside)
 
 
 def move_aside(dest: Path) -> Path | None:
+    """Rename an existing, already checked `dest` to its aside sibling and return that path
+    (None when there is nothing at `dest`). A rename, not a copy: instant, and reversible."""
     dest = Path(dest)
-    if not dest.exists():
+    if not dest.exists() and not dest.is_symlink():
         return None
-    aside = dest.with_name(f".{dest.name}.peftcli-old-{os.getpid()}")
-    dest.rename(aside)
+    check_paths(dest, what="folder to move aside")
+    aside = _sibling(dest, "old")
+    if aside.exists() or aside.is_symlink():
+        discard_aside(aside)
+    os.rename(dest, aside)
     return aside
 
 
 def restore_aside(aside: Path, dest: Path) -> None:
-    if Path(dest).exists() and is_ours(dest):
-        shutil.rmtree(dest)
-    Path(aside).rename(dest)
+    """Put a folder moved aside back at `dest` (a new run failed before its first checkpoint).
+    Whatever the failed attempt left at `dest` is removed only if peftcli wrote it."""
+    aside, dest = Path(aside), Path(dest)
+    if dest.exists() or dest.is_symlink():
+        if _occupied(dest) and not is_ours(dest):
+            raise UnsafePathError(
+                f"{dest} holds files peftcli did not write, so the previous folder was not put back; it is at {aside}"
+            )
+        _remove(dest)
+    os.rename(aside, dest)
 
 
 def discard_aside(aside: Path) -> None:
+    """Remove a folder moved aside, only if peftcli wrote it (or it is empty)."""
+    aside = Path(aside)
+    if not aside.exists() and not aside.is_symlink():
+        return
+    if aside.is_dir() and not aside.is_symlink() and not any(aside.iterdir()):
+        aside.rmdir()
+        return
+    if not is_ours(aside):
+        raise UnsafePathError(f"{aside} is not a folder peftcli wrote; left in place")
     shutil.rmtree(aside)
 
 
-def write_marker(folder: Path, kind: str) -> None:
-    folder = Path(folder)
-    (folder / MARKER).write_text(json.dumps({"kind": kind, "entries": sorted(p.name for p in folder.iterdir())}))
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale(dest: Path) -> list[Path]:
+    """Tidy the siblings a killed peftcli left next to `dest`: its half-written temporary folder
+    is removed; its aside folder (the old `dest`) is put back if `dest` is missing, otherwise
+    discarded when peftcli wrote it. Siblings of live processes are left alone. Returns what it handled."""
+    dest = Path(dest)
+    parent = dest.parent
+    if not parent.is_dir():
+        return []
+    # The optional wrapping is checkpoint.atomic_dir_write's own temp beside our temp folder.
+    pattern = re.compile(r"(\.?)" + re.escape(f".{dest.name}.peftcli-") + r"(tmp|old)-(\d+)((?:\.(?:tmp|old)-\d+)?)")
+    handled: list[Path] = []
+    for entry in sorted(parent.iterdir()):
+        m = pattern.fullmatch(entry.name)
+        if m is None or (m.group(1) and not m.group(4)) or _alive(int(m.group(3))):
+            continue  # (a leading dot alone would be the sibling of a folder named .NAME)
+        if m.group(2) == "tmp" or m.group(1) or m.group(4):
+            _remove(entry)
+        elif not dest.exists() and not dest.is_symlink():
+            os.rename(entry, dest)
+        else:
+            try:
+                discard_aside(entry)
+            except UnsafePathError:
+                continue
+        handled.append(entry)
+    return handled
+
+
+__all__ = [
+    "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
+    "foreign_entries", "is_ours", "local_inputs", "move_aside", "read_marker", "recover_stale", "replacing",
+    "restore_aside", "write_marker",
+]

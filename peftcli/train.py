@@ -299,10 +299,7 @@ def set_up(
 
 def _protected(recipe: Recipe) -> list[Path]:
     """Paths a run folder must never be, hold or sit inside: the user's inputs."""
-    paths = [Path(p) for p in (recipe.source, recipe.init_from) if p]
-    if Path(recipe.data.source).exists():
-        paths.append(Path(recipe.data.source))
-    return paths
+    return [*([Path(recipe.source)] if recipe.source else []), *runfolder.local_inputs(recipe)]
 
 
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):

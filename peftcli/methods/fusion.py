@@ -277,9 +277,10 @@ def _load_source_weights(model: nn.Module, arch: Arch, sources: list[Source]) ->
     files = {}
     for s in sources:
         try:
-            files[s.index] = read_adapter(find_run_adapter(Path(s.run)))[0]
+            folder = find_run_adapter(Path(s.run))
         except CheckpointError:
             return  # a fused run reloading without its sources: load_state supplies the weights
+        files[s.index] = read_adapter(folder)[0]  # present but unreadable is an error, never skipped
     for name, fs in fusion_sites(model):
         layer = int(name[len(arch.layers_path) + 1:].split(".")[0])
         site = name.rsplit("_", 1)[1]
