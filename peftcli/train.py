@@ -206,6 +206,9 @@ def set_up(
     if resume:
         saved, saved_recipe, resume = _resume_target(recipe, run_dir, world, rank, console)
     elif rank == 0:
+        if not recipe.output.overwrite and (run_dir / "recipe.yaml").exists():
+            raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                                 "set output.overwrite=true to replace it, or choose output.dir")
         runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe),
                                     replace=recipe.output.overwrite)
     dist_utils.barrier()

@@ -180,3 +180,23 @@ def test_resume_before_any_checkpoint_restarts_with_one_curve(finished, tmp_path
     lines = (run / "metrics.jsonl").read_text().splitlines()
     ref_lines = (d / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(ref_lines)
+
+
+@pytest.mark.parametrize("where", ["user_folder", "cwd", "parent_of_cwd", "init_from", "data_parent"])
+def test_overwrite_never_deletes_what_is_not_a_run(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch, where,
+                                                   finished):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(user)
+    extra = []
+    dest = {"user_folder": user, "cwd": Path("."), "parent_of_cwd": tmp_path, "init_from": finished[0] / "run",
+            "data_parent": tiny_csv.parent}[where]
+    if where == "init_from":
+        extra = [f"init_from={finished[0] / 'run'}"]
+    rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv)
+    before = {p: p.read_bytes() for p in Path(dest).rglob("*") if p.is_file()}
+    res = invoke("train", rec, f"output.dir={dest}", "output.overwrite=true", *extra)
+    assert res.exit_code == 2, res.output
+    assert (user / "notes.txt").read_text() == "keep me"
+    assert {p: p.read_bytes() for p in Path(dest).rglob("*") if p.is_file()} == before
