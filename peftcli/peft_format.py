@@ -368,6 +368,19 @@ def _meta_model(recipe, label_names: list[str] | None) -> nn.Module:
         return auto_class(recipe.model.task).from_config(config)
 
 
+def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Path, recipe_path: Path) -> None:
+    """The saved tensors must fit the recipe the export describes: a recipe edited after training
+    (another rank, other targets) would otherwise wrap old tensors in a config that lies about them."""
+    params = dict(model.named_parameters())
+    for k, v in sd.items():
+        p = params.get(k)
+        if p is not None and tuple(p.shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{adapter_dir}: {k} has shape {tuple(v.shape)}, but {recipe_path} describes {tuple(p.shape)}; "
+                "the recipe was changed after training: restore it or retrain"
+            )
+
+
 def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     """`peftcli export RUN --to peft DEST`."""
     from .build import attach_method
@@ -388,6 +401,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
     model = _meta_model(recipe, meta.get("label_names"))
     arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    _check_shapes(model, sd, adapter_dir, run / "recipe.yaml")
     with replacing(dest, kind="export") as tmp:
         return export_model(model, arch, spec, recipe, sd, tmp)
 
