@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
+from .core.quiet import quiet_libraries
 
 # hub id -> (package, how to find the model inside it)
 EMBEDDED: dict[str, tuple[str, str]] = {
@@ -148,11 +149,10 @@ def load_base_model(
 
         kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    cls = auto_class(task)  # imports transformers, which quiet_libraries only quiets once imported
     try:
-        model = auto_class(task).from_pretrained(src.path, **kwargs)
+        with quiet_libraries():
+            model = cls.from_pretrained(src.path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _offline_hint(name, e) from None
     if task == "classification" and model.config.pad_token_id is None:
