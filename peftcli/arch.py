@@ -156,8 +156,16 @@ _LLAMA = ArchSpec(
     lm_head="lm_head",
     embeddings=("model.embed_tokens", "embed_tokens"),
 )
-for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
+for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
     SPECS[_name] = _LLAMA
+
+# Model types that look like a mapped family but are not: refused by name, with the reason, rather
+# than mapped to a spec whose module paths they lack.
+REFUSED: dict[str, str] = {
+    "phi3": "Phi-3 fuses q, k and v into one `self_attn.qkv_proj` and the FFN's gate and up projections "
+            "into one `mlp.gate_up_proj`; the architecture map does not split fused projections for it, "
+            "so the roles q, k, v and ffn_in have no module of their own",
+}
 
 # Architecture-neutral target names users write in recipes.
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
@@ -301,6 +309,8 @@ def resolve(model: nn.Module) -> Arch:
     """Find the ArchSpec for a model and check that its paths exist."""
     config = model.config
     mt = model_type(config)
+    if mt in REFUSED:
+        raise UnsupportedArchitecture(f"model_type {mt!r} is not supported: {REFUSED[mt]}")
     spec = SPECS.get(mt)
     if spec is None:
         raise UnsupportedArchitecture(

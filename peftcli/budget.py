@@ -32,10 +32,9 @@ def meta_model(recipe: Recipe):
     config = load_config(recipe.model.name)
     if recipe.model.task == "classification":
         config.num_labels = recipe.model.num_labels or 2
-    import transformers
+    from .core.quiet import quiet_libraries
 
-    transformers.logging.set_verbosity_error()
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_libraries():
         model = auto_class(recipe.model.task).from_config(config)
     return model
 

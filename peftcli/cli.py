@@ -10,12 +10,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python 3.11+; annotations only
 
 app = typer.Typer(
     add_completion=True,
@@ -71,7 +74,7 @@ def _complete_methods(incomplete: str) -> list[str]:
 
 
 def _complete_recipes(incomplete: str) -> list[str]:
-    return [f.stem for f in _recipe_files() if f.stem.startswith(incomplete)]
+    return [name for name in _recipe_files() if name.startswith(incomplete)]
 
 
 def handle_errors(fn):
@@ -332,13 +335,22 @@ def validate(
 # ---------------------------------------------------------------------------------------- recipes
 
 
-def _recipe_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes"
+def _recipe_files() -> dict[str, Traversable]:
+    """The shipped recipes by name, read as package data of `peftcli.recipes`.
 
+    That package is the clone's top-level recipes/ folder (peftcli/recipes links to it, and the
+    wheel carries it as peftcli/recipes/), so a clone, an editable install and a wheel install
+    list the same recipes. Nothing else is searched: a recipe missing here is a packaging bug
+    that should show, not be papered over by a second place to look.
+    """
+    from importlib.resources import files
 
-def _recipe_files() -> list[Path]:
-    d = _recipe_dir()
-    return sorted(d.glob("*.yaml")) if d.exists() else []
+    try:
+        root = files("peftcli.recipes")
+    except ModuleNotFoundError:
+        return {}
+    found = [f for f in root.iterdir() if f.name.endswith(".yaml") and f.is_file()]
+    return {f.name.removesuffix(".yaml"): f for f in sorted(found, key=lambda f: f.name)}
 
 
 @recipes_app.callback()
@@ -354,11 +366,14 @@ def recipes_list(ctx: typer.Context) -> None:
     table.add_column("model")
     table.add_column("data")
     table.add_column("description")
-    for f in _recipe_files():
-        text = f.read_text()
+    shipped = _recipe_files()
+    if not shipped:
+        err.print("[yellow]no recipes found in the peftcli.recipes package[/]; this installation lacks them")
+    for name, f in shipped.items():
+        text = f.read_text(encoding="utf-8")
         desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
         raw = yaml.safe_load(text) or {}
-        table.add_row(f.stem, str((raw.get("method") or {}).get("name", "")), str((raw.get("model") or {}).get("name", "")),
+        table.add_row(name, str((raw.get("method") or {}).get("name", "")), str((raw.get("model") or {}).get("name", "")),
                       str((raw.get("data") or {}).get("source", "")), desc)
     out.print(table)
 
@@ -373,7 +388,7 @@ def recipes_copy(
     """Copy a shipped recipe to edit."""
     import difflib
 
-    names = {f.stem: f for f in _recipe_files()}
+    names = _recipe_files()
     key = name.removesuffix(".yaml")
     if key not in names:
         close = difflib.get_close_matches(key, list(names), n=1)
@@ -382,7 +397,7 @@ def recipes_copy(
     target = dest / f"{key}.yaml" if dest.is_dir() else dest
     if target.exists():
         raise UsageError(f"{target} exists; choose another destination")
-    target.write_text(names[key].read_text())
+    target.write_text(names[key].read_text(encoding="utf-8"), encoding="utf-8")
     out.print(f"copied {key} to {target}")
 
 

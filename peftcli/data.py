@@ -82,7 +82,8 @@ def _load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
     """Splits of a hub dataset or a local file, as lists of rows."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    from .core.quiet import quiet_libraries
+
     src = cfg.source
     p = Path(src).expanduser()
     if why := missing_data_file(src):  # never ask the hub for a misspelt file name
@@ -93,9 +94,11 @@ def _load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
             if ext is None:
                 raise DataError(f"data.source: {src}: unsupported file type {p.suffix!r}; use csv, json, jsonl or parquet")
             kw = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
-            ds = datasets.load_dataset(ext, data_files={"train": str(p)}, **kw)
+            with quiet_libraries():
+                ds = datasets.load_dataset(ext, data_files={"train": str(p)}, **kw)
         else:
-            ds = datasets.load_dataset(src, cfg.config_name)
+            with quiet_libraries():
+                ds = datasets.load_dataset(src, cfg.config_name)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001  (network, missing dataset, bad file)

@@ -43,7 +43,11 @@ def init_from_env(device_choice: str) -> tuple[int, int]:
 
 
 def _quiet_libraries() -> None:
-    """Progress bars and warnings of transformers and datasets: rank 0 shows them for all."""
+    """Progress bars and warnings of transformers and datasets: rank 0 shows them for all.
+
+    Global on purpose, unlike `core.quiet.quiet_libraries`: a non-zero rank is a torchrun child
+    that runs peftcli's training and nothing else, so no other program's settings are changed.
+    """
     import datasets
     import transformers
 

@@ -1,18 +1,15 @@
-"""AdapterDrop (Rücklé et al. 2021): switch adapters off in chosen layers.
+"""`peftcli drop`: switch adapters off in chosen layers of a run, measure, write a new run.
 
-Every module a method inserts inside a transformer layer carries an `adapter_enabled` flag and
-skips its own contribution when it is False. Dropping is therefore a walk over the layers, with
-no knowledge of which method put what where.
-
-A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off modules
-(`disabled_modules`); `pipeline.load_run` switches them off again after loading, so `peftcli eval`
-and a further `peftcli drop` see the dropped model. The adapter file is copied unchanged.
+The switch itself (AdapterDrop, Rücklé et al. 2021) is `core.switch`; this module is the command
+above it. A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off
+modules (`disabled_modules`); `pipeline.load_run` switches them off again after loading, so
+`peftcli eval` and a further `peftcli drop` see the dropped model. The adapter file is copied
+unchanged.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import statistics
 import time
@@ -22,83 +19,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Arch
+from .build import pick_device
+from .checkpoint import CheckpointError, find_run_adapter
+from .core.switch import (  # re-exported: training and older callers import the switch from here
+    adapter_modules,
+    apply_recorded,
+    disable_layers,
+    disabled_modules,
+    dropped_layers,
+    flags,
+    random_drop,
+    set_dropped_layers,
+    set_flags,
+)
+from .evaluate import evaluate
+from .methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
+from .pipeline import collator, load_run, prepare_data
+from .recipe import recipe_yaml
+from .registry import parse_layers
 
 
 class DropError(ValueError):
     """Bad drop request: exit 2 at the command line."""
-
-
-def adapter_modules(layer: nn.Module) -> list[nn.Module]:
-    return [m for m in layer.modules() if hasattr(m, "adapter_enabled")]
-
-
-def set_dropped_layers(model: nn.Module, arch: Arch, dropped: set[int] | list[int]) -> int:
-    """Disable adapters in `dropped` layers and enable them elsewhere; returns modules switched off."""
-    dropped = set(dropped)
-    off = 0
-    for i, layer in enumerate(arch.layers):
-        for m in adapter_modules(layer):
-            m.adapter_enabled = i not in dropped
-            off += i in dropped
-    return off
-
-
-def random_drop(model: nn.Module, arch: Arch, max_layers: int, rng: random.Random | None = None) -> int:
-    """Robust training: drop adapters from the n lowest layers, n drawn uniformly from 0..max_layers."""
-    n = (rng or random).randint(0, min(max_layers, arch.num_layers))
-    set_dropped_layers(model, arch, set(range(n)))
-    return n
-
-
-# ------------------------------------------------------------------------ switching, recording
-
-
-def disable_layers(model: nn.Module, arch: Arch, layers: set[int] | list[int]) -> int:
-    """Switch adapters off in `layers`, leaving every other flag as it is (unlike set_dropped_layers)."""
-    off = 0
-    for i in set(layers):
-        for m in adapter_modules(arch.layer(i)):
-            off += bool(m.adapter_enabled)
-            m.adapter_enabled = False
-    return off
-
-
-def flags(model: nn.Module) -> dict[str, bool]:
-    return {n: bool(m.adapter_enabled) for n, m in model.named_modules() if hasattr(m, "adapter_enabled")}
-
-
-def set_flags(model: nn.Module, state: dict[str, bool]) -> None:
-    for n, on in state.items():
-        model.get_submodule(n).adapter_enabled = on
-
-
-def disabled_modules(model: nn.Module) -> list[str]:
-    return [n for n, on in flags(model).items() if not on]
-
-
-def apply_recorded(model: nn.Module, meta: dict[str, Any]) -> int:
-    """Switch off the modules a dropped run's meta.json lists; returns how many."""
-    names = meta.get("disabled_modules") or []
-    for n in names:
-        try:
-            m = model.get_submodule(n)
-        except AttributeError:
-            from .checkpoint import CheckpointError
-
-            raise CheckpointError(f"the run's meta.json drops {n}, which this model does not have") from None
-        m.adapter_enabled = False
-    return len(names)
-
-
-def dropped_layers(model: nn.Module, arch: Arch) -> list[int]:
-    """Layers whose adapter modules are all switched off."""
-    out = []
-    for i, layer in enumerate(arch.layers):
-        mods = adapter_modules(layer)
-        if mods and not any(m.adapter_enabled for m in mods):
-            out.append(i)
-    return out
 
 
 # ------------------------------------------------------------------------ measuring
@@ -107,8 +49,6 @@ def dropped_layers(model: nn.Module, arch: Arch) -> list[int]:
 def timed_eval(model: nn.Module, examples: list[dict], collate, *, task: str, device: torch.device,
                batch_size: int, precision: str, num_labels: int | None) -> tuple[dict[str, Any], float]:
     """Metrics and examples per second of one pass over `examples` (fixed batches, no shuffling)."""
-    from .evaluate import evaluate
-
     t = time.perf_counter()
     m = evaluate(model, examples, collate, task=task, device=device, batch_size=batch_size,
                  precision=precision, num_labels=num_labels)
@@ -123,8 +63,6 @@ def compare(model: nn.Module, states: dict[str, dict[str, bool]], examples: list
     `repeats` times (in reverse order every other time) so that load from other processes hits
     them alike; speed is the median. An untimed pass first: the first time a batch shape is seen
     costs extra (kernel and buffer set-up), which would otherwise count against the first state."""
-    from .evaluate import evaluate
-
     set_flags(model, next(iter(states.values())))
     evaluate(model, examples, collate, **kw)
     out: dict[str, dict[str, Any]] = {}
@@ -162,12 +100,6 @@ def drop_run(
     force: bool = False,
 ) -> dict[str, Any]:
     """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run."""
-    from .build import pick_device
-    from .checkpoint import CheckpointError, find_run_adapter
-    from .pipeline import collator, load_run, prepare_data
-    from .recipe import recipe_yaml
-    from .registry import parse_layers
-
     if layers is None and lowest is None and prune_fusion is None:
         raise DropError("say what to drop: --layers 0-4, --lowest N, or --prune-fusion K")
     if layers is not None and lowest is not None:
@@ -186,8 +118,6 @@ def drop_run(
             raise DropError(f"--lowest {lowest}: the model has {n} layers")
         chosen = list(range(lowest))
     if prune_fusion is not None:
-        from .methods.fusion import fusion_sites
-
         if not fusion_sites(model):
             raise DropError(f"--prune-fusion: {run} is a {built.spec.name} run, not a fused one")
         if prune_fusion < 1:
@@ -213,8 +143,6 @@ def drop_run(
     attention = None
     switched = disable_layers(model, arch, chosen)
     if prune_fusion is not None:
-        from .methods.fusion import attention_table, prune, read_sources, record_attention
-
         set_flags(model, before)  # attention is measured on the model as it was
         record_attention(model, True)
         timed_eval(model, examples, collate, **kw)

@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from .arch import Arch
+from .core.precision import autocast_ctx, forward_inputs
 from .data import Collator, batches
 from .losses import causal_lm_loss_from_logits
+
+# autocast_ctx and forward_inputs live in core.precision; importing them from here keeps working
+# until every caller (train.py) imports them from there.
+__all__ = ["autocast_ctx", "evaluate", "forward_inputs", "generate_texts", "generation_eval", "label_match"]
 
 
 def _macro_f1(preds: list[int], golds: list[int], n: int) -> float:
@@ -23,26 +28,6 @@ def _macro_f1(preds: list[int], golds: list[int], n: int) -> float:
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / max(len(f1s), 1)
-
-
-def autocast_ctx(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cuda" and precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def forward_inputs(batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
-    """The model's arguments for one training or evaluation batch.
-
-    Causal LMs run without a KV cache: nothing continues from it, building one copies every
-    layer's keys and values, and its per-layer state makes compiled layers recompile one by one.
-    """
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if task != "classification":
-        inputs["use_cache"] = False
-    return inputs
 
 
 @torch.no_grad()

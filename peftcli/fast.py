@@ -27,11 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+from .core.precision import autocast_dtype as _autocast_dtype  # old name, kept for importers
 
 
 class _LoraLinearFn(torch.autograd.Function):

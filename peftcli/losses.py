@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .core.precision import autocast_dtype
 from .data import IGNORE
-from .fast import _autocast_dtype
 
 
 class _Passthrough(nn.Module):
@@ -106,7 +106,7 @@ def linear_cross_entropy_sum(head: nn.Linear, h: torch.Tensor, y: torch.Tensor, 
     if not torch.is_grad_enabled():  # inputs may still require grad; nothing will ask for it
         h, w, b = h.detach(), w.detach(), b.detach() if b is not None else None
     dev = h.device.type
-    dt = _autocast_dtype(dev)
+    dt = autocast_dtype(dev)
     if dt is not None:
         h, w = h.to(dt), w.to(dt)
         b = b.to(dt) if b is not None else None

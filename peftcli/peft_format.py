@@ -361,10 +361,9 @@ def _meta_model(recipe, label_names: list[str] | None) -> nn.Module:
     if recipe.model.task == "classification":
         config.num_labels = len(label_names) if label_names else (recipe.model.num_labels or 2)
     config._attn_implementation = recipe.model.attn_implementation
-    import transformers
+    from .core.quiet import quiet_libraries
 
-    transformers.logging.set_verbosity_error()
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_libraries():
         return auto_class(recipe.model.task).from_config(config)
 
 

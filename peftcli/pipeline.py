@@ -13,6 +13,7 @@ from torch import nn
 from .arch import Arch
 from .build import attach_method
 from .checkpoint import CheckpointError, find_run_adapter, load_adapter_state, read_adapter
+from .core.switch import apply_recorded
 from .data import Collator, Splits, load_splits, tokenize
 from .models import load_base_model, load_tokenizer, resolve_dtype
 from .recipe import Recipe, load_recipe
@@ -146,9 +147,7 @@ def load_run(run: str | Path, device: torch.device, overrides: list[str] | None 
     label_names = meta.get("label_names")
     built = build(recipe, device, label_names=label_names)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, sd)
-    from .drop import apply_recorded  # a run written by `peftcli drop` lists its switched-off adapters
-
-    apply_recorded(built.model, meta)
+    apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
     return built, meta
 
 
