@@ -26,9 +26,10 @@ from . import distributed as dist_utils
 from . import runfolder
 from .build import pick_device, trainable_summary
 from .checkpoint import atomic_file_write, recover_dir, save_adapter
+from .core.precision import autocast_ctx, forward_inputs
+from .core.switch import random_drop, set_dropped_layers
 from .data import DataError, batches, num_batches
-from .drop import random_drop, set_dropped_layers
-from .evaluate import autocast_ctx, evaluate, forward_inputs, generation_eval
+from .evaluate import evaluate, generation_eval
 from .fast import compile_layers, trim_unread_positions
 from .faults import kill_point
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
