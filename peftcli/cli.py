@@ -39,6 +39,8 @@ BAD_INPUT, FAILURE = 2, 1
 def _bad_input_types() -> tuple[type, ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import DistributedEnvError
+    from .faults import InjectedBadInput
     from .models import ModelLoadError
     from .recipe import RecipeError
     from .runfolder import UnsafePathError
@@ -46,7 +48,7 @@ def _bad_input_types() -> tuple[type, ...]:
     from .train import RunExistsError
 
     types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
-                          UnsafePathError, ResumeError]
+                          UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError]
     try:
         from .arch import UnsupportedArchitecture
 
@@ -524,11 +526,40 @@ def drop(
     out.print(f"dropped run written to {rep['dest']} (reload max |Δlogit| {rep['reload_max_diff']:.1e})")
 
 
+def _exit_now_if_rank(code: int) -> None:
+    """Under torchrun, a failing rank leaves at once, without the interpreter's tear-down.
+
+    Its peers are waiting in a collective; closing its connections now is what tells them. The
+    tear-down may itself wait on them (destroying a process group mid-collective can block), and
+    nothing it would flush matters more than the message already printed.
+    """
+    if not code or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from .launch import record_rank_exit
+
+    record_rank_exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001  (a closed pipe must not keep the rank alive)
+            pass
+    os._exit(code)
+
+
 def main() -> None:
     try:
         app()
     except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        _exit_now_if_rank(code)
         sys.exit(e.code)
+    except BaseException:  # PEFTCLI_DEBUG=1 lets errors through as tracebacks
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import traceback
+
+            traceback.print_exc()
+            _exit_now_if_rank(FAILURE)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,11 +8,19 @@ after a change of ranks.
 Collectives: under FSDP every parameter is a DTensor shard, so turning it into a full tensor is a
 collective that every rank must enter in the same order. Every function here that says
 "all ranks" must therefore be called by every rank, even though only rank 0 writes the result.
+
+Failure: a rank that fails leaves the others inside a collective. It exits at once (peftcli.cli
+skips the interpreter's tear-down under torchrun), its peers see the connection close, torchrun
+stops whatever is left, and the launcher returns the failing rank's exit code (peftcli.launch).
+The process-group timeout (PEFTCLI_DIST_TIMEOUT) bounds the remaining case, a rank that is alive
+but never reaches the collective.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +29,37 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import read_adapter
+from .faults import raise_point
 
 
 class DistributedSetupError(RuntimeError):
     pass
+
+
+class DistributedEnvError(ValueError):
+    """A malformed PEFTCLI_* environment setting for distributed runs: bad input (exit 2)."""
+
+
+TIMEOUT_ENV = "PEFTCLI_DIST_TIMEOUT"
+# torch's own default is 30 minutes. A rank that dies is normally noticed at once (its peers see
+# the connection close, and torchrun stops the rest), so this only bounds a rank that is alive but
+# never reaches the collective. The longest legitimate wait is the others at a barrier while
+# rank 0 writes a checkpoint; 10 minutes covers adapters and most full fine-tunes.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective may wait for the slowest rank before it fails on every rank."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise DistributedEnvError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 600")
+    return timedelta(seconds=seconds)
 
 
 def init_from_env(device_choice: str) -> tuple[int, int]:
@@ -36,7 +71,7 @@ def init_from_env(device_choice: str) -> tuple[int, int]:
         if use_cuda:
             # NCCL needs each rank on its own GPU before the first collective.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=collective_timeout())
     if dist.get_rank() != 0:
         _quiet_libraries()
     return dist.get_rank(), dist.get_world_size()
@@ -103,6 +138,8 @@ def check_setup(mode: str, world: int, quantization: str) -> str:
 
 def mean_across_ranks(value: torch.Tensor) -> float:
     """All ranks: the mean of a scalar over ranks (a NaN on any rank makes every rank see NaN)."""
+    # Called once per micro-batch: a rank failing here leaves the others inside the all-reduce.
+    raise_point("dist:all-reduce")
     if not is_dist():
         return float(value)
     t = value.detach().float().reshape(1).clone()

@@ -3,13 +3,74 @@
 The parent process checks what it can before starting N children (a recipe error or a missing
 GPU should be one message, not N tracebacks), then hands over to torchrun and returns its exit
 status.
+
+Exit status: torchrun answers 1 whatever went wrong, and the rank it names as the root cause is
+the first one *it noticed*, not necessarily the first that failed. So each rank that fails records
+its own exit code and the time into a folder the launcher passes in PEFTCLI_EXIT_DIR, and the
+launcher returns the code of the earliest failure: 2 when a rank refused bad input, 1 when one
+failed while running, whatever the ranks it took down with it reported afterwards.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+EXIT_DIR_ENV = "PEFTCLI_EXIT_DIR"
+
+
+@dataclass(frozen=True)
+class RankExit:
+    rank: int
+    code: int
+    time: float
+
+
+def record_rank_exit(code: int) -> None:
+    """In a rank: note a non-zero exit for the launcher. Never raises: the rank is exiting anyway."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if not folder or not code:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        path = Path(folder) / f"rank{rank}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": rank, "code": code, "time": time.time()}))
+        os.replace(tmp, path)  # the launcher never reads half a record
+    except OSError:
+        pass
+
+
+def read_rank_exits(folder: Path) -> list[RankExit]:
+    out = []
+    for f in sorted(Path(folder).glob("rank*.json")):
+        try:
+            d = json.loads(f.read_text())
+            out.append(RankExit(int(d["rank"]), int(d["code"]), float(d["time"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def first_failure(torchrun_status: int, exits: list[RankExit]) -> tuple[int, RankExit | None]:
+    """The launcher's exit code, and the rank exit it comes from (None: torchrun's own status).
+
+    A rank killed by a signal records nothing; then torchrun's status stands.
+    """
+    if torchrun_status == 0:
+        return 0, None
+    failed = [e for e in exits if e.code != 0]
+    if not failed:
+        # subprocess reports a signal as a negative status; a shell would say 128 + signal.
+        return (128 - torchrun_status if torchrun_status < 0 else torchrun_status), None
+    first = min(failed, key=lambda e: (e.time, e.rank))
+    return first.code, first
 
 
 def torchrun_command(
@@ -35,7 +96,7 @@ def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: b
     r = load_recipe(recipe, overrides)
     # The recipe's own train.distributed wins; `none` means "not chosen", and N processes need one.
     mode = r.train.distributed if r.train.distributed != "none" else "ddp"
-    from .distributed import check_setup
+    from .distributed import check_setup, collective_timeout
 
     check_setup(mode, nproc, r.model.quantization)
     device = pick_device(r.train.device)
@@ -50,4 +111,16 @@ def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: b
             raise RuntimeError(
                 f"--nproc {nproc} but only {torch.cuda.device_count()} CUDA device(s) visible; one process per GPU"
             )
-    return subprocess.call(torchrun_command(recipe, overrides, nproc, mode=mode, resume=resume, smoke=smoke))
+    collective_timeout()  # a malformed PEFTCLI_DIST_TIMEOUT is one message here, not N
+    cmd = torchrun_command(recipe, overrides, nproc, mode=mode, resume=resume, smoke=smoke)
+    with tempfile.TemporaryDirectory(prefix="peftcli-exits-") as exit_dir:
+        status = subprocess.call(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
+        code, first = first_failure(status, read_rank_exits(Path(exit_dir)))
+    if first is not None:
+        from rich.console import Console
+
+        kind = "bad input" if code == 2 else "failure"
+        Console(stderr=True).print(
+            f"[red]error:[/] rank {first.rank} failed first ({kind}, exit {code}; its message is above); "
+            "the other ranks were stopped", highlight=False, soft_wrap=True)
+    return code
