@@ -261,6 +261,7 @@ def test_merge_of_a_qlora_run_refused_without_cuda(tmp_path):
     (run / "recipe.yaml").write_text(recipe_yaml(load_recipe("recipes/smollm2_qlora.yaml")))
     assert yaml.safe_load((run / "recipe.yaml").read_text())["model"]["quantization"] == "nf4"
     save_file({"x": torch.zeros(1)}, str(run / "adapter" / "adapter.safetensors"))
+    (run / "adapter" / "meta.json").write_text('{"method": "lora"}')
     res = CliRunner().invoke(app, ["merge", str(run), str(tmp_path / "merged")])
     assert res.exit_code == 2, res.output
     assert "nf4 needs a CUDA GPU" in " ".join(res.output.split())
