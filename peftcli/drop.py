@@ -1,7 +1,7 @@
 """AdapterDrop (Rücklé et al. 2021): switch adapters off in chosen layers.
 
-Every module a method inserts inside a transformer layer carries an `adapter_enabled` flag and
-skips its own contribution when it is False. Dropping is therefore a walk over the layers, with
+Every module a method inserts inside a transformer layer is an adapter module (peftcli.core.adapter)
+and skips its own contribution when its `adapter_enabled` flag is False. Dropping is therefore a walk over the layers, with
 no knowledge of which method put what where.
 
 A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off modules
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
+from .core.adapter import is_adapter_module
 
 
 class DropError(ValueError):
@@ -30,7 +31,7 @@ class DropError(ValueError):
 
 
 def adapter_modules(layer: nn.Module) -> list[nn.Module]:
-    return [m for m in layer.modules() if hasattr(m, "adapter_enabled")]
+    return [m for m in layer.modules() if is_adapter_module(m)]
 
 
 def set_dropped_layers(model: nn.Module, arch: Arch, dropped: set[int] | list[int]) -> int:
@@ -65,7 +66,7 @@ def disable_layers(model: nn.Module, arch: Arch, layers: set[int] | list[int]) -
 
 
 def flags(model: nn.Module) -> dict[str, bool]:
-    return {n: bool(m.adapter_enabled) for n, m in model.named_modules() if hasattr(m, "adapter_enabled")}
+    return {n: bool(m.adapter_enabled) for n, m in model.named_modules() if is_adapter_module(m)}
 
 
 def set_flags(model: nn.Module, state: dict[str, bool]) -> None:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import is_conv1d
+
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
@@ -106,10 +108,9 @@ def lora_linear(
     then uses the plain formula). Under autocast, every operand is cast to the autocast dtype the
     way autocast would cast F.linear's, and the Function runs with autocast off so that forward
     and backward see the same dtypes."""
-    kind = type(base)
-    if kind is nn.Linear:
+    if type(base) is nn.Linear:
         conv1d = False
-    elif kind.__name__ == "Conv1D":
+    elif is_conv1d(base):
         conv1d = True
     else:
         return None

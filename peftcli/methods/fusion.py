@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..core.adapter import AdapterModule
+from ..core.hf_call import SequenceMask, sequence_mask
 from ..registry import register
 from .bottleneck import adapted_layers, add_after, add_post_ln, dense_bottleneck, factory_kwargs, get_role
-from .unipelt import SequenceMask, sequence_mask
 
 # Source methods that can be fused, and the sites each one adapts.
 SITES = {"pfeiffer": ("ffn",), "houlsby": ("attn", "ffn")}
@@ -135,7 +136,7 @@ def _check(sources: list[Source]) -> list[Source]:
 # ---------------------------------------------------------------------------------------- module
 
 
-class FusionSite(nn.Module):
+class FusionSite(AdapterModule):
     """The frozen source adapters of one site and the attention that mixes them."""
 
     def __init__(
@@ -143,7 +144,6 @@ class FusionSite(nn.Module):
         device: torch.device, dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.adapters = nn.ModuleDict(adapters)
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query = nn.Linear(hidden, hidden, **fk) if cfg.query else None

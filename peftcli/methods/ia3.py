@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import Arch, linear_dims, set_module
+from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
+from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..registry import parse_layers, register, select_linears
-
-QKV = ("q", "k", "v")
 
 
 @dataclass
@@ -36,13 +35,11 @@ class IA3Config:
     layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(LayerAdapter):
     """A frozen linear layer whose input or output is rescaled by a learned vector."""
 
     def __init__(self, base: nn.Module, scale_input: bool, rows: list[int] | None = None) -> None:
-        super().__init__()
-        self.base = base
-        self.adapter_enabled = True
+        super().__init__(base)
         self.scale_input = scale_input
         in_f, out_f = linear_dims(base)
         self.in_features, self.out_features = in_f, out_f
@@ -76,7 +73,7 @@ class IA3Linear(nn.Module):
     @torch.no_grad()
     def merged_base(self) -> nn.Module:
         base = self.base
-        conv = type(base).__name__ == "Conv1D"  # weight stored (in, out)
+        conv = is_conv1d(base)  # weight stored (in, out)
         w = base.weight
         if self.scale_input:
             vec = self.ia3_l.view(-1).to(torch.float32)
@@ -87,20 +84,6 @@ class IA3Linear(nn.Module):
         if getattr(base, "bias", None) is not None:
             base.bias.copy_((base.bias.float() * s).to(base.bias.dtype))
         return base
-
-
-def _fused_rows(arch: Arch, roles: set[str]) -> list[int] | None:
-    """Output rows of a fused [q; k; v] projection that belong to `roles`; None = all of them."""
-    if roles >= set(QKV):
-        return None
-    sizes = {"q": arch.num_heads * arch.head_dim, "k": arch.num_kv_heads * arch.head_dim,
-             "v": arch.num_kv_heads * arch.head_dim}
-    rows, start = [], 0
-    for r in QKV:
-        if r in roles:
-            rows.extend(range(start, start + sizes[r]))
-        start += sizes[r]
-    return rows
 
 
 def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, list[int] | None]]:
@@ -122,7 +105,7 @@ def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, 
         for i in layers if layers is not None else range(arch.num_layers):
             path = arch.path(i, "q")
             if path in out and path not in by_other and not out[path][0]:
-                out[path] = (False, _fused_rows(arch, set(qkv_roles)))
+                out[path] = (False, arch.fused_qkv_rows(set(qkv_roles)))
     return out
 
 
@@ -132,9 +115,7 @@ def attach(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
 
 
 def merge(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, IA3Linear):
-            set_module(model, name, mod.merged_base())
+    merge_layer_adapters(model, IA3Linear)
 
 
 register(

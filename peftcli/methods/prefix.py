@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import Arch
+from ..core.adapter import AdapterModule
+from ..core.hf_call import BackboneCall, accepts, backbone
 from ..quant import float_dtype
 from ..registry import register
-from .prompt import BackboneCall, accepts, backbone
 
 ATTR = "peftcli_prefix"  # the store on the top model, and the LayerPrefix child of each attention module
 PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings` [L, layers * 2 * kv_heads * head_dim]
@@ -118,12 +119,11 @@ class PrefixStore(nn.Module):
         self._cache = None
 
 
-class LayerPrefix(nn.Module):
+class LayerPrefix(AdapterModule):
     """Lives inside one attention module; tells the attention function what to prepend."""
 
     def __init__(self, store: PrefixStore, index: int, inner: Any, additive_mask: bool) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.index = index
         self.inner = inner  # the model's own attention function (sdpa or its eager one)
         self.additive_mask = additive_mask  # eager masks are float and added to the scores

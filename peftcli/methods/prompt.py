@@ -19,7 +19,6 @@ moved by L. Numerically the forward equals PEFT's `PromptTuningConfig` for the s
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..core.hf_call import BackboneCall, accepts, backbone
 from ..registry import register
 
 ATTR = "peftcli_prompt"
@@ -50,84 +50,6 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if self.init == "text" and not self.init_text:
             raise ValueError("method.init is 'text' but method.init_text is empty")
-
-
-# ------------------------------------------------------------------ backbone call helpers
-
-
-class BackboneCall:
-    """The arguments of one backbone forward call, by name, whatever was passed positionally."""
-
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sig = _signature(module)
-        self._bound = sig.bind_partial(*args, **kwargs)
-        self.a = self._bound.arguments
-        self._var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
-
-    def get(self, name: str) -> Any:
-        if name in self.a:
-            return self.a[name]
-        if self._var_kw and self._var_kw in self.a:
-            return self.a[self._var_kw].get(name)
-        return None
-
-    def set(self, name: str, value: Any) -> None:
-        if name in self._bound.signature.parameters:
-            self.a[name] = value
-        elif self._var_kw:
-            self.a.setdefault(self._var_kw, {})[name] = value
-        else:
-            raise TypeError(f"{name} is not an argument of this model's forward")
-
-    def call_args(self) -> tuple[tuple, dict]:
-        # All by keyword: HF's forward decorators fill some arguments (use_cache, ...) from the
-        # config when they are missing from kwargs, which would clash with positional ones.
-        kwargs = {k: v for k, v in self.a.items() if k != self._var_kw}
-        kwargs.update(self.a.get(self._var_kw, {}) if self._var_kw else {})
-        return (), kwargs
-
-    def seq_len(self) -> int:
-        ids = self.get("input_ids")
-        return (ids if ids is not None else self.get("inputs_embeds")).shape[1]
-
-    def batch_size(self) -> int:
-        ids = self.get("input_ids")
-        return (ids if ids is not None else self.get("inputs_embeds")).shape[0]
-
-    def device(self) -> torch.device:
-        ids = self.get("input_ids")
-        return (ids if ids is not None else self.get("inputs_embeds")).device
-
-    def past_len(self) -> int:
-        # transformers renamed the argument from past_key_values to cache (5.2x); accept both.
-        past = self.get("past_key_values")
-        if past is None:
-            past = self.get("cache")
-        if past is None:
-            return 0
-        if hasattr(past, "get_seq_length"):
-            return int(past.get_seq_length())
-        return int(past[0][0].shape[-2])  # legacy tuple cache
-
-
-_SIGS: dict[type, inspect.Signature] = {}
-
-
-def _signature(module: nn.Module) -> inspect.Signature:
-    t = type(module)
-    if t not in _SIGS:
-        _SIGS[t] = inspect.signature(module.forward)
-    return _SIGS[t]
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The module that maps token ids to hidden states (HF's `base_model`)."""
-    return getattr(model, "base_model", model)
-
-
-def accepts(module: nn.Module, name: str) -> bool:
-    params = _signature(module).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 # ------------------------------------------------------------------ the prompt
@@ -265,4 +187,4 @@ register(
     merge_refusal="prompt tuning adds virtual input tokens, not a weight change; load the run instead",
 )(attach)
 
-__all__ = ["PROMPT_KEY", "BackboneCall", "PromptConfig", "PromptEmbedding", "attach", "backbone", "find_store"]
+__all__ = ["PROMPT_KEY", "PromptConfig", "PromptEmbedding", "attach", "find_store"]
