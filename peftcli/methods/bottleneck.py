@@ -78,6 +78,13 @@ class DenseBottleneckOptions(BottleneckOptions):
     )
 
 
+# Why the bottleneck methods have no HF PEFT twin ("{name}": the method's name).
+NO_PEFT_REASON = (
+    "HF PEFT has no bottleneck adapters (W_up act(W_down h) inserted into each layer), so its format "
+    "cannot hold a {name} adapter; use the run folder with peftcli (eval, generate)"
+)
+
+
 def bottleneck_dim(hidden: int, cfg: BottleneckOptions) -> int:
     if cfg.bottleneck_size is not None:
         return cfg.bottleneck_size
@@ -290,6 +297,7 @@ def place_sequential(
 
 
 __all__ = [
+    "NO_PEFT_REASON",
     "AdapterInit",
     "Bottleneck",
     "BottleneckOptions",

@@ -13,13 +13,15 @@ are not trained.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import peft_format
 from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
 from ..core.adapter import LayerAdapter, merge_layer_adapters
-from ..registry import parse_layers, register, select_linears
+from ..registry import PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -118,11 +120,67 @@ def merge(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
     merge_layer_adapters(model, IA3Linear)
 
 
+# ------------------------------------------------------------------ HF PEFT's IA3 type
+
+
+def peft_layout(model: nn.Module, arch: Arch, cfg: IA3Config, lay: peft_format.Layout) -> None:
+    """As LoRA's, plus which targets scale their input (feedforward_modules) and, for GPT-2's fused
+    q/k/v with only some roles targeted, the rows our shorter vector fills in PEFT's full one."""
+    wrapped = peft_format.adapted_linears(model, IA3Linear, "ia3")
+    ff = [n for n, m in wrapped if m.scale_input]
+    suffix = peft_format.linear_targets(model, lay, wrapped, ff)
+    lay.config["feedforward_modules"] = sorted({suffix[n] for n in ff})
+    lay.feedforward = {f"{n}.ia3_l" for n in ff}
+    lay.config["init_ia3_weights"] = True
+    for n, m in wrapped:
+        key = f"base_model.model.{n}.ia3_l"
+        lay.to_peft[f"{n}.ia3_l"] = key
+        lay.module_of[key] = n
+        if m.ia3_rows is not None:
+            lay.rows[f"{n}.ia3_l"] = (_fused_rows(arch, cfg), m.out_features)
+
+
+def _fused_rows(arch: Arch, cfg: IA3Config) -> list[int]:
+    """Rows of GPT-2's fused [q; k; v] output that IA³ scales when only some of q/k/v are targeted."""
+    rows = arch.fused_qkv_rows({t for t in cfg.targets if t in QKV})
+    if rows is None:
+        raise peft_format.PeftFormatError("internal: IA³ row subset without a q/k/v role in method.targets")
+    return rows
+
+
+def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {"targets": peft_format.module_list(config, "target_modules"),
+            "feedforward": peft_format.module_list(config, "feedforward_modules")}
+
+
+def check_peft_tensor(key: str, name: str, t: torch.Tensor, lay: peft_format.Layout, where: str,
+                      config: dict[str, Any]) -> None:
+    """A vector scales its layer's input in PEFT when it is [1, in], its output when [out, 1]; the
+    recipe's method.feedforward must say the same of each target."""
+    if not name.endswith(".ia3_l"):
+        return
+    scales_input = t.ndim == 2 and t.shape[0] == 1 and t.shape[1] > 1
+    if scales_input != (name in lay.feedforward):
+        theirs, ours = ("input", "output") if scales_input else ("output", "input")
+        raise peft_format.PeftFormatError(
+            f"{where}: {lay.module_of[key]} scales its {theirs} in the adapter (feedforward_modules: "
+            f"{config.get('feedforward_modules')}) but its {ours} under the recipe; set method.feedforward to match"
+        )
+
+
 register(
     "ia3",
     IA3Config,
     summary="IA³: learned vectors (init 1) rescaling keys, values and the FFN activation; mergeable",
     merge=merge,
+    positionwise=True,
+    peft=PeftTwin(
+        peft_type="IA3",
+        layout=peft_layout,
+        import_config=from_peft_config,
+        check_tensor=check_peft_tensor,
+        key_suffixes=(".ia3_l",),
+    ),
 )(attach)
 
 __all__ = ["IA3Config", "IA3Linear", "attach", "merge"]

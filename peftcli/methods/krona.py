@@ -103,4 +103,9 @@ register(
     KronaConfig,
     summary="Kronecker-product update s·(A ⊗ B) beside chosen linear layers; mergeable",
     merge=merge,
+    positionwise=True,
+    no_peft_reason=(
+        "HF PEFT has no KronA update s·(A ⊗ B) (its LoKr factorises differently and is not "
+        "interchangeable); `peftcli merge` turns the run into a plain HF model instead"
+    ),
 )(attach)

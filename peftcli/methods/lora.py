@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import peft_format
 from ..arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
 from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..fast import lora_linear
 from ..quant import float_dtype
-from ..registry import parse_layers, register, select_linears
+from ..registry import PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -139,11 +141,91 @@ def merge(model: nn.Module, arch: Arch, cfg: LoraConfig) -> None:
     merge_layer_adapters(model, LoraLinear)
 
 
+def needs_dense_base(cfg: LoraConfig) -> str:
+    if not cfg.use_dora:
+        return ""
+    return ("with method.use_dora: DoRA normalises the dense base weight, which a 4-bit base does not hold; "
+            "use plain LoRA (method.use_dora: false)")
+
+
+# ------------------------------------------------------------------ HF PEFT's LORA type
+
+
+def peft_layout(model: nn.Module, arch: Arch, cfg: LoraConfig, lay: peft_format.Layout) -> None:
+    """PEFT's tensors sit at our module paths: our wrappers replace the layer they adapt as PEFT's do."""
+    wrapped = peft_format.adapted_linears(model, LoraLinear, "lora")
+    peft_format.linear_targets(model, lay, wrapped)
+    for n, m in wrapped:
+        for t in m.peft_tensors:
+            lay.to_peft[f"{n}.{t}"] = f"base_model.model.{n}.{t}"
+            lay.module_of[f"base_model.model.{n}.{t}"] = n
+    lay.config.update({
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "use_dora": cfg.use_dora,
+        "bias": "none",
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    })
+
+
+def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    block: dict[str, Any] = dict(
+        r=config.get("r", 8), alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0)), targets=peft_format.module_list(config, "target_modules"),
+        rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)),
+    )
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        block["layers"] = ",".join(str(i) for i in ([layers] if isinstance(layers, int) else layers))
+    return block
+
+
+def peft_settings(config: dict[str, Any], cfg: LoraConfig) -> tuple[list[tuple[str, str, Any, Any]], list[str]]:
+    pairs = [
+        ("r", "r", config.get("r", 8), cfg.r),
+        ("lora_alpha", "alpha", float(config.get("lora_alpha", 8)), float(cfg.alpha)),
+        ("use_rslora", "rslora", bool(config.get("use_rslora", False)), cfg.rslora),
+        ("use_dora", "use_dora", bool(config.get("use_dora", False)), cfg.use_dora),
+    ]
+    problems = []
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("adapter_config.json sets rank_pattern/alpha_pattern (a rank or alpha per layer), "
+                        "which peftcli's LoRA does not have")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "eva")):
+        problems.append(
+            f"adapter_config.json has init_lora_weights: {init!r}: such an adapter is only valid on the modified "
+            "base weights it was saved with; have PEFT convert it to a plain LoRA adapter first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append(f"adapter_config.json trains biases (bias: {config.get('bias')!r}, lora_bias: "
+                        f"{config.get('lora_bias')}), which peftcli's LoRA does not")
+    return pairs, problems
+
+
 register(
     "lora",
     LoraConfig,
     summary="low-rank update B·A beside chosen linear layers (rsLoRA, DoRA as options); mergeable",
     merge=merge,
+    positionwise=True,
+    needs_dense_base=needs_dense_base,
+    peft=PeftTwin(
+        peft_type="LORA",
+        layout=peft_layout,
+        import_config=from_peft_config,
+        settings=peft_settings,
+        key_suffixes=(".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_embedding_A",
+                      ".lora_embedding_B", ".lora_A.bias", ".lora_B.bias"),
+    ),
 )(attach)
 
 __all__ = ["LoraConfig", "LoraLinear", "attach", "merge", "merge_into_base", "wrap_linears", "dense_weight"]

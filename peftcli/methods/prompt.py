@@ -26,9 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import peft_format
 from ..arch import Arch
 from ..core.hf_call import BackboneCall, accepts, backbone
-from ..registry import register
+from ..registry import PeftTwin, register
 
 ATTR = "peftcli_prompt"
 PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings`, shape [L, hidden]
@@ -180,11 +181,47 @@ def attach(model: nn.Module, arch: Arch, cfg: PromptConfig) -> None:
     ]
 
 
+# ------------------------------------------------------------------ HF PEFT's PROMPT_TUNING type
+
+
+def peft_layout(model: nn.Module, arch: Arch, cfg: PromptConfig, lay: peft_format.Layout) -> None:
+    lay.config.update(peft_format.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=False))
+    lay.config.update({
+        "prompt_tuning_init": "RANDOM",  # the weights are in the file; TEXT would make PEFT load a tokenizer
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+    })
+    lay.to_peft[PROMPT_KEY] = "prompt_embeddings"
+    if lay.task == "classification" and arch.spec.lm_head:
+        lay.notes.append(
+            "PEFT's prompt tuning makes a decoder classifier pool the last position of each row, a pad token "
+            "in right-padded rows; give PEFT unpadded or left-padded batches to get peftcli's predictions"
+        )
+
+
+def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {"num_virtual_tokens": config.get("num_virtual_tokens", 20), "init": "random"}
+
+
+def peft_settings(config: dict[str, Any], cfg: PromptConfig) -> tuple[list[tuple[str, str, Any, Any]], list[str]]:
+    return [("num_virtual_tokens", "num_virtual_tokens", config.get("num_virtual_tokens"), cfg.num_virtual_tokens)], []
+
+
 register(
     "prompt",
     PromptConfig,
     summary="prompt tuning: L trainable embeddings prepended to the input (init vocab, random or text)",
     merge_refusal="prompt tuning adds virtual input tokens, not a weight change; load the run instead",
+    # Not positionwise: it strips the virtual positions from the backbone's output, which a head
+    # reading the trimmed last layer would then find empty.
+    peft=PeftTwin(
+        peft_type="PROMPT_TUNING",
+        layout=peft_layout,
+        import_config=from_peft_config,
+        settings=peft_settings,
+        prompt_learning=True,
+    ),
 )(attach)
 
 __all__ = ["PROMPT_KEY", "PromptConfig", "PromptEmbedding", "attach", "find_store"]

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..arch import Arch
+from ..arch import Arch, linear_dims
 from ..core.adapter import AdapterModule
 from ..core.hf_call import Capture, SequenceMask, sequence_mask
 from ..registry import register, select_linears
@@ -180,10 +180,12 @@ def attach(model: nn.Module, arch: Arch, cfg: UniPeltConfig) -> None:
             get_role(arch, i, "ffn").register_forward_pre_hook(a.capture, with_kwargs=True)
 
 
-def closed_form(hidden: int, num_layers: int, cfg: UniPeltConfig, lora_dims: list[tuple[int, int]]) -> int:
-    """Prefix MLP + gated LoRA (r·(in + out) + in + 1 each) + gated adapters + prefix gates."""
+def closed_form(hidden: int, num_layers: int, cfg: UniPeltConfig, lora_dims: list[tuple[int, int]],
+                kv_width: int | None = None) -> int:
+    """Prefix MLP + gated LoRA (r·(in + out) + in + 1 each) + gated adapters + prefix gates.
+    kv_width = kv_heads · head_dim, which is hidden without grouped-query attention."""
     L, m, b = cfg.num_virtual_tokens, cfg.adapter_size, cfg.prefix_bottleneck
-    width = num_layers * 2 * hidden  # kv_heads · head_dim = hidden without grouped-query attention
+    width = num_layers * 2 * (kv_width or hidden)
     prefix = L * hidden + (hidden * b + b) + (b * width + width)
     lora = sum(cfg.lora_r * (i + o) + i + 1 for i, o in lora_dims)
     adapter = num_layers * (2 * m * hidden + m + hidden + hidden + 1)
@@ -197,6 +199,11 @@ def gate_values(model: nn.Module) -> dict[str, Any]:
             if isinstance(m, SequenceGate) and m.last is not None}
 
 
+def budget(model: nn.Module, arch: Arch, cfg: UniPeltConfig) -> int:
+    dims = [linear_dims(m.base) for m in model.modules() if isinstance(m, GatedLoraLinear)]
+    return closed_form(arch.hidden_size, arch.num_layers, cfg, dims, arch.num_kv_heads * arch.head_dim)
+
+
 register(
     "unipelt",
     UniPeltConfig,
@@ -204,6 +211,13 @@ register(
     merge_refusal="UniPELT's prefix and adapter are not weight deltas, and its LoRA gate depends on the input",
     export_state=prefix_method.export_state,
     load_state=prefix_method.load_state,
+    # Not positionwise: every gate averages over the whole sequence, so the last layer's outputs at
+    # the position the head reads depend on every other position's FFN input.
+    no_peft_reason=(
+        "HF PEFT has no UniPELT (LoRA, prefix tuning and a bottleneck adapter, each behind a learned gate); "
+        "use the run folder with peftcli"
+    ),
+    budget=budget,
 )(attach)
 
 __all__ = [
