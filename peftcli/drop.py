@@ -1,7 +1,7 @@
 """AdapterDrop (Rücklé et al. 2021): switch adapters off in chosen layers.
 
-Every module a method inserts inside a transformer layer is an adapter module (peftcli.core.adapter)
-and skips its own contribution when its `adapter_enabled` flag is False. Dropping is therefore a walk over the layers, with
+Every module a method inserts inside a transformer layer carries an `adapter_enabled` flag and
+skips its own contribution when it is False. Dropping is therefore a walk over the layers, with
 no knowledge of which method put what where.
 
 A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off modules
