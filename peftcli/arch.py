@@ -169,6 +169,7 @@ REFUSED: dict[str, str] = {
 
 # Architecture-neutral target names users write in recipes.
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+QKV = ("q", "k", "v")  # in this order in a fused projection's output (GPT-2's c_attn)
 
 
 class UnsupportedArchitecture(ValueError):
@@ -275,6 +276,19 @@ class Arch:
                     seen[p] = None
         return list(seen)
 
+    def fused_qkv_rows(self, roles: set[str]) -> list[int] | None:
+        """Output rows of a fused [q; k; v] projection that belong to `roles`; None = all of them."""
+        if roles >= set(QKV):
+            return None
+        sizes = {"q": self.num_heads * self.head_dim, "k": self.num_kv_heads * self.head_dim,
+                 "v": self.num_kv_heads * self.head_dim}
+        rows, start = [], 0
+        for r in QKV:
+            if r in roles:
+                rows.extend(range(start, start + sizes[r]))
+            start += sizes[r]
+        return rows
+
     def pooler(self) -> tuple[str, nn.Module] | None:
         for name in self.spec.pooler:
             m = _get(self.model, name)
@@ -331,25 +345,31 @@ def resolve(model: nn.Module) -> Arch:
     raise UnsupportedArchitecture(f"{mt}: none of {spec.layers} is a ModuleList in this model")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out). By name, so that no code
+    outside this map needs transformers' class."""
+    return type(module).__name__ == "Conv1D"
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) for nn.Linear and GPT-2's Conv1D."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     w = module.weight
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return w.shape[0], w.shape[1]
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """Weight as (out, in) whatever the storage convention."""
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return module.weight.t()
     return module.weight
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:

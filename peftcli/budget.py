@@ -51,7 +51,7 @@ PRECISIONS: dict[str, tuple[float, float, float, float]] = {
 
 
 def memory_estimate(
-    trainable: int, total: int, quantizable: int, *, method: str = "lora",
+    trainable: int, total: int, quantizable: int, *, method: str | None = None,
     tokens: int = 0, hidden: int = 0, layers: int = 0,
 ) -> list[dict]:
     """Bytes for weights, gradients and AdamW state under each precision a user can pick.
@@ -60,13 +60,13 @@ def memory_estimate(
     other frozen parameter (embeddings, norms, biases, heads) stays in bf16 under QLoRA.
     `tokens` (batch × sequence length), `hidden` and `layers` give the activation estimate.
     """
-    from .quant import _NEEDS_DENSE_BASE
+    from .quant import dense_base_refusal
 
     frozen = total - trainable
     rows = []
     for name, (fb, tw, g, o) in PRECISIONS.items():
         if name == "nf4 QLoRA":
-            if method in _NEEDS_DENSE_BASE or frozen == 0:
+            if (method is not None and dense_base_refusal(method) is not None) or frozen == 0:
                 continue
             weights = quantizable * NF4_BITS / 8 + (frozen - quantizable) * fb + trainable * tw
         else:
@@ -87,8 +87,10 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
     from .quant import quantized_names
 
     model = meta_model(recipe)
-    arch, _ = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     s = trainable_summary(model)
+    # The method's own closed form for what it adds (None where it has none): a cross-check of the count.
+    s["closed_form"] = spec.budget(model, arch, recipe.method) if spec.budget is not None else None
     s["table"] = per_module_table(model, depth=depth)
     s["quantizable"] = sum(model.get_submodule(n).weight.numel() for n in quantized_names(model))
     s["batch_size"], s["seq_len"] = batch_size, seq_len

@@ -29,7 +29,7 @@ def attach_method(
         arch.train_pooler = True
     freeze(model)
     spec.attach(model, arch, method_cfg)
-    if method_name != "full":
+    if not spec.trains_base:
         for _, head in arch.head_modules():
             for p in head.parameters():
                 p.requires_grad_(True)

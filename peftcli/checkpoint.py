@@ -58,7 +58,7 @@ def load_adapter_state(model: nn.Module, spec, arch, cfg, sd: dict[str, torch.Te
             f"adapter has {len(unknown)} tensors this model lacks (e.g. {unknown[0]}); "
             "was it trained with another base model or method?"
         )
-    if missing_from_file and spec.name != "full":
+    if missing_from_file and not spec.trains_base:
         raise CheckpointError(f"adapter is missing {len(missing_from_file)} trained tensors (e.g. {missing_from_file[0]})")
     copy_into_params(params, sd)
 

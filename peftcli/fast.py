@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import is_conv1d
 from .core.precision import autocast_dtype as _autocast_dtype  # old name, kept for importers
 
 
@@ -102,10 +103,9 @@ def lora_linear(
     then uses the plain formula). Under autocast, every operand is cast to the autocast dtype the
     way autocast would cast F.linear's, and the Function runs with autocast off so that forward
     and backward see the same dtypes."""
-    kind = type(base)
-    if kind is nn.Linear:
+    if type(base) is nn.Linear:
         conv1d = False
-    elif kind.__name__ == "Conv1D":
+    elif is_conv1d(base):
         conv1d = True
     else:
         return None
@@ -176,15 +176,6 @@ def compile_layers(model: nn.Module, arch: Any, mode: str | None = None) -> int:
 # Families whose sequence-classification head reads one position of the last layer's output
 # (BERT's pooler, RoBERTa's and ELECTRA's heads all take position 0).
 _HEAD_READS_POSITION = {"bert": 0}
-# Methods whose computation after the last attention is position by position, so that dropping
-# unread positions there changes no number the head sees (each checked against the untrimmed
-# model in tests/test_lora_fast.py). Left alone: UniPELT (its gates average over the sequence),
-# prompt tuning (it strips the virtual positions from the backbone's output, which a head reading
-# the last hidden state would then find empty) and fusion (not checked).
-_POSITIONWISE_METHODS = {
-    "full", "lora", "bitfit", "ia3", "krona", "prefix",
-    "houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter++", "mam",
-}
 
 
 class _KeepPosition:
@@ -240,13 +231,18 @@ def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -
     (keys and values still need every position). The head's logits are unchanged (same values
     up to float reordering), and so is every gradient; only dropout draws fewer random numbers.
     Returns the hook handles (remove them to undo); an empty list where the model, task or
-    method is not one this is known to be exact for.
+    method is not one this is known to be exact for (a method says so with its spec's
+    `positionwise`, each checked against the untrimmed model in tests/test_lora_fast.py).
     """
+    from .registry import all_methods
+
+    spec = all_methods().get(method)
     pos = _HEAD_READS_POSITION.get(arch.spec.family)
     if (
         task != "classification"
         or pos is None
-        or method not in _POSITIONWISE_METHODS
+        or spec is None
+        or not spec.positionwise
         or not type(model).__name__.endswith("ForSequenceClassification")
         or arch.spec.attn_out_block is None
     ):

@@ -20,14 +20,14 @@ import torch
 from rich.console import Console
 
 from .checkpoint import CheckpointError, find_run_adapter
-from .methods.fusion import FusionError, Source, read_sources
+from .methods.fusion import FusionConfig, FusionError, Source, read_sources
 from .recipe import Recipe, load_recipe
 from .runfolder import check_paths, local_inputs
 
 
 def prepare(recipe: Recipe) -> list[Source]:
     """Check the sources and record their method options in the recipe (in place)."""
-    if recipe.method_name != "fusion":
+    if not isinstance(recipe.method, FusionConfig):
         raise FusionError(f"peftcli fuse needs a recipe with method.name: fusion (this one has {recipe.method_name!r})")
     cfg = recipe.method
     if len(cfg.adapters) < 2:

@@ -88,7 +88,9 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
 def check_plain(model: torch.nn.Module) -> None:
     """Raise unless `model` is a plain transformers model again: no adapter module, no peftcli class,
     no attention function or hook left behind by a method."""
-    leftovers = [n for n, m in model.named_modules() if hasattr(m, "adapter_enabled")]
+    from .core.adapter import is_adapter_module
+
+    leftovers = [n for n, m in model.named_modules() if is_adapter_module(m)]
     if leftovers:
         raise RuntimeError(f"merge left adapter modules in place (e.g. {leftovers[0]})")
     ours = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if type(m).__module__.startswith("peftcli")]

@@ -3,7 +3,10 @@
 A PEFT adapter folder is `adapter_config.json` + `adapter_model.safetensors`. Four of our methods
 have a PEFT twin computing the same function (LoRA with rsLoRA and DoRA, IA³, prefix tuning,
 prompt tuning), so their weights can go to PEFT users and come back from them. Everything here is
-a key rename plus bookkeeping, decided by one `Layout` computed from the live model:
+a key rename plus bookkeeping, decided by one `Layout` computed from the live model. This file does
+what every type shares; the method's spec (`MethodSpec.peft`, a `PeftTwin` in the method's own
+file) fills in its type's config entries and tensor names, turns a PEFT config back into recipe
+options, and says which settings must agree. A method without a twin says why (`no_peft_reason`).
 
 - LoRA/DoRA/IA³ tensors sit at `base_model.model.<module path>.<tensor>`, exactly our module path,
   because our wrappers take the place of the layer they adapt as PEFT's do.
@@ -38,53 +41,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Arch
+from .arch import Arch, is_conv1d
 from .checkpoint import CheckpointError, atomic_dir_write, load_tensors
-from .registry import MethodSpec
+from .core.adapter import LayerAdapter, is_adapter_module
+from .registry import MethodSpec, PeftTwin, all_methods
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
 
-# PEFT's peft_type -> our method name.
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
-PROMPT_LEARNING = ("PREFIX_TUNING", "PROMPT_TUNING")
 
-# Why a method has no PEFT adapter to become. Methods not listed get a generic reason.
-_BOTTLENECK = (
-    "HF PEFT has no bottleneck adapters (W_up act(W_down h) inserted into each layer), so its format "
-    "cannot hold a {name} adapter; use the run folder with peftcli (eval, generate)"
+# Why a method has no PEFT adapter to become, when its spec does not say.
+_NO_TWIN = (
+    "HF PEFT has no method computing the same function, so its format cannot hold a {name} adapter; "
+    "use the run folder with peftcli"
 )
-NO_PEFT_EQUIVALENT: dict[str, str] = {
-    "houlsby": _BOTTLENECK,
-    "pfeiffer": _BOTTLENECK,
-    "parallel": _BOTTLENECK,
-    "scaled_parallel": _BOTTLENECK,
-    "compacter": _BOTTLENECK.replace("bottleneck adapters", "Compacter, i.e. bottleneck adapters with PHM weights"),
-    "compacter++": _BOTTLENECK.replace("bottleneck adapters", "Compacter, i.e. bottleneck adapters with PHM weights"),
-    "mam": (
-        "HF PEFT has no MAM adapter (prefix tuning together with a parallel bottleneck adapter); "
-        "exporting the prefix alone would not reproduce the model, so use the run folder with peftcli"
-    ),
-    "unipelt": (
-        "HF PEFT has no UniPELT (LoRA, prefix tuning and a bottleneck adapter, each behind a learned gate); "
-        "use the run folder with peftcli"
-    ),
-    "krona": (
-        "HF PEFT has no KronA update s·(A ⊗ B) (its LoKr factorises differently and is not "
-        "interchangeable); `peftcli merge` turns the run into a plain HF model instead"
-    ),
-    "bitfit": (
-        "HF PEFT has no BitFit: the trained biases are base-model weights, not an adapter; "
-        "use the run folder with peftcli"
-    ),
-    "full": "full fine-tuning trains the whole model, which is no adapter; use the run folder with peftcli",
-    "fusion": (
-        "HF PEFT has no AdapterFusion (attention over several bottleneck adapters); "
-        "use the run folder with peftcli"
-    ),
-}
 
 
 class PeftFormatError(CheckpointError):
@@ -93,20 +65,28 @@ class PeftFormatError(CheckpointError):
 
 def export_refusal(method_name: str) -> str | None:
     """None when the method has a PEFT twin, else why not."""
-    if method_name in PEFT_TYPES.values():
+    spec = all_methods().get(method_name)
+    if spec is not None and spec.peft is not None:
         return None
-    reason = NO_PEFT_EQUIVALENT.get(method_name) or (
-        "HF PEFT has no method computing the same function, so its format cannot hold a {name} adapter; "
-        "use the run folder with peftcli"
-    )
+    reason = (spec.no_peft_reason if spec is not None else "") or _NO_TWIN
     return f"cannot export method {method_name!r} to HF PEFT: " + reason.format(name=method_name)
 
 
-def peft_type_for(method_name: str) -> str:
+def _twin(method_name: str) -> PeftTwin:
     refusal = export_refusal(method_name)
     if refusal:
         raise PeftFormatError(refusal)
-    return next(k for k, v in PEFT_TYPES.items() if v == method_name)
+    return all_methods()[method_name].peft
+
+
+def peft_type_for(method_name: str) -> str:
+    return _twin(method_name).peft_type
+
+
+def _twins_by_type() -> dict[str, tuple[str, PeftTwin]]:
+    """PEFT's peft_type -> (our method name, its twin)."""
+    return {spec.peft.peft_type: (name, spec.peft) for name, spec in sorted(all_methods().items())
+            if spec.peft is not None}
 
 
 # ------------------------------------------------------------------------------ the layout
@@ -118,8 +98,11 @@ class Layout:
 
     peft_type: str
     config: dict[str, Any]
+    twin: PeftTwin
+    task: str  # the recipe's model.task
     to_peft: dict[str, str] = field(default_factory=dict)  # our tensor name -> PEFT key
-    # our IA³ tensor name -> (rows of the full output vector it fills, full length)
+    # our tensor name -> (rows of the full PEFT vector it fills, full length): IA³ on part of a
+    # fused projection; the other rows are 1 in PEFT's vector
     rows: dict[str, tuple[list[int], int]] = field(default_factory=dict)
     # our tensor names PEFT neither has nor needs (prefix tuning's reparameterisation MLP)
     ignored: set[str] = field(default_factory=set)
@@ -138,9 +121,9 @@ def _plain_module_names(model: nn.Module) -> list[str]:
     for name, mod in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if hasattr(mod, "adapter_enabled"):
+        if is_adapter_module(mod):
             inside.append(name)
-            if hasattr(mod, "base"):  # a wrapper standing where the base layer was
+            if isinstance(mod, LayerAdapter):  # a wrapper standing where the base layer was
                 names.append(name)
             continue
         if name.split(".")[-1].startswith("peftcli_"):
@@ -190,122 +173,62 @@ def _common_config(peft_type: str, recipe, arch: Arch) -> dict[str, Any]:
     }
 
 
-def _prompt_learning_dims(arch: Arch, peft_type: str) -> dict[str, Any]:
-    """token_dim / num_attention_heads as PEFT's own `_prepare_prompt_learning_config` sets them
-    (for prefix tuning they describe the key/value heads, which differ under grouped-query attention)."""
+def layout(model: nn.Module, arch: Arch, spec: MethodSpec, recipe) -> Layout:
+    """The PEFT config and key names for a model with `spec` attached as `recipe.method` says."""
+    twin = _twin(spec.name)
+    lay = Layout(peft_type=twin.peft_type, config=_common_config(twin.peft_type, recipe, arch), twin=twin,
+                 task=recipe.model.task)
+    head_prefix = "base_model." if twin.prompt_learning else "base_model.model."
+    lay.heads = _head_params(arch) if recipe.model.task == "classification" else []
+    for name in lay.heads:
+        lay.to_peft[name] = head_prefix + name
+    twin.layout(model, arch, recipe.method, lay)
+    return lay
+
+
+# ------------------------------------------------------------------------------ for the twins
+
+
+def adapted_linears(model: nn.Module, kind: type, method_name: str) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every `kind` wrapper in the model; refuses a model without any."""
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+    if not wrapped:
+        raise PeftFormatError(f"no {method_name} layers found in the model; nothing to export")
+    return wrapped
+
+
+def linear_targets(model: nn.Module, lay: Layout, wrapped: list[tuple[str, nn.Module]],
+                   feedforward: list[str] | None = None) -> dict[str, str]:
+    """Writes target_modules (and the storage convention) for wrapped linear layers into the
+    config; returns each wrapped path's suffix there."""
+    suffix = shortest_suffixes([n for n, _ in wrapped], _plain_module_names(model), feedforward or [])
+    lay.config["target_modules"] = sorted(set(suffix.values()))
+    lay.config["fan_in_fan_out"] = any(is_conv1d(m.base) for _, m in wrapped)
+    lay.config["exclude_modules"] = None
+    return suffix
+
+
+def prompt_learning_config(arch: Arch, num_virtual_tokens: int, *, kv_heads: bool) -> dict[str, Any]:
+    """num_virtual_tokens and the dimensions PEFT's own `_prepare_prompt_learning_config` sets:
+    with `kv_heads` (prefix tuning) token_dim / num_attention_heads describe the key/value heads,
+    which differ under grouped-query attention."""
     d: dict[str, Any] = {
+        "num_virtual_tokens": num_virtual_tokens,
         "num_layers": arch.num_layers,
         "token_dim": arch.hidden_size,
         "num_attention_heads": arch.num_heads,
         "num_transformer_submodules": 1,
     }
-    if peft_type == "PREFIX_TUNING" and getattr(arch.config, "num_key_value_heads", None) is not None:
+    if kv_heads and getattr(arch.config, "num_key_value_heads", None) is not None:
         d["token_dim"] = arch.head_dim * arch.num_kv_heads
         d["num_attention_heads"] = arch.num_kv_heads
     return d
 
 
-def layout(model: nn.Module, arch: Arch, spec: MethodSpec, recipe) -> Layout:
-    """The PEFT config and key names for a model with `spec` attached as `recipe.method` says."""
-    peft_type = peft_type_for(spec.name)
-    cfg = recipe.method
-    conf = _common_config(peft_type, recipe, arch)
-    lay = Layout(peft_type=peft_type, config=conf)
-    head_prefix = "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
-    lay.heads = _head_params(arch) if recipe.model.task == "classification" else []
-    for name in lay.heads:
-        lay.to_peft[name] = head_prefix + name
-
-    if peft_type in ("LORA", "IA3"):
-        from .methods.dora import DoraLinear
-        from .methods.ia3 import IA3Linear
-        from .methods.lora import LoraLinear
-
-        kinds = (LoraLinear, DoraLinear) if peft_type == "LORA" else (IA3Linear,)
-        wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-        if not wrapped:
-            raise PeftFormatError(f"no {spec.name} layers found in the model; nothing to export")
-        universe = _plain_module_names(model)
-        conv1d = any(type(m.base).__name__ == "Conv1D" for _, m in wrapped)
-        paths = [n for n, _ in wrapped]
-        ff = [n for n, m in wrapped if getattr(m, "scale_input", False)]
-        suffix = shortest_suffixes(paths, universe, ff)
-        conf["target_modules"] = sorted(set(suffix.values()))
-        conf["fan_in_fan_out"] = conv1d
-        conf["exclude_modules"] = None
-        if peft_type == "LORA":
-            for n, m in wrapped:
-                tensors = ["lora_A.weight", "lora_B.weight"]
-                if isinstance(m, DoraLinear):
-                    tensors.append("lora_magnitude_vector")
-                for t in tensors:
-                    lay.to_peft[f"{n}.{t}"] = f"base_model.model.{n}.{t}"
-                    lay.module_of[f"base_model.model.{n}.{t}"] = n
-            conf.update({
-                "r": cfg.r,
-                "lora_alpha": cfg.alpha,
-                "lora_dropout": cfg.dropout,
-                "use_rslora": cfg.rslora,
-                "use_dora": cfg.use_dora,
-                "bias": "none",
-                "lora_bias": False,
-                "init_lora_weights": True,
-                "layers_to_transform": None,
-                "layers_pattern": None,
-                "rank_pattern": {},
-                "alpha_pattern": {},
-            })
-        else:
-            conf["feedforward_modules"] = sorted({suffix[n] for n in ff})
-            lay.feedforward = {f"{n}.ia3_l" for n in ff}
-            conf["init_ia3_weights"] = True
-            for n, m in wrapped:
-                key = f"base_model.model.{n}.ia3_l"
-                lay.to_peft[f"{n}.ia3_l"] = key
-                lay.module_of[key] = n
-                if m.ia3_rows is not None:
-                    lay.rows[f"{n}.ia3_l"] = (_ia3_rows(arch, cfg), m.out_features)
-        return lay
-
-    dims = _prompt_learning_dims(arch, peft_type)
-    conf.update({"num_virtual_tokens": cfg.num_virtual_tokens, **dims})
-    if peft_type == "PREFIX_TUNING":
-        from .methods import prefix
-
-        if not cfg.shift_positions:
-            raise PeftFormatError(
-                "cannot export prefix tuning with method.shift_positions: false; PEFT always places real "
-                "tokens after the prefix's positions (retrain with method.shift_positions: true)"
-            )
-        conf.update({"encoder_hidden_size": dims["token_dim"], "prefix_projection": False, "init_weights": None})
-        lay.to_peft[prefix.PROMPT_KEY] = "prompt_embeddings"
-        lay.ignored = {f"{prefix.ATTR}.{n}" for n, _ in prefix.find_store(model).named_parameters()} - {prefix.PROMPT_KEY}
-    else:
-        from .methods import prompt
-
-        conf.update({
-            "prompt_tuning_init": "RANDOM",  # the weights are in the file; TEXT would make PEFT load a tokenizer
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None,
-            "tokenizer_kwargs": None,
-        })
-        lay.to_peft[prompt.PROMPT_KEY] = "prompt_embeddings"
-        if recipe.model.task == "classification" and arch.spec.lm_head:
-            lay.notes.append(
-                "PEFT's prompt tuning makes a decoder classifier pool the last position of each row, a pad token "
-                "in right-padded rows; give PEFT unpadded or left-padded batches to get peftcli's predictions"
-            )
-    return lay
-
-
-def _ia3_rows(arch: Arch, cfg) -> list[int]:
-    """Rows of GPT-2's fused [q; k; v] output that IA³ scales when only some of q/k/v are targeted."""
-    from .methods.ia3 import QKV, _fused_rows
-
-    rows = _fused_rows(arch, {t for t in cfg.targets if t in QKV})
-    if rows is None:
-        raise PeftFormatError("internal: IA³ row subset without a q/k/v role in method.targets")
-    return rows
+def module_list(config: dict[str, Any], key: str) -> list[str]:
+    """A PEFT config entry that is one module name or a list of them, as a sorted list."""
+    v = config.get(key)
+    return [v] if isinstance(v, str) else sorted(v or [])
 
 
 # ------------------------------------------------------------------------------ export
@@ -439,29 +362,14 @@ def _yaml_value(v: Any) -> str:
 def method_from_peft(config: dict[str, Any]) -> dict[str, Any]:
     """The recipe `method:` block that builds the adapter a PEFT config describes."""
     pt = str(config.get("peft_type", "")).upper()
-    if pt not in PEFT_TYPES:
+    twins = _twins_by_type()
+    if pt not in twins:
         raise PeftFormatError(
             f"PEFT adapter type {config.get('peft_type')!r} has no peftcli counterpart; "
-            f"peftcli reads {', '.join(PEFT_TYPES)}"
+            f"peftcli reads {', '.join(sorted(twins))}"
         )
-    block: dict[str, Any] = {"name": PEFT_TYPES[pt]}
-    tm = config.get("target_modules")
-    targets = [tm] if isinstance(tm, str) else sorted(tm or [])
-    if pt == "LORA":
-        block.update(r=config.get("r", 8), alpha=float(config.get("lora_alpha", 8)),
-                     dropout=float(config.get("lora_dropout", 0.0)), targets=targets,
-                     rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)))
-        layers = config.get("layers_to_transform")
-        if layers is not None:
-            block["layers"] = ",".join(str(i) for i in ([layers] if isinstance(layers, int) else layers))
-    elif pt == "IA3":
-        ff = config.get("feedforward_modules")
-        block.update(targets=targets, feedforward=[ff] if isinstance(ff, str) else sorted(ff or []))
-    elif pt == "PREFIX_TUNING":
-        block.update(num_virtual_tokens=config.get("num_virtual_tokens", 20))
-    else:
-        block.update(num_virtual_tokens=config.get("num_virtual_tokens", 20), init="random")
-    return block
+    name, twin = twins[pt]
+    return {"name": name, **twin.import_config(config)}
 
 
 def _check_settings(src: Path, config: dict[str, Any], recipe) -> None:
@@ -484,32 +392,9 @@ def _check_settings(src: Path, config: dict[str, Any], recipe) -> None:
             f"{where}: adapter_config.json has task_type {tt} but the recipe's model.task is {task!r}"
             + (f"; set model.task: {fix}" if fix else "; peftcli reads SEQ_CLS and CAUSAL_LM adapters")
         )
-    cfg = recipe.method
-    pairs: list[tuple[str, str, Any, Any]] = []  # (peft key, recipe key, theirs, ours)
-    problems: list[str] = []
-    if pt == "LORA":
-        pairs += [
-            ("r", "r", config.get("r", 8), cfg.r),
-            ("lora_alpha", "alpha", float(config.get("lora_alpha", 8)), float(cfg.alpha)),
-            ("use_rslora", "rslora", bool(config.get("use_rslora", False)), cfg.rslora),
-            ("use_dora", "use_dora", bool(config.get("use_dora", False)), cfg.use_dora),
-        ]
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            problems.append("adapter_config.json sets rank_pattern/alpha_pattern (a rank or alpha per layer), "
-                            "which peftcli's LoRA does not have")
-        init = config.get("init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "eva")):
-            problems.append(
-                f"adapter_config.json has init_lora_weights: {init!r}: such an adapter is only valid on the modified "
-                "base weights it was saved with; have PEFT convert it to a plain LoRA adapter first "
-                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-            )
-        if config.get("bias", "none") != "none" or config.get("lora_bias"):
-            problems.append(f"adapter_config.json trains biases (bias: {config.get('bias')!r}, lora_bias: "
-                            f"{config.get('lora_bias')}), which peftcli's LoRA does not")
-    elif pt in PROMPT_LEARNING:
-        pairs.append(("num_virtual_tokens", "num_virtual_tokens", config.get("num_virtual_tokens"),
-                      cfg.num_virtual_tokens))
+    twin = _twins_by_type()[pt][1]
+    # (peft key, recipe key, theirs, ours), and what no recipe key can fix
+    pairs, problems = twin.settings(config, recipe.method) if twin.settings is not None else ([], [])
     for pk, rk, theirs, ours in pairs:
         if theirs != ours:
             problems.append(f"adapter_config.json has {pk}: {_yaml_value(theirs)} but the recipe has "
@@ -526,8 +411,11 @@ def _strip_head_key(key: str) -> str:
 
 
 def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, src: Path, recipe,
-                    target_modules: Any = None, config_ff: Any = None) -> dict[str, torch.Tensor]:
-    """PEFT tensors renamed to ours; explains what the recipe would need to change on a mismatch."""
+                    config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """PEFT tensors renamed to ours; explains what the recipe would need to change on a mismatch.
+    `config` is the folder's adapter_config.json."""
+    config = config or {}
+    target_modules = config.get("target_modules")
     inverse = {v: k for k, v in lay.to_peft.items()}
     for ours in lay.heads:  # PEFT keeps heads under base_model. or base_model.model. depending on the type
         inverse.setdefault("base_model.model." + ours, ours)
@@ -540,14 +428,8 @@ def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, src: Path, re
         if name is None:
             unknown.append(key)
             continue
-        if name.endswith(".ia3_l"):
-            scales_input = t.ndim == 2 and t.shape[0] == 1 and t.shape[1] > 1
-            if scales_input != (name in lay.feedforward):
-                theirs, ours = ("input", "output") if scales_input else ("output", "input")
-                raise PeftFormatError(
-                    f"{where}: {lay.module_of[key]} scales its {theirs} in the adapter (feedforward_modules: "
-                    f"{config_ff}) but its {ours} under the recipe; set method.feedforward to match"
-                )
+        if lay.twin.check_tensor is not None:
+            lay.twin.check_tensor(key, name, t, lay, where, config)
         if name in lay.rows:
             rows, full = lay.rows[name]
             flat = t.reshape(-1)
@@ -593,8 +475,7 @@ def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, src: Path, re
 
 def _module_of(peft_key: str) -> str | None:
     """`base_model.model.<path>.lora_A.weight` -> <path>; None for keys that are not adapter tensors."""
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".ia3_l",
-                   ".lora_embedding_A", ".lora_embedding_B", ".lora_A.bias", ".lora_B.bias"):
+    for suffix in (sfx for _, twin in _twins_by_type().values() for sfx in twin.key_suffixes):
         if peft_key.endswith(suffix):
             return _strip_head_key(peft_key[: -len(suffix)])
     return None
@@ -608,7 +489,7 @@ def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, sr
     config, peft_sd = read_peft_folder(src)
     _check_settings(src, config, recipe)
     lay = layout(model, arch, spec, recipe)
-    sd = from_peft_state(peft_sd, lay, src, recipe, config.get("target_modules"), config.get("feedforward_modules"))
+    sd = from_peft_state(peft_sd, lay, src, recipe, config)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     for name, t in sd.items():
         if name in lay.heads and tuple(shapes[name]) != tuple(t.shape):

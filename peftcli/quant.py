@@ -20,25 +20,30 @@ class QuantizationUnavailable(RuntimeError):
     pass
 
 
-# Methods that change or read the frozen base weights themselves, which a 4-bit base cannot give.
-_NEEDS_DENSE_BASE = {
-    "full": "trains the base weights",
-    "bitfit": "trains the base model's biases, all of which peftcli then treats as base weights",
-}
+def dense_base_refusal(method: str, method_cfg: Any = None) -> str | None:
+    """Why `method` (with these options) cannot train on a frozen 4-bit base; None when it can.
+
+    Each method says so in its spec (`needs_dense_base`): full fine-tuning and BitFit train base
+    weights, DoRA takes norms of them. Without a config only what holds for every config counts.
+    """
+    from .registry import all_methods
+
+    spec = all_methods().get(method)
+    need = spec.needs_dense_base if spec is not None else ""
+    if callable(need):
+        text = need(method_cfg) if method_cfg is not None else ""
+        return f"model.quantization: nf4 {text}" if text else None
+    if need:
+        return (f"model.quantization: nf4 freezes the base in 4 bits; method {method!r} {need}. "
+                "Use an adapter method such as lora.")
+    return None
 
 
 def check_qlora_possible(method: str, device: torch.device, method_cfg: Any = None) -> None:
     """Refuse before any work when the machine or the method cannot run on a 4-bit base."""
-    if method in _NEEDS_DENSE_BASE:
-        raise QuantizationUnavailable(
-            f"model.quantization: nf4 freezes the base in 4 bits; method {method!r} {_NEEDS_DENSE_BASE[method]}. "
-            "Use an adapter method such as lora."
-        )
-    if getattr(method_cfg, "use_dora", False):
-        raise QuantizationUnavailable(
-            "model.quantization: nf4 with method.use_dora: DoRA normalises the dense base weight, "
-            "which a 4-bit base does not hold; use plain LoRA (method.use_dora: false)"
-        )
+    refusal = dense_base_refusal(method, method_cfg)
+    if refusal:
+        raise QuantizationUnavailable(refusal)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise QuantizationUnavailable(
             "model.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "

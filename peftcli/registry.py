@@ -1,20 +1,50 @@
-"""The method registry: one name -> one config dataclass + the functions that act on a model.
+"""The method registry: one name -> one config dataclass + everything peftcli knows about the method.
 
 A method file defines a dataclass of its options and an `attach` function, and registers both
-with `@register`. The recipe loader validates `method:` against the dataclass, so every option a
-method has is a documented, typo-checked recipe key.
+with `register`, together with the facts and hooks the rest of peftcli asks about a method (can
+it be merged, does it need a dense base, does the last-layer trim stay exact for it, what is its
+HF PEFT twin, ...). No other file keeps a list of method names: adding a method is its file plus
+its line in methods/__init__.py. The recipe loader validates `method:` against the dataclass, so
+every option a method has is a documented, typo-checked recipe key.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .arch import ROLES, Arch, is_linear
+
+
+@dataclass
+class PeftTwin:
+    """How a method's adapter is written as, and read from, one HF PEFT adapter type.
+
+    peft_format.py does the bookkeeping every type shares (the folder, the task head, the checks
+    of a folder against a recipe) and asks the twin for the rest.
+    """
+
+    peft_type: str  # PEFT's `peft_type`, e.g. "LORA"
+    # Fills in a peft_format.Layout for a model this method adapted with the given method config:
+    # the type's adapter_config.json entries and, per adapter tensor, our name -> PEFT key.
+    layout: Callable[[nn.Module, Arch, Any, Any], None]
+    # The recipe `method:` options (all but `name`) that build the adapter a PEFT config describes.
+    import_config: Callable[[dict], dict]
+    # What must agree between a folder's adapter_config.json and the recipe before its weights
+    # load: (PEFT key, recipe key, the folder's value, the recipe's), and problems no recipe key fixes.
+    settings: Callable[[dict, Any], tuple[list[tuple[str, str, Any, Any]], list[str]]] | None = None
+    # Checks one PEFT tensor against the layout while a folder is read:
+    # (PEFT key, our name, tensor, layout, "init_from DIR", adapter_config.json) -> None or raise.
+    check_tensor: Callable[[str, str, torch.Tensor, Any, str, dict], None] | None = None
+    # Prompt-learning types: PEFT does not wrap the model, so task heads sit under `base_model.`.
+    prompt_learning: bool = False
+    # How PEFT keys of this type's adapter tensors end, after the path of the module they adapt.
+    key_suffixes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -32,8 +62,26 @@ class MethodSpec:
     export_state: Callable[[nn.Module, Arch, Any], dict] | None = None
     # Loads what export_state wrote. None: load_state_dict on the trainable parameters.
     load_state: Callable[[nn.Module, Arch, Any, dict], None] | None = None
-    # Training-free bookkeeping shown by count-params, e.g. the closed-form parameter count.
-    extras: dict = field(default_factory=dict)
+    # Everything the method computes after the last layer's attention is position by position, so
+    # that fast.trim_unread_positions (running that part of the last layer only where the head
+    # reads) changes no number; set it only with a case in tests/test_lora_fast.py proving it.
+    positionwise: bool = False
+    # Why the method cannot train on a frozen 4-bit (QLoRA) base; "" when it can. A string always
+    # applies and completes "method 'name' ..." (full: "trains the base weights"). A function of the
+    # method config is for options that need dense weights (LoRA's use_dora): it returns the whole
+    # refusal, after "model.quantization: nf4 ", or "" when the options are fine.
+    needs_dense_base: str | Callable[[Any], str] = ""
+    # Trains the base model's own weights (full fine-tuning): the head needs no unfreezing, and a
+    # saved file need not hold every trainable tensor.
+    trains_base: bool = False
+    # A term the training loop adds to the task loss (fusion's value regulariser), or None for none.
+    aux_loss: Callable[[nn.Module], torch.Tensor | None] | None = None
+    # The HF PEFT adapter type computing the same function; None: `no_peft_reason` says why not.
+    peft: PeftTwin | None = None
+    no_peft_reason: str = ""  # "{name}" is replaced by the method's name
+    # Closed form of the parameters the method adds (not the task head), from the attached model's
+    # architecture and the config: count-params' cross-check, and the formula the docs quote.
+    budget: Callable[[nn.Module, Arch, Any], int] | None = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -48,6 +96,13 @@ def register(
     merge_refusal: str = "",
     export_state: Callable | None = None,
     load_state: Callable | None = None,
+    positionwise: bool = False,
+    needs_dense_base: str | Callable[[Any], str] = "",
+    trains_base: bool = False,
+    aux_loss: Callable | None = None,
+    peft: PeftTwin | None = None,
+    no_peft_reason: str = "",
+    budget: Callable | None = None,
 ) -> Callable:
     def deco(attach: Callable) -> Callable:
         if name in REGISTRY:
@@ -61,10 +116,22 @@ def register(
             merge_refusal=merge_refusal,
             export_state=export_state,
             load_state=load_state,
+            positionwise=positionwise,
+            needs_dense_base=needs_dense_base,
+            trains_base=trains_base,
+            aux_loss=aux_loss,
+            peft=peft,
+            no_peft_reason=no_peft_reason,
+            budget=budget,
         )
         return attach
 
     return deco
+
+
+def unregister(name: str) -> MethodSpec:
+    """Remove a method (tests that register a throw-away one)."""
+    return REGISTRY.pop(name)
 
 
 def get_method(name: str) -> MethodSpec:

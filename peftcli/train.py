@@ -387,9 +387,9 @@ def compute_loss(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         else:
             out = s.train_model(**inputs)
             loss, _ = causal_lm_loss_from_logits(out.logits, batch["labels"])
-    aux = getattr(s.model, "peftcli_aux_loss", None)
+    aux = s.spec.aux_loss(s.model) if s.spec.aux_loss else None
     if aux is not None:
-        loss = loss + aux()
+        loss = loss + aux
     return loss
 
 

@@ -32,17 +32,17 @@ import torch
 from torch import nn
 
 from peftcli.arch import Arch, resolve
+from peftcli.core.adapter import AdapterModule
 from peftcli.methods.bottleneck import Bottleneck, add_post_ln, factory_kwargs, get_role
 
 
-class TaskAdapters(nn.Module):
+class TaskAdapters(AdapterModule):
     """N bottlenecks at one site; row block t of the batch goes through adapter t.
 
     With `single` set, every row goes through that one adapter (the per-task reference run)."""
 
     def __init__(self, hidden: int, m: int, tasks: int, like: nn.Module) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.tasks = nn.ModuleList(Bottleneck(hidden, m, init="bert", **factory_kwargs(like)) for _ in range(tasks))
         self.single: int | None = None
 

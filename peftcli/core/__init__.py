@@ -2,4 +2,9 @@
 
 Methods, the training loop and the commands import from here; nothing here imports a method, the
 pipeline or a command, so this package can never close an import circle.
+
+`adapter` is the contract every adapter module keeps; `hf_call` reads and rewrites the calls HF
+models make (backbone arguments, sub-layer inputs, the batch's attention mask); `precision` the
+autocast and forward-input rules; `switch` the adapter on/off switch; `quiet` quiets other
+libraries around loading calls.
 """

@@ -16,10 +16,11 @@ from torch import nn
 
 from ..arch import Arch
 from ..checkpoint import CheckpointError
+from .adapter import is_adapter_module
 
 
 def adapter_modules(layer: nn.Module) -> list[nn.Module]:
-    return [m for m in layer.modules() if hasattr(m, "adapter_enabled")]
+    return [m for m in layer.modules() if is_adapter_module(m)]
 
 
 def set_dropped_layers(model: nn.Module, arch: Arch, dropped: set[int] | list[int]) -> int:
@@ -54,7 +55,7 @@ def disable_layers(model: nn.Module, arch: Arch, layers: set[int] | list[int]) -
 
 
 def flags(model: nn.Module) -> dict[str, bool]:
-    return {n: bool(m.adapter_enabled) for n, m in model.named_modules() if hasattr(m, "adapter_enabled")}
+    return {n: bool(m.adapter_enabled) for n, m in model.named_modules() if is_adapter_module(m)}
 
 
 def set_flags(model: nn.Module, state: dict[str, bool]) -> None:

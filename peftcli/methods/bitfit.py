@@ -45,4 +45,10 @@ register(
     BitFitConfig,
     summary="train bias terms only (+ head); merge writes the model with its trained biases",
     merge=merge,
+    positionwise=True,
+    needs_dense_base="trains the base model's biases, all of which peftcli then treats as base weights",
+    no_peft_reason=(
+        "HF PEFT has no BitFit: the trained biases are base-model weights, not an adapter; "
+        "use the run folder with peftcli"
+    ),
 )(attach)

@@ -15,8 +15,8 @@ it works for any post-LN layer whose norm sees (sub-layer output + residual), wi
 BertOutput-like block around it.
 
 Each adapter is registered as a child of its transformer layer (so it is saved, moved by `.to()`
-and found by AdapterDrop) and carries `adapter_enabled`; a disabled adapter's hooks return the
-host's output untouched. Hooks are small picklable objects, not closures, so `copy.deepcopy` of an
+and found by AdapterDrop) and is an AdapterModule; a disabled adapter's hooks return the host's
+output untouched. Hooks are small picklable objects, not closures, so `copy.deepcopy` of an
 adapted model re-points them at the copied adapters.
 """
 
@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..core.adapter import AdapterModule, is_adapter_module
+from ..core.hf_call import Capture
 from ..registry import parse_layers
 
 NonLinearity = Literal["relu", "gelu", "silu", "swish", "tanh"]
@@ -76,6 +78,13 @@ class DenseBottleneckOptions(BottleneckOptions):
     )
 
 
+# Why the bottleneck methods have no HF PEFT twin ("{name}": the method's name).
+NO_PEFT_REASON = (
+    "HF PEFT has no bottleneck adapters (W_up act(W_down h) inserted into each layer), so its format "
+    "cannot hold a {name} adapter; use the run folder with peftcli (eval, generate)"
+)
+
+
 def bottleneck_dim(hidden: int, cfg: BottleneckOptions) -> int:
     if cfg.bottleneck_size is not None:
         return cfg.bottleneck_size
@@ -108,14 +117,12 @@ def factory_kwargs(module: nn.Module) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the module
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(AdapterModule):
     """f(x) = dropout(s · W_up act(W_down x)), computed in the adapter's own dtype.
 
     `down` / `up` default to nn.Linear with bias (2·m·d + m + d parameters); Compacter passes PHM
     layers instead. `learned_scale` makes s a trainable scalar initialised to `scale`.
     """
-
-    adapter_enabled: bool
 
     def __init__(
         self,
@@ -133,7 +140,6 @@ class Bottleneck(nn.Module):
         up: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.hidden, self.m = hidden, m
         fk = {"device": device, "dtype": dtype}
         self.down = down if down is not None else nn.Linear(hidden, m, **fk)
@@ -193,8 +199,8 @@ def dense_params(hidden: int, m: int) -> int:
 def _register(layer: nn.Module, name: str, adapter: nn.Module) -> None:
     if name in layer._modules:
         raise ValueError(f"layer already has an adapter named {name!r}; attach each bottleneck method once")
-    if not hasattr(adapter, "adapter_enabled"):
-        raise TypeError(f"{type(adapter).__name__} needs an `adapter_enabled` flag")
+    if not is_adapter_module(adapter):
+        raise TypeError(f"{type(adapter).__name__} is not an AdapterModule (peftcli.core.adapter)")
     layer.add_module(name, adapter)
 
 
@@ -219,42 +225,15 @@ class _PostLN:
         return norm.forward(args[0] + self.adapter(output))
 
 
-class _Capture:
-    """Forward pre-hook remembering a sub-layer's input until the matching host hook consumes it.
-
-    Under gradient checkpointing the layer's forward is replayed, pre-hook then host hook again,
-    so the pair stays in step; the tensor is released as soon as it has been used.
-    """
-
-    def __init__(self, adapter: nn.Module) -> None:
-        self.adapter = adapter
-        self.x: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        return {"adapter": self.adapter, "x": None}
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.adapter.adapter_enabled:
-            return None
-        if args:
-            self.x = args[0]
-        elif "hidden_states" in kwargs:
-            self.x = kwargs["hidden_states"]
-        else:
-            raise RuntimeError(f"parallel adapter: cannot find the input of {type(module).__name__}")
-        return None
-
-
 class _AddParallel:
-    def __init__(self, capture: _Capture) -> None:
+    def __init__(self, capture: Capture) -> None:
         self.capture = capture
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         cap = self.capture
+        x = cap.take()
         if not cap.adapter.adapter_enabled:
-            cap.x = None
             return None
-        x, cap.x = cap.x, None
         if x is None:
             raise RuntimeError(
                 f"parallel adapter on {type(module).__name__}: the sub-layer input was not seen; "
@@ -278,7 +257,7 @@ def add_post_ln(layer: nn.Module, name: str, norm: nn.Module, adapter: nn.Module
 def add_parallel(layer: nn.Module, name: str, src: nn.Module, host: nn.Module, adapter: nn.Module) -> None:
     """host's output h becomes h + f(x_in), x_in = the input of `src` (the sub-layer): He et al."""
     _register(layer, name, adapter)
-    cap = _Capture(adapter)
+    cap = Capture(adapter, "parallel adapter")
     src.register_forward_pre_hook(cap, with_kwargs=True)
     host.register_forward_hook(_AddParallel(cap))
 
@@ -318,6 +297,7 @@ def place_sequential(
 
 
 __all__ = [
+    "NO_PEFT_REASON",
     "AdapterInit",
     "Bottleneck",
     "BottleneckOptions",

@@ -36,6 +36,7 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    NO_PEFT_REASON,
     Bottleneck,
     BottleneckOptions,
     NonLinearity,
@@ -168,13 +169,25 @@ def closed_form(hidden: int, num_layers: int, cfg: CompacterConfig, per_layer: i
     return num_layers * per_layer * (per_adapter + 2 * n**3)
 
 
+def budget(model: nn.Module, arch: Arch, cfg: CompacterConfig) -> int:
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg, 2)
+
+
+def budget_pp(model: nn.Module, arch: Arch, cfg: CompacterConfig) -> int:
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg, 1)
+
+
 _REFUSAL = "a Compacter adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight"
+_NO_PEFT = NO_PEFT_REASON.replace("bottleneck adapters", "Compacter, i.e. bottleneck adapters with PHM weights")
 
 register(
     "compacter",
     CompacterConfig,
     summary="Houlsby-placed adapters with PHM (Kronecker-sum) projections, rules shared across layers",
     merge_refusal=_REFUSAL,
+    positionwise=True,
+    no_peft_reason=_NO_PEFT,
+    budget=budget,
 )(attach)
 
 register(
@@ -182,4 +195,7 @@ register(
     CompacterConfig,
     summary="Pfeiffer-placed adapter (after the FFN) with PHM (Kronecker-sum) projections",
     merge_refusal=_REFUSAL,
+    positionwise=True,
+    no_peft_reason=_NO_PEFT,
+    budget=budget_pp,
 )(attach_pp)

@@ -18,43 +18,30 @@ Selected through LoRA's `use_dora: true`; the parameter names match PEFT's
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Arch, dense_weight, linear_dims
-from ..registry import parse_layers, select_linears
+from ..arch import dense_weight, is_conv1d
+from .lora import LoraLinear
 
 
-class DoraLinear(nn.Module):
-    """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with a DoRA update."""
+class DoraLinear(LoraLinear):
+    """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with a DoRA update: LoRA's A and B
+    (built and initialised as LoRA builds them) plus the magnitude vector."""
+
+    peft_tensors = (*LoraLinear.peft_tensors, "lora_magnitude_vector")
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool) -> None:
-        super().__init__()
-        self.base = base
-        self.adapter_enabled = True
-        in_f, out_f = linear_dims(base)
-        self.in_features, self.out_features = in_f, out_f
-        self.r = r
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        super().__init__(base, r, alpha, dropout, rslora)
         w = base.weight
-        self.lora_A = nn.Linear(in_f, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, out_f, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(out_f, device=w.device, dtype=w.dtype))
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=w.device, dtype=w.dtype))
         self._norm_cache: tuple[Any, torch.Tensor] | None = None
         if w.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
             with torch.no_grad():
                 self.lora_magnitude_vector.copy_(self.weight_norm().to(w.dtype))
-
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A as an (out, in) matrix."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
@@ -70,10 +57,9 @@ class DoraLinear(nn.Module):
         y = self.base(x)
         if not self.adapter_enabled:
             return y
-        a, b = self.lora_A.weight, self.lora_B.weight
         scale = (self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)).to(y.dtype)
         dropped = self.lora_dropout(x)
-        lora = F.linear(F.linear(dropped.to(a.dtype), a), b).to(y.dtype) * self.scaling
+        lora = self.low_rank(dropped).to(y.dtype) * self.scaling
         bias = getattr(self.base, "bias", None)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             wx = y - bias if bias is not None else y
@@ -87,24 +73,17 @@ class DoraLinear(nn.Module):
         base = self.base
         w = dense_weight(base).float() + self.delta_weight().float()
         merged = (self.lora_magnitude_vector.float() / w.norm(p=2, dim=1)).view(-1, 1) * w
-        if type(base).__name__ == "Conv1D":
+        if is_conv1d(base):
             merged = merged.t()
         base.weight.copy_(merged.to(base.weight.dtype))
         return base
 
 
-def attach_dora(model: nn.Module, arch: Arch, cfg: Any) -> None:
-    """`cfg` is LoRA's config (r, alpha, dropout, targets, layers, rslora)."""
-    from .lora import wrap_linears
-
-    layers = parse_layers(cfg.layers, arch.num_layers)
-    paths = select_linears(model, arch, cfg.targets, layers)
-    if not paths:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
+def check_dense(model: nn.Module, paths: list[str]) -> None:
+    """DoRA takes row norms of the base weights, which a quantized layer does not hold."""
     for p in paths:
         if not model.get_submodule(p).weight.is_floating_point():
             raise ValueError(f"DoRA needs floating-point base weights to take row norms; {p} is quantized")
-    wrap_linears(model, paths, lambda m: DoraLinear(m, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
 
 
-__all__ = ["DoraLinear", "attach_dora"]
+__all__ = ["DoraLinear", "check_dense"]

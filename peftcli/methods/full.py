@@ -29,4 +29,8 @@ register(
     FullConfig,
     summary="train every weight (baseline); merge writes a plain HF model folder",
     merge=merge,
+    positionwise=True,
+    trains_base=True,
+    needs_dense_base="trains the base weights",
+    no_peft_reason="full fine-tuning trains the whole model, which is no adapter; use the run folder with peftcli",
 )(attach)

@@ -12,7 +12,7 @@ layer, puts a small attention over the sources' outputs:
 so on a post-LN model the layer computes LN(z + Σ p_i V(up_i)), z = h + r: AdapterHub's
 LN(Σ p_i V(up_i) + h + r). Q and K are N(0, 0.02²) with zero bias, V has no bias and starts at
 the identity with 1e-6 off the diagonal, so stage 2 starts at (nearly) the average of the
-sources' outputs. The loss gets 0.01 · Σ_layers ‖I − W_V‖²_F through `model.peftcli_aux_loss`.
+sources' outputs. The loss gets 0.01 · Σ_layers ‖I − W_V‖²_F through the spec's `aux_loss`.
 Because V is linear without bias, Σ p_i V(up_i) = V(Σ p_i up_i), which is what is computed.
 
 Self-contained runs. The source adapters' weights are frozen but saved into the fused run's
@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..core.adapter import AdapterModule
+from ..core.hf_call import SequenceMask, sequence_mask
 from ..registry import register
 from .bottleneck import adapted_layers, add_after, add_post_ln, dense_bottleneck, factory_kwargs, get_role
-from .unipelt import SequenceMask, sequence_mask
 
 # Source methods that can be fused, and the sites each one adapts.
 SITES = {"pfeiffer": ("ffn",), "houlsby": ("attn", "ffn")}
@@ -135,7 +136,7 @@ def _check(sources: list[Source]) -> list[Source]:
 # ---------------------------------------------------------------------------------------- module
 
 
-class FusionSite(nn.Module):
+class FusionSite(AdapterModule):
     """The frozen source adapters of one site and the attention that mixes them."""
 
     def __init__(
@@ -143,7 +144,6 @@ class FusionSite(nn.Module):
         device: torch.device, dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.adapters = nn.ModuleDict(adapters)
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query = nn.Linear(hidden, hidden, **fk) if cfg.query else None
@@ -217,7 +217,8 @@ class FusionSite(nn.Module):
 
 
 class FusionRegularizer:
-    """`model.peftcli_aux_loss`: the training loop adds its value to the task loss."""
+    """Σ_layers ‖I − W_V‖²_F times its weight; kept as `model.peftcli_aux_loss`, which the training
+    loop reads until it asks the spec's `aux_loss` instead."""
 
     def __init__(self, sites: list[FusionSite], weight: float) -> None:
         self.sites = tuple(sites)
@@ -362,6 +363,12 @@ def prune(model: nn.Module, keep: int) -> list[str]:
     return off
 
 
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """0.01 · Σ_layers ‖I − W_V‖²_F (the configured weight), when the recipe trains V with it."""
+    reg = getattr(model, "peftcli_aux_loss", None)
+    return reg() if isinstance(reg, FusionRegularizer) else None
+
+
 register(
     "fusion",
     FusionConfig,
@@ -369,9 +376,15 @@ register(
     merge_refusal="fusion mixes non-linear adapters with input-dependent weights; it cannot be folded into a weight",
     export_state=export_state,
     load_state=load_state,
+    # Not positionwise: not checked against the untrimmed model (tests/test_lora_fast.py).
+    aux_loss=aux_loss,
+    no_peft_reason=(
+        "HF PEFT has no AdapterFusion (attention over several bottleneck adapters); "
+        "use the run folder with peftcli"
+    ),
 )(attach)
 
 __all__ = [
-    "FusionConfig", "FusionError", "FusionRegularizer", "FusionSite", "Source", "attach", "attention_table",
+    "FusionConfig", "FusionError", "FusionRegularizer", "FusionSite", "Source", "attach", "attention_table", "aux_loss",
     "export_state", "fusion_sites", "load_state", "prune", "read_sources", "record_attention",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    NO_PEFT_REASON,
     DenseBottleneckOptions,
     NonLinearity,
     adapted_layers,
@@ -48,9 +49,16 @@ def closed_form(hidden: int, num_layers: int, cfg: HoulsbyConfig) -> int:
     return 2 * num_layers * dense_params(hidden, bottleneck_dim(hidden, cfg))
 
 
+def budget(model: nn.Module, arch: Arch, cfg: HoulsbyConfig) -> int:
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg)
+
+
 register(
     "houlsby",
     HoulsbyConfig,
     summary="bottleneck adapters after attention and after the FFN, before each residual add",
     merge_refusal="a bottleneck adapter is non-linear (W_up act(W_down h)); it cannot be folded into a weight",
+    positionwise=True,
+    no_peft_reason=NO_PEFT_REASON,
+    budget=budget,
 )(attach)

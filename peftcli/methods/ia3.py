@@ -13,14 +13,15 @@ are not trained.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch import Arch, linear_dims, set_module
-from ..registry import parse_layers, register, select_linears
-
-QKV = ("q", "k", "v")
+from .. import peft_format
+from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
+from ..core.adapter import LayerAdapter, merge_layer_adapters
+from ..registry import PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -36,13 +37,11 @@ class IA3Config:
     layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(LayerAdapter):
     """A frozen linear layer whose input or output is rescaled by a learned vector."""
 
     def __init__(self, base: nn.Module, scale_input: bool, rows: list[int] | None = None) -> None:
-        super().__init__()
-        self.base = base
-        self.adapter_enabled = True
+        super().__init__(base)
         self.scale_input = scale_input
         in_f, out_f = linear_dims(base)
         self.in_features, self.out_features = in_f, out_f
@@ -76,7 +75,7 @@ class IA3Linear(nn.Module):
     @torch.no_grad()
     def merged_base(self) -> nn.Module:
         base = self.base
-        conv = type(base).__name__ == "Conv1D"  # weight stored (in, out)
+        conv = is_conv1d(base)  # weight stored (in, out)
         w = base.weight
         if self.scale_input:
             vec = self.ia3_l.view(-1).to(torch.float32)
@@ -87,20 +86,6 @@ class IA3Linear(nn.Module):
         if getattr(base, "bias", None) is not None:
             base.bias.copy_((base.bias.float() * s).to(base.bias.dtype))
         return base
-
-
-def _fused_rows(arch: Arch, roles: set[str]) -> list[int] | None:
-    """Output rows of a fused [q; k; v] projection that belong to `roles`; None = all of them."""
-    if roles >= set(QKV):
-        return None
-    sizes = {"q": arch.num_heads * arch.head_dim, "k": arch.num_kv_heads * arch.head_dim,
-             "v": arch.num_kv_heads * arch.head_dim}
-    rows, start = [], 0
-    for r in QKV:
-        if r in roles:
-            rows.extend(range(start, start + sizes[r]))
-        start += sizes[r]
-    return rows
 
 
 def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, list[int] | None]]:
@@ -122,7 +107,7 @@ def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, 
         for i in layers if layers is not None else range(arch.num_layers):
             path = arch.path(i, "q")
             if path in out and path not in by_other and not out[path][0]:
-                out[path] = (False, _fused_rows(arch, set(qkv_roles)))
+                out[path] = (False, arch.fused_qkv_rows(set(qkv_roles)))
     return out
 
 
@@ -132,9 +117,55 @@ def attach(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
 
 
 def merge(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, IA3Linear):
-            set_module(model, name, mod.merged_base())
+    merge_layer_adapters(model, IA3Linear)
+
+
+# ------------------------------------------------------------------ HF PEFT's IA3 type
+
+
+def peft_layout(model: nn.Module, arch: Arch, cfg: IA3Config, lay: peft_format.Layout) -> None:
+    """As LoRA's, plus which targets scale their input (feedforward_modules) and, for GPT-2's fused
+    q/k/v with only some roles targeted, the rows our shorter vector fills in PEFT's full one."""
+    wrapped = peft_format.adapted_linears(model, IA3Linear, "ia3")
+    ff = [n for n, m in wrapped if m.scale_input]
+    suffix = peft_format.linear_targets(model, lay, wrapped, ff)
+    lay.config["feedforward_modules"] = sorted({suffix[n] for n in ff})
+    lay.feedforward = {f"{n}.ia3_l" for n in ff}
+    lay.config["init_ia3_weights"] = True
+    for n, m in wrapped:
+        key = f"base_model.model.{n}.ia3_l"
+        lay.to_peft[f"{n}.ia3_l"] = key
+        lay.module_of[key] = n
+        if m.ia3_rows is not None:
+            lay.rows[f"{n}.ia3_l"] = (_fused_rows(arch, cfg), m.out_features)
+
+
+def _fused_rows(arch: Arch, cfg: IA3Config) -> list[int]:
+    """Rows of GPT-2's fused [q; k; v] output that IA³ scales when only some of q/k/v are targeted."""
+    rows = arch.fused_qkv_rows({t for t in cfg.targets if t in QKV})
+    if rows is None:
+        raise peft_format.PeftFormatError("internal: IA³ row subset without a q/k/v role in method.targets")
+    return rows
+
+
+def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {"targets": peft_format.module_list(config, "target_modules"),
+            "feedforward": peft_format.module_list(config, "feedforward_modules")}
+
+
+def check_peft_tensor(key: str, name: str, t: torch.Tensor, lay: peft_format.Layout, where: str,
+                      config: dict[str, Any]) -> None:
+    """A vector scales its layer's input in PEFT when it is [1, in], its output when [out, 1]; the
+    recipe's method.feedforward must say the same of each target."""
+    if not name.endswith(".ia3_l"):
+        return
+    scales_input = t.ndim == 2 and t.shape[0] == 1 and t.shape[1] > 1
+    if scales_input != (name in lay.feedforward):
+        theirs, ours = ("input", "output") if scales_input else ("output", "input")
+        raise peft_format.PeftFormatError(
+            f"{where}: {lay.module_of[key]} scales its {theirs} in the adapter (feedforward_modules: "
+            f"{config.get('feedforward_modules')}) but its {ours} under the recipe; set method.feedforward to match"
+        )
 
 
 register(
@@ -142,6 +173,14 @@ register(
     IA3Config,
     summary="IA³: learned vectors (init 1) rescaling keys, values and the FFN activation; mergeable",
     merge=merge,
+    positionwise=True,
+    peft=PeftTwin(
+        peft_type="IA3",
+        layout=peft_layout,
+        import_config=from_peft_config,
+        check_tensor=check_peft_tensor,
+        key_suffixes=(".ia3_l",),
+    ),
 )(attach)
 
 __all__ = ["IA3Config", "IA3Linear", "attach", "merge"]

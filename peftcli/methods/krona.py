@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..arch import Arch, linear_dims, set_module
+from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..registry import register, select_linears
 from .bottleneck import adapted_layers, factory_kwargs
 from .lora import merge_into_base
@@ -44,13 +45,11 @@ def near_sqrt_divisor(n: int) -> int:
     return min(divisors, key=lambda k: (abs(k - math.sqrt(n)), k))
 
 
-class KronaLinear(nn.Module):
+class KronaLinear(LayerAdapter):
     """Wraps a frozen nn.Linear or GPT-2 Conv1D with s · (A ⊗ B)."""
 
     def __init__(self, base: nn.Module, a1: int | None, a2: int | None, scale: float, dropout: float) -> None:
-        super().__init__()
-        self.base = base
-        self.adapter_enabled = True
+        super().__init__(base)
         in_f, out_f = linear_dims(base)
         a1 = a1 or near_sqrt_divisor(out_f)
         a2 = a2 or near_sqrt_divisor(in_f)
@@ -82,6 +81,10 @@ class KronaLinear(nn.Module):
         z = torch.matmul(a, torch.matmul(xs, b.t()))  # (..., a1, out/a1) = A X Bᵀ
         return y + (self.scaling * z.reshape(*z.shape[:-2], self.out_features)).to(y.dtype)
 
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        return merge_into_base(self.base, self.delta_weight())
+
 
 def attach(model: nn.Module, arch: Arch, cfg: KronaConfig) -> None:
     paths = select_linears(model, arch, cfg.targets, adapted_layers(arch, cfg.leave_out))
@@ -92,9 +95,7 @@ def attach(model: nn.Module, arch: Arch, cfg: KronaConfig) -> None:
 
 
 def merge(model: nn.Module, arch: Arch, cfg: KronaConfig) -> None:
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, KronaLinear):
-            set_module(model, name, merge_into_base(mod.base, mod.delta_weight()))
+    merge_layer_adapters(model, KronaLinear)
 
 
 register(
@@ -102,4 +103,9 @@ register(
     KronaConfig,
     summary="Kronecker-product update s·(A ⊗ B) beside chosen linear layers; mergeable",
     merge=merge,
+    positionwise=True,
+    no_peft_reason=(
+        "HF PEFT has no KronA update s·(A ⊗ B) (its LoKr factorises differently and is not "
+        "interchangeable); `peftcli merge` turns the run into a plain HF model instead"
+    ),
 )(attach)

@@ -71,6 +71,10 @@ def closed_form(hidden: int, num_layers: int, cfg: MamConfig, kv_width: int | No
     return prefix + num_layers * (dense_params(hidden, cfg.bottleneck_size) + int(cfg.learned_scale))
 
 
+def budget(model: nn.Module, arch: Arch, cfg: MamConfig) -> int:
+    return closed_form(arch.hidden_size, arch.num_layers, cfg, arch.num_kv_heads * arch.head_dim)
+
+
 register(
     "mam",
     MamConfig,
@@ -78,6 +82,12 @@ register(
     merge_refusal="MAM's prefix adds keys and values and its adapter is non-linear; neither folds into a weight",
     export_state=prefix_method.export_state,
     load_state=prefix_method.load_state,
+    positionwise=True,
+    no_peft_reason=(
+        "HF PEFT has no MAM adapter (prefix tuning together with a parallel bottleneck adapter); "
+        "exporting the prefix alone would not reproduce the model, so use the run folder with peftcli"
+    ),
+    budget=budget,
 )(attach)
 
 __all__ = ["MamConfig", "attach", "closed_form", "parts"]

@@ -22,6 +22,7 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    NO_PEFT_REASON,
     AdapterInit,
     DenseBottleneckOptions,
     adapted_layers,
@@ -79,6 +80,10 @@ def closed_form(hidden: int, num_layers: int, cfg: ParallelConfig) -> int:
     return num_layers * per * (2 if cfg.attn else 1)
 
 
+def budget(model: nn.Module, arch: Arch, cfg: ParallelConfig) -> int:
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg)
+
+
 _REFUSAL = "a parallel adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight"
 
 register(
@@ -86,6 +91,9 @@ register(
     ParallelConfig,
     summary="bottleneck adapter reading the FFN input, added to the FFN output (s = 4); optional on attention",
     merge_refusal=_REFUSAL,
+    positionwise=True,
+    no_peft_reason=NO_PEFT_REASON,
+    budget=budget,
 )(attach)
 
 register(
@@ -93,4 +101,7 @@ register(
     ScaledParallelConfig,
     summary="parallel adapter with the scale s fixed or learned",
     merge_refusal=_REFUSAL,
+    positionwise=True,
+    no_peft_reason=NO_PEFT_REASON,
+    budget=budget,
 )(attach_scaled)

@@ -22,6 +22,7 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    NO_PEFT_REASON,
     DenseBottleneckOptions,
     adapted_layers,
     bottleneck_dim,
@@ -49,9 +50,16 @@ def closed_form(hidden: int, num_layers: int, cfg: PfeifferConfig) -> int:
     return num_layers * dense_params(hidden, bottleneck_dim(hidden, cfg))
 
 
+def budget(model: nn.Module, arch: Arch, cfg: PfeifferConfig) -> int:
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg)
+
+
 register(
     "pfeiffer",
     PfeifferConfig,
     summary="one bottleneck adapter after the FFN (post-LN: between the model's two norms)",
     merge_refusal="a bottleneck adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight",
+    positionwise=True,
+    no_peft_reason=NO_PEFT_REASON,
+    budget=budget,
 )(attach)

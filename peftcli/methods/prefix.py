@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import peft_format
 from ..arch import Arch
+from ..core.adapter import AdapterModule
+from ..core.hf_call import BackboneCall, accepts, backbone
 from ..quant import float_dtype
-from ..registry import register
-from .prompt import BackboneCall, accepts, backbone
+from ..registry import PeftTwin, register
 
 ATTR = "peftcli_prefix"  # the store on the top model, and the LayerPrefix child of each attention module
 PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings` [L, layers * 2 * kv_heads * head_dim]
@@ -118,12 +120,11 @@ class PrefixStore(nn.Module):
         self._cache = None
 
 
-class LayerPrefix(nn.Module):
+class LayerPrefix(AdapterModule):
     """Lives inside one attention module; tells the attention function what to prepend."""
 
     def __init__(self, store: PrefixStore, index: int, inner: Any, additive_mask: bool) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.index = index
         self.inner = inner  # the model's own attention function (sdpa or its eager one)
         self.additive_mask = additive_mask  # eager masks are float and added to the scores
@@ -292,6 +293,31 @@ def load_state(model: nn.Module, arch: Arch, cfg: PrefixConfig, sd: dict[str, to
                 raise CheckpointError(f"prefix MLP weights do not reproduce the saved {PROMPT_KEY} (max diff {err:.2e})")
 
 
+# ------------------------------------------------------------------ HF PEFT's PREFIX_TUNING type
+
+
+def peft_layout(model: nn.Module, arch: Arch, cfg: PrefixConfig, lay: peft_format.Layout) -> None:
+    """PEFT's `prompt_embeddings` is our saved MLP output; the MLP itself has no place there."""
+    dims = peft_format.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=True)
+    lay.config.update(dims)
+    if not cfg.shift_positions:
+        raise peft_format.PeftFormatError(
+            "cannot export prefix tuning with method.shift_positions: false; PEFT always places real "
+            "tokens after the prefix's positions (retrain with method.shift_positions: true)"
+        )
+    lay.config.update({"encoder_hidden_size": dims["token_dim"], "prefix_projection": False, "init_weights": None})
+    lay.to_peft[PROMPT_KEY] = "prompt_embeddings"
+    lay.ignored = {f"{ATTR}.{n}" for n, _ in find_store(model).named_parameters()} - {PROMPT_KEY}
+
+
+def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {"num_virtual_tokens": config.get("num_virtual_tokens", 20)}
+
+
+def peft_settings(config: dict[str, Any], cfg: PrefixConfig) -> tuple[list[tuple[str, str, Any, Any]], list[str]]:
+    return [("num_virtual_tokens", "num_virtual_tokens", config.get("num_virtual_tokens"), cfg.num_virtual_tokens)], []
+
+
 register(
     "prefix",
     PrefixConfig,
@@ -299,6 +325,14 @@ register(
     merge_refusal="prefix tuning adds keys and values to attention, not a weight change; load the run instead",
     export_state=export_state,
     load_state=load_state,
+    positionwise=True,
+    peft=PeftTwin(
+        peft_type="PREFIX_TUNING",
+        layout=peft_layout,
+        import_config=from_peft_config,
+        settings=peft_settings,
+        prompt_learning=True,
+    ),
 )(attach)
 
 __all__ = ["PROMPT_KEY", "LayerPrefix", "PrefixConfig", "PrefixStore", "attach", "find_store", "prefix_attention"]

@@ -19,7 +19,6 @@ moved by L. Numerically the forward equals PEFT's `PromptTuningConfig` for the s
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,8 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import peft_format
 from ..arch import Arch
-from ..registry import register
+from ..core.hf_call import BackboneCall, accepts, backbone
+from ..registry import PeftTwin, register
 
 ATTR = "peftcli_prompt"
 PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings`, shape [L, hidden]
@@ -50,84 +51,6 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if self.init == "text" and not self.init_text:
             raise ValueError("method.init is 'text' but method.init_text is empty")
-
-
-# ------------------------------------------------------------------ backbone call helpers
-
-
-class BackboneCall:
-    """The arguments of one backbone forward call, by name, whatever was passed positionally."""
-
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sig = _signature(module)
-        self._bound = sig.bind_partial(*args, **kwargs)
-        self.a = self._bound.arguments
-        self._var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
-
-    def get(self, name: str) -> Any:
-        if name in self.a:
-            return self.a[name]
-        if self._var_kw and self._var_kw in self.a:
-            return self.a[self._var_kw].get(name)
-        return None
-
-    def set(self, name: str, value: Any) -> None:
-        if name in self._bound.signature.parameters:
-            self.a[name] = value
-        elif self._var_kw:
-            self.a.setdefault(self._var_kw, {})[name] = value
-        else:
-            raise TypeError(f"{name} is not an argument of this model's forward")
-
-    def call_args(self) -> tuple[tuple, dict]:
-        # All by keyword: HF's forward decorators fill some arguments (use_cache, ...) from the
-        # config when they are missing from kwargs, which would clash with positional ones.
-        kwargs = {k: v for k, v in self.a.items() if k != self._var_kw}
-        kwargs.update(self.a.get(self._var_kw, {}) if self._var_kw else {})
-        return (), kwargs
-
-    def seq_len(self) -> int:
-        ids = self.get("input_ids")
-        return (ids if ids is not None else self.get("inputs_embeds")).shape[1]
-
-    def batch_size(self) -> int:
-        ids = self.get("input_ids")
-        return (ids if ids is not None else self.get("inputs_embeds")).shape[0]
-
-    def device(self) -> torch.device:
-        ids = self.get("input_ids")
-        return (ids if ids is not None else self.get("inputs_embeds")).device
-
-    def past_len(self) -> int:
-        # transformers renamed the argument from past_key_values to cache (5.2x); accept both.
-        past = self.get("past_key_values")
-        if past is None:
-            past = self.get("cache")
-        if past is None:
-            return 0
-        if hasattr(past, "get_seq_length"):
-            return int(past.get_seq_length())
-        return int(past[0][0].shape[-2])  # legacy tuple cache
-
-
-_SIGS: dict[type, inspect.Signature] = {}
-
-
-def _signature(module: nn.Module) -> inspect.Signature:
-    t = type(module)
-    if t not in _SIGS:
-        _SIGS[t] = inspect.signature(module.forward)
-    return _SIGS[t]
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The module that maps token ids to hidden states (HF's `base_model`)."""
-    return getattr(model, "base_model", model)
-
-
-def accepts(module: nn.Module, name: str) -> bool:
-    params = _signature(module).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 # ------------------------------------------------------------------ the prompt
@@ -258,11 +181,47 @@ def attach(model: nn.Module, arch: Arch, cfg: PromptConfig) -> None:
     ]
 
 
+# ------------------------------------------------------------------ HF PEFT's PROMPT_TUNING type
+
+
+def peft_layout(model: nn.Module, arch: Arch, cfg: PromptConfig, lay: peft_format.Layout) -> None:
+    lay.config.update(peft_format.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=False))
+    lay.config.update({
+        "prompt_tuning_init": "RANDOM",  # the weights are in the file; TEXT would make PEFT load a tokenizer
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+    })
+    lay.to_peft[PROMPT_KEY] = "prompt_embeddings"
+    if lay.task == "classification" and arch.spec.lm_head:
+        lay.notes.append(
+            "PEFT's prompt tuning makes a decoder classifier pool the last position of each row, a pad token "
+            "in right-padded rows; give PEFT unpadded or left-padded batches to get peftcli's predictions"
+        )
+
+
+def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {"num_virtual_tokens": config.get("num_virtual_tokens", 20), "init": "random"}
+
+
+def peft_settings(config: dict[str, Any], cfg: PromptConfig) -> tuple[list[tuple[str, str, Any, Any]], list[str]]:
+    return [("num_virtual_tokens", "num_virtual_tokens", config.get("num_virtual_tokens"), cfg.num_virtual_tokens)], []
+
+
 register(
     "prompt",
     PromptConfig,
     summary="prompt tuning: L trainable embeddings prepended to the input (init vocab, random or text)",
     merge_refusal="prompt tuning adds virtual input tokens, not a weight change; load the run instead",
+    # Not positionwise: it strips the virtual positions from the backbone's output, which a head
+    # reading the trimmed last layer would then find empty.
+    peft=PeftTwin(
+        peft_type="PROMPT_TUNING",
+        layout=peft_layout,
+        import_config=from_peft_config,
+        settings=peft_settings,
+        prompt_learning=True,
+    ),
 )(attach)
 
-__all__ = ["PROMPT_KEY", "BackboneCall", "PromptConfig", "PromptEmbedding", "attach", "backbone", "find_store"]
+__all__ = ["PROMPT_KEY", "PromptConfig", "PromptEmbedding", "attach", "find_store"]

@@ -33,17 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Arch
+from ..arch import Arch, linear_dims
+from ..core.adapter import AdapterModule
+from ..core.hf_call import Capture, SequenceMask, sequence_mask
 from ..registry import register, select_linears
 from . import prefix as prefix_method
 from .bottleneck import Bottleneck, NonLinearity, factory_kwargs, get_role, place_sequential
 from .lora import LoraLinear, wrap_linears
-from .prompt import BackboneCall, backbone
-
-MASK_ATTR = "peftcli_sequence_mask"
 
 
 @dataclass
@@ -62,52 +60,7 @@ class UniPeltConfig:
     )
 
 
-# ------------------------------------------------------------------------ the sequence mask and gates
-
-
-class SequenceMask:
-    """The current batch's 2-D attention mask, for averages over real tokens only.
-
-    A forward pre-hook on the backbone stores it; modules deep inside the layers read it. When
-    the tensor being averaged does not line up with it (another batch size, or a sequence length
-    longer than the mask) the plain mean over positions is used.
-    """
-
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        return {"mask": None}
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        m = BackboneCall(module, args, kwargs).get("attention_mask")
-        self.mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-        return None
-
-    def weights(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-        """[batch, seq]: 1 on real tokens (the last `seq` columns of the mask), 0 on padding."""
-        m = self.mask
-        if m is None or m.shape[0] != batch or m.shape[1] < seq:
-            return torch.ones(batch, seq, device=device)
-        return m[:, -seq:].to(device=device, dtype=torch.float32)
-
-    def mean(self, g: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, k] -> [batch, k], averaged over real tokens."""
-        if g.dim() == 2:
-            return g
-        w = self.weights(g.shape[0], g.shape[1], g.device).to(g.dtype).unsqueeze(-1)
-        return (g * w).sum(1) / w.sum(1).clamp_min(1.0)
-
-
-def sequence_mask(model: nn.Module) -> SequenceMask:
-    """The model's SequenceMask, installed on first use."""
-    holder = getattr(model, MASK_ATTR, None)
-    if isinstance(holder, SequenceMask):
-        return holder
-    holder = SequenceMask()
-    backbone(model).register_forward_pre_hook(holder, with_kwargs=True)
-    setattr(model, MASK_ATTR, holder)
-    return holder
+# ------------------------------------------------------------------------ gates
 
 
 class SequenceGate(nn.Module):
@@ -129,14 +82,6 @@ class SequenceGate(nn.Module):
         return g
 
 
-def _capture_input(args: tuple, kwargs: dict, what: str) -> torch.Tensor:
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise RuntimeError(f"UniPELT: cannot find the input of the {what} sub-layer")
-
-
 # ------------------------------------------------------------------------ gated parts
 
 
@@ -151,8 +96,7 @@ class GatedLoraLinear(LoraLinear):
         y = self.base(x)
         if not self.adapter_enabled or self.merged:
             return y
-        a, b = self.lora_A.weight, self.lora_B.weight
-        h = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scaling
+        h = self.low_rank(self.lora_dropout(x)) * self.scaling
         g = self.gate(x)  # [batch, 1]
         if h.dim() == 3:
             g = g.unsqueeze(1)
@@ -166,55 +110,31 @@ class GatedLayerPrefix(prefix_method.LayerPrefix):
         super().__init__(inner._store[0], inner.index, inner.inner, inner.additive_mask)
         ref = next(inner._store[0].parameters())
         self.gate = SequenceGate(hidden, 2, mask, device=ref.device, dtype=ref.dtype)
-        self.x: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["x"] = None
-        return state
-
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.x = _capture_input(args, kwargs, "attention") if self.adapter_enabled else None
-        return None
+        self.capture = Capture(self, "UniPELT")  # a pre-hook on the attention sub-layer
 
     def kv(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super().kv(batch, like)
-        x, self.x = self.x, None
+        x = self.capture.take()
         if x is None:
             raise RuntimeError("UniPELT: the attention input was not seen before the prefix was needed")
         g = self.gate(x).to(k.dtype)  # [batch, 2]
         return k * g[:, 0].view(-1, 1, 1, 1), v * g[:, 1].view(-1, 1, 1, 1)
 
 
-class _Capture:
-    def __init__(self, owner: GatedBottleneck) -> None:
-        self.owner = owner
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.owner.x = _capture_input(args, kwargs, "FFN") if self.owner.adapter_enabled else None
-        return None
-
-
-class GatedBottleneck(nn.Module):
+class GatedBottleneck(AdapterModule):
     """f(a) · g, g read from the FFN sub-layer input (captured by a pre-hook) or from a itself."""
 
     def __init__(self, adapter: Bottleneck, gate: SequenceGate, read_sublayer: bool) -> None:
         super().__init__()
-        self.adapter_enabled = True
         self.adapter = adapter
         self.gate = gate
         self.read_sublayer = read_sublayer
-        self.x: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["x"] = None
-        return state
+        self.capture = Capture(self, "UniPELT")  # a pre-hook on the FFN sub-layer, when read_sublayer
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         src = a
         if self.read_sublayer:
-            src, self.x = self.x, None
+            src = self.capture.take()
             if src is None:
                 raise RuntimeError("UniPELT: the FFN input was not seen before the adapter ran")
         g = self.gate(src)
@@ -257,13 +177,15 @@ def attach(model: nn.Module, arch: Arch, cfg: UniPeltConfig) -> None:
                                 attn=False, ffn=True, post_ln_ffn=arch.post_norm)
     if read_sublayer:
         for i, a in enumerate(adapters):
-            get_role(arch, i, "ffn").register_forward_pre_hook(_Capture(a), with_kwargs=True)
+            get_role(arch, i, "ffn").register_forward_pre_hook(a.capture, with_kwargs=True)
 
 
-def closed_form(hidden: int, num_layers: int, cfg: UniPeltConfig, lora_dims: list[tuple[int, int]]) -> int:
-    """Prefix MLP + gated LoRA (r·(in + out) + in + 1 each) + gated adapters + prefix gates."""
+def closed_form(hidden: int, num_layers: int, cfg: UniPeltConfig, lora_dims: list[tuple[int, int]],
+                kv_width: int | None = None) -> int:
+    """Prefix MLP + gated LoRA (r·(in + out) + in + 1 each) + gated adapters + prefix gates.
+    kv_width = kv_heads · head_dim, which is hidden without grouped-query attention."""
     L, m, b = cfg.num_virtual_tokens, cfg.adapter_size, cfg.prefix_bottleneck
-    width = num_layers * 2 * hidden  # kv_heads · head_dim = hidden without grouped-query attention
+    width = num_layers * 2 * (kv_width or hidden)
     prefix = L * hidden + (hidden * b + b) + (b * width + width)
     lora = sum(cfg.lora_r * (i + o) + i + 1 for i, o in lora_dims)
     adapter = num_layers * (2 * m * hidden + m + hidden + hidden + 1)
@@ -277,6 +199,11 @@ def gate_values(model: nn.Module) -> dict[str, Any]:
             if isinstance(m, SequenceGate) and m.last is not None}
 
 
+def budget(model: nn.Module, arch: Arch, cfg: UniPeltConfig) -> int:
+    dims = [linear_dims(m.base) for m in model.modules() if isinstance(m, GatedLoraLinear)]
+    return closed_form(arch.hidden_size, arch.num_layers, cfg, dims, arch.num_kv_heads * arch.head_dim)
+
+
 register(
     "unipelt",
     UniPeltConfig,
@@ -284,6 +211,13 @@ register(
     merge_refusal="UniPELT's prefix and adapter are not weight deltas, and its LoRA gate depends on the input",
     export_state=prefix_method.export_state,
     load_state=prefix_method.load_state,
+    # Not positionwise: every gate averages over the whole sequence, so the last layer's outputs at
+    # the position the head reads depend on every other position's FFN input.
+    no_peft_reason=(
+        "HF PEFT has no UniPELT (LoRA, prefix tuning and a bottleneck adapter, each behind a learned gate); "
+        "use the run folder with peftcli"
+    ),
+    budget=budget,
 )(attach)
 
 __all__ = [

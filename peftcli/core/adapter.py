@@ -1,0 +1,53 @@
+"""The contract every module a method puts into a model keeps.
+
+Code outside the methods (AdapterDrop, the merge check, the PEFT translator, fusion pruning)
+handles adapter modules without knowing which method made them, so every one of them answers the
+same three questions the same way:
+
+- on/off: `adapter_enabled`. False makes the module add nothing, so that the model computes what
+  it would without it; AdapterDrop and fusion pruning flip it, layer by layer or source by source.
+- state: what a module learns is its own parameters, saved and moved with the model. Tensors it
+  keeps from one hook to the next within a forward call (see `hf_call.Capture`) are not state.
+- merge: a `LayerAdapter` takes the place of a base layer and calls it (`base`); when its update
+  is a weight change, `merged_base()` gives that layer back with the update written into it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..arch import set_module
+
+
+class AdapterModule(nn.Module):
+    """Base class of every module a method inserts; see the module docstring for the contract."""
+
+    adapter_enabled: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter_enabled = True
+
+
+class LayerAdapter(AdapterModule):
+    """An adapter standing where a base layer was: PEFT and the merge see it as that layer."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def merged_base(self) -> nn.Module:
+        """The base layer with this adapter's update written into its weights."""
+        raise TypeError(f"{type(self).__name__}'s update is not a weight change; it cannot be merged")
+
+
+def is_adapter_module(module: nn.Module) -> bool:
+    return isinstance(module, AdapterModule)
+
+
+def merge_layer_adapters(model: nn.Module, kind: type[LayerAdapter]) -> int:
+    """Put each `kind` adapter's merged base layer back in its place; returns how many."""
+    found = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, kind)]
+    for name, mod in found:
+        set_module(model, name, mod.merged_base())
+    return len(found)
