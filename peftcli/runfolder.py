@@ -49,6 +49,11 @@ def _is_temp(name: str) -> bool:
     return _TEMP.fullmatch(name) is not None
 
 
+def is_temp_name(name: str) -> bool:
+    """A name peftcli gives its temporary and moved-aside files and folders (never a user's)."""
+    return _is_temp(name)
+
+
 def _is_run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or _EVAL_FILE.fullmatch(name) is not None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -309,11 +310,16 @@ def _protected(recipe: Recipe) -> list[Path]:
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
     """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
     if not (run_dir / "recipe.yaml").exists():
-        if run_dir.exists() and any(run_dir.iterdir()) and not runfolder.is_ours(run_dir):
+        # A kill before recipe.yaml was in place leaves at most the marker and peftcli's temp files.
+        leftovers = [p for p in run_dir.iterdir() if runfolder.is_temp_name(p.name)] if run_dir.is_dir() else []
+        others = [p for p in run_dir.iterdir() if p not in leftovers] if run_dir.is_dir() else []
+        if others and not runfolder.is_ours(run_dir):
             raise RunExistsError(f"--resume: {run_dir} is not a peftcli run folder (no recipe.yaml); "
                                  "check output.dir")
         console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         if rank == 0:
+            for p in leftovers:
+                p.unlink() if p.is_file() else shutil.rmtree(p)
             runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
         return None, None, False
     if rank == 0:  # a kill inside a checkpoint swap leaves it half-renamed: finish or undo it first
