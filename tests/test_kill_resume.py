@@ -29,6 +29,13 @@ def _fault_inject():
     return mod
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def cli_in_child(argv: list[str], env: dict[str, str]) -> None:
     """The `peftcli` command in this (forked) process; exits with the command's status."""
     os.environ.update(env)
@@ -50,7 +57,15 @@ KILLS = [
 @pytest.fixture(scope="module")
 def forkserver():
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["peftcli.cli", "peftcli.train"])
+    # Everything a run imports (transformers loads its model and data code lazily), so that each
+    # forked run starts warm.
+    ctx.set_forkserver_preload([m for m in [
+        "peftcli.cli", "peftcli.train", "peftcli.methods", "peftcli.runstate", "datasets", "pandas", "sympy",
+        "scipy.optimize", "scipy.sparse", "torch._dynamo", "torch.distributed", "accelerate",
+        "transformers.models.bert.modeling_bert", "transformers.models.auto.modeling_auto",
+        "transformers.models.auto.tokenization_auto", "transformers.generation", "transformers.integrations",
+        "transformers.quantizers", "matplotlib.pyplot",
+    ] if _installed(m)])
     return ctx
 
 
