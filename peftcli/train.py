@@ -223,7 +223,7 @@ def set_up(
     if smoke:
         train_ex, eval_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], eval_ex[:16]
     micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
-    if micro_per_epoch < tcfg.grad_accum:
+    if micro_per_epoch < tcfg.grad_accum or len(train_ex) < tcfg.batch_size * tcfg.grad_accum * world:
         raise DataError(
             f"{recipe.source or 'recipe'}: {len(train_ex)} training rows cannot make one optimizer step of "
             f"train.batch_size {tcfg.batch_size} x train.grad_accum {tcfg.grad_accum} x {world} rank(s) = "

@@ -200,3 +200,14 @@ def test_overwrite_never_deletes_what_is_not_a_run(tiny_bert_dir, tiny_csv, tmp_
     assert res.exit_code == 2, res.output
     assert (user / "notes.txt").read_text() == "keep me"
     assert {p: p.read_bytes() for p in Path(dest).rglob("*") if p.is_file()} == before
+
+
+def test_export_and_merge_check_shapes_against_the_recipe(finished, tmp_path):
+    rec, run = _copy(finished, tmp_path)
+    text = (run / "recipe.yaml").read_text()
+    assert "  r: 4\n" in text
+    (run / "recipe.yaml").write_text(text.replace("  r: 4\n", "  r: 8\n"))
+    for cmd in (["export", run, tmp_path / "exp"], ["merge", run, tmp_path / "merged"]):
+        res = invoke(*cmd)
+        assert res.exit_code == 2, res.output
+        assert "shape" in res.output and not Path(cmd[2]).exists()
