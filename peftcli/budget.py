@@ -60,7 +60,7 @@ def memory_estimate(
     other frozen parameter (embeddings, norms, biases, heads) stays in bf16 under QLoRA.
     `tokens` (batch × sequence length), `hidden` and `layers` give the activation estimate.
     """
-    from .quant import dense_base_refusal
+    from .build import dense_base_refusal
 
     frozen = total - trainable
     rows = []

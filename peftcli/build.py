@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 import torch
 from torch import nn
 
 from .arch import Arch, UnsupportedArchitecture, resolve
-from .registry import MethodSpec, count_trainable, freeze, get_method
+from .methods import all_methods, get_method
+from .quant import QuantizationUnavailable
+from .registry import MethodSpec, count_trainable, freeze
 
 
 def attach_method(
@@ -62,3 +67,39 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; set train.device: auto or cpu")
     return torch.device(choice)
+
+
+# ---------------------------------------------------------------- QLoRA: can this method train on a 4-bit base?
+
+
+def dense_base_refusal(method: str, method_cfg: Any = None) -> str | None:
+    """Why `method` (with these options) cannot train on a frozen 4-bit base; None when it can.
+
+    Each method says so in its spec (`needs_dense_base`): full fine-tuning and BitFit train base
+    weights, DoRA takes norms of them. Without a config only what holds for every config counts.
+    """
+    spec = all_methods().get(method)
+    need = spec.needs_dense_base if spec is not None else ""
+    if callable(need):
+        text = need(method_cfg) if method_cfg is not None else ""
+        return f"model.quantization: nf4 {text}" if text else None
+    if need:
+        return (f"model.quantization: nf4 freezes the base in 4 bits; method {method!r} {need}. "
+                "Use an adapter method such as lora.")
+    return None
+
+
+def check_qlora_possible(method: str, device: torch.device, method_cfg: Any = None) -> None:
+    """Refuse before any work when the machine or the method cannot run on a 4-bit base."""
+    refusal = dense_base_refusal(method, method_cfg)
+    if refusal:
+        raise QuantizationUnavailable(refusal)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise QuantizationUnavailable(
+            "model.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
+            "Use model.quantization: none to train in full precision here."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailable(
+            "model.quantization: nf4 needs bitsandbytes: `pip install 'peftcli[qlora]'`"
+        )

@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +173,10 @@ def save_adapter(
     arch,
     cfg,
     meta: dict[str, Any],
-    extra: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write an adapter folder; `extra` is a trainer state (JSON part, tensors) for `--resume`."""
+    """Write an adapter folder; `extra` writes more files into it (a trainer state for --resume)
+    before meta.json, which marks the folder complete."""
     sd = adapter_state(model, spec, arch, cfg)
     full_meta = {
         "method": spec.name,
@@ -187,10 +189,8 @@ def save_adapter(
 
     def write(tmp: Path) -> None:
         save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "method": spec.name})
-        if extra:
-            from .runstate import write_trainer_state
-
-            write_trainer_state(tmp, *extra)
+        if extra is not None:
+            extra(tmp)
         # Written last: a folder with meta.json is complete (recover_dir relies on it).
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
 

@@ -70,7 +70,7 @@ class UsageError(Exception):
 
 def _complete_methods(incomplete: str) -> list[str]:
     """Shell completion of method names (the registry is the only list)."""
-    from .registry import all_methods
+    from .methods import all_methods
 
     return [m for m in sorted(all_methods()) if m.startswith(incomplete)]
 

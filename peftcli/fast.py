@@ -221,7 +221,7 @@ class _QueryAtPosition:
         return output.expand(output.shape[0], n, *output.shape[2:]).contiguous()
 
 
-def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -> list:
+def trim_unread_positions(model: nn.Module, arch: Any, positionwise: bool, task: str) -> list:
     """Run the last layer only where the classification head reads it.
 
     A BERT-family classifier reads position 0 of the last layer. Everything in that layer after
@@ -231,18 +231,14 @@ def trim_unread_positions(model: nn.Module, arch: Any, method: str, task: str) -
     (keys and values still need every position). The head's logits are unchanged (same values
     up to float reordering), and so is every gradient; only dropout draws fewer random numbers.
     Returns the hook handles (remove them to undo); an empty list where the model, task or
-    method is not one this is known to be exact for (a method says so with its spec's
-    `positionwise`, each checked against the untrimmed model in tests/test_lora_fast.py).
+    method is not one this is known to be exact for (`positionwise`: the method's spec says so,
+    each checked against the untrimmed model in tests/test_lora_fast.py).
     """
-    from .registry import all_methods
-
-    spec = all_methods().get(method)
     pos = _HEAD_READS_POSITION.get(arch.spec.family)
     if (
         task != "classification"
         or pos is None
-        or spec is None
-        or not spec.positionwise
+        or not positionwise
         or not type(model).__name__.endswith("ForSequenceClassification")
         or arch.spec.attn_out_block is None
     ):

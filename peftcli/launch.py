@@ -101,7 +101,7 @@ def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: b
     check_setup(mode, nproc, r.model.quantization)
     device = pick_device(r.train.device)
     if r.model.quantization == "nf4":
-        from .quant import check_qlora_possible
+        from .build import check_qlora_possible
 
         check_qlora_possible(r.method_name, device, r.method)
     if device.type == "cuda":

@@ -114,7 +114,7 @@ def _refusal_from_recipe(run: Path) -> str | None:
     """Refuse a non-mergeable method before loading any weights."""
     import yaml
 
-    from .registry import all_methods
+    from .methods import all_methods
 
     f = run / "recipe.yaml"
     if not f.exists():

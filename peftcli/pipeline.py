@@ -32,11 +32,11 @@ class Built:
 
 def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None) -> Built:
     """Base model with the recipe's method attached (fresh adapter weights), on `device`."""
-    from .registry import get_method
+    from .methods import get_method
 
     spec = get_method(recipe.method_name)
     if recipe.model.quantization == "nf4":
-        from .quant import check_qlora_possible
+        from .build import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device)
     tok = load_tokenizer(recipe.model.name)

@@ -9,50 +9,14 @@ into a dense one (`dequantize_model`).
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Any
-
 import torch
 from torch import nn
+
+from .core.precision import float_dtype, is_4bit  # noqa: F401  (re-exported; methods import them from core)
 
 
 class QuantizationUnavailable(RuntimeError):
     pass
-
-
-def dense_base_refusal(method: str, method_cfg: Any = None) -> str | None:
-    """Why `method` (with these options) cannot train on a frozen 4-bit base; None when it can.
-
-    Each method says so in its spec (`needs_dense_base`): full fine-tuning and BitFit train base
-    weights, DoRA takes norms of them. Without a config only what holds for every config counts.
-    """
-    from .registry import all_methods
-
-    spec = all_methods().get(method)
-    need = spec.needs_dense_base if spec is not None else ""
-    if callable(need):
-        text = need(method_cfg) if method_cfg is not None else ""
-        return f"model.quantization: nf4 {text}" if text else None
-    if need:
-        return (f"model.quantization: nf4 freezes the base in 4 bits; method {method!r} {need}. "
-                "Use an adapter method such as lora.")
-    return None
-
-
-def check_qlora_possible(method: str, device: torch.device, method_cfg: Any = None) -> None:
-    """Refuse before any work when the machine or the method cannot run on a 4-bit base."""
-    refusal = dense_base_refusal(method, method_cfg)
-    if refusal:
-        raise QuantizationUnavailable(refusal)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise QuantizationUnavailable(
-            "model.quantization: nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
-            "Use model.quantization: none to train in full precision here."
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationUnavailable(
-            "model.quantization: nf4 needs bitsandbytes: `pip install 'peftcli[qlora]'`"
-        )
 
 
 def skip_modules() -> list[str]:
@@ -98,26 +62,6 @@ def quantized_names(model: nn.Module) -> list[str]:
     return out
 
 
-def is_4bit(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit linear layer (checked by name: bitsandbytes need not be installed)."""
-    return type(module).__name__ == "Linear4bit" or type(getattr(module, "weight", None)).__name__ == "Params4bit"
-
-
-def float_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype new weights beside this layer should have.
-
-    A 4-bit layer stores uint8; its matmul runs in `compute_dtype` (bf16 for QLoRA), which is
-    the dtype LoRA weights beside it take.
-    """
-    w = module.weight
-    if w.dtype.is_floating_point:
-        return w.dtype
-    if is_4bit(module):
-        cd = getattr(module, "compute_dtype", None)
-        if cd is None and getattr(w, "quant_state", None) is not None:
-            cd = w.quant_state.dtype
-        return cd or torch.bfloat16
-    return torch.float32
 
 
 def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .registry import all_methods
+from .methods import all_methods
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:

@@ -135,16 +135,14 @@ def unregister(name: str) -> MethodSpec:
 
 
 def get_method(name: str) -> MethodSpec:
-    from . import methods  # noqa: F401  (importing registers every method)
-
+    """A registered method. The registry imports no method: `peftcli.methods` registers them all
+    and re-exports this function, so callers import it from there and the layers never circle."""
     if name not in REGISTRY:
         raise KeyError(name)
     return REGISTRY[name]
 
 
 def all_methods() -> dict[str, MethodSpec]:
-    from . import methods  # noqa: F401
-
     return dict(REGISTRY)
 
 

@@ -44,6 +44,7 @@ from .runstate import (
     restore_rng,
     trainer_state,
     trim_metrics,
+    write_trainer_state,
 )
 
 
@@ -196,7 +197,7 @@ def set_up(
     # Refuse what this machine or this launch cannot do before any file is written or loaded.
     dist_mode = dist_utils.check_setup(tcfg.distributed, world, recipe.model.quantization)
     if recipe.model.quantization == "nf4":
-        from .quant import check_qlora_possible
+        from .build import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
     if tcfg.precision == "fp16" and device.type != "cuda":
@@ -233,7 +234,7 @@ def set_up(
     built = build(recipe, device, label_names=splits.label_names)
     model, arch, spec = built.model, built.arch, built.spec
     # Speed-ups that leave results unchanged (see peftcli/fast.py for why each is exact).
-    trim_unread_positions(model, arch, spec.name, task)
+    trim_unread_positions(model, arch, spec.positionwise, task)
     if tcfg.compile and device.type == "cuda":
         compile_layers(model, arch)
     budget = trainable_summary(model)
@@ -484,11 +485,15 @@ def save_checkpoint(s: Session, dest: str, pos: Position | None) -> None:
     sd = dist_utils.full_adapter_state(s.model, s.spec, s.arch, s.recipe.method)
     extra = None
     if pos is not None:
-        extra = trainer_state(
+        state = trainer_state(
             pos, optimizer=dist_utils.optimizer_state(s.optimizer, s.model, s.trainable),
             scheduler=s.scheduler.state_dict(), scaler=s.scaler.state_dict() if s.scaler.is_enabled() else None,
             drop_rng=s.drop_rng, world=s.world, batch_size=s.recipe.train.batch_size,
         )
+
+        def extra(folder: Path) -> None:
+            write_trainer_state(folder, *state)
+
     if s.is_main:
         gathered = replace(s.spec, export_state=lambda *_: sd)
         save_adapter(s.run_dir / dest, s.model, gathered, s.arch, s.recipe.method, s.meta, extra=extra)

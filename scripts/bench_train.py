@@ -174,6 +174,7 @@ def optimizer_for(model: torch.nn.Module, lr: float, device: torch.device) -> to
 def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict) -> Side:
     from peftcli.build import attach_method
     from peftcli.losses import chunked_causal_lm_loss, hidden_states_out
+    from peftcli.methods import get_method
     from peftcli.methods.lora import LoraConfig
 
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
@@ -188,7 +189,7 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
         notes.append("grad-ckpt")
     from peftcli.fast import compile_layers, trim_unread_positions
 
-    if not args.no_trim and trim_unread_positions(model, arch, "lora", cfg["task"]):
+    if not args.no_trim and trim_unread_positions(model, arch, get_method("lora").positionwise, cfg["task"]):
         notes.append("last layer's query and post-attention part at the head's position only")
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
         if args.compile_scope == "model":  # one region: one guard check per step instead of one per layer

@@ -13,8 +13,8 @@ import sys
 import typing
 from pathlib import Path
 
+from peftcli.methods import all_methods
 from peftcli.recipe import _type_name, describe_sections
-from peftcli.registry import all_methods
 
 
 def esc(text: str) -> str:

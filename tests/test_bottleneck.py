@@ -18,11 +18,10 @@ from peftcli.arch import resolve
 from peftcli.build import attach_method
 from peftcli.checkpoint import adapter_state, load_adapter_state
 from peftcli.drop import set_dropped_layers
-from peftcli.methods import compacter, houlsby, krona, parallel, pfeiffer
+from peftcli.methods import compacter, get_method, houlsby, krona, parallel, pfeiffer
 from peftcli.methods.bottleneck import Bottleneck
 from peftcli.methods.compacter import PHMLinear, PHMRule
 from peftcli.methods.krona import KronaLinear
-from peftcli.registry import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ["houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter++"]

@@ -139,8 +139,9 @@ def test_qlora_recipe_refused_without_cuda(tmp_path, extra):
 
 
 def test_qlora_refuses_methods_that_need_dense_base():
+    from peftcli.build import check_qlora_possible
     from peftcli.methods.lora import LoraConfig
-    from peftcli.quant import QuantizationUnavailable, check_qlora_possible
+    from peftcli.quant import QuantizationUnavailable
 
     cpu = torch.device("cpu")
     with pytest.raises(QuantizationUnavailable, match="'full'"):

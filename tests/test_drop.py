@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from peftcli import drop as drop_lib
 from peftcli.build import attach_method, pick_device
 from peftcli.cli import app
-from peftcli.registry import get_method
+from peftcli.methods import get_method
 
 runner = CliRunner()
 

@@ -17,10 +17,9 @@ from typer.testing import CliRunner
 from peftcli.build import attach_method
 from peftcli.checkpoint import adapter_state, save_adapter
 from peftcli.cli import app
-from peftcli.methods import fusion
+from peftcli.methods import fusion, get_method
 from peftcli.methods.fusion import FusionConfig, FusionSite, read_sources
 from peftcli.recipe import recipe_from_dict, recipe_yaml
-from peftcli.registry import get_method
 
 runner = CliRunner()
 

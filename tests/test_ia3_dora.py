@@ -8,10 +8,9 @@ from conftest import batch, tiny_model
 from torch import nn
 
 from peftcli.build import attach_method
-from peftcli.methods.dora import DoraLinear
+from peftcli.methods import get_method
 from peftcli.methods.ia3 import IA3Config, IA3Linear
-from peftcli.methods.lora import LoraConfig
-from peftcli.registry import get_method
+from peftcli.methods.lora import DoraLinear, LoraConfig
 
 CASES = [("bert", "classification"), ("gpt2", "classification"), ("gpt2", "causal_lm"),
          ("llama", "classification"), ("llama", "causal_lm")]

@@ -51,7 +51,7 @@ def test_dropout_applies_to_adapter_input_only():
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
 def test_merge_exact(arch_kind, task):
-    from peftcli.registry import get_method
+    from peftcli.methods import get_method
 
     m = tiny_model(arch_kind, task)
     cfg = LoraConfig(targets=["q", "v", "o", "ffn_out"], r=4, alpha=16)

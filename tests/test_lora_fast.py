@@ -9,8 +9,8 @@ from conftest import batch, tiny_model
 
 from peftcli.build import attach_method
 from peftcli.fast import trim_unread_positions
+from peftcli.methods import get_method
 from peftcli.methods.lora import LoraConfig, LoraLinear
-from peftcli.registry import get_method
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -246,7 +246,7 @@ def test_trim_unread_positions_exact(method, attn, kw):
         return loss, torch.autograd.grad(loss, params)
 
     ref = run()
-    handles = trim_unread_positions(m, arch, method, "classification")
+    handles = trim_unread_positions(m, arch, get_method(method).positionwise, "classification")
     assert len(handles) == 3  # last block's inputs, and its query projection (pre + post)
     seen = []
     q = arch.get(arch.num_layers - 1, "q")
@@ -263,12 +263,12 @@ def test_trim_unread_positions_exact(method, attn, kw):
 def test_trim_refuses_what_it_cannot_prove():
     llama = tiny_model("llama")
     arch, _ = attach_method(llama, "lora", LoraConfig())
-    assert trim_unread_positions(llama, arch, "lora", "classification") == []
+    assert trim_unread_positions(llama, arch, get_method("lora").positionwise, "classification") == []
     bert = tiny_model("bert")
     arch, _ = attach_method(bert, "lora", LoraConfig())
-    assert trim_unread_positions(bert, arch, "unipelt", "classification") == []  # gates read every position
-    assert trim_unread_positions(bert, arch, "prompt", "classification") == []
-    assert trim_unread_positions(bert, arch, "lora", "causal_lm") == []
+    assert trim_unread_positions(bert, arch, get_method("unipelt").positionwise, "classification") == []  # gates read every position
+    assert trim_unread_positions(bert, arch, get_method("prompt").positionwise, "classification") == []
+    assert trim_unread_positions(bert, arch, get_method("lora").positionwise, "causal_lm") == []
 
 
 def test_forward_matches_hf_peft():

@@ -22,7 +22,8 @@ import torch
 from conftest import batch, tiny_model
 
 from peftcli.build import attach_method
-from peftcli.registry import all_methods, get_method, unregister
+from peftcli.methods import all_methods, get_method
+from peftcli.registry import unregister
 
 PKG = Path(__file__).resolve().parent.parent / "peftcli"
 
@@ -134,7 +135,7 @@ def test_toy_method_trim_follows_positionwise(toy):
         arch, _ = attach_method(m, name, toy.ToyConfig(init=1.5))
         b = batch()
         ref = m(**b).logits
-        handles = trim_unread_positions(m, arch, name, "classification")
+        handles = trim_unread_positions(m, arch, get_method(name).positionwise, "classification")
         assert len(handles) == (3 if trims else 0), name
         torch.testing.assert_close(m(**b).logits, ref, atol=1e-5, rtol=1e-5)
         for h in handles:
@@ -154,7 +155,8 @@ def test_toy_method_is_an_adapter_for_adapterdrop(toy):
 
 
 def test_toy_method_qlora_check_follows_needs_dense_base(toy):
-    from peftcli.quant import QuantizationUnavailable, check_qlora_possible, dense_base_refusal
+    from peftcli.build import check_qlora_possible, dense_base_refusal
+    from peftcli.quant import QuantizationUnavailable
 
     cpu = torch.device("cpu")
     assert dense_base_refusal("toy_scale", toy.ToyConfig()) is None

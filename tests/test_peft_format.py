@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from peftcli.build import attach_method
 from peftcli.checkpoint import adapter_state
 from peftcli.cli import app
+from peftcli.methods import all_methods
 from peftcli.peft_format import (
     PeftFormatError,
     export_model,
@@ -29,7 +30,6 @@ from peftcli.peft_format import (
     shortest_suffixes,
 )
 from peftcli.recipe import recipe_from_dict
-from peftcli.registry import all_methods
 
 peft = pytest.importorskip("peft")
 runner = CliRunner()

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from peftcli.arch import UnsupportedArchitecture, resolve
 from peftcli.build import attach_method
 from peftcli.cli import app
+from peftcli.methods import get_method
 from peftcli.models import model_from_config
-from peftcli.registry import get_method
 
 
 def tiny_phi3_config():

@@ -291,7 +291,7 @@ def test_meta_device_attach(name):
 
 
 def test_not_mergeable():
-    from peftcli.registry import get_method
+    from peftcli.methods import get_method
 
     for name in ("prefix", "prompt"):
         spec = get_method(name)

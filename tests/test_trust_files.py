@@ -209,8 +209,8 @@ def _fusion_sources(tmp_path: Path, n: int = 2) -> list[Path]:
     """Finished pfeiffer runs (recipe.yaml + adapter/) on the in-memory tiny BERT, untrained."""
     from peftcli.build import attach_method
     from peftcli.checkpoint import save_adapter
+    from peftcli.methods import get_method
     from peftcli.recipe import recipe_from_dict, recipe_yaml
-    from peftcli.registry import get_method
 
     runs = []
     for i in range(n):

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def autocast_ctx(device: torch.device, precision: str) -> AbstractContextManager:
@@ -57,3 +58,25 @@ def forward_inputs(batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
 
 
 __all__ = ["autocast_ctx", "autocast_dtype", "forward_inputs", "resolve_dtype"]
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (checked by name: bitsandbytes need not be installed)."""
+    return type(module).__name__ == "Linear4bit" or type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype new weights beside this layer should have.
+
+    A 4-bit layer stores uint8; its matmul runs in `compute_dtype` (bf16 for QLoRA), which is
+    the dtype LoRA weights beside it take.
+    """
+    w = module.weight
+    if w.dtype.is_floating_point:
+        return w.dtype
+    if is_4bit(module):
+        cd = getattr(module, "compute_dtype", None)
+        if cd is None and getattr(w, "quant_state", None) is not None:
+            cd = w.quant_state.dtype
+        return cd or torch.bfloat16
+    return torch.float32

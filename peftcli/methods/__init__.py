@@ -1,9 +1,12 @@
-"""Importing this package registers every method. One file per method."""
+"""Importing this package registers every method. One file per method.
 
+Import `get_method` / `all_methods` from here: it guarantees every method is registered first.
+"""
+
+from ..registry import all_methods, get_method  # noqa: E402  (after every method registered)
 from . import (  # noqa: F401
     bitfit,
     compacter,
-    dora,
     full,
     fusion,
     houlsby,
@@ -17,3 +20,5 @@ from . import (  # noqa: F401
     prompt,
     unipelt,
 )
+
+__all__ = ["all_methods", "get_method"]

@@ -27,7 +27,7 @@ others' `adapter_enabled` off, and the site then mixes only the enabled ones.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,9 @@ def read_sources(cfg: FusionConfig) -> list[Source]:
             d = json.loads(text)
             out.append(Source(i, d["run"], d["method"], d["options"]))
         return _check(out)
-    from ..recipe import RecipeError, load_recipe
+    # The runs' recipe.yaml files were written resolved by peftcli: their `method:` mapping is all a
+    # source needs (read as data; the recipe layer sits above the methods).
+    import yaml
 
     out = []
     for i, run in enumerate(cfg.adapters):
@@ -111,10 +113,13 @@ def read_sources(cfg: FusionConfig) -> list[Source]:
         if not f.exists():
             raise FusionError(f"method.adapters[{i}]: {run} is not a peftcli run folder (no recipe.yaml)")
         try:
-            r = load_recipe(f)
-        except RecipeError as e:
-            raise FusionError(f"method.adapters[{i}]: {e}") from None
-        out.append(Source(i, str(run), r.method_name, asdict(r.method)))
+            method = dict((yaml.safe_load(f.read_text()) or {}).get("method") or {})
+        except (yaml.YAMLError, AttributeError) as e:
+            raise FusionError(f"method.adapters[{i}]: {f} is not a readable recipe ({e})") from None
+        name = method.pop("name", None)
+        if not isinstance(name, str):
+            raise FusionError(f"method.adapters[{i}]: {f} names no method (method.name)")
+        out.append(Source(i, str(run), name, method))
     return _check(out)
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import peft_format
 from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
+from ..core import peft_layout as fmt
 from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..registry import PeftTwin, parse_layers, register, select_linears
 
@@ -123,12 +123,12 @@ def merge(model: nn.Module, arch: Arch, cfg: IA3Config) -> None:
 # ------------------------------------------------------------------ HF PEFT's IA3 type
 
 
-def peft_layout(model: nn.Module, arch: Arch, cfg: IA3Config, lay: peft_format.Layout) -> None:
+def peft_layout(model: nn.Module, arch: Arch, cfg: IA3Config, lay: fmt.Layout) -> None:
     """As LoRA's, plus which targets scale their input (feedforward_modules) and, for GPT-2's fused
     q/k/v with only some roles targeted, the rows our shorter vector fills in PEFT's full one."""
-    wrapped = peft_format.adapted_linears(model, IA3Linear, "ia3")
+    wrapped = fmt.adapted_linears(model, IA3Linear, "ia3")
     ff = [n for n, m in wrapped if m.scale_input]
-    suffix = peft_format.linear_targets(model, lay, wrapped, ff)
+    suffix = fmt.linear_targets(model, lay, wrapped, ff)
     lay.config["feedforward_modules"] = sorted({suffix[n] for n in ff})
     lay.feedforward = {f"{n}.ia3_l" for n in ff}
     lay.config["init_ia3_weights"] = True
@@ -144,16 +144,16 @@ def _fused_rows(arch: Arch, cfg: IA3Config) -> list[int]:
     """Rows of GPT-2's fused [q; k; v] output that IA³ scales when only some of q/k/v are targeted."""
     rows = arch.fused_qkv_rows({t for t in cfg.targets if t in QKV})
     if rows is None:
-        raise peft_format.PeftFormatError("internal: IA³ row subset without a q/k/v role in method.targets")
+        raise fmt.PeftFormatError("internal: IA³ row subset without a q/k/v role in method.targets")
     return rows
 
 
 def from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {"targets": peft_format.module_list(config, "target_modules"),
-            "feedforward": peft_format.module_list(config, "feedforward_modules")}
+    return {"targets": fmt.module_list(config, "target_modules"),
+            "feedforward": fmt.module_list(config, "feedforward_modules")}
 
 
-def check_peft_tensor(key: str, name: str, t: torch.Tensor, lay: peft_format.Layout, where: str,
+def check_peft_tensor(key: str, name: str, t: torch.Tensor, lay: fmt.Layout, where: str,
                       config: dict[str, Any]) -> None:
     """A vector scales its layer's input in PEFT when it is [1, in], its output when [out, 1]; the
     recipe's method.feedforward must say the same of each target."""
@@ -162,7 +162,7 @@ def check_peft_tensor(key: str, name: str, t: torch.Tensor, lay: peft_format.Lay
     scales_input = t.ndim == 2 and t.shape[0] == 1 and t.shape[1] > 1
     if scales_input != (name in lay.feedforward):
         theirs, ours = ("input", "output") if scales_input else ("output", "input")
-        raise peft_format.PeftFormatError(
+        raise fmt.PeftFormatError(
             f"{where}: {lay.module_of[key]} scales its {theirs} in the adapter (feedforward_modules: "
             f"{config.get('feedforward_modules')}) but its {ours} under the recipe; set method.feedforward to match"
         )

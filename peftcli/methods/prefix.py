@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import peft_format
 from ..arch import Arch
+from ..core import peft_layout as fmt
 from ..core.adapter import AdapterModule
 from ..core.hf_call import BackboneCall, accepts, backbone
-from ..quant import float_dtype
+from ..core.precision import float_dtype
 from ..registry import PeftTwin, register
 
 ATTR = "peftcli_prefix"  # the store on the top model, and the LayerPrefix child of each attention module
@@ -296,12 +296,12 @@ def load_state(model: nn.Module, arch: Arch, cfg: PrefixConfig, sd: dict[str, to
 # ------------------------------------------------------------------ HF PEFT's PREFIX_TUNING type
 
 
-def peft_layout(model: nn.Module, arch: Arch, cfg: PrefixConfig, lay: peft_format.Layout) -> None:
+def peft_layout(model: nn.Module, arch: Arch, cfg: PrefixConfig, lay: fmt.Layout) -> None:
     """PEFT's `prompt_embeddings` is our saved MLP output; the MLP itself has no place there."""
-    dims = peft_format.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=True)
+    dims = fmt.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=True)
     lay.config.update(dims)
     if not cfg.shift_positions:
-        raise peft_format.PeftFormatError(
+        raise fmt.PeftFormatError(
             "cannot export prefix tuning with method.shift_positions: false; PEFT always places real "
             "tokens after the prefix's positions (retrain with method.shift_positions: true)"
         )

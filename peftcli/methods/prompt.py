@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .. import peft_format
 from ..arch import Arch
+from ..core import peft_layout as fmt
 from ..core.hf_call import BackboneCall, accepts, backbone
 from ..registry import PeftTwin, register
 
@@ -184,8 +184,8 @@ def attach(model: nn.Module, arch: Arch, cfg: PromptConfig) -> None:
 # ------------------------------------------------------------------ HF PEFT's PROMPT_TUNING type
 
 
-def peft_layout(model: nn.Module, arch: Arch, cfg: PromptConfig, lay: peft_format.Layout) -> None:
-    lay.config.update(peft_format.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=False))
+def peft_layout(model: nn.Module, arch: Arch, cfg: PromptConfig, lay: fmt.Layout) -> None:
+    lay.config.update(fmt.prompt_learning_config(arch, cfg.num_virtual_tokens, kv_heads=False))
     lay.config.update({
         "prompt_tuning_init": "RANDOM",  # the weights are in the file; TEXT would make PEFT load a tokenizer
         "prompt_tuning_init_text": None,
