@@ -276,6 +276,59 @@ def merge(
     out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
 
 
+# ---------------------------------------------------------------------------------------- combine
+
+
+@app.command(epilog="Examples: `peftcli combine runs/a runs/b --weights 0.5,0.5 --how cat runs/ab` · "
+             "`peftcli combine runs/a runs/b --weights 1,-1 --how ties --density 0.5 runs/a-minus-b` · "
+             "`peftcli combine runs/a runs/b --how weighted runs/avg` (IA³, bottleneck adapters, KronA)")
+@handle_errors
+def combine(
+    runs_and_dest: Annotated[list[Path], typer.Argument(
+        metavar="RUN... DEST", help="run folders of one method on one base model, then the folder to write")],
+    weights: Annotated[str | None, typer.Option(
+        help="one weight per run, e.g. 0.5,0.5 (negative subtracts a LoRA task); default 1/N each")] = None,
+    how: Annotated[str | None, typer.Option(
+        help="LoRA/DoRA: linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (and *_svd); "
+             "IA³, bottleneck adapters, KronA: weighted")] = None,
+    density: Annotated[float | None, typer.Option(help="ties, dare_*, magnitude_prune: fraction of entries kept")] = None,
+    majority_sign: Annotated[str | None, typer.Option(
+        "--majority-sign", help="ties, dare_ties: 'total' (default) or 'frequency'")] = None,
+    rank: Annotated[int | None, typer.Option(help="svd rules: rank of the result (default: the largest rank)")] = None,
+    seed: Annotated[int | None, typer.Option(help="dare_*: seed of the random masks (default 0)")] = None,
+    head_from: Annotated[Path | None, typer.Option(
+        "--head-from", help="classification: the run whose task head, labels and data the result keeps "
+                            "(default: the first RUN)")] = None,
+    force: Annotated[bool, typer.Option(help="replace DEST if peftcli wrote it")] = False,
+) -> None:
+    """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
+    export and generate take it like a trained run)."""
+    from .combine import CombineError, combine_runs, parse_weights
+
+    if len(runs_and_dest) < 2:
+        raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
+    *runs, dest = runs_and_dest
+    try:
+        rep = combine_runs(runs, dest, weights=parse_weights(weights, len(runs)), how=how, density=density,
+                           majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force)
+    except CombineError as e:
+        raise UsageError(str(e)) from None
+    shown = ""
+    for i, (w, r) in enumerate(zip(rep["weights"], rep["runs"], strict=True)):
+        sign = ("−" if w < 0 else "") if i == 0 else (" − " if w < 0 else " + ")
+        shown += f"{sign}{abs(w):g} × {r}"
+    out.print(f"{rep['method']} · --how {rep['how']} · {shown}", highlight=False)
+    for key, (old, new) in rep["changed"].items():
+        out.print(f"method.{key}: {old} → {new}", highlight=False)
+    if rep["head_from"] is not None:
+        out.print(f"task head, labels and data section from {rep['head_from']} (--head-from picks another run)",
+                  highlight=False)
+    for note in rep["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    out.print(f"combined run written to {rep['dest']} ({rep['tensors']} tensors, {rep['parameters']:,} parameters); "
+              f"`peftcli eval {rep['dest']}` measures it", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------- HF PEFT format
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .arch import ROLES, Arch, is_linear
+from .core.combine import Combined, CombineRequest
 
 
 @dataclass
@@ -82,6 +83,11 @@ class MethodSpec:
     # Closed form of the parameters the method adds (not the task head), from the attached model's
     # architecture and the config: count-params' cross-check, and the formula the docs quote.
     budget: Callable[[nn.Module, Arch, Any], int] | None = None
+    # How trained adapters of this method combine into one (`peftcli combine`): the rules it
+    # accepts for `--how`, and the function that answers a request. None: `combine_refusal` says why.
+    combine: Callable[[CombineRequest], Combined] | None = None
+    combine_hows: tuple[str, ...] = ()
+    combine_refusal: str = ""
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -103,10 +109,15 @@ def register(
     peft: PeftTwin | None = None,
     no_peft_reason: str = "",
     budget: Callable | None = None,
+    combine: Callable | None = None,
+    combine_hows: tuple[str, ...] = (),
+    combine_refusal: str = "",
 ) -> Callable:
     def deco(attach: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
+        if (combine is None) != (not combine_hows):
+            raise ValueError(f"method {name!r}: `combine` and `combine_hows` are given together or not at all")
         REGISTRY[name] = MethodSpec(
             name=name,
             config_cls=config_cls,
@@ -123,6 +134,9 @@ def register(
             peft=peft,
             no_peft_reason=no_peft_reason,
             budget=budget,
+            combine=combine,
+            combine_hows=combine_hows,
+            combine_refusal=combine_refusal,
         )
         return attach
 

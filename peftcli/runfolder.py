@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 MARKER = ".peftcli.json"
-KINDS = ("run", "export", "merge", "import", "drop", "fuse")
+KINDS = ("run", "export", "merge", "import", "drop", "fuse", "combine")
 # Kinds whose folders are run folders: `peftcli eval` adds eval_*.json to them later.
-RUN_KINDS = frozenset({"run", "import", "drop", "fuse"})
+RUN_KINDS = frozenset({"run", "import", "drop", "fuse", "combine"})
 # Every top-level name a run folder has ever held (train, eval, drop); a fused run keeps its
 # sources' weights inside adapter/, so it adds no name of its own.
 RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "summary.json", "curves.png", "drop.json"})

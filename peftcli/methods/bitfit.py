@@ -45,6 +45,8 @@ register(
     BitFitConfig,
     summary="train bias terms only (+ head); merge writes the model with its trained biases",
     merge=merge,
+    combine_refusal=("its adapter is the trained biases themselves, not a change to them, so a weighted sum of "
+                     "runs would also scale the pretrained biases"),
     positionwise=True,
     needs_dense_base="trains the base model's biases, all of which peftcli then treats as base weights",
     no_peft_reason=(

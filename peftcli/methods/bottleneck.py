@@ -31,6 +31,7 @@ from torch import nn
 
 from ..arch import Arch
 from ..core.adapter import AdapterModule, is_adapter_module
+from ..core.combine import WEIGHTED, averaging
 from ..core.hf_call import Capture
 from ..registry import parse_layers
 
@@ -83,6 +84,15 @@ NO_PEFT_REASON = (
     "HF PEFT has no bottleneck adapters (W_up act(W_down h) inserted into each layer), so its format "
     "cannot hold a {name} adapter; use the run folder with peftcli (eval, generate)"
 )
+
+
+# How bottleneck adapters of one method combine: parameter averaging (AdapterHub's
+# `average_adapter`), for adapters alike in every option but their dropout and initialisation.
+COMBINE = averaging(
+    ("dropout", "init", "phm_rule_std"),
+    "a negative weight subtracts parameters of a non-linear function, which does not subtract what the adapter does",
+)
+COMBINE_HOWS = (WEIGHTED,)
 
 
 def bottleneck_dim(hidden: int, cfg: BottleneckOptions) -> int:
@@ -297,6 +307,8 @@ def place_sequential(
 
 
 __all__ = [
+    "COMBINE",
+    "COMBINE_HOWS",
     "NO_PEFT_REASON",
     "AdapterInit",
     "Bottleneck",

@@ -36,6 +36,8 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    COMBINE,
+    COMBINE_HOWS,
     NO_PEFT_REASON,
     Bottleneck,
     BottleneckOptions,
@@ -187,6 +189,8 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=_NO_PEFT,
+    combine=COMBINE,
+    combine_hows=COMBINE_HOWS,
     budget=budget,
 )(attach)
 
@@ -197,5 +201,7 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=_NO_PEFT,
+    combine=COMBINE,
+    combine_hows=COMBINE_HOWS,
     budget=budget_pp,
 )(attach_pp)

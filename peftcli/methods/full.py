@@ -31,6 +31,7 @@ register(
     merge=merge,
     positionwise=True,
     trains_base=True,
+    combine_refusal="it trains the whole model; combining full fine-tunes is model merging, outside an adapter tool",
     needs_dense_base="trains the base weights",
     no_peft_reason="full fine-tuning trains the whole model, which is no adapter; use the run folder with peftcli",
 )(attach)

@@ -383,6 +383,8 @@ register(
     load_state=load_state,
     # Not positionwise: not checked against the untrimmed model (tests/test_lora_fast.py).
     aux_loss=aux_loss,
+    combine_refusal=("a fused run already mixes its sources with learned, input-dependent attention; combine "
+                     "the source runs instead"),
     no_peft_reason=(
         "HF PEFT has no AdapterFusion (attention over several bottleneck adapters); "
         "use the run folder with peftcli"

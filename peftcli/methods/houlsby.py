@@ -20,6 +20,8 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    COMBINE,
+    COMBINE_HOWS,
     NO_PEFT_REASON,
     DenseBottleneckOptions,
     NonLinearity,
@@ -60,5 +62,7 @@ register(
     merge_refusal="a bottleneck adapter is non-linear (W_up act(W_down h)); it cannot be folded into a weight",
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    combine=COMBINE,
+    combine_hows=COMBINE_HOWS,
     budget=budget,
 )(attach)

@@ -21,6 +21,7 @@ from torch import nn
 from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
 from ..core import peft_layout as fmt
 from ..core.adapter import LayerAdapter, merge_layer_adapters
+from ..core.combine import WEIGHTED, averaging
 from ..registry import PeftTwin, parse_layers, register, select_linears
 
 
@@ -174,6 +175,11 @@ register(
     summary="IA³: learned vectors (init 1) rescaling keys, values and the FFN activation; mergeable",
     merge=merge,
     positionwise=True,
+    # GPT-2's fused q/k/v vectors hold the rows of the targeted roles, so equal shapes are not
+    # enough: every option must agree.
+    combine=averaging((), "a negative weight makes negative scales, which flip the activations they scale "
+                          "rather than undo a task"),
+    combine_hows=(WEIGHTED,),
     peft=PeftTwin(
         peft_type="IA3",
         layout=peft_layout,

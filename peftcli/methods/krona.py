@@ -20,6 +20,7 @@ from torch import nn
 
 from ..arch import Arch, linear_dims, set_module
 from ..core.adapter import LayerAdapter, merge_layer_adapters
+from ..core.combine import WEIGHTED, averaging
 from ..registry import register, select_linears
 from .bottleneck import adapted_layers, factory_kwargs
 from .lora import merge_into_base
@@ -104,6 +105,11 @@ register(
     summary="Kronecker-product update s·(A ⊗ B) beside chosen linear layers; mergeable",
     merge=merge,
     positionwise=True,
+    # Averaging A and B (AdapterHub's linear merging of parameters) makes the update (sum w_i A_i) ⊗
+    # (sum w_i B_i), not sum w_i A_i ⊗ B_i; exact only for equal adapters.
+    combine=averaging(("dropout",), "a negative weight negates both A and B, and (-A) ⊗ (-B) = A ⊗ B: it does "
+                                    "not subtract a KronA update"),
+    combine_hows=(WEIGHTED,),
     no_peft_reason=(
         "HF PEFT has no KronA update s·(A ⊗ B) (its LoKr factorises differently and is not "
         "interchangeable); `peftcli merge` turns the run into a plain HF model instead"

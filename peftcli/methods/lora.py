@@ -9,6 +9,7 @@ exporting to its format is a key rename.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,16 @@ from torch import nn
 from ..arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
 from ..core import peft_layout as fmt
 from ..core.adapter import LayerAdapter, merge_layer_adapters
+from ..core.combine import (
+    ELEMENTWISE,
+    Combined,
+    CombineError,
+    CombineRequest,
+    merge_tensors,
+    rule_of,
+    uses_svd,
+    weighted_sum,
+)
 from ..core.precision import float_dtype
 from ..fast import lora_linear
 from ..registry import PeftTwin, parse_layers, register, select_linears
@@ -37,6 +48,10 @@ class LoraConfig:
     layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r) (rank-stabilised LoRA)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: learn a magnitude vector per output"})
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 class LoraLinear(LayerAdapter):
@@ -61,7 +76,7 @@ class LoraLinear(LayerAdapter):
         in_f, out_f = linear_dims(base)
         self.in_features, self.out_features = in_f, out_f
         self.r = r
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, rslora)
         w = base.weight
         dtype = float_dtype(base)  # a 4-bit base stores uint8; the adapter takes its compute dtype
         self.lora_A = nn.Linear(in_f, r, bias=False, device=w.device, dtype=dtype)
@@ -291,6 +306,109 @@ def peft_settings(config: dict[str, Any], cfg: LoraConfig) -> tuple[list[tuple[s
     return pairs, problems
 
 
+# ------------------------------------------------------------------ combining adapters
+
+HOWS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
+        "magnitude_prune", "magnitude_prune_svd")
+_A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+
+
+def combine(req: CombineRequest) -> Combined:
+    """LoRA adapters into one, with HF PEFT's `add_weighted_adapter` rules and numbers.
+
+    Each adapter's scaling s_i = alpha_i / r_i (rsLoRA: / sqrt r_i) is folded into its tensors,
+    and the result loads with alpha = r, rslora off: scaling 1.
+
+    - linear, ties, dare_*, magnitude_prune merge A and B separately, A_i weighted by
+      sign(w_i)·sqrt|w_i s_i| and B_i by sqrt|w_i s_i|, so B A holds cross terms B_i A_j; all
+      ranks must agree.
+    - cat stacks the factors: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1 B_2 ...], rank sum r_i,
+      so B A = sum_i w_i s_i B_i A_i exactly.
+    - svd (and the rule_svd forms) merges the full updates s_i B_i A_i with the rule and keeps the
+      top `rank` singular directions: B = U_k S_k, A = V_kᵀ (rank: --rank, else the largest r_i).
+
+    DoRA's magnitude is not a product of factors: it combines as task arithmetic around the
+    magnitude an untrained DoRA layer has, ‖W‖ per row: m = ‖W‖ + sum_i w_i (m_i - ‖W‖), whatever
+    the rule (PEFT instead gives the combined adapter the untrained ‖W‖).
+
+    Arithmetic is float32; tensors are stored back in the dtype the first run saved.
+    """
+    cfgs, runs = req.cfgs, req.runs
+    for run, cfg in zip(runs[1:], cfgs[1:], strict=True):
+        if cfg.use_dora != cfgs[0].use_dora:
+            kinds = {True: "DoRA", False: "plain LoRA"}
+            raise CombineError(
+                f"{run} is {kinds[cfg.use_dora]} but {runs[0]} is {kinds[cfgs[0].use_dora]} (method.use_dora); "
+                "a DoRA adapter's magnitude vector has no counterpart in plain LoRA, so combine runs of one kind"
+            )
+    how, rule = req.how, rule_of(req.how)
+    ranks = [c.r for c in cfgs]
+    if how != "cat" and not uses_svd(how) and len(set(ranks)) > 1:
+        shown = ", ".join(f"{run} r={r}" for run, r in zip(runs, ranks, strict=True))
+        raise CombineError(f"--how {how} merges A and B entry by entry, which needs one rank ({shown}); "
+                           "use --how cat or --how svd for adapters of different ranks")
+    scalings = [lora_scaling(c.alpha, c.r, c.rslora) for c in cfgs]
+    modules = [k[: -len(_A)] for k in req.states[0] if k.endswith(_A)]
+    if how == "cat":
+        new_rank = sum(ranks)
+    elif uses_svd(how):
+        new_rank = req.rank or max(ranks)
+    else:
+        new_rank = ranks[0]
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        a_s = [sd[m + _A].float() for sd in req.states]
+        b_s = [sd[m + _B].float() for sd in req.states]
+        dtype = req.states[0][m + _A].dtype
+        if how == "cat":
+            a = torch.cat([t * w * s for t, w, s in zip(a_s, req.weights, scalings, strict=True)], dim=0)
+            b = torch.cat(b_s, dim=1)
+        elif uses_svd(how):
+            limit = min(b_s[0].shape[0], a_s[0].shape[1])
+            if new_rank > limit:
+                raise CombineError(f"--rank {new_rank} exceeds what {m} can hold ({b_s[0].shape[0]} × "
+                                   f"{a_s[0].shape[1]}: rank at most {limit}); choose --rank {limit} or less")
+            deltas = [(b @ a) * s for a, b, s in zip(a_s, b_s, scalings, strict=True)]
+            merged = merge_tensors(rule, deltas, torch.tensor(req.weights), density=req.density,
+                                   majority_sign=req.majority_sign, generator=req.generator)
+            # Full matrices, as PEFT: the reduced SVD spans the same directions but rounds differently.
+            u, sv, vh = torch.linalg.svd(merged, full_matrices=True)
+            b = u[:, :new_rank] @ torch.diag(sv[:new_rank])
+            a = vh[:new_rank, :]
+        else:
+            ws = [w * s for w, s in zip(req.weights, scalings, strict=True)]
+            wa = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws])
+            wb = torch.tensor([math.sqrt(abs(x)) for x in ws])
+            kw = dict(density=req.density, majority_sign=req.majority_sign, generator=req.generator)
+            a = merge_tensors(rule, a_s, wa, **kw)
+            b = merge_tensors(rule, b_s, wb, **kw)
+        out[m + _A], out[m + _B] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        if cfgs[0].use_dora:
+            out[m + _M] = _combine_magnitude(req, m)
+    notes = []
+    if any(c.rslora for c in cfgs):
+        notes.append("rsLoRA's scaling alpha/sqrt(r) is folded into the tensors; the combined adapter loads with "
+                     f"alpha = r = {new_rank} and rslora: false (scaling 1)")
+    if rule in ELEMENTWISE and how not in ("cat",) and not uses_svd(how) and len(req.states) > 1:
+        notes.append(f"--how {how} merges A and B separately, so the update holds cross terms B_i A_j; "
+                     "cat (exact) or svd (exact up to the rank kept) combine the updates themselves")
+    new_cfg = dataclasses.replace(cfgs[0], r=new_rank, alpha=float(new_rank), rslora=False)
+    return Combined({k: out[k] for k in req.states[0] if k in out}, new_cfg, notes)
+
+
+def _combine_magnitude(req: CombineRequest, module: str) -> torch.Tensor:
+    """m = sum_i w_i m_i + (1 - sum_i w_i) ‖W‖: the row norms of the base weight are read only
+    when the weights do not sum to 1."""
+    mags = [sd[module + _M] for sd in req.states]
+    m = weighted_sum(mags, req.weights).float()
+    rest = 1.0 - sum(req.weights)
+    if abs(rest) > 1e-12:
+        if req.base_weight is None:
+            raise CombineError("internal: DoRA needs the base weights to combine magnitudes")
+        m = m + rest * req.base_weight(module).float().norm(p=2, dim=1)
+    return m.to(mags[0].dtype)
+
+
 register(
     "lora",
     LoraConfig,
@@ -298,6 +416,8 @@ register(
     merge=merge,
     positionwise=True,
     needs_dense_base=needs_dense_base,
+    combine=combine,
+    combine_hows=HOWS,
     peft=PeftTwin(
         peft_type="LORA",
         layout=peft_layout,

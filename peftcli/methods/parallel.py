@@ -22,6 +22,8 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    COMBINE,
+    COMBINE_HOWS,
     NO_PEFT_REASON,
     AdapterInit,
     DenseBottleneckOptions,
@@ -93,6 +95,8 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    combine=COMBINE,
+    combine_hows=COMBINE_HOWS,
     budget=budget,
 )(attach)
 
@@ -103,5 +107,7 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    combine=COMBINE,
+    combine_hows=COMBINE_HOWS,
     budget=budget,
 )(attach_scaled)

@@ -22,6 +22,8 @@ from torch import nn
 from ..arch import Arch
 from ..registry import register
 from .bottleneck import (
+    COMBINE,
+    COMBINE_HOWS,
     NO_PEFT_REASON,
     DenseBottleneckOptions,
     adapted_layers,
@@ -61,5 +63,7 @@ register(
     merge_refusal="a bottleneck adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight",
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    combine=COMBINE,
+    combine_hows=COMBINE_HOWS,
     budget=budget,
 )(attach)

@@ -324,6 +324,8 @@ register(
     summary="prefix tuning: L trainable keys/values per layer (reparameterised by an MLP, saved as a tensor)",
     merge_refusal="prefix tuning adds keys and values to attention, not a weight change; load the run instead",
     export_state=export_state,
+    combine_refusal=("prefixes of different runs are attended to, not added: position i of one has no reason to "
+                     "mean what position i of another does, so averaging them is not defined"),
     load_state=load_state,
     positionwise=True,
     peft=PeftTwin(

@@ -209,6 +209,7 @@ register(
     UniPeltConfig,
     summary="UniPELT: gated LoRA (q, v) + gated prefix (L 10) + gated Pfeiffer adapter (m 48)",
     merge_refusal="UniPELT's prefix and adapter are not weight deltas, and its LoRA gate depends on the input",
+    combine_refusal="its prefix part cannot be averaged (see prefix), and its gates are trained per task",
     export_state=prefix_method.export_state,
     load_state=prefix_method.load_state,
     # Not positionwise: every gate averages over the whole sequence, so the last layer's outputs at

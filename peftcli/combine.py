@@ -1,0 +1,315 @@
+"""`peftcli combine`: trained runs of one method on one base model into one new run.
+
+The method decides how its tensors combine (`MethodSpec.combine`, e.g. LoRA's `linear`, `cat`,
+`svd`, TIES, DARE; parameter averaging for IA³, bottleneck adapters and KronA); this module is
+the command above it. It checks that the runs can be combined at all (one base model, one task,
+one method, the same adapted modules), hands the method its tensors without the task heads, and
+writes an ordinary run folder: recipe.yaml (the head run's recipe with the method options the
+combined tensors need, e.g. `cat` adds the ranks), adapter/adapter.safetensors and meta.json.
+The folder is rebuilt with `load_run` before it replaces DEST (for a 4-bit base without CUDA,
+its tensors are checked against the model built on the meta device), so `eval`, `merge`,
+`export` and `generate` take it as they take a trained run.
+
+Task heads. A classification head is trained with, and for, one adapter body and one label set,
+so heads are never averaged: the combined run keeps the head of one run (`head_from`, the first
+run unless told), with that run's labels and data section, so `peftcli eval` measures that run's
+task. Combining the same bodies once per head gives each task its own head over one shared body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import ADAPTER_FILE, META_FILE, find_run_adapter, read_adapter
+from .core.combine import CombineError, CombineRequest, elects_sign, is_random, needs_density, uses_svd
+from .methods import get_method
+from .recipe import Recipe, load_recipe, recipe_yaml
+from .registry import MethodSpec
+
+__all__ = ["CombineError", "combine_runs", "parse_weights"]
+
+
+def parse_weights(text: str | None, n: int) -> list[float]:
+    """`--weights 0.5,0.5`; None gives every run 1/n."""
+    if text is None:
+        return [1.0 / n] * n
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise CombineError(f"--weights {text!r}: expected numbers separated by commas, e.g. --weights 0.5,0.5") from None
+    if len(weights) != n:
+        raise CombineError(f"--weights {text!r} gives {len(weights)} weight(s) for {n} run(s); give one per run")
+    if not all(math.isfinite(w) for w in weights):
+        raise CombineError(f"--weights {text!r}: every weight must be a finite number")
+    return weights
+
+
+def _check_options(how: str | None, density: float | None, majority_sign: str | None, rank: int | None,
+                   seed: int | None) -> None:
+    """Options that only some rules read are refused with the others, so none is silently ignored."""
+    if how is None:
+        return
+    if needs_density(how):
+        if density is None:
+            raise CombineError(f"--how {how} prunes each adapter first: give --density, the fraction of entries "
+                               "kept (0 < d ≤ 1, e.g. --density 0.5)")
+        if not 0 < density <= 1:
+            raise CombineError(f"--density {density}: the fraction of entries kept must be in (0, 1]")
+    elif density is not None:
+        raise CombineError(f"--density applies to ties, dare_* and magnitude_prune, not to --how {how}")
+    if majority_sign is not None:
+        if not elects_sign(how):
+            raise CombineError(f"--majority-sign applies to ties and dare_ties, not to --how {how}")
+        if majority_sign not in ("total", "frequency"):
+            raise CombineError(f"--majority-sign {majority_sign!r}: use 'total' (sign of the summed values) or "
+                               "'frequency' (sign most adapters have)")
+    if rank is not None:
+        if not uses_svd(how):
+            raise CombineError(f"--rank applies to svd and the *_svd rules, not to --how {how}")
+        if rank < 1:
+            raise CombineError(f"--rank {rank}: the rank of the combined adapter must be at least 1")
+    if seed is not None and not is_random(how):
+        raise CombineError(f"--seed seeds the random masks of dare_linear and dare_ties, not --how {how}")
+
+
+@dataclasses.dataclass
+class _Run:
+    folder: Path
+    recipe: Recipe
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def _read_run(folder: Path) -> _Run:
+    from .peft_format import is_peft_folder
+    from .pipeline import check_adapter_matches
+
+    folder = Path(folder)
+    recipe_file = folder / "recipe.yaml"
+    if not recipe_file.exists():
+        if is_peft_folder(folder):
+            raise CombineError(f"{folder} is an HF PEFT adapter folder; turn it into a run first: "
+                               f"peftcli import-peft {folder} RUN")
+        raise CombineError(f"{folder}: not a run folder (no recipe.yaml); pass folders written by `peftcli train`")
+    recipe = load_recipe(recipe_file)
+    spec = get_method(recipe.method_name)
+    if spec.combine is None:  # before any weights are read
+        reason = spec.combine_refusal or "it has no rule for combining its adapters"
+        raise CombineError(f"{folder}: method {recipe.method_name!r} cannot be combined: {reason}")
+    adapter_dir = find_run_adapter(folder)
+    state, meta = read_adapter(adapter_dir)
+    check_adapter_matches(recipe, meta, adapter_dir, str(recipe_file))
+    if meta.get("disabled_modules"):
+        raise CombineError(f"{adapter_dir / META_FILE} lists switched-off adapters (a `peftcli drop` run); combine "
+                           "the runs it was made from, then drop layers from the result")
+    return _Run(folder, recipe, state, meta)
+
+
+def _same_target(runs: Sequence[_Run]) -> tuple[MethodSpec, str]:
+    """One method and one base model for all runs; returns the method's spec and its name."""
+    from .pipeline import _same_model
+
+    first = runs[0]
+    name = first.recipe.method_name
+    for r in runs[1:]:
+        if r.recipe.method_name != name:
+            raise CombineError(f"{r.folder} is a {r.recipe.method_name!r} run and {first.folder} a {name!r} run: "
+                               "only adapters of one method combine")
+        m, m0 = r.recipe.model, first.recipe.model
+        if not _same_model(m.name, m0.name) or m.revision != m0.revision:
+            raise CombineError(
+                f"{r.folder}/recipe.yaml has model.name {m.name!r} (revision {m.revision}) but {first.folder} has "
+                f"{m0.name!r} (revision {m0.revision}): adapters of different base models do not combine"
+            )
+        if m.task != m0.task:
+            raise CombineError(f"{r.folder} is a {m.task} run and {first.folder} a {m0.task} run; combine runs of "
+                               "one model.task")
+    return get_method(name), name
+
+
+def _meta_model(recipe: Recipe, label_names: list[str] | None):
+    """The recipe's model with its method attached, on the meta device (no weights read), with
+    as many classes as the run has labels."""
+    from .budget import meta_model
+    from .build import attach_method
+
+    if recipe.model.task == "classification" and not recipe.model.num_labels and label_names:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_labels=len(label_names)))
+    model = meta_model(recipe)
+    arch, _ = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    return model, arch
+
+
+def _parameter_order(recipe: Recipe) -> tuple[list[str], tuple[str, ...]]:
+    """The trainable parameter names of the method on the recipe's model, in the model's order,
+    and the name prefixes of its task head. Order matters: a random rule draws its masks module
+    by module, as HF PEFT does."""
+    model, arch = _meta_model(recipe, None)
+    heads = [n for n, _ in arch.head_modules()]
+    pooler = arch.pooler()
+    if pooler is not None:
+        heads.append(pooler[0])
+    order = [n for n, p in model.named_parameters() if p.requires_grad]
+    return order, tuple(f"{h}." for h in heads)
+
+
+def _method_tensors(runs: Sequence[_Run], head: _Run, order: list[str],
+                    heads: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+    """Each run's tensors minus its task head, in the order of the head run's model; refuses runs
+    that adapt other modules than the head run."""
+    place = {k: i for i, k in enumerate(order)}
+    ref = {k for k in head.state if not k.startswith(heads)}
+    states = []
+    for r in runs:
+        body = {k: v for k, v in r.state.items() if not k.startswith(heads)}
+        extra = [k for k in body if k not in ref or k not in place]
+        missing = [k for k in ref if k not in body]
+        if extra or missing:
+            who, other, k = (r.folder, head.folder, extra[0]) if extra else (head.folder, r.folder, missing[0])
+            raise CombineError(
+                f"{who} has tensor {k} and {other} does not: the runs adapt different modules (method targets, "
+                "layers or leave_out); combine runs that adapt the same modules"
+            )
+        states.append({k: body[k] for k in sorted(body, key=place.__getitem__)})
+    return states
+
+
+def _base_weights(recipe: Recipe, label_names: list[str] | None) -> Callable[[str], torch.Tensor]:
+    """path -> the frozen base layer's (out, in) weight, loading the base model on first use."""
+    loaded: list[torch.nn.Module] = []
+
+    def get(path: str) -> torch.Tensor:
+        from .arch import dense_weight
+        from .models import load_base_model
+
+        if not loaded:
+            m = recipe.model
+            loaded.append(load_base_model(
+                m.name, m.task, num_labels=m.num_labels or (len(label_names) if label_names else None),
+                revision=m.revision, trust_remote_code=m.trust_remote_code, label_names=label_names,
+            ))
+        return dense_weight(loaded[0].get_submodule(path)).detach().float()
+
+    return get
+
+
+def _check_shapes(recipe: Recipe, label_names: list[str] | None, state: dict[str, torch.Tensor]) -> None:
+    """The written tensors are exactly the trainable parameters the recipe builds, shape for shape,
+    on a model built on the meta device: the check for a 4-bit base, which loads only on CUDA."""
+    model, _ = _meta_model(recipe, label_names)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for k, t in state.items():
+        if k not in params or tuple(params[k].shape) != tuple(t.shape):
+            want = "no such parameter" if k not in params else f"shape {tuple(params[k].shape)}"
+            raise CombineError(f"internal: combined tensor {k} {tuple(t.shape)} does not fit the recipe ({want})")
+    missing = [n for n in params if n not in state]
+    if missing:
+        raise CombineError(f"internal: the combined adapter lacks {missing[0]}")
+
+
+def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
+    a, b = dataclasses.asdict(before), dataclasses.asdict(after)
+    return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
+
+
+def combine_runs(
+    runs: Sequence[str | Path],
+    dest: str | Path,
+    *,
+    weights: Sequence[float],
+    how: str | None,
+    density: float | None = None,
+    majority_sign: str | None = None,
+    rank: int | None = None,
+    seed: int | None = None,
+    head_from: str | Path | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .build import pick_device
+    from .pipeline import load_run
+    from .runfolder import check_destination, local_inputs, replacing
+
+    if not runs:
+        raise CombineError("name at least one run to combine")
+    if len(weights) != len(runs):
+        raise CombineError(f"{len(weights)} weight(s) for {len(runs)} run(s); give one per run")
+    _check_options(how, density, majority_sign, rank, seed)
+    read = [_read_run(Path(r)) for r in runs]
+    spec, name = _same_target(read)
+    if how is None or how not in spec.combine_hows:
+        given = "no --how" if how is None else f"--how {how}"
+        raise CombineError(f"{given}: {name} adapters combine by " + ", ".join(spec.combine_hows)
+                           + f" (e.g. --how {spec.combine_hows[0]})")
+    if head_from is None:
+        h = 0
+    else:
+        target = Path(head_from).resolve()
+        found = [i for i, r in enumerate(read) if r.folder.resolve() == target]
+        if not found:
+            raise CombineError(f"--head-from {head_from} is not one of the runs being combined; name one of them")
+        h = found[0]
+    head = read[h]
+    dest = Path(dest)
+    check_destination(dest, what="combine destination", replace=force,
+                      sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
+
+    order, heads = _parameter_order(head.recipe)
+    states = _method_tensors(read, head, order, heads)
+    label_names = head.meta.get("label_names")
+    req = CombineRequest(
+        states=states, weights=list(weights), how=how, cfgs=[r.recipe.method for r in read],
+        runs=[str(r.folder) for r in read], method=name, density=density,
+        majority_sign=majority_sign or "total", rank=rank,
+        generator=torch.Generator().manual_seed(0 if seed is None else seed) if is_random(how) else None,
+        base_weight=_base_weights(head.recipe, label_names),
+    )
+    result = spec.combine(req)
+
+    head_state = {k: v for k, v in head.state.items() if k.startswith(heads)}
+    state = {k: v.contiguous() for k, v in {**result.state, **head_state}.items()}
+    recipe = dataclasses.replace(head.recipe, method=result.config, init_from=None, source=None)
+    recipe.output = dataclasses.replace(recipe.output, dir=str(dest))
+    record = {
+        "runs": [str(r.folder) for r in read], "weights": list(weights), "how": how,
+        "density": density, "majority_sign": (majority_sign or "total") if elects_sign(how) else None,
+        "rank": rank,
+        "seed": (0 if seed is None else seed) if is_random(how) else None,
+        "head_from": str(head.folder), "notes": result.notes,
+    }
+    params = int(sum(v.numel() for v in state.values()))
+    meta = {k: v for k, v in head.meta.items() if k not in ("disabled_modules", "drop", "combine")}
+    meta.update({"method": name, "peftcli_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "tensors": len(state), "adapter_parameters": params, "combine": record})
+    if isinstance(meta.get("trainable"), int) and isinstance(meta.get("total"), int):
+        meta["total"] = meta["total"] - meta["trainable"] + params
+        meta["trainable"] = params
+
+    # Written beside DEST and rebuilt there: a folder that does not load never replaces the old one.
+    with replacing(dest, kind="combine") as tmp:
+        (tmp / "adapter").mkdir()
+        save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata={"format": "pt", "method": name})
+        (tmp / "adapter" / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        _check_shapes(recipe, label_names, state)
+        if recipe.model.quantization != "nf4" or torch.cuda.is_available():
+            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"))
+
+    return {
+        "dest": str(dest), "method": name, "how": how, "runs": record["runs"], "weights": list(weights),
+        "head_from": str(head.folder) if head_state else None, "task": head.recipe.model.task,
+        "changed": _changed_options(head.recipe.method, result.config), "tensors": len(state),
+        "parameters": params, "notes": result.notes,
+    }
