@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     dora,
     full,
     fusion,
+    galore,
     houlsby,
     ia3,
     krona,
@@ -15,5 +16,6 @@ from . import (  # noqa: F401
     pfeiffer,
     prefix,
     prompt,
+    sparse,
     unipelt,
 )

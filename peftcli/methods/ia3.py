@@ -21,7 +21,7 @@ from torch import nn
 from .. import peft_format
 from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
 from ..core.adapter import LayerAdapter, merge_layer_adapters
-from ..registry import PeftTwin, parse_layers, register, select_linears
+from ..registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -34,7 +34,7 @@ class IA3Config:
         default_factory=lambda: ["ffn_out"],
         metadata={"help": "targets whose input is scaled (PEFT feedforward_modules); the others scale their output"},
     )
-    layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
+    layers: str | int | list[int] | None = field(default=None, metadata={"help": LAYERS_HELP})
 
 
 class IA3Linear(LayerAdapter):

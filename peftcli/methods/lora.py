@@ -22,7 +22,7 @@ from ..arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
 from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..fast import lora_linear
 from ..quant import float_dtype
-from ..registry import PeftTwin, parse_layers, register, select_linears
+from ..registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -34,7 +34,7 @@ class LoraConfig:
         default_factory=lambda: ["q", "v"],
         metadata={"help": "roles (q, k, v, o, ffn_in, ffn_out), 'all-linear', or module-name patterns"},
     )
-    layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
+    layers: str | int | list[int] | None = field(default=None, metadata={"help": LAYERS_HELP})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r) (rank-stabilised LoRA)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: learn a magnitude vector per output"})
 
