@@ -434,10 +434,11 @@ def recipe_from_dict(
             "method (e.g. layers: '2-5' or 'top:4'). leave_out still works and removes its layers from those\n"
         )
     train_cfg: TrainConfig = sections["train"]
-    if train_cfg.lisa_layers and mname != "full":
+    if train_cfg.lisa_layers and not methods[mname].trains_base:
         problems.append(
-            f"train.lisa_layers: LISA switches whole layers of the base model on and off, which only method full "
-            f"trains; method {mname!r} trains its own weights. Set train.lisa_layers: 0 or method.name: full"
+            f"train.lisa_layers: LISA switches whole layers of the base model on and off, which only a method "
+            f"training the base weights does; method {mname!r} trains its own weights. Set train.lisa_layers: 0 "
+            "or method.name: full"
         )
 
     init_from = raw.get("init_from")
