@@ -161,6 +161,9 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
     console.print(
         f"trainable: {b['trainable']:,} · total: {b['total']:,} · trainable %: {b['percent']:.4f}"
     )
+    if b.get("trained_at_once", b["trainable"]) != b["trainable"]:
+        console.print(f"trained at once (LISA): {b['trained_at_once']:,}; gradients and optimizer state are "
+                      "counted for those")
     mem = Table(title=f"training memory (GiB): weights + grads + {b.get('optimizer', 'adamw')} state; activations apart")
     for col in ("precision", "weights", "grads", "optimizer", "total", "activations ≈"):
         mem.add_column(col, justify="left" if col == "precision" else "right")

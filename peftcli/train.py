@@ -204,6 +204,10 @@ def set_up(
     from .registry import get_method
 
     check_optimizer(tcfg.optimizer, device, get_method(recipe.method_name))
+    if dist_mode == "fsdp" and get_method(recipe.method_name).optimizer is not None:
+        raise RecipeError(recipe.source or "recipe", [
+            f"train.distributed: fsdp shards each weight across ranks, but method {recipe.method_name}'s optimizer "
+            "needs whole gradients (an SVD per weight); use train.distributed: ddp"])
     if tcfg.lisa_layers and world > 1:
         raise RecipeError(recipe.source or "recipe", [
             f"train.lisa_layers: LISA runs in one process ({world} ranks here: the layers it switches off would leave "
