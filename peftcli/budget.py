@@ -2,12 +2,15 @@
 
 The model is built on PyTorch's meta device: shapes exist, storage does not, so a 70B-sized config
 costs seconds and no memory. Memory is estimated in closed form for what does not depend on the
-batch (weights at their dtype, gradients and AdamW moments of the trainable weights), plus a
+batch (weights at their dtype, gradients and the optimizer state of the trainable weights: AdamW's
+moments, 8-bit or factored ones, or GaLore's projected ones), plus a
 rough figure for activations, so that a user can choose between full fine-tuning, LoRA on a
 bf16 base and QLoRA before renting a GPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -53,13 +56,18 @@ PRECISIONS: dict[str, tuple[float, float, float, float]] = {
 def memory_estimate(
     trainable: int, total: int, quantizable: int, *, method: str | None = None,
     tokens: int = 0, hidden: int = 0, layers: int = 0,
+    optimizer_bytes: Callable[[float], float] | None = None, trained_at_once: int | None = None,
 ) -> list[dict]:
-    """Bytes for weights, gradients and AdamW state under each precision a user can pick.
+    """Bytes for weights, gradients and optimizer state under each precision a user can pick.
 
     `quantizable` is the number of frozen linear weights an NF4 load turns into 4 bits; every
     other frozen parameter (embeddings, norms, biases, heads) stays in bf16 under QLoRA.
     `tokens` (batch × sequence length), `hidden` and `layers` give the activation estimate.
+    `optimizer_bytes(bytes per trainable weight)` is the optimizer's state (AdamW's two moments
+    when None); `trained_at_once` the weights that have gradients at one time (LISA: fewer than
+    the trainable ones).
     """
+    at_once = trainable if trained_at_once is None else trained_at_once
     from .build import dense_base_refusal
 
     frozen = total - trainable
@@ -72,12 +80,13 @@ def memory_estimate(
         else:
             weights = frozen * fb + trainable * tw
         act_bytes = ACT_BYTES_PER_HIDDEN * (2 if name == "fp32" else 1) * tokens * hidden * layers
+        opt = trainable * o if optimizer_bytes is None else optimizer_bytes(tw)
         rows.append({
             "precision": name,
             "weights_gib": weights / GIB,
-            "grads_gib": trainable * g / GIB,
-            "optimizer_gib": trainable * o / GIB,
-            "total_gib": (weights + trainable * (g + o)) / GIB,
+            "grads_gib": at_once * g / GIB,
+            "optimizer_gib": opt / GIB,
+            "total_gib": (weights + at_once * g + opt) / GIB,
             "activations_gib": act_bytes / GIB,
         })
     return rows
@@ -94,11 +103,46 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
     s["table"] = per_module_table(model, depth=depth)
     s["quantizable"] = sum(model.get_submodule(n).weight.numel() for n in quantized_names(model))
     s["batch_size"], s["seq_len"] = batch_size, seq_len
+    state_of, at_once = optimizer_state_model(model, arch, spec, recipe)
+    s["optimizer"] = spec.optimizer_name or recipe.train.optimizer
+    s["trained_at_once"] = at_once
     s["memory"] = memory_estimate(
         s["trainable"], s["total"], s["quantizable"], method=recipe.method_name,
         tokens=batch_size * seq_len, hidden=arch.hidden_size, layers=arch.num_layers,
+        optimizer_bytes=state_of, trained_at_once=at_once,
     )
     return s
+
+
+def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[float], float], int]:
+    """(state bytes as a function of bytes per weight, weights with gradients at one time).
+
+    LISA trains everything outside the layer stack plus `train.lisa_layers` layers at a time, and
+    keeps optimizer state only for those; the largest layers are counted, to be safe.
+    """
+    from .optim import state_bytes_estimate
+    from .registry import method_layers
+
+    tcfg = recipe.train
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if tcfg.lisa_layers:
+        prefix = arch.layers_path + "."
+        sizes = sorted((sum(p.numel() for p in arch.layers[i].parameters())
+                        for i in method_layers(recipe.method, arch.num_layers)), reverse=True)
+        outside = sum(p.numel() for n, p in params.items() if not n.startswith(prefix))
+        at_once = outside + sum(sizes[: tcfg.lisa_layers])
+        scale = at_once / max(sum(p.numel() for p in params.values()), 1)
+    else:
+        at_once, scale = sum(p.numel() for p in params.values()), 1.0
+    if spec.optimizer_state is not None:
+        elems = sum(spec.optimizer_state(model, arch, recipe.method).values())
+        return (lambda pb: elems * pb), at_once
+
+    def state_of(pb: float) -> float:
+        full = sum(state_bytes_estimate(tuple(p.shape), pb, tcfg.optimizer, tcfg.momentum) for p in params.values())
+        return full * scale
+
+    return state_of, at_once
 
 
 def budget_from_recipe(recipe: Recipe) -> dict:
@@ -117,7 +161,10 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
     console.print(
         f"trainable: {b['trainable']:,} · total: {b['total']:,} · trainable %: {b['percent']:.4f}"
     )
-    mem = Table(title="training memory (GiB): weights + grads + AdamW state; activations apart")
+    if b.get("trained_at_once", b["trainable"]) != b["trainable"]:
+        console.print(f"trained at once (LISA): {b['trained_at_once']:,}; gradients and optimizer state are "
+                      "counted for those")
+    mem = Table(title=f"training memory (GiB): weights + grads + {b.get('optimizer', 'adamw')} state; activations apart")
     for col in ("precision", "weights", "grads", "optimizer", "total", "activations ≈"):
         mem.add_column(col, justify="left" if col == "precision" else "right")
     for m in b["memory"]:

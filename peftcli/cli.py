@@ -42,13 +42,14 @@ def _bad_input_types() -> tuple[type, ...]:
     from .distributed import DistributedEnvError
     from .faults import InjectedBadInput
     from .models import ModelLoadError
+    from .optim import OptimizerUnavailable
     from .recipe import RecipeError
     from .runfolder import UnsafePathError
     from .runstate import ResumeError
     from .train import RunExistsError
 
     types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
-                          UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError]
+                          UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError, OptimizerUnavailable]
     try:
         from .arch import UnsupportedArchitecture
 

@@ -243,7 +243,7 @@ def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Ten
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, trainable: list[nn.Parameter] | None = None) -> dict:
-    """All ranks: AdamW state keyed by parameter name, full (unsharded) tensors on CPU."""
+    """All ranks: optimizer state keyed by parameter name, full (unsharded) tensors on CPU."""
     _reshard(model)
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, Any] = {"param_groups": [], "state": {}}
@@ -283,12 +283,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
                 on_device = g.get("fused") or g.get("capturable")
                 v = v.to(dtype=torch.float32, device=p.device if on_device else "cpu")
             elif torch.is_tensor(v) and v.ndim > 0:
-                if hasattr(p, "device_mesh"):  # FSDP2 DTensor: shard the full tensor like the param
+                # Each tensor comes back in the dtype it was saved in: 8-bit optimizers keep uint8
+                # moments, and GaLore a projection that is not the parameter's shape.
+                if hasattr(p, "device_mesh") and v.shape == p.shape:  # FSDP2: shard it like the param
                     from torch.distributed.tensor import distribute_tensor
 
-                    v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
+                    v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
                 else:
-                    v = v.to(p.device, p.dtype)
+                    v = v.to(p.device)
             new[k] = v
         optimizer.state[p] = new
 

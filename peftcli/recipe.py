@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import string
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,7 +89,17 @@ class TrainConfig:
     batch_size: int = opt(32, "examples per micro-batch", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
-    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    weight_decay: float = opt(0.0, "decoupled weight decay of matrices (AdamW, Adafactor, SGD)", min=0.0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd"] = opt(
+        "adamw", "adamw (torch); adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes, CUDA); adafactor "
+        "(factored second moments); sgd"
+    )
+    momentum: float = opt(0.0, "train.optimizer sgd: momentum (0 keeps no state)", min=0.0, max=1.0)
+    lisa_layers: int = opt(
+        0, "LISA (method full): train this many randomly drawn transformer layers at a time (plus embeddings and "
+        "head); 0 = off", min=0,
+    )
+    lisa_interval: int = opt(20, "LISA: draw new layers every this many optimizer steps", min=1)
     scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate schedule after warmup")
     warmup_ratio: float = opt(0.06, "fraction of steps spent warming up", min=0.0, max=1.0)
     max_grad_norm: float | None = opt(1.0, "gradient clipping; null = off", min=0.0)
@@ -416,6 +427,19 @@ def recipe_from_dict(
         problems.append(f"method.name: unknown method {mname!r}{_suggest(str(mname), sorted(methods))}")
         mname = "lora"
     mcfg = build_section(methods[mname].config_cls, mraw, "method", problems, skip=("name",))
+
+    if isinstance(mraw, dict) and mraw.get("leave_out") and any(f.name == "layers" for f in dataclasses.fields(mcfg)):
+        sys.stderr.write(
+            f"note: {source}: method.leave_out is the old spelling; method.layers names the layers that get the "
+            "method (e.g. layers: '2-5' or 'top:4'). leave_out still works and removes its layers from those\n"
+        )
+    train_cfg: TrainConfig = sections["train"]
+    if train_cfg.lisa_layers and not methods[mname].trains_base:
+        problems.append(
+            f"train.lisa_layers: LISA switches whole layers of the base model on and off, which only a method "
+            f"training the base weights does; method {mname!r} trains its own weights. Set train.lisa_layers: 0 "
+            "or method.name: full"
+        )
 
     init_from = raw.get("init_from")
     if init_from is not None and not isinstance(init_from, str):

@@ -88,6 +88,17 @@ class MethodSpec:
     combine: Callable[[CombineRequest], Combined] | None = None
     combine_hows: tuple[str, ...] = ()
     combine_refusal: str = ""
+    # Builds the method's own optimizer, (model, arch, config, train config) -> optimizer, when
+    # the method is an optimizer as much as a choice of weights (GaLore projects gradients before
+    # Adam sees them); None: the one `train.optimizer` names. `optimizer_name` is shown to users.
+    optimizer: Callable[[nn.Module, Arch, Any, Any], torch.optim.Optimizer] | None = None
+    optimizer_name: str = ""
+    # Closed form of that optimizer's state, in elements per parameter name, for count-params.
+    optimizer_state: Callable[[nn.Module, Arch, Any], dict[str, int]] | None = None
+    # Chooses what trains from the training data before the first step (the sparse method's mask):
+    # (model, arch, config, losses) where `losses` yields the training loss of successive batches.
+    # Not called on resume or with init_from: the checkpoint holds what it chose.
+    calibrate: Callable[[nn.Module, Arch, Any, Any], None] | None = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -112,6 +123,10 @@ def register(
     combine: Callable | None = None,
     combine_hows: tuple[str, ...] = (),
     combine_refusal: str = "",
+    optimizer: Callable | None = None,
+    optimizer_name: str = "",
+    optimizer_state: Callable | None = None,
+    calibrate: Callable | None = None,
 ) -> Callable:
     def deco(attach: Callable) -> Callable:
         if name in REGISTRY:
@@ -137,6 +152,10 @@ def register(
             combine=combine,
             combine_hows=combine_hows,
             combine_refusal=combine_refusal,
+            optimizer=optimizer,
+            optimizer_name=optimizer_name,
+            optimizer_state=optimizer_state,
+            calibrate=calibrate,
         )
         return attach
 
@@ -194,8 +213,16 @@ def select_linears(
     return list(out)
 
 
+LAYERS_HELP = (
+    "transformer layers that get the method: null = all; a list [0, 3], a string '0-5,8' (negative counts "
+    "from the top), or 'top:k' / 'bottom:k' for the k layers nearest the output / the input"
+)
+
+
 def parse_layers(spec: Any, num_layers: int) -> list[int] | None:
-    """`None` (all), a list of ints, or a string like "0-4,7". Negative indices count from the top."""
+    """The one reading of a `layers` option: `None` (all), an int, a list of ints, or a string of
+    comma-separated parts, each an index, a range "a-b", "top:k" (the k layers nearest the output)
+    or "bottom:k" (the k nearest the input). Negative indices count from the top."""
     if spec is None:
         return None
     items: list[int] = []
@@ -203,14 +230,23 @@ def parse_layers(spec: Any, num_layers: int) -> list[int] | None:
         spec = [spec]
     if isinstance(spec, str):
         for part in spec.split(","):
-            part = part.strip()
+            part = part.strip().lower()
             if not part:
                 continue
-            if "-" in part[1:]:
+            m = re.fullmatch(r"(top|bottom):\s*(\d+)", part)
+            if m:
+                k = int(m.group(2))
+                if not 1 <= k <= num_layers:
+                    raise ValueError(f"layers {part!r}: k must be 1 to {num_layers}, the model's number of layers")
+                items.extend(range(num_layers - k, num_layers) if m.group(1) == "top" else range(k))
+            elif "-" in part[1:]:
                 a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-")[0], part[1:].split("-", 1)[1])
                 items.extend(range(int(a), int(b) + 1))
             else:
-                items.append(int(part))
+                try:
+                    items.append(int(part))
+                except ValueError:
+                    raise ValueError(f"layers {spec!r}: cannot read {part!r}; write e.g. '0-5,8', 'top:4' or 'bottom:2'") from None
     else:
         items = [int(x) for x in spec]
     norm = sorted({i % num_layers if i < 0 else i for i in items})
@@ -218,6 +254,14 @@ def parse_layers(spec: Any, num_layers: int) -> list[int] | None:
     if bad:
         raise ValueError(f"layer index {bad[0]} out of range: the model has {num_layers} layers (0-{num_layers - 1})")
     return norm
+
+
+def method_layers(cfg: Any, num_layers: int) -> list[int]:
+    """The layers a method config chooses: its `layers`, less the old `leave_out` spelling's."""
+    chosen = parse_layers(getattr(cfg, "layers", None), num_layers)
+    layers = list(range(num_layers)) if chosen is None else chosen
+    skip = set(parse_layers(list(getattr(cfg, "leave_out", None) or []), num_layers) or [])
+    return [i for i in layers if i not in skip]
 
 
 def freeze(model: nn.Module) -> None:

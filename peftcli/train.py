@@ -34,8 +34,9 @@ from .evaluate import evaluate, generation_eval
 from .fast import compile_layers, trim_unread_positions
 from .faults import kill_point
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
+from .optim import build_optimizer
 from .pipeline import build, collator, prepare_data
-from .recipe import Recipe, recipe_from_dict, recipe_yaml
+from .recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
 from .runstate import (
     Position,
     Saved,
@@ -108,6 +109,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     drop_rng: random.Random
+    lisa_active: list[int] | None  # the layers LISA trains now; None without LISA
     loss_kind: str  # "classification", "chunked" or "logits": chosen once, see compute_loss
     micro_per_epoch: int  # micro-batches per epoch on each rank
     total_steps: int
@@ -200,6 +202,18 @@ def set_up(
         from .build import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
+    from .optim import check_optimizer
+    from .registry import get_method
+
+    check_optimizer(tcfg.optimizer, device, get_method(recipe.method_name))
+    if dist_mode == "fsdp" and get_method(recipe.method_name).optimizer is not None:
+        raise RecipeError(recipe.source or "recipe", [
+            f"train.distributed: fsdp shards each weight across ranks, but method {recipe.method_name}'s optimizer "
+            "needs whole gradients (an SVD per weight); use train.distributed: ddp"])
+    if tcfg.lisa_layers and world > 1:
+        raise RecipeError(recipe.source or "recipe", [
+            f"train.lisa_layers: LISA runs in one process ({world} ranks here: the layers it switches off would leave "
+            "DDP/FSDP waiting for their gradients); launch without --nproc or set train.lisa_layers: 0"])
     if tcfg.precision == "fp16" and device.type != "cuda":
         console.print("[yellow]train.precision fp16 autocasts on CUDA only; training in fp32 here[/]")
     seed_everything(tcfg.seed)
@@ -253,13 +267,11 @@ def set_up(
     if smoke:
         total_steps = min(total_steps, 4)
     warmup = int(tcfg.warmup_ratio * total_steps)
-    decay = [p for p in train_model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in train_model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr,
-        fused=device.type == "cuda",
-    )
+    if tcfg.lisa_layers > len(_lisa_pool(recipe, arch)):
+        raise RecipeError(recipe.source or "recipe", [
+            f"train.lisa_layers: {tcfg.lisa_layers} is more than the {len(_lisa_pool(recipe, arch))} layers method full "
+            f"trains in {recipe.model.name}; set it to 1-{len(_lisa_pool(recipe, arch))}"])
+    optimizer = build_optimizer(model, train_model, spec, arch, recipe.method, tcfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: lr_factor(st, total_steps, warmup, tcfg.scheduler))
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and tcfg.precision == "fp16")
@@ -273,6 +285,7 @@ def set_up(
         tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, eval_ex=eval_ex,
         collate=collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
         trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, drop_rng=random.Random(tcfg.seed),
+        lisa_active=None,
         loss_kind=loss_kind, micro_per_epoch=micro_per_epoch, total_steps=total_steps,
         eval_every=total_steps if smoke else (tcfg.eval_every or steps_per_epoch),
         meta={"base_model": recipe.model.name, "task": task, "label_names": splits.label_names,
@@ -284,6 +297,10 @@ def set_up(
         f"{budget['total']:,} ({budget['percent']:.3f} %) · {len(train_ex)} train / {len(eval_ex)} eval · {device}"
         + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
     )
+
+    if spec.calibrate is not None and saved is None and not recipe.init_from:
+        # Every rank reads the same batches, so that every rank chooses the same weights to train.
+        spec.calibrate(model, arch, recipe.method, _calibration_losses(s))
 
     # ---- the position: a fresh run, or the checkpoint's
     pos = Position()
@@ -297,6 +314,8 @@ def set_up(
     if s.is_main:
         _open_run_folder(s, pos, resumed=resume, saved_recipe=saved_recipe)
     dist_utils.barrier()
+    if tcfg.lisa_layers:
+        lisa_draw(s, pos.step)
     if saved is not None:
         restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
         console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
@@ -402,6 +421,8 @@ def compute_loss(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
     """One optimizer step over a group of micro-batches; returns each micro-batch's loss."""
+    if s.recipe.train.lisa_layers and pos.step % s.recipe.train.lisa_interval == 0:
+        lisa_draw(s, pos.step)
     losses = []
     for batch in group:
         batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
@@ -424,6 +445,68 @@ def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def _calibration_losses(s: Session):
+    """Training losses of the first batches of epoch 0, in the order training reads them, with the
+    model in eval mode (no dropout: the choice draws no random number and resume stays exact)."""
+    was_training = s.model.training
+    s.model.eval()
+    plain = replace(s, train_model=s.model)  # no DDP hooks: each rank calibrates on its own
+    try:
+        for batch in batches(s.train_ex, s.recipe.train.batch_size, s.collate, shuffle=True,
+                             seed=s.recipe.train.seed, epoch=0, rank=0, world=1, start=0):
+            yield compute_loss(plain, {k: v.to(s.device) for k, v in batch.items()})
+    finally:
+        s.model.train(was_training)
+
+
+def lisa_draw(s: Session, step: int) -> None:
+    """LISA (Pan et al. 2024): the γ layers that train from `step` until the next draw.
+
+    The draw is a function of the seed and the draw's number only, so a resumed run draws what the
+    uninterrupted run drew. Layers switched off lose their optimizer state (a layer drawn again
+    starts its moments afresh, like the re-created optimizer of the paper) and compute no gradient;
+    embeddings, final norm and head stay trained throughout.
+    """
+    tcfg = s.recipe.train
+    draw = step // tcfg.lisa_interval
+    rng = random.Random(tcfg.seed * 1_000_003 + draw)
+    active = sorted(rng.sample(_lisa_pool(s.recipe, s.arch), tcfg.lisa_layers))
+    for i in _lisa_pool(s.recipe, s.arch):
+        on = i in active
+        for p in s.arch.layers[i].parameters():
+            if not on:
+                s.optimizer.state.pop(p, None)
+                p.grad = None
+            p.requires_grad_(on)
+    s.lisa_active = active
+
+
+def _lisa_pool(recipe: Recipe, arch) -> list[int]:
+    """The layers LISA draws from: those `method.layers` gives full fine-tuning (all by default)."""
+    from .registry import method_layers
+
+    return method_layers(recipe.method, arch.num_layers)
+
+
+class _lisa_whole:
+    """Every layer trainable while a checkpoint is written: full fine-tuning saves what trains, and
+    under LISA every layer has trained or will."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+
+    def __enter__(self) -> None:
+        if self.s.lisa_active is not None:
+            for i in _lisa_pool(self.s.recipe, self.s.arch):
+                self.s.arch.layers[i].requires_grad_(True)
+
+    def __exit__(self, *exc) -> None:
+        if self.s.lisa_active is not None:
+            active = set(self.s.lisa_active)
+            for i in _lisa_pool(self.s.recipe, self.s.arch):
+                self.s.arch.layers[i].requires_grad_(i in active)
 
 
 # ------------------------------------------------------------------------------------------ evaluate and save
@@ -482,7 +565,8 @@ def evaluate_and_save(s: Session, pos: Position) -> None:
 
 def save_checkpoint(s: Session, dest: str, pos: Position | None) -> None:
     """All ranks: build the state (under FSDP gathering a tensor is a collective); rank 0 writes."""
-    sd = dist_utils.full_adapter_state(s.model, s.spec, s.arch, s.recipe.method)
+    with _lisa_whole(s):
+        sd = dist_utils.full_adapter_state(s.model, s.spec, s.arch, s.recipe.method)
     extra = None
     if pos is not None:
         state = trainer_state(

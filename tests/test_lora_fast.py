@@ -223,6 +223,8 @@ TRIM_CASES = [
     ("compacter", "sdpa", {"bottleneck_size": 8}),
     ("compacter++", "sdpa", {"bottleneck_size": 8}),
     ("mam", "sdpa", {}),
+    ("galore", "sdpa", {"rank": 2}),
+    ("sparse", "sdpa", {"density": 0.1}),
 ]
 
 

@@ -60,6 +60,12 @@ def expected_refusal(r: dict) -> str | None:
             return "needs a CUDA GPU"
         if importlib.util.find_spec("bitsandbytes") is None:
             return "needs bitsandbytes"
+    optimizer = (r.get("train") or {}).get("optimizer", "adamw")
+    if optimizer in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
+        if not torch.cuda.is_available():
+            return "needs bitsandbytes with CUDA"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "needs bitsandbytes"
     name = model.get("name", "sentence-transformers/all-MiniLM-L6-v2")
     if not offline_model(name):
         return f"could not load model {name!r}"

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     compacter,
     full,
     fusion,
+    galore,
     houlsby,
     ia3,
     krona,
@@ -18,6 +19,7 @@ from . import (  # noqa: F401
     pfeiffer,
     prefix,
     prompt,
+    sparse,
     unipelt,
 )
 

@@ -11,22 +11,25 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..arch import Arch
-from ..registry import register
+from ..registry import LAYERS_HELP, method_layers, register
 
 
 @dataclass
 class BitFitConfig:
     include_norm_bias: bool = field(default=True, metadata={"help": "also train layer-norm biases"})
+    layers: str | int | list[int] | None = field(
+        default=None, metadata={"help": LAYERS_HELP + "; embedding biases always train"}
+    )
 
 
 def attach(model: nn.Module, arch: Arch, cfg: BitFitConfig) -> None:
-    layers_prefix = arch.layers_path + "."
+    prefixes = tuple(f"{arch.layers_path}.{i}." for i in method_layers(cfg, arch.num_layers))
     found = 0
     for mname, mod in model.named_modules():
         bias = getattr(mod, "bias", None)
         if not isinstance(bias, nn.Parameter):
             continue
-        if not (mname.startswith(layers_prefix) or "embeddings" in mname):
+        if not ((mname + ".").startswith(prefixes) or "embeddings" in mname):
             continue
         if not cfg.include_norm_bias and "norm" in type(mod).__name__.lower():
             continue

@@ -33,7 +33,7 @@ from ..arch import Arch
 from ..core.adapter import AdapterModule, is_adapter_module
 from ..core.combine import WEIGHTED, averaging
 from ..core.hf_call import Capture
-from ..registry import parse_layers
+from ..registry import LAYERS_HELP, method_layers
 
 NonLinearity = Literal["relu", "gelu", "silu", "swish", "tanh"]
 AdapterInit = Literal["near_identity", "bert", "lora"]
@@ -63,8 +63,9 @@ class BottleneckOptions:
     non_linearity: NonLinearity = field(default="relu", metadata={"help": "activation between down and up projection"})
     scale: float = field(default=1.0, metadata={"help": "s in f(x) = s · W_up act(W_down x)"})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "dropout on the adapter output"})
+    layers: str | int | list[int] | None = field(default=None, metadata={"help": LAYERS_HELP})
     leave_out: list[int] = field(
-        default_factory=list, metadata={"help": "layer indices that get no adapter (negative counts from the top)"}
+        default_factory=list, metadata={"help": "old spelling: layer indices that get no adapter; use layers"}
     )
 
 
@@ -107,9 +108,9 @@ def bottleneck_dim(hidden: int, cfg: BottleneckOptions) -> int:
     return m
 
 
-def adapted_layers(arch: Arch, leave_out: list[int]) -> list[int]:
-    skip = set(parse_layers(list(leave_out), arch.num_layers) or [])
-    return [i for i in range(arch.num_layers) if i not in skip]
+def adapted_layers(arch: Arch, cfg: Any) -> list[int]:
+    """The layers that get adapters: `layers`, less the old `leave_out` spelling's (registry)."""
+    return method_layers(cfg, arch.num_layers)
 
 
 def factory_kwargs(module: nn.Module) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def _attach(model: nn.Module, arch: Arch, cfg: CompacterConfig, prefix: str, hou
     d = arch.hidden_size
     m = bottleneck_dim(d, cfg)
     n = cfg.phm_dim
-    layers = adapted_layers(arch, cfg.leave_out)
+    layers = adapted_layers(arch, cfg)
     shared: SharedRules | None = None
     if cfg.shared_phm_rule and layers:
         if SHARED_NAME in model._modules:
@@ -172,11 +172,11 @@ def closed_form(hidden: int, num_layers: int, cfg: CompacterConfig, per_layer: i
 
 
 def budget(model: nn.Module, arch: Arch, cfg: CompacterConfig) -> int:
-    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg, 2)
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg)), cfg, 2)
 
 
 def budget_pp(model: nn.Module, arch: Arch, cfg: CompacterConfig) -> int:
-    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg, 1)
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg)), cfg, 1)
 
 
 _REFUSAL = "a Compacter adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight"

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..arch import Arch
-from ..registry import register
+from ..registry import LAYERS_HELP, method_layers, register
 
 
 @dataclass
 class FullConfig:
-    pass
+    layers: str | int | list[int] | None = field(
+        default=None, metadata={"help": LAYERS_HELP + "; weights outside the layer stack (embeddings, final norm, "
+                                "head) always train"}
+    )
 
 
 def attach(model: nn.Module, arch: Arch, cfg: FullConfig) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
+    keep = set(method_layers(cfg, arch.num_layers))
+    for i, layer in enumerate(arch.layers):
+        if i not in keep:
+            layer.requires_grad_(False)
 
 
 def merge(model: nn.Module, arch: Arch, cfg: FullConfig) -> None:

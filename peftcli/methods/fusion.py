@@ -250,7 +250,7 @@ def attach(model: nn.Module, arch: Arch, cfg: FusionConfig) -> None:
     d = arch.hidden_size
     mask = sequence_mask(model)
     configs = [s.config() for s in sources]
-    layer_sets = [set(adapted_layers(arch, c.leave_out)) for c in configs]
+    layer_sets = [set(adapted_layers(arch, c)) for c in configs]
     sites: list[FusionSite] = []
     for i in range(arch.num_layers):
         layer = arch.layer(i)

@@ -41,7 +41,7 @@ class HoulsbyConfig(DenseBottleneckOptions):
 def attach(model: nn.Module, arch: Arch, cfg: HoulsbyConfig) -> None:
     d = arch.hidden_size
     place_sequential(
-        arch, "houlsby", adapted_layers(arch, cfg.leave_out), lambda host: dense_bottleneck(d, cfg, host),
+        arch, "houlsby", adapted_layers(arch, cfg), lambda host: dense_bottleneck(d, cfg, host),
         attn=True, ffn=True, post_ln_ffn=False,
     )
 
@@ -52,7 +52,7 @@ def closed_form(hidden: int, num_layers: int, cfg: HoulsbyConfig) -> int:
 
 
 def budget(model: nn.Module, arch: Arch, cfg: HoulsbyConfig) -> int:
-    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg)
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg)), cfg)
 
 
 register(

@@ -22,7 +22,7 @@ from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
 from ..core import peft_layout as fmt
 from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..core.combine import WEIGHTED, averaging
-from ..registry import PeftTwin, parse_layers, register, select_linears
+from ..registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -35,7 +35,7 @@ class IA3Config:
         default_factory=lambda: ["ffn_out"],
         metadata={"help": "targets whose input is scaled (PEFT feedforward_modules); the others scale their output"},
     )
-    layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
+    layers: str | int | list[int] | None = field(default=None, metadata={"help": LAYERS_HELP})
 
 
 class IA3Linear(LayerAdapter):

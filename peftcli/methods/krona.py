@@ -21,7 +21,7 @@ from torch import nn
 from ..arch import Arch, linear_dims, set_module
 from ..core.adapter import LayerAdapter, merge_layer_adapters
 from ..core.combine import WEIGHTED, averaging
-from ..registry import register, select_linears
+from ..registry import LAYERS_HELP, register, select_linears
 from .bottleneck import adapted_layers, factory_kwargs
 from .lora import merge_into_base
 
@@ -36,8 +36,9 @@ class KronaConfig:
     a2: int | None = field(default=None, metadata={"min": 1, "help": "columns of A (divides in_features); null = ≈√in"})
     scale: float = field(default=1.0, metadata={"help": "s in ΔW = s · (A ⊗ B)"})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "dropout on the adapter input"})
+    layers: str | int | list[int] | None = field(default=None, metadata={"help": LAYERS_HELP})
     leave_out: list[int] = field(
-        default_factory=list, metadata={"help": "layer indices that get no adapter (negative counts from the top)"}
+        default_factory=list, metadata={"help": "old spelling: layer indices that get no adapter; use layers"}
     )
 
 
@@ -88,7 +89,7 @@ class KronaLinear(LayerAdapter):
 
 
 def attach(model: nn.Module, arch: Arch, cfg: KronaConfig) -> None:
-    paths = select_linears(model, arch, cfg.targets, adapted_layers(arch, cfg.leave_out))
+    paths = select_linears(model, arch, cfg.targets, adapted_layers(arch, cfg))
     if not paths:
         raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
     for p in paths:

@@ -33,7 +33,7 @@ from ..core.combine import (
 )
 from ..core.precision import float_dtype
 from ..fast import lora_linear
-from ..registry import PeftTwin, parse_layers, register, select_linears
+from ..registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -45,7 +45,7 @@ class LoraConfig:
         default_factory=lambda: ["q", "v"],
         metadata={"help": "roles (q, k, v, o, ffn_in, ffn_out), 'all-linear', or module-name patterns"},
     )
-    layers: str | None = field(default=None, metadata={"help": "layers to adapt, e.g. '0-5,8'; null = all"})
+    layers: str | int | list[int] | None = field(default=None, metadata={"help": LAYERS_HELP})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r) (rank-stabilised LoRA)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: learn a magnitude vector per output"})
 

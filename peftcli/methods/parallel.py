@@ -59,7 +59,7 @@ class ScaledParallelConfig(ParallelConfig):
 
 def _attach(arch: Arch, cfg: ParallelConfig, prefix: str, learned: bool) -> None:
     d = arch.hidden_size
-    for i in adapted_layers(arch, cfg.leave_out):
+    for i in adapted_layers(arch, cfg):
         layer = arch.layer(i)
         sites = [("ffn", "ffn", "ffn_out")] + ([("attn", "attn", "o")] if cfg.attn else [])
         for tag, src_role, host_role in sites:
@@ -83,7 +83,7 @@ def closed_form(hidden: int, num_layers: int, cfg: ParallelConfig) -> int:
 
 
 def budget(model: nn.Module, arch: Arch, cfg: ParallelConfig) -> int:
-    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg)
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg)), cfg)
 
 
 _REFUSAL = "a parallel adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight"

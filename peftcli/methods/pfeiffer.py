@@ -42,7 +42,7 @@ class PfeifferConfig(DenseBottleneckOptions):
 def attach(model: nn.Module, arch: Arch, cfg: PfeifferConfig) -> None:
     d = arch.hidden_size
     place_sequential(
-        arch, "pfeiffer", adapted_layers(arch, cfg.leave_out), lambda host: dense_bottleneck(d, cfg, host),
+        arch, "pfeiffer", adapted_layers(arch, cfg), lambda host: dense_bottleneck(d, cfg, host),
         attn=False, ffn=True, post_ln_ffn=arch.post_norm,
     )
 
@@ -53,7 +53,7 @@ def closed_form(hidden: int, num_layers: int, cfg: PfeifferConfig) -> int:
 
 
 def budget(model: nn.Module, arch: Arch, cfg: PfeifferConfig) -> int:
-    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg.leave_out)), cfg)
+    return closed_form(arch.hidden_size, len(adapted_layers(arch, cfg)), cfg)
 
 
 register(
