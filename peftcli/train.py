@@ -202,8 +202,8 @@ def set_up(
         from .build import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
+    from .methods import get_method
     from .optim import check_optimizer
-    from .registry import get_method
 
     check_optimizer(tcfg.optimizer, device, get_method(recipe.method_name))
     if dist_mode == "fsdp" and get_method(recipe.method_name).optimizer is not None:

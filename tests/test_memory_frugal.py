@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from peftcli.build import attach_method
 from peftcli.cli import app
+from peftcli.methods import get_method
 from peftcli.optim import state_bytes, state_bytes_estimate
-from peftcli.registry import get_method, parse_layers
+from peftcli.registry import parse_layers
 
 runner = CliRunner()
 

@@ -177,6 +177,7 @@ register(
     "galore",
     GaloreConfig,
     summary="full-rank training of chosen weights with Adam on the gradient projected to rank r; merge writes the model",
+    combine_refusal="it trains the chosen weights themselves; combining two GaLore runs is merging whole models (merge each, then average outside peftcli)",
     merge=merge,
     positionwise=True,
     needs_dense_base="trains the base weights",

@@ -167,6 +167,7 @@ register(
     "sparse",
     SparseConfig,
     summary="a fixed mask of the top-density entries of each chosen weight by squared gradient (FISH); mergeable",
+    combine_refusal="each run trains its own sparse mask; entries chosen by one run are absent from the other, so a weighted sum needs the masks' union, which no rule here defines",
     merge=merge,
     export_state=export_state,
     load_state=load_state,
