@@ -499,6 +499,49 @@ def generate_cmd(
     out.print(texts[0], highlight=False, markup=False)
 
 
+# ---------------------------------------------------------------------------------------- serve
+
+
+@app.command(epilog="Example: `peftcli serve runs/a runs/b --port 8000`, then "
+             "`curl localhost:8000/v1/completions -d '{\"model\": \"a\", \"prompt\": \"Hello\"}'`")
+@handle_errors
+def serve(
+    runs: Annotated[list[str], typer.Argument(help="run folders of one base model; NAME=RUN names one "
+                                                   "(default: the folder name)", show_default=False)],
+    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
+    batch_window_ms: Annotated[float, typer.Option(
+        "--batch-window-ms", min=0.0, help="how long the first request of a batch waits for others")] = 5.0,
+) -> None:
+    """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
+    from .serve import ServeUnavailable, require_stack
+
+    try:
+        require_stack()
+    except ServeUnavailable as e:
+        raise UsageError(str(e)) from None
+    from .build import pick_device
+    from .multi import load_runs
+    from .serve import serve as run_server
+
+    multi = load_runs(runs, pick_device(device))
+    if multi.recipe.model.task != "causal_lm":
+        raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
+
+    def ready() -> None:
+        err.print(f"serving {multi.base_name} with adapters {', '.join(multi.names)} on http://{host}:{port}/v1 "
+                  "(Ctrl-C stops)", highlight=False, markup=False, soft_wrap=True)
+
+    try:
+        run_server(multi, host=host, port=port, max_batch=max_batch, window_ms=batch_window_ms, on_ready=ready)
+    except KeyboardInterrupt:  # uvicorn has already shut down cleanly and re-raises the Ctrl-C it caught
+        pass
+    err.print("server stopped", highlight=False)
+
+
 # ---------------------------------------------------------------------------------------- fuse
 
 

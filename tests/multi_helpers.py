@@ -9,7 +9,8 @@ from conftest import write_recipe
 
 
 def make_run(root: Path, name: str, model_dir: Path, task: str, method: dict, *, seed: int,
-             data: dict | None = None, label_names: list[str] | None = None, train_pooler: bool = False) -> Path:
+             data: dict | None = None, label_names: list[str] | None = None, train_pooler: bool = False,
+             scale: float = 0.2) -> Path:
     """A run folder as `peftcli train` leaves it, with random (nonzero) adapter weights."""
     from peftcli.build import pick_device
     from peftcli.checkpoint import save_adapter
@@ -30,7 +31,7 @@ def make_run(root: Path, name: str, model_dir: Path, task: str, method: dict, *,
     with torch.no_grad():
         for p in built.model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     meta = {"base_model": recipe.model.name, "task": task, "label_names": label_names}
     save_adapter(run / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
     (run / "recipe.yaml").write_text(recipe_yaml(recipe))
