@@ -42,6 +42,7 @@ def _bad_input_types() -> tuple[type, ...]:
     from .distributed import DistributedEnvError
     from .faults import InjectedBadInput
     from .models import ModelLoadError
+    from .multi import MultiAdapterError
     from .optim import OptimizerUnavailable
     from .recipe import RecipeError
     from .runfolder import UnsafePathError
@@ -49,7 +50,8 @@ def _bad_input_types() -> tuple[type, ...]:
     from .train import RunExistsError
 
     types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
-                          UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError, OptimizerUnavailable]
+                          UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError, OptimizerUnavailable,
+                          MultiAdapterError]
     try:
         from .arch import UnsupportedArchitecture
 
@@ -174,15 +176,24 @@ def train(
 # ---------------------------------------------------------------------------------------- eval
 
 
-@app.command("eval", epilog="Example: `peftcli eval runs/lora-tweets --split eval`")
+@app.command("eval", epilog="Examples: `peftcli eval runs/lora-tweets --split eval` · "
+             "`peftcli eval runs/lora-a runs/lora-b` (several runs of one base: each on its own split, in shared batches)")
 @handle_errors
 def eval_cmd(
-    run: Annotated[Path, typer.Argument(help="run folder written by `peftcli train`")],
+    runs: Annotated[list[Path], typer.Argument(help="run folder(s) written by `peftcli train`; NAME=RUN names one")],
     split: Annotated[str, typer.Option(help="'eval' (the recipe's held-out split), 'train', or a split name")] = "eval",
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
-    """Evaluate a run's saved adapter on a split; prints and saves the metrics."""
+    """Evaluate a run's saved adapter on a split; prints and saves the metrics.
+
+    Several runs of one base model are evaluated in one pass: each on its own recipe's split, the
+    base model run once per batch of mixed examples, each run's metrics saved in its folder.
+    """
+    if len(runs) > 1:
+        _eval_many(runs, split, limit, device)
+        return
+    run = runs[0]
     from .build import pick_device
     from .evaluate import evaluate, generation_eval
     from .pipeline import collator, load_run, prepare_data
@@ -216,6 +227,33 @@ def eval_cmd(
     from .checkpoint import atomic_file_write
 
     atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
+
+
+def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> None:
+    from .build import pick_device
+    from .checkpoint import atomic_file_write
+    from .multi import evaluate_runs, load_runs
+    from .pipeline import prepare_data
+
+    dev = pick_device(device)
+    multi = load_runs(runs, dev)
+    examples: dict[str, list[dict]] = {}
+    for name, a in multi.adapters.items():
+        rec = a.recipe
+        if split not in ("eval", "train"):
+            rec.data.eval_split = split
+        _, train_ex, held = prepare_data(rec, multi.tokenizer)
+        examples[name] = (train_ex if split == "train" else held)[: limit or None]
+    metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
+    table = Table(title=f"{len(runs)} runs on {multi.base_name} · {split}")
+    table.add_column("metric")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    for k in next(iter(metrics.values())):
+        table.add_row(k, *(f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]) for m in metrics.values()))
+    out.print(table)
+    for name, m in metrics.items():
+        atomic_file_write(multi.adapters[name].run / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
 # ---------------------------------------------------------------------------------------- count-params
@@ -476,22 +514,87 @@ def plot(
 # ---------------------------------------------------------------------------------------- generate
 
 
-@app.command("generate", epilog="Example: `peftcli generate runs/smollm2_prefix \"Tweet: what a lovely day\"`")
+@app.command("generate", epilog="Examples: `peftcli generate runs/smollm2_prefix \"Tweet: what a lovely day\"` · "
+             "`peftcli generate runs/a runs/b --prompts prompts.jsonl` (each line `{\"adapter\": \"a\", \"prompt\": \"...\"}`)")
 @handle_errors
 def generate_cmd(
-    run_or_recipe: Annotated[Path, typer.Argument(help="run folder, or a causal_lm recipe (fresh adapter)")],
-    prompt: Annotated[str, typer.Argument(help="the prompt; the recipe's chat template is applied")],
+    args: Annotated[list[str], typer.Argument(
+        help="RUN PROMPT (a run folder or causal_lm recipe, then the prompt), or with --prompts: one or more runs "
+             "(NAME=RUN names one; default: the folder name)", show_default=False)],
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="JSONL file, one {\"adapter\": NAME, \"prompt\": TEXT} per line; answers are "
+                          "printed as JSONL in the same order")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
-    """Greedy-generate a continuation of PROMPT with a run's adapter (KV cache on)."""
+    """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
+    batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
     from .generate import GenerateError, generate
 
+    if prompts is not None:
+        from .build import pick_device
+        from .multi import generate_mixed, load_runs, read_prompts
+
+        multi = load_runs(args, pick_device(device))
+        if multi.recipe.model.task != "causal_lm":
+            raise UsageError(f"{args[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
+        reqs, limits = read_prompts(prompts, multi, max_new_tokens)
+        texts = generate_mixed(multi, reqs, max_new_tokens=limits)
+        for (name, prompt), text in zip(reqs, texts, strict=True):
+            out.print(json.dumps({"adapter": name, "prompt": prompt, "generated": text}, ensure_ascii=False),
+                      highlight=False, markup=False, soft_wrap=True)
+        return
+    if len(args) != 2:
+        raise UsageError(f"generate takes RUN PROMPT (got {len(args)} arguments); for several runs pass the prompts "
+                         "as a file: --prompts prompts.jsonl, one {\"adapter\": NAME, \"prompt\": TEXT} per line")
     try:
-        texts = generate(run_or_recipe, [prompt], max_new_tokens=max_new_tokens, device=device)
+        texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device)
     except GenerateError as e:
         raise UsageError(str(e)) from None
     out.print(texts[0], highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------------------- serve
+
+
+@app.command(epilog="Example: `peftcli serve runs/a runs/b --port 8000`, then "
+             "`curl localhost:8000/v1/completions -d '{\"model\": \"a\", \"prompt\": \"Hello\"}'`")
+@handle_errors
+def serve(
+    runs: Annotated[list[str], typer.Argument(help="run folders of one base model; NAME=RUN names one "
+                                                   "(default: the folder name)", show_default=False)],
+    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
+    batch_window_ms: Annotated[float, typer.Option(
+        "--batch-window-ms", min=0.0, help="how long the first request of a batch waits for others")] = 5.0,
+) -> None:
+    """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
+    from .serve import ServeUnavailable, require_stack
+
+    try:
+        require_stack()
+    except ServeUnavailable as e:
+        raise UsageError(str(e)) from None
+    from .build import pick_device
+    from .multi import load_runs
+    from .serve import serve as run_server
+
+    multi = load_runs(runs, pick_device(device))
+    if multi.recipe.model.task != "causal_lm":
+        raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
+
+    def ready() -> None:
+        err.print(f"serving {multi.base_name} with adapters {', '.join(multi.names)} on http://{host}:{port}/v1 "
+                  "(Ctrl-C stops)", highlight=False, markup=False, soft_wrap=True)
+
+    try:
+        run_server(multi, host=host, port=port, max_batch=max_batch, window_ms=batch_window_ms, on_ready=ready)
+    except KeyboardInterrupt:  # uvicorn has already shut down cleanly and re-raises the Ctrl-C it caught
+        pass
+    err.print("server stopped", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------- fuse

@@ -1,0 +1,626 @@
+"""Several trained runs on one base model, each row of a batch with its own adapter, nothing merged.
+
+Serving many adapters of one base one at a time wastes the base: each request batch is as small
+as the traffic of one adapter, and swapping (or merging) adapters between batches costs time of
+its own. Here the base runs once per batch and each row gets its own adapter's update:
+
+- LoRA runs (plain LoRA and rsLoRA): every adapted linear of any run becomes one
+  `StackedLoraLinear` holding all runs' A and B stacked along a leading adapter axis, zero-padded
+  to the largest rank at that site, with row 0 all zeros (the base model, no adapter). A run that
+  does not adapt a site, or whose meta.json switched it off, has zeros there too. The per-row
+  adapter index is set on the model for the duration of a call (`MultiAdapter.rows`), and each
+  site computes base(x) + s[idx] · (x A[idx]ᵀ) B[idx]ᵀ with a gather and two batched matmuls, so
+  the prompt pass and every KV-cache decode step of `generate` work unchanged: rows keep their
+  index. A trained task head (classification) is stacked the same way (`StackedLinear`).
+- Every other method (DoRA, UniPELT, prefix, bottleneck adapters, ...), and LoRA runs whose head
+  cannot be stacked: the rows of each such run form a sub-batch that runs through that run's own
+  model, built as `load_run` builds it, whose frozen base tensors are the shared model's (equal
+  values, one copy in memory).
+
+Each row's numbers are those of its adapter alone: zero padding and zero rows add exact zeros,
+and the per-row products differ from the single-adapter ones only in summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
+from .core.adapter import LayerAdapter
+from .recipe import Recipe
+
+BASE = 0  # adapter index of "no adapter"
+
+
+class MultiAdapterError(ValueError):
+    """Runs that cannot be served together, or a request naming no loaded adapter."""
+
+
+class _Route:
+    """The per-row adapter index every stacked module of one model reads during a call."""
+
+    def __init__(self) -> None:
+        self.idx: torch.Tensor | None = None
+        self.version = 0
+
+
+class StackedLoraLinear(LayerAdapter):
+    """A frozen linear with the LoRA updates of many adapters, one chosen per batch row."""
+
+    def __init__(self, base: nn.Module, route: _Route, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__(base)
+        self.route = route
+        # Buffers, not parameters: nothing here trains, and .to(device) still moves them.
+        self.register_buffer("lora_A", a)  # [K, r_max, in]
+        self.register_buffer("lora_B", b)  # [K, out, r_max]
+        self.register_buffer("scaling", scale)  # [K]
+        # Decode steps reuse one batch's gathered A and B: rows keep their adapter for the call.
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def _rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gathered is None or self._gathered[0] != self.route.version:
+            a = self.lora_A.index_select(0, idx)
+            b = (self.lora_B.index_select(0, idx) * self.scaling.index_select(0, idx).view(-1, 1, 1))
+            self._gathered = (self.route.version, a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous())
+        return self._gathered[1], self._gathered[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        idx = self.route.idx
+        if idx is None or not self.adapter_enabled:
+            return y
+        rows = idx.shape[0]
+        if x.shape[0] != rows:
+            raise RuntimeError(f"a batch of {x.shape[0]} rows reached a site routed for {rows} rows")
+        at, bt = self._rows(idx)
+        h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(at.dtype), at)  # [rows, T, r_max]
+        return y + torch.bmm(h, bt).view(y.shape).to(y.dtype)
+
+    def merged_base(self) -> nn.Module:
+        raise TypeError("a stacked multi-adapter layer holds one update per row; merge each run on its own")
+
+
+class StackedLinear(nn.Module):
+    """A task-head linear with one weight (and bias) per adapter, chosen per batch row."""
+
+    def __init__(self, route: _Route, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.route = route
+        self.register_buffer("weight", weight)  # [K, out, in]
+        self.register_buffer("bias", bias)  # [K, out] or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.route.idx
+        if idx is None:
+            idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        rows = x.shape[0]
+        w = self.weight.index_select(0, idx)
+        y = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(w.dtype), w.transpose(1, 2))
+        if self.bias is not None:
+            y = y + self.bias.index_select(0, idx).unsqueeze(1)
+        return y.view(*x.shape[:-1], w.shape[1])
+
+
+@dataclass
+class Adapter:
+    name: str
+    run: Path
+    recipe: Recipe
+    meta: dict
+    index: int = BASE  # row of the stacked tensors; BASE for a grouped run
+    model: nn.Module | None = None  # grouped runs only: its own model (sharing the base's tensors)
+
+    @property
+    def stacked(self) -> bool:
+        return self.index != BASE
+
+
+@dataclass
+class MultiAdapter:
+    """One base model with several runs' adapters; `base_name` is the plain base (no adapter)."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    base_name: str
+    recipe: Recipe  # the first run's: base model settings shared by all
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    route: _Route = field(default_factory=_Route)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def adapter(self, name: str) -> Adapter | None:
+        """None for the base model; raises for a name that is neither."""
+        if name == self.base_name:
+            return None
+        if name not in self.adapters:
+            raise MultiAdapterError(
+                f"no adapter named {name!r}; loaded: {', '.join(self.adapters)} (and the base {self.base_name!r})")
+        return self.adapters[name]
+
+    @contextlib.contextmanager
+    def rows(self, names: Sequence[str]) -> Iterator[None]:
+        """Route batch row i of the shared model through adapter names[i] (stacked runs or the base)."""
+        idx = []
+        for n in names:
+            a = self.adapter(n)
+            if a is not None and not a.stacked:
+                raise MultiAdapterError(f"adapter {n!r} ({a.recipe.method_name}) runs in its own sub-batch")
+            idx.append(BASE if a is None else a.index)
+        self.route.idx = torch.tensor(idx, dtype=torch.long, device=self.device)
+        self.route.version += 1
+        try:
+            yield
+        finally:
+            self.route.idx = None
+            self.route.version += 1
+
+    def groups(self, names: Sequence[str]) -> list[tuple[nn.Module, list[int], Adapter | None]]:
+        """Positions of `names` split into sub-batches: (model, positions, adapter or None).
+
+        The shared model (stacked runs and the base) comes first with every row it can take,
+        then one sub-batch per grouped run, in order of first appearance.
+        """
+        shared: list[int] = []
+        own: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            a = self.adapter(n)
+            if a is None or a.stacked:
+                shared.append(i)
+            else:
+                own.setdefault(n, []).append(i)
+        out: list[tuple[nn.Module, list[int], Adapter | None]] = []
+        if shared:
+            out.append((self.model, shared, None))
+        for n, pos in own.items():
+            out.append((self.adapters[n].model, pos, self.adapters[n]))
+        return out
+
+    def routed(self, model: nn.Module, names: Sequence[str]) -> contextlib.AbstractContextManager:
+        return self.rows(names) if model is self.model else contextlib.nullcontext()
+
+    def recipe_of(self, name: str) -> Recipe:
+        a = self.adapter(name)
+        return self.recipe if a is None else a.recipe
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def parse_run_args(args: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """`RUN` or `NAME=RUN` arguments -> (name, folder); a bare run is named after its folder."""
+    out: list[tuple[str, Path]] = []
+    for a in args:
+        s = str(a)
+        name, sep, path = s.partition("=")
+        if sep and name and not Path(s).exists():
+            out.append((name, Path(path)))
+        else:
+            p = Path(s)
+            out.append((p.resolve().name if p.name in ("", ".", "..") else p.name, p))
+    seen: dict[str, Path] = {}
+    for name, p in out:
+        if name in seen:
+            raise MultiAdapterError(
+                f"two runs are named {name!r} ({seen[name]} and {p}); name them apart as NAME=RUN, e.g. {name}2={p}")
+        seen[name] = p
+    return out
+
+
+_SHARED_KEYS = ("name", "task", "revision", "dtype", "quantization", "trust_remote_code")
+
+
+def _check_same_base(first: tuple[Path, Recipe], other: tuple[Path, Recipe]) -> None:
+    from .pipeline import _same_model
+
+    (r0, a), (r1, b) = first, other
+    for key in _SHARED_KEYS:
+        va, vb = getattr(a.model, key), getattr(b.model, key)
+        same = _same_model(va, vb) if key == "name" else va == vb
+        if not same:
+            raise MultiAdapterError(
+                f"{r1 / 'recipe.yaml'}: model.{key} is {vb!r}, but {r0 / 'recipe.yaml'} has {va!r}; runs served "
+                f"together share one base model: pass only runs trained with the same model.{key}")
+
+
+def _lora_sites(sd: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A LoRA run's tensors: {linear path: (A, B)} and the rest (its task head), by name."""
+    sites, rest = {}, {}
+    for k, v in sd.items():
+        if k.endswith(".lora_A.weight"):
+            path = k[: -len(".lora_A.weight")]
+            sites[path] = (v, sd[path + ".lora_B.weight"])
+        elif not k.endswith(".lora_B.weight"):
+            rest[k] = v
+    return sites, rest
+
+
+def _stackable(recipe: Recipe, rest: dict[str, torch.Tensor], model: nn.Module, sites: dict) -> bool:
+    """Whether a run's update can live in the stacked modules: plain LoRA with a linear head."""
+    if recipe.method_name != "lora" or recipe.method.use_dora:
+        return False
+    params = dict(model.named_parameters())
+    for k, v in rest.items():
+        mod_path, _, leaf = k.rpartition(".")
+        if k not in params or params[k].shape != v.shape or leaf not in ("weight", "bias"):
+            return False
+        if not isinstance(model.get_submodule(mod_path), nn.Linear):
+            return False
+    for path, (a, b) in sites.items():
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            return False
+        if not is_linear(m) or linear_dims(m) != (a.shape[1], b.shape[0]):
+            return False
+    return True
+
+
+def _strip_base(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p != "base")
+
+
+@torch.no_grad()
+def _share_base_tensors(model: nn.Module, shared: nn.Module) -> int:
+    """Point a grouped run's frozen tensors at the shared model's equal ones; returns how many."""
+    pool = {_strip_base(n): p for n, p in shared.named_parameters()}
+    tied = 0
+    for name, p in list(model.named_parameters()):
+        q = pool.get(_strip_base(name))
+        if q is None or q is p or p.requires_grad or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device:
+            continue
+        if torch.equal(p, q):
+            mod_path, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(mod_path) if mod_path else model, leaf, q)
+            tied += 1
+    return tied
+
+
+def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
+    """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases."""
+    from .checkpoint import CheckpointError, find_run_adapter, read_adapter
+    from .models import load_base_model, load_tokenizer, resolve_dtype
+    from .pipeline import check_adapter_matches, load_run
+    from .quant import float_dtype
+    from .recipe import load_recipe
+
+    named = parse_run_args(runs)
+    if not named:
+        raise MultiAdapterError("no runs given; pass one or more run folders written by `peftcli train`")
+    loaded: list[tuple[str, Path, Recipe, dict, dict]] = []
+    for name, run in named:
+        if not (run / "recipe.yaml").exists():
+            raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+        recipe = load_recipe(run / "recipe.yaml", [])
+        recipe.init_from = None
+        adapter_dir = find_run_adapter(run)
+        sd, meta = read_adapter(adapter_dir)
+        check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
+        if loaded:
+            _check_same_base((loaded[0][1], loaded[0][2]), (run, recipe))
+        loaded.append((name, run, recipe, sd, meta))
+
+    first = next((x for x in loaded if x[2].method_name == "lora"), loaded[0])
+    r0, meta0 = first[2], first[4]
+    if r0.model.quantization == "nf4":
+        from .quant import check_qlora_possible
+
+        check_qlora_possible(r0.method_name, device)
+    tok = load_tokenizer(r0.model.name)
+    label_names = meta0.get("label_names")
+    model = load_base_model(
+        r0.model.name, r0.model.task, num_labels=r0.model.num_labels or (len(label_names) if label_names else None),
+        dtype=resolve_dtype(r0.model.dtype, device), attn_implementation=r0.model.attn_implementation,
+        quantization=r0.model.quantization, revision=r0.model.revision, trust_remote_code=r0.model.trust_remote_code,
+        label_names=label_names,
+    )
+    if r0.model.quantization != "nf4":
+        model.to(device)
+    if model.config.pad_token_id is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    multi = MultiAdapter(model=model, tokenizer=tok, device=device, base_name=loaded[0][2].model.name, recipe=r0)
+    if multi.base_name in {n for n, *_ in loaded}:
+        raise MultiAdapterError(f"a run is named {multi.base_name!r}, the base model's name; name it apart as NAME=RUN")
+
+    stacked: list[tuple[Adapter, dict, dict]] = []
+    for name, run, recipe, sd, meta in loaded:
+        a = Adapter(name=name, run=run, recipe=recipe, meta=meta)
+        sites, rest = _lora_sites(sd) if recipe.method_name == "lora" else ({}, {})
+        off = set(meta.get("disabled_modules") or [])
+        if _stackable(recipe, rest, model, sites):
+            a.index = len(stacked) + 1
+            stacked.append((a, {p: ab for p, ab in sites.items() if p not in off}, rest))
+        multi.adapters[name] = a
+    _build_stacks(multi, stacked, float_dtype)
+
+    for a in multi.adapters.values():
+        if a.stacked:
+            continue
+        built, _ = load_run(a.run, device)
+        built.model.eval()
+        _share_base_tensors(built.model, model)
+        a.model = built.model
+    return multi
+
+
+@torch.no_grad()
+def _build_stacks(multi: MultiAdapter, stacked: list[tuple[Adapter, dict, dict]], float_dtype: Callable) -> None:
+    model, route = multi.model, multi.route
+    k = len(stacked) + 1
+    paths = list(dict.fromkeys(p for _, sites, _ in stacked for p in sites))
+    for path in paths:
+        lin = model.get_submodule(path)
+        in_f, out_f = linear_dims(lin)
+        dt, dev = float_dtype(lin), lin.weight.device
+        r_max = max(sites[path][0].shape[0] for _, sites, _ in stacked if path in sites)
+        a_all = torch.zeros(k, r_max, in_f, dtype=dt, device=dev)
+        b_all = torch.zeros(k, out_f, r_max, dtype=dt, device=dev)
+        s_all = torch.zeros(k, dtype=dt, device=dev)
+        for ad, sites, _ in stacked:
+            if path not in sites:
+                continue
+            a, b = sites[path]
+            r = a.shape[0]
+            a_all[ad.index, :r] = a.to(dt)
+            b_all[ad.index, :, :r] = b.to(dt)
+            cfg = ad.recipe.method
+            s_all[ad.index] = cfg.alpha / math.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r
+        set_module(model, path, StackedLoraLinear(lin, route, a_all, b_all, s_all))
+    heads = list(dict.fromkeys(key.rpartition(".")[0] for _, _, rest in stacked for key in rest))
+    for path in heads:
+        lin = model.get_submodule(path)
+        w_all = dense_weight(lin).detach().unsqueeze(0).repeat(k, 1, 1)
+        has_bias = lin.bias is not None
+        b_all = lin.bias.detach().unsqueeze(0).repeat(k, 1) if has_bias else None
+        for ad, _, rest in stacked:
+            if f"{path}.weight" in rest:
+                w = rest[f"{path}.weight"]
+                w_all[ad.index] = (w.t() if is_conv1d(lin) else w).to(w_all.dtype)
+            if has_bias and f"{path}.bias" in rest:
+                b_all[ad.index] = rest[f"{path}.bias"].to(b_all.dtype)
+        set_module(model, path, StackedLinear(route, w_all, b_all))
+
+
+# --------------------------------------------------------------------------------------- generation
+
+
+class _StepStreamer:
+    """generate()'s streamer interface: reports each decode step's new token of every row."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first pushes the prompt
+            self.prompt_seen = True
+            return
+        self.on_step(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
+
+
+@torch.no_grad()
+def greedy_ids(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new: list[int],
+    *,
+    pad_id: int,
+    eos: set[int],
+    device: torch.device,
+    on_step: Callable[[list[int]], None] | None = None,
+    stop_row: Callable[[int], bool] | None = None,
+    logits: list[list[torch.Tensor]] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, left-padded into one batch (KV cache on).
+
+    Row i stops after max_new[i] tokens, at an end-of-sequence token, or once `stop_row(i)` says
+    so (a client that went away); the batch stops when every row has. Returned ids end before
+    the end-of-sequence token. `logits`, when given, receives each row's per-step logits.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    limits = torch.tensor(max_new)
+
+    class _PerRow(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = (input_ids.shape[1] - width) >= limits
+            if stop_row is not None:
+                done = done | torch.tensor([stop_row(i) for i in range(len(prompts))])
+            return done.to(input_ids.device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(max_new), do_sample=False,
+            pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([_PerRow()]),
+            streamer=_StepStreamer(on_step) if on_step else None,
+            return_dict_in_generate=True, output_logits=logits is not None,
+        )
+    finally:
+        model.train(was_training)
+    out = []
+    for i, row in enumerate(gen.sequences[:, width:].tolist()):
+        row = row[: max_new[i]]
+        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+        if logits is not None:
+            logits.append([step[i].float().cpu() for step in gen.logits[: len(row)]])
+    return out
+
+
+def generate_mixed(
+    multi: MultiAdapter,
+    requests: Sequence[tuple[str, str]],
+    *,
+    max_new_tokens: int | Sequence[int] = 64,
+    batch_size: int = 16,
+    chat_template: bool | None = None,
+    logits: list[list[torch.Tensor]] | None = None,
+) -> list[str]:
+    """Greedy continuations of (adapter name, prompt) pairs, each prompt formatted as its run's
+    training data was; the order of the answers is the order of the requests."""
+    from .data import format_prompt
+
+    tok = multi.tokenizer
+    names = [n for n, _ in requests]
+    limits = [max_new_tokens] * len(requests) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if any(m < 1 for m in limits):
+        raise MultiAdapterError("max_new_tokens must be at least 1")
+    ids = []
+    for n, p in requests:
+        use = multi.recipe_of(n).data.chat_template if chat_template is None else chat_template
+        ids.append(tok(format_prompt(tok, p, use), add_special_tokens=False)["input_ids"])
+    outs: list[list[int]] = [[] for _ in requests]
+    row_logits: list[list[torch.Tensor]] = [[] for _ in requests]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for model, pos, _ in multi.groups(names):
+        eos = eos_ids(model, tok)
+        for c in range(0, len(pos), batch_size):
+            chunk = pos[c: c + batch_size]
+            got: list[list[torch.Tensor]] | None = [] if logits is not None else None
+            with multi.routed(model, [names[i] for i in chunk]):
+                res = greedy_ids(model, [ids[i] for i in chunk], [limits[i] for i in chunk], pad_id=pad, eos=eos,
+                                 device=multi.device, logits=got)
+            for j, i in enumerate(chunk):
+                outs[i] = res[j]
+                if got is not None:
+                    row_logits[i] = got[j]
+    if logits is not None:
+        logits.extend(row_logits)
+    return [t.strip() for t in tok.batch_decode(outs, skip_special_tokens=True)]
+
+
+def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """A JSONL prompts file -> (adapter, prompt) pairs and per-prompt token limits.
+
+    Each line is {"adapter": NAME, "prompt": TEXT} with an optional "max_new_tokens"; "adapter"
+    may be left out when one run is loaded, and may name the base model (no adapter).
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise MultiAdapterError(f"--prompts {path}: no such file; pass a JSONL file, one "
+                                '{"adapter": NAME, "prompt": TEXT} per line')
+    only = multi.names[0] if len(multi.names) == 1 else None
+    known = ", ".join([*multi.names, multi.base_name])
+    reqs: list[tuple[str, str]] = []
+    limits: list[int] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MultiAdapterError(f"{where}: not JSON ({e.msg}); write one "
+                                    '{"adapter": NAME, "prompt": TEXT} object per line') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise MultiAdapterError(f'{where}: needs a "prompt" string, e.g. {{"adapter": "{multi.names[0]}", '
+                                    '"prompt": "..."}')
+        name = row.get("adapter", only)
+        if name is None:
+            raise MultiAdapterError(f'{where}: no "adapter"; with several runs each line names one of: {known}')
+        if name != multi.base_name and name not in multi.adapters:
+            raise MultiAdapterError(f"{where}: adapter {name!r} is not loaded; use one of: {known} "
+                                    "(a run is named after its folder, or NAME=RUN on the command line)")
+        limit = row.get("max_new_tokens", max_new_tokens)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise MultiAdapterError(f"{where}: max_new_tokens must be a positive integer, not {limit!r}")
+        reqs.append((name, row["prompt"]))
+        limits.append(limit)
+    if not reqs:
+        raise MultiAdapterError(f"{path}: no prompts; write one " + '{"adapter": NAME, "prompt": TEXT} object per line')
+    return reqs, limits
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch_size: int = 64) -> dict[str, dict]:
+    """Each run's metrics on its own examples, all runs' examples in shared mixed batches.
+
+    The metrics are those `evaluate.evaluate` gives the run alone: per-example sums and counts
+    gathered per run, so neither batch order nor batch company changes them.
+    """
+    from .core.precision import autocast_ctx, forward_inputs
+    from .data import Collator
+    from .evaluate import _macro_f1
+    from .losses import causal_lm_loss_from_logits
+
+    task = multi.recipe.model.task
+    collate = Collator(multi.tokenizer.pad_token_id, task)
+    tagged = [(n, e) for n, exs in examples.items() for e in exs]
+    stats = {n: {"loss": 0.0, "n": 0, "preds": [], "golds": []} for n in examples}
+    names_all = [n for n, _ in tagged]
+    for model, pos, _ in multi.groups(names_all):
+        pos = sorted(pos, key=lambda i: len(tagged[i][1]["input_ids"]))
+        for c in range(0, len(pos), batch_size):
+            chunk = pos[c: c + batch_size]
+            batch = {k: v.to(multi.device) for k, v in collate([tagged[i][1] for i in chunk]).items()}
+            with multi.routed(model, [names_all[i] for i in chunk]), \
+                    autocast_ctx(multi.device, multi.recipe.train.precision):
+                logits = model(**forward_inputs(batch, task)).logits.float()
+            for j, i in enumerate(chunk):
+                st = stats[names_all[i]]
+                if task == "classification":
+                    lab = batch["labels"][j: j + 1]
+                    st["loss"] += float(F.cross_entropy(logits[j: j + 1], lab, reduction="sum"))
+                    st["n"] += 1
+                    st["preds"].append(int(logits[j].argmax(-1)))
+                    st["golds"].append(int(lab[0]))
+                else:
+                    loss, n = causal_lm_loss_from_logits(logits[j: j + 1], batch["labels"][j: j + 1])
+                    st["loss"] += float(loss) * n
+                    st["n"] += n
+    out: dict[str, dict] = {}
+    for name, st in stats.items():
+        m: dict[str, Any] = {"loss": st["loss"] / max(st["n"], 1), "examples": len(examples[name])}
+        if task == "classification":
+            golds, preds = st["golds"], st["preds"]
+            labels = multi.adapters[name].meta.get("label_names") if name in multi.adapters else None
+            m["accuracy"] = sum(p == g for p, g in zip(preds, golds, strict=True)) / max(len(golds), 1)
+            m["f1"] = _macro_f1(preds, golds, len(labels or []) or (max(golds + preds) + 1 if golds else 1))
+        else:
+            m["perplexity"] = math.exp(min(m["loss"], 50.0))
+        out[name] = m
+    return out
+
+
+__all__ = [
+    "Adapter", "MultiAdapter", "MultiAdapterError", "StackedLinear", "StackedLoraLinear", "evaluate_runs",
+    "generate_mixed", "greedy_ids", "load_runs", "parse_run_args", "read_prompts",
+]

@@ -1,0 +1,170 @@
+"""Mixed-adapter batches: every row of one batch through its own run's adapter, equal to that run alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from multi_helpers import make_run
+from typer.testing import CliRunner
+
+from peftcli.cli import app
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def decoder_runs(tiny_gpt2_dir, tmp_path_factory):
+    """Four LoRA runs of different ranks and targets, and two methods that cannot be stacked."""
+    root = tmp_path_factory.mktemp("dec-runs")
+    specs = {
+        "a": {"name": "lora", "r": 2, "targets": ["q", "v"]},
+        "b": {"name": "lora", "r": 8, "targets": ["all-linear"]},
+        "c": {"name": "lora", "r": 4, "targets": ["ffn_in"], "rslora": True, "layers": "1"},
+        "d": {"name": "lora", "r": 3, "alpha": 5.0, "targets": ["o", "ffn_out"]},
+        "e": {"name": "houlsby", "reduction_factor": 8},
+        "f": {"name": "lora", "r": 2, "use_dora": True},
+    }
+    return {n: make_run(root, n, tiny_gpt2_dir, "causal_lm", m, seed=i + 1) for i, (n, m) in enumerate(specs.items())}
+
+
+def _alone(run, tok, prompt: str, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    from peftcli.multi import eos_ids, greedy_ids
+    from peftcli.pipeline import load_run
+
+    built, _ = load_run(run, CPU)
+    ids = tok(prompt + "\n", add_special_tokens=False)["input_ids"]
+    got: list = []
+    out = greedy_ids(built.model, [ids], [steps], pad_id=tok.pad_token_id, eos=eos_ids(built.model, tok), device=CPU,
+                     logits=got)
+    return out[0], got[0]
+
+
+def test_mixed_generate_rows_equal_single_adapter(decoder_runs, tiny_gpt2_dir):
+    from peftcli.generate import generate
+    from peftcli.multi import generate_mixed, load_runs
+
+    multi = load_runs(list(decoder_runs.values()), CPU)
+    assert [multi.adapters[n].stacked for n in "abcdef"] == [True] * 4 + [False] * 2
+    # A grouped run's frozen base weights are the shared model's tensors, not a second copy.
+    wte = multi.model.get_input_embeddings().weight
+    assert multi.adapters["e"].model.get_input_embeddings().weight is wte
+    base = str(tiny_gpt2_dir)
+    reqs = [("a", "the film was great"), ("b", "hi"), ("c", "a much longer prompt with several more words"),
+            ("d", "x y z"), ("e", "what a day"), ("f", "short"), (base, "no adapter here"), ("b", "the film")]
+    logits: list = []
+    texts = generate_mixed(multi, reqs, max_new_tokens=6, logits=logits)
+    for (name, prompt), text, row_logits in zip(reqs, texts, logits, strict=True):
+        if name == base:
+            continue
+        ids, single_logits = _alone(decoder_runs[name], multi.tokenizer, prompt, 6)
+        assert len(row_logits) == len(single_logits) == 6  # the cache's decode steps, all compared
+        for mixed, alone in zip(row_logits, single_logits, strict=True):
+            torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=0)
+        assert text == generate(decoder_runs[name], [prompt], max_new_tokens=6, device="cpu")[0]
+
+
+def test_base_row_is_the_plain_base(decoder_runs, tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.multi import load_runs
+
+    multi = load_runs([decoder_runs["a"], decoder_runs["b"]], CPU)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad(), multi.rows([str(tiny_gpt2_dir), "a"]):
+        mixed = multi.model(input_ids=ids).logits
+    torch.testing.assert_close(mixed[0], plain(input_ids=ids[:1]).logits[0], atol=1e-5, rtol=0)
+    assert (mixed[1] - plain(input_ids=ids[1:]).logits[0]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def encoder_runs(tiny_bert_dir, tiny_csv, tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc-runs")
+    data = {"source": str(tiny_csv), "text_column": "sentence", "eval_size": 12, "max_length": 32}
+    two = ["negative", "positive"]
+    runs = {
+        "a": make_run(root, "a", tiny_bert_dir, "classification", {"name": "lora", "r": 2, "targets": ["q", "v"]},
+                      seed=1, data=data, label_names=two),
+        "b": make_run(root, "b", tiny_bert_dir, "classification", {"name": "lora", "r": 8, "targets": ["all-linear"]},
+                      seed=2, data=data, label_names=two),
+        "c": make_run(root, "c", tiny_bert_dir, "classification",
+                      {"name": "lora", "r": 4, "targets": ["ffn_out"], "layers": "0", "rslora": True},
+                      seed=3, data=data, label_names=two),
+        "d": make_run(root, "d", tiny_bert_dir, "classification", {"name": "lora", "r": 6, "targets": ["k", "o"]},
+                      seed=4, data=data, label_names=two, train_pooler=True),
+        "e": make_run(root, "e", tiny_bert_dir, "classification", {"name": "pfeiffer"}, seed=5, data=data,
+                      label_names=two),
+    }
+    return runs
+
+
+def test_mixed_encoder_rows_equal_single_adapter(encoder_runs):
+    from peftcli.multi import load_runs
+    from peftcli.pipeline import load_run
+
+    multi = load_runs(list(encoder_runs.values()), CPU)
+    assert [multi.adapters[n].stacked for n in "abcde"] == [True] * 4 + [False]
+    tok = multi.tokenizer
+    texts = ["the film was great", "awful", "a long sentence about a film that was lovely today", "bad", "fine film",
+             "sad", "superb acting"]
+    names = ["a", "b", "c", "d", "e", "a", "c"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    got = {}
+    for model, pos, _ in multi.groups(names):
+        with torch.no_grad(), multi.routed(model, [names[i] for i in pos]):
+            logits = model(input_ids=enc["input_ids"][pos], attention_mask=enc["attention_mask"][pos]).logits
+        got.update({i: logits[j] for j, i in enumerate(pos)})
+    for i, (name, text) in enumerate(zip(names, texts, strict=True)):
+        built, _ = load_run(encoder_runs[name], CPU)
+        alone = tok([text], return_tensors="pt")
+        with torch.no_grad():
+            want = built.model(**alone).logits[0]
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+
+
+def test_mixed_eval_equals_each_run_alone(encoder_runs):
+    res = CliRunner().invoke(app, ["eval", *(str(r) for r in encoder_runs.values()), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    mixed = {n: json.loads((r / "eval_eval.json").read_text()) for n, r in encoder_runs.items()}
+    for name in ("b", "e"):
+        res = CliRunner().invoke(app, ["eval", str(encoder_runs[name]), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        alone = json.loads((encoder_runs[name] / "eval_eval.json").read_text())
+        assert alone["examples"] == mixed[name]["examples"] == 12
+        assert alone["accuracy"] == mixed[name]["accuracy"] and alone["f1"] == mixed[name]["f1"]
+        assert abs(alone["loss"] - mixed[name]["loss"]) < 1e-5
+
+
+def test_generate_cli_prompts_file(decoder_runs, tmp_path):
+    from peftcli.multi import generate_mixed, load_runs
+
+    lines = [{"adapter": "a", "prompt": "the film"}, {"adapter": "e", "prompt": "hello there"},
+             {"adapter": "b", "prompt": "x", "max_new_tokens": 2}]
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), str(decoder_runs["b"]),
+                                   str(decoder_runs["e"]), "--prompts", str(p), "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    multi = load_runs([decoder_runs["a"], decoder_runs["b"], decoder_runs["e"]], CPU)
+    want = generate_mixed(multi, [(x["adapter"], x["prompt"]) for x in lines], max_new_tokens=[4, 4, 2])
+    assert [r["generated"] for r in rows] == want
+    assert [r["adapter"] for r in rows] == ["a", "e", "b"]
+
+
+def test_generate_cli_bad_input_exits_2(decoder_runs, encoder_runs, tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"adapter": "a", "prompt": "ok"}\n{"adapter": "zz", "prompt": "no such adapter"}\n')
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), "--prompts", str(p)])
+    assert res.exit_code == 2
+    assert "line 2: adapter 'zz' is not loaded" in res.output
+    # Runs on different base models are refused before any model is built.
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), f"x={encoder_runs['a']}", "--prompts", str(p)])
+    assert res.exit_code == 2
+    assert "recipe.yaml: model.name is" in res.output and "share one base model" in res.output
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), str(decoder_runs["b"]), "hello"])
+    assert res.exit_code == 2 and "--prompts" in res.output
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), f"a={decoder_runs['b']}", "--prompts", str(p)])
+    assert res.exit_code == 2 and "two runs are named 'a'" in res.output
