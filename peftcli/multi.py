@@ -36,6 +36,7 @@ from torch import nn
 
 from .arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
 from .core.adapter import LayerAdapter
+from .methods import get_method
 from .recipe import Recipe
 
 BASE = 0  # adapter index of "no adapter"
@@ -246,9 +247,15 @@ def _lora_sites(sd: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[torch.Tens
     return sites, rest
 
 
+def _stacks(recipe: Recipe) -> bool:
+    """The method's spec says its adapter stacks per row (LoRA's A and B)."""
+    spec = get_method(recipe.method_name)
+    return bool(spec.stacks_rows and spec.stacks_rows(recipe.method))
+
+
 def _stackable(recipe: Recipe, rest: dict[str, torch.Tensor], model: nn.Module, sites: dict) -> bool:
     """Whether a run's update can live in the stacked modules: plain LoRA with a linear head."""
-    if recipe.method_name != "lora" or recipe.method.use_dora:
+    if not _stacks(recipe):
         return False
     params = dict(model.named_parameters())
     for k, v in rest.items():
@@ -311,7 +318,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
             _check_same_base((loaded[0][1], loaded[0][2]), (run, recipe))
         loaded.append((name, run, recipe, sd, meta))
 
-    first = next((x for x in loaded if x[2].method_name == "lora"), loaded[0])
+    first = next((x for x in loaded if _stacks(x[2])), loaded[0])
     r0, meta0 = first[2], first[4]
     if r0.model.quantization == "nf4":
         from .quant import check_qlora_possible
@@ -340,7 +347,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     stacked: list[tuple[Adapter, dict, dict]] = []
     for name, run, recipe, sd, meta in loaded:
         a = Adapter(name=name, run=run, recipe=recipe, meta=meta)
-        sites, rest = _lora_sites(sd) if recipe.method_name == "lora" else ({}, {})
+        sites, rest = _lora_sites(sd) if _stacks(recipe) else ({}, {})
         off = set(meta.get("disabled_modules") or [])
         if _stackable(recipe, rest, model, sites):
             a.index = len(stacked) + 1

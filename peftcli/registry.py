@@ -85,6 +85,10 @@ class MethodSpec:
     budget: Callable[[nn.Module, Arch, Any], int] | None = None
     # How trained adapters of this method combine into one (`peftcli combine`): the rules it
     # accepts for `--how`, and the function that answers a request. None: `combine_refusal` says why.
+    # Whether this config's adapter can share a mixed-adapter batch as per-row stacked low-rank
+    # factors (peftcli/multi.py gathers each row's A and B); None or False: its rows run as a
+    # sub-batch of their own through the run's model.
+    stacks_rows: Callable[[Any], bool] | None = None
     combine: Callable[[CombineRequest], Combined] | None = None
     combine_hows: tuple[str, ...] = ()
     combine_refusal: str = ""
@@ -120,6 +124,7 @@ def register(
     peft: PeftTwin | None = None,
     no_peft_reason: str = "",
     budget: Callable | None = None,
+    stacks_rows: Callable | None = None,
     combine: Callable | None = None,
     combine_hows: tuple[str, ...] = (),
     combine_refusal: str = "",
@@ -149,6 +154,7 @@ def register(
             peft=peft,
             no_peft_reason=no_peft_reason,
             budget=budget,
+            stacks_rows=stacks_rows,
             combine=combine,
             combine_hows=combine_hows,
             combine_refusal=combine_refusal,

@@ -217,6 +217,9 @@ ALLOWED = {
     ("lora", "methods/mam.py"): "`init: lora`, a bottleneck initialisation named after LoRA's",
     ("prompt", "data.py"): "the prompt column of instruction data",
     ("prompt", "evaluate.py"): "the prompt column of instruction data",
+    ("prompt", "cli.py"): "the prompt key of generate's JSONL lines",
+    ("prompt", "multi.py"): "the prompt key of generate's JSONL lines",
+    ("prompt", "serve.py"): "the prompt field of an OpenAI completions request",
 }
 
 

@@ -413,6 +413,7 @@ register(
     "lora",
     LoraConfig,
     summary="low-rank update B·A beside chosen linear layers (rsLoRA, DoRA as options); mergeable",
+    stacks_rows=lambda cfg: not cfg.use_dora,  # DoRA's per-row norm does not stack
     merge=merge,
     positionwise=True,
     needs_dense_base=needs_dense_base,
