@@ -16,7 +16,10 @@ the trackers keep both (each shows the later value at a repeated step, or ignore
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,19 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` inside the block unless the user set it; put back afterwards."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 class TensorBoard:
     def __init__(self, run_dir: Path, recipe: Recipe) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +90,7 @@ class TensorBoard:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
         self.writer.add_text("recipe", "```\n" + text + "```", 0)
+        self.where = f"tensorboard: {run_dir / 'tensorboard'}"
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, v in values.items():
@@ -88,9 +105,12 @@ class WandB:
         import wandb
 
         # Offline unless the user asks for more: a CLI must never stop at a login prompt.
+        # silent: wandb's own banner would break peftcli's terminal output; `where` says it instead.
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "peftcli"), name=run_dir.name,
                               dir=str(run_dir), config=recipe.to_dict(),
-                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
+                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous",
+                              settings=wandb.Settings(silent=True))
+        self.where = f"wandb: {self.run.settings.mode} run in {Path(self.run.dir).parent}"
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -105,15 +125,25 @@ class MLflow:
     def __init__(self, run_dir: Path, recipe: Recipe) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
-        self.client = MlflowClient(tracking_uri=uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "peftcli")
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if uri is None and importlib.util.find_spec("sqlalchemy") is not None:
+            uri, artifacts = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}", (run_dir / "mlartifacts").resolve().as_uri()
+        elif uri is None:
+            # mlflow-skinny has no database backend; MLflow 3 keeps its file store behind an opt-in,
+            # given here for this client only (the variable is put back at once).
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        with _env("MLFLOW_ALLOW_FILE_STORE", "true"):
+            self.client = MlflowClient(tracking_uri=uri)
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "peftcli")
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+                name, artifact_location=artifacts)
         self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
         for k, v in _flat(recipe.to_dict()).items():
             self.client.log_param(self.run_id, k, str(v)[:500])
         self.client.log_text(self.run_id, yaml.safe_dump(recipe.to_dict(), sort_keys=False), "recipe.yaml")
+        self.where = f"mlflow: run {self.run_id} at {uri}"
 
     def log(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -137,6 +167,10 @@ class Trackers:
         except BaseException:
             self.close()
             raise
+
+    def where(self) -> str:
+        """One line saying where each tracker writes."""
+        return " · ".join(t.where for t in self.open)
 
     def log(self, record: dict[str, Any]) -> None:
         step = record.get("step")

@@ -331,6 +331,7 @@ def set_up(
             from .tracking import Trackers
 
             s.trackers = Trackers(run_dir, recipe)
+            console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
     dist_utils.barrier()
     if saved is not None:
         restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
