@@ -128,9 +128,13 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir from its last checkpoint")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end: train, eval, save, reload")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed)")] = 1,
+    strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
 ) -> None:
     """Train a recipe and save the adapter into its run folder."""
     r = _load(recipe, overrides)
+    if strict:
+        r.data.strict = True
     if nproc > 1 and not dry_run:
         from .launch import launch_torchrun
 
@@ -148,6 +152,13 @@ def train(
         r.output.overwrite = True
         r.train.progress = False
         r.output.plot = True
+    from .core.quiet import quiet_command
+
+    with quiet_command(verbose):
+        _train(r, resume=resume, smoke=smoke)
+
+
+def _train(r, *, resume: bool, smoke: bool) -> None:
     from .train import train as run_train
 
     summary = run_train(r, resume=resume, smoke=smoke)
@@ -184,16 +195,23 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="'eval' (the recipe's held-out split), 'train', or a split name")] = "eval",
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
 ) -> None:
     """Evaluate a run's saved adapter on a split; prints and saves the metrics.
 
     Several runs of one base model are evaluated in one pass: each on its own recipe's split, the
     base model run once per batch of mixed examples, each run's metrics saved in its folder.
     """
-    if len(runs) > 1:
-        _eval_many(runs, split, limit, device)
-        return
-    run = runs[0]
+    from .core.quiet import quiet_command
+
+    with quiet_command(verbose):
+        if len(runs) > 1:
+            _eval_many(runs, split, limit, device)
+        else:
+            _eval(runs[0], split, limit, device)
+
+
+def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
     from .build import pick_device
     from .evaluate import evaluate, generation_eval
     from .pipeline import collator, load_run, prepare_data
@@ -305,12 +323,15 @@ def merge(
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
     recipe: Annotated[Path | None, typer.Option(
         help="HF PEFT folder only: recipe describing it (default: made from its adapter_config.json)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
 ) -> None:
     """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
     model folder that runs as fast as the base model."""
+    from .core.quiet import quiet_command
     from .merge import merge_run
 
-    diff = merge_run(run, dest, force=force, recipe=recipe)
+    with quiet_command(verbose):
+        diff = merge_run(run, dest, force=force, recipe=recipe)
     out.print(f"merged model written to {dest}")
     out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
 
@@ -420,10 +441,62 @@ def import_peft_cmd(
 def validate(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    data: Annotated[bool, typer.Option("--data", help="also load and tokenize the data; show a rendered "
+                                       "example with the tokens the loss covers highlighted")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
 ) -> None:
     """Check a recipe without running it."""
     r = _load(recipe, overrides)
+    if strict:
+        r.data.strict = True
+    if data:
+        from .core.quiet import quiet_command
+
+        with quiet_command():
+            _show_data(r)
     out.print(f"{recipe}: ok · method {r.method_name} · model {r.model.name} · data {r.data.source}")
+
+
+def _show_data(r) -> None:
+    """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
+    from .data import malformed_summary
+    from .models import load_tokenizer
+    from .pipeline import pack_for_training, prepare_data
+
+    tok = load_tokenizer(r.model.name)
+    splits, train_ex, held = prepare_data(r, tok)
+    fmt = f"format {splits.format}" if splits.format else r.model.task
+    out.print(f"data: {len(train_ex)} train / {len(held)} eval examples · {fmt}", highlight=False, soft_wrap=True)
+    if splits.malformed:
+        out.print(f"[yellow]{escape(malformed_summary(splits.malformed))}; --strict refuses them[/]", highlight=False, soft_wrap=True)
+    if r.model.task != "causal_lm":
+        return
+    lengths = [len(e["input_ids"]) for e in train_ex]
+    trained = sum(sum(1 for y in e["labels"] if y != -100) for e in train_ex)
+    out.print(f"tokens per example: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
+              f"(data.max_length {r.data.max_length}; {sum(n >= r.data.max_length for n in lengths)} cut) · "
+              f"trained tokens {trained} of {sum(lengths)} ({100 * trained / max(sum(lengths), 1):.1f} %)",
+              highlight=False, soft_wrap=True)
+    if r.data.packing:
+        rows = pack_for_training(r, train_ex)
+        fill = sum(lengths) / (len(rows) * r.data.max_length)
+        out.print(f"packing: {len(rows)} rows of {r.data.max_length} tokens, {100 * fill:.1f} % filled", highlight=False, soft_wrap=True)
+    e = train_ex[0]
+    # Trained tokens in reverse video on a terminal; elsewhere (a pipe, a log) between ⟦ and ⟧.
+    marks = ("[reverse green]", "[/]") if out.is_terminal else ("⟦", "⟧")
+    text, run, run_trained = [], [], False
+    for tid, y in [*zip(e["input_ids"], e["labels"], strict=True), (None, None)]:
+        is_trained = y is not None and y != -100
+        if tid is None or (is_trained != run_trained and run):
+            piece = escape(tok.decode(run))
+            text.append(f"{marks[0]}{piece}{marks[1]}" if run_trained and piece else piece)
+            run = []
+        if tid is not None:
+            run.append(tid)
+            run_trained = is_trained
+    legend = "highlighted" if out.is_terminal else "between ⟦ ⟧"
+    out.print(f"first training example, rendered; the loss covers the tokens {legend}:", highlight=False, soft_wrap=True)
+    out.print("".join(text), highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------- recipes

@@ -14,7 +14,7 @@ from .arch import Arch
 from .build import attach_method
 from .checkpoint import CheckpointError, find_run_adapter, load_adapter_state, read_adapter
 from .core.switch import apply_recorded
-from .data import Collator, Splits, load_splits, tokenize
+from .data import Collator, DataError, Splits, load_splits, malformed_summary, pack, tokenize
 from .models import load_base_model, load_tokenizer, resolve_dtype
 from .recipe import Recipe, load_recipe
 from .registry import MethodSpec
@@ -123,10 +123,29 @@ def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict]]:
-    splits = load_splits(recipe.data, recipe.model.task, recipe.model.num_labels)
-    train = tokenize(splits.train, tokenizer, recipe.model.task, recipe.data)
-    held = tokenize(splits.eval, tokenizer, recipe.model.task, recipe.data)
+    """Tokenized training and held-out examples (unpacked: `pack_for_training` packs them).
+
+    Malformed rows are left out and listed in `splits.malformed`; with data.strict they are refused.
+    """
+    cfg = recipe.data
+    splits = load_splits(cfg, recipe.model.task, recipe.model.num_labels)
+    train = tokenize(splits.train, tokenizer, recipe.model.task, cfg, split=cfg.train_split,
+                     malformed=splits.malformed)
+    held = tokenize(splits.eval, tokenizer, recipe.model.task, cfg, split=cfg.eval_split or cfg.train_split,
+                    malformed=splits.malformed)
+    if splits.malformed and cfg.strict:
+        raise DataError(f"data.strict: {cfg.source}: {malformed_summary(splits.malformed).replace(' skipped', '')}; "
+                        "fix or remove those rows, or set data.strict: false to skip them")
+    if not train:
+        raise DataError(f"data: no training rows left in {cfg.source} ({malformed_summary(splits.malformed)})")
     return splits, train, held
+
+
+def pack_for_training(recipe: Recipe, train: list[dict]) -> list[dict]:
+    """The training examples as the loop consumes them: packed rows with data.packing, else as they are."""
+    if not recipe.data.packing:
+        return train
+    return pack(train, recipe.data.max_length, recipe.train.seed)
 
 
 def collator(recipe: Recipe, tokenizer) -> Collator:

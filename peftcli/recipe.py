@@ -54,8 +54,15 @@ class ModelConfig:
 class DataConfig:
     source: str = opt(
         "tweets",
-        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct), "
+        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct, tweets_chat), "
         "a hub dataset id, or a local csv/json/jsonl/parquet file",
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response", "text"] = opt(
+        "auto", "causal_lm row format; auto = from the columns (messages, conversations, instruction+output, "
+        "prompt_column+response_column, text_column)"
+    )
+    messages_column: str | None = opt(
+        None, "causal_lm: column of chat turns (role/content or from/value); null = messages or conversations"
     )
     config_name: str | None = opt(None, "hub dataset configuration, e.g. sst2 for glue")
     train_split: str = opt("train", "split to train on")
@@ -75,6 +82,11 @@ class DataConfig:
     response_column: str | None = opt(None, "causal_lm: response column")
     chat_template: bool = opt(True, "causal_lm: wrap prompts with the tokenizer's chat template if it has one")
     max_length: int = opt(128, "truncate inputs to this many tokens", min=8)
+    packing: bool = opt(
+        False, "causal_lm: pack examples into rows of max_length tokens, each attending only to itself "
+        "(train.batch_size then counts rows); evaluation stays unpacked"
+    )
+    strict: bool = opt(False, "refuse malformed rows instead of skipping and reporting them (`--strict`)")
 
 
 @dataclass
@@ -116,6 +128,12 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile each transformer layer (CUDA)")
     chunked_ce: bool = opt(True, "causal_lm: cross-entropy in chunks, never materialising full fp32 logits")
     progress: bool = opt(True, "show a progress bar")
+    group_by_length: bool = opt(
+        False, "batches of similar length (seeded, shuffled batch order): less padding without packing"
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(
+        [], "experiment trackers that also get metrics.jsonl's records (offline by default; extra packages)"
+    )
 
 
 @dataclass
@@ -182,7 +200,7 @@ SECTIONS: dict[str, type] = {
 TOP_LEVEL = [*SECTIONS, "method", "init_from"]
 
 
-BUILTIN_SOURCES = ("tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct")
+BUILTIN_SOURCES = ("tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct", "tweets_chat")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 OUTPUT_PLACEHOLDERS = ("method", "data", "model")
 
@@ -292,8 +310,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return value is None, value
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if isinstance(value, str) and inner is str:
-            return True, [value]
+        if isinstance(value, str):  # `report_to: tensorboard` means [tensorboard]
+            ok, v = _coerce(value, inner)
+            return (True, [v]) if ok else (False, value)
         if not isinstance(value, list):
             return False, value
         out = []
@@ -456,6 +475,18 @@ def recipe_from_dict(
                 f"data.label_names: {len(data.label_names)} names but model.num_labels is {model.num_labels}; "
                 "make them agree or set model.num_labels: null"
             )
+    if model.task == "classification" and data.packing:
+        problems.append("data.packing: causal_lm only (a classifier reads one pooled position per row); "
+                        "set data.packing: false")
+    if model.task == "classification" and data.format != "auto":
+        problems.append(f"data.format: {data.format!r} is for causal_lm; classification reads data.text_column "
+                        "and data.label_column: remove data.format")
+    train_cfg: TrainConfig = sections["train"]
+    if data.packing and train_cfg.group_by_length:
+        problems.append("train.group_by_length: packed rows are all max_length already; "
+                        "set either data.packing or train.group_by_length")
+    if len(set(train_cfg.report_to)) != len(train_cfg.report_to):
+        problems.append(f"train.report_to: {train_cfg.report_to} names a tracker twice; list each once")
     if check_files and (why := missing_data_file(data.source)):
         problems.append(why)
     output: OutputConfig = sections["output"]

@@ -32,7 +32,9 @@ KINDS = ("run", "export", "merge", "import", "drop", "fuse", "combine")
 RUN_KINDS = frozenset({"run", "import", "drop", "fuse", "combine"})
 # Every top-level name a run folder has ever held (train, eval, drop); a fused run keeps its
 # sources' weights inside adapter/, so it adds no name of its own.
-RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "summary.json", "curves.png", "drop.json"})
+RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "summary.json", "curves.png", "drop.json",
+                         # train.report_to: what the trackers write into the run (peftcli/tracking.py)
+                         "tensorboard", "wandb", "mlruns", "mlflow.db", "mlartifacts"})
 _EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
 # peftcli's dot-temp names: checkpoint.atomic_*_write (.X.tmp-PID, .X.old-PID) and ours.
 _TEMP = re.compile(r"\..+\.(?:peftcli-)?(?:tmp|old)-\d+")

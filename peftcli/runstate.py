@@ -40,6 +40,7 @@ class Position:
     window_loss: float = 0.0  # sum of micro-batch losses since the last metrics line
     window_n: int = 0
     seen: int = 0  # examples trained on, all ranks (for samples/s only)
+    tokens: int = 0  # input tokens trained on (padding not counted), all ranks (for tokens/s only)
     last_eval: dict | None = None  # metrics of the latest evaluation (summary.json's `final`)
 
 
@@ -176,6 +177,7 @@ MAY_CHANGE = {
     "train.epochs", "train.max_steps", "train.progress", "train.log_every", "train.num_threads",
     "train.device", "train.distributed", "train.eval_every", "train.batch_size", "train.grad_accum",
     "eval.batch_size", "eval.generate_samples", "eval.max_new_tokens", "output.plot", "output.overwrite",
+    "train.report_to", "data.strict",
 }
 
 

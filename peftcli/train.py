@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import distributed as dist_utils
@@ -29,13 +30,13 @@ from .build import pick_device, trainable_summary
 from .checkpoint import atomic_file_write, recover_dir, save_adapter
 from .core.precision import autocast_ctx, forward_inputs
 from .core.switch import random_drop, set_dropped_layers
-from .data import DataError, batches, num_batches
+from .data import DataError, batches, malformed_summary, num_batches
 from .evaluate import evaluate, generation_eval
 from .fast import compile_layers, trim_unread_positions
 from .faults import kill_point
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .optim import build_optimizer
-from .pipeline import build, collator, prepare_data
+from .pipeline import build, collator, pack_for_training, prepare_data
 from .recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
 from .runstate import (
     Position,
@@ -118,6 +119,8 @@ class Session:
     budget: dict
     started: float
     aside: Path | None = None  # a replaced run, kept until this run's first checkpoint
+    trackers: Any = None  # rank 0's train.report_to trackers (peftcli.tracking.Trackers), once the run folder is open
+    grad_norm: float | None = None  # of the latest optimizer step, when train.max_grad_norm computes it
 
     @property
     def is_main(self) -> bool:
@@ -144,7 +147,7 @@ def train(
                 group: list[dict] = []
                 for batch in batches(s.train_ex, s.recipe.train.batch_size, s.collate, shuffle=True,
                                      seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
-                                     start=pos.micro):
+                                     start=pos.micro, length_group=_length_group(s)):
                     group.append(batch)
                     if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
                         continue
@@ -153,7 +156,8 @@ def train(
                     pos.step += 1
                     pos.window_loss += sum(losses)
                     pos.window_n += len(losses)
-                    pos.seen += sum(int(b["input_ids"].shape[0]) for b in group) * s.world
+                    pos.seen += sum(_examples_in(b) for b in group) * s.world
+                    pos.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
                     group = []
                     kill_point("step")
                     if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
@@ -169,6 +173,7 @@ def train(
                     pos.epoch, pos.micro = pos.epoch + 1, 0
     except NonFiniteError as e:
         log(s, {"step": pos.step, "error": "non-finite", "detail": str(e)})
+        _close_trackers(s)
         _restore_replaced(s)
         dist_utils.shutdown()
         raise TrainingError(
@@ -177,9 +182,23 @@ def train(
             + ". Try a lower train.lr or train.max_grad_norm."
         ) from None
     except BaseException:
+        _close_trackers(s)
         _restore_replaced(s)
         raise
     return finish(s, pos)
+
+
+def _length_group(s: Session) -> int:
+    """Examples per length group with train.group_by_length: one global batch, a size --resume keeps."""
+    t = s.recipe.train
+    return t.batch_size * t.grad_accum * s.world if t.group_by_length else 0
+
+
+def _examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in a micro-batch: rows, or in packed rows the starts of examples (padding excluded)."""
+    if "position_ids" in batch:
+        return int(((batch["position_ids"] == 0) & (batch["attention_mask"] == 1)).sum())
+    return int(batch["input_ids"].shape[0])
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -214,6 +233,10 @@ def set_up(
         raise RecipeError(recipe.source or "recipe", [
             f"train.lisa_layers: LISA runs in one process ({world} ranks here: the layers it switches off would leave "
             "DDP/FSDP waiting for their gradients); launch without --nproc or set train.lisa_layers: 0"])
+    if tcfg.report_to and rank == 0:
+        from .tracking import check_trackers
+
+        check_trackers(recipe)
     if tcfg.precision == "fp16" and device.type != "cuda":
         console.print("[yellow]train.precision fp16 autocasts on CUDA only; training in fp32 here[/]")
     seed_everything(tcfg.seed)
@@ -235,6 +258,11 @@ def set_up(
 
     tokenizer = load_tokenizer(recipe.model.name)
     splits, train_ex, eval_ex = prepare_data(recipe, tokenizer)
+    if splits.malformed:
+        console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
+                      "--strict refuses them[/]")
+    n_examples = len(train_ex)
+    train_ex = pack_for_training(recipe, train_ex)
     if smoke:
         train_ex, eval_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], eval_ex[:16]
     micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
@@ -247,6 +275,10 @@ def set_up(
         )
     built = build(recipe, device, label_names=splits.label_names)
     model, arch, spec = built.model, built.arch, built.spec
+    if recipe.data.packing:
+        from .packing import check_packing
+
+        check_packing(model, device, f"{model.config.model_type} ({recipe.model.name}) with method {spec.name}")
     # Speed-ups that leave results unchanged (see peftcli/fast.py for why each is exact).
     trim_unread_positions(model, arch, spec.positionwise, task)
     if tcfg.compile and device.type == "cuda":
@@ -294,7 +326,9 @@ def set_up(
     )
     console.print(
         f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
-        f"{budget['total']:,} ({budget['percent']:.3f} %) · {len(train_ex)} train / {len(eval_ex)} eval · {device}"
+        f"{budget['total']:,} ({budget['percent']:.3f} %) · "
+        + (f"{n_examples} train in {len(train_ex)} packed rows" if recipe.data.packing else f"{len(train_ex)} train")
+        + f" / {len(eval_ex)} eval · {device}"
         + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
     )
 
@@ -313,6 +347,11 @@ def set_up(
         return s, pos, json.loads((run_dir / "summary.json").read_text())
     if s.is_main:
         _open_run_folder(s, pos, resumed=resume, saved_recipe=saved_recipe)
+        if tcfg.report_to:
+            from .tracking import Trackers
+
+            s.trackers = Trackers(run_dir, recipe)
+            console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
     dist_utils.barrier()
     if tcfg.lisa_layers:
         lisa_draw(s, pos.step)
@@ -438,6 +477,7 @@ def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
     if s.recipe.train.max_grad_norm:
         s.scaler.unscale_(s.optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(s.trainable, s.recipe.train.max_grad_norm)
+        s.grad_norm = float(gnorm)
         if not torch.isfinite(gnorm) and not s.scaler.is_enabled():  # fp16: the scaler skips the step
             raise NonFiniteError(f"gradient norm became NaN or infinite ({float(gnorm)}) at step {pos.step + 1}")
     s.scaler.step(s.optimizer)
@@ -513,17 +553,29 @@ class _lisa_whole:
 
 
 def log(s: Session, record: dict) -> None:
+    """Append to metrics.jsonl, the run's record; the trackers get a copy."""
     if s.is_main:
         with open(s.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         kill_point("metrics:written")
+        if s.trackers is not None:
+            s.trackers.log(record)
+
+
+def _close_trackers(s: Session) -> None:
+    if s.trackers is not None:
+        s.trackers.close()
+        s.trackers = None
 
 
 def log_train(s: Session, pos: Position) -> None:
     elapsed = time.perf_counter() - s.started
-    log(s, {"step": pos.step, "epoch": pos.epoch, "loss": pos.window_loss / max(pos.window_n, 1),
-            "lr": s.scheduler.get_last_lr()[0], "samples_per_s": pos.seen / max(elapsed, 1e-9),
-            "elapsed_s": elapsed})
+    record = {"step": pos.step, "epoch": pos.epoch, "loss": pos.window_loss / max(pos.window_n, 1),
+              "lr": s.scheduler.get_last_lr()[0], "samples_per_s": pos.seen / max(elapsed, 1e-9),
+              "tokens_per_s": pos.tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
+    if s.grad_norm is not None:
+        record["grad_norm"] = s.grad_norm
+    log(s, record)
     pos.window_loss, pos.window_n = 0.0, 0
 
 
@@ -613,6 +665,7 @@ def finish(s: Session, pos: Position) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
                 s.console.print(f"[yellow]could not draw curves.png: {e}[/]")
         runfolder.write_marker(s.run_dir, "run")
+    _close_trackers(s)
     dist_utils.shutdown()
     return summary
 
@@ -639,5 +692,6 @@ class _progress:
     def _update(self, task_id, pos: Position, loss: float | None) -> None:
         elapsed = max(time.perf_counter() - self.s.started, 1e-9)
         info = "" if loss is None else (
-            f"loss {loss:.4f} lr {self.s.scheduler.get_last_lr()[0]:.2e} {pos.seen / elapsed:.0f} samples/s")
+            f"loss {loss:.4f} lr {self.s.scheduler.get_last_lr()[0]:.2e} {pos.seen / elapsed:.0f} samples/s "
+            f"{pos.tokens / elapsed:.0f} tokens/s")
         self.bar.update(task_id, completed=pos.step, info=info)

@@ -15,6 +15,7 @@ values show that both sides train the same function.
     python scripts/bench_train.py --case gpu-bert
     python scripts/bench_train.py --case gpu-llama1b
     python scripts/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
+    python scripts/bench_train.py --case cpu-sft                # whole SFT runs: padded, grouped, packed, HF Trainer
 
 On a CPU shared with other processes, use --threads 1 (or auto): with torch's default of one
 thread per core, every op waits at a barrier for a descheduled thread, and step times swing by 2×
@@ -367,6 +368,136 @@ def run_cuda(sides_fns: list[Callable[[], Side]], args, device: torch.device) ->
     return done
 
 
+# ------------------------------------------------------------------------------------- cpu-sft
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def tiny_smollm2(out: Path) -> str:
+    """--tiny: a 2-layer Llama with SmolLM2's tokenizer and chat template, to check the case's code."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftcli.models import load_tokenizer
+
+    tok = load_tokenizer(SMOLLM2)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out / "tiny-model")
+    tok.save_pretrained(out / "tiny-model")
+    return str(out / "tiny-model")
+
+
+def sft_recipe(args, out: Path, name: str, batch_size: int, **data) -> object:
+    from peftcli.recipe import recipe_from_dict
+
+    return recipe_from_dict({
+        "model": {"name": args.model, "task": "causal_lm"},
+        "data": {"source": "tweets_chat", "train_size": args.rows, "eval_size": args.eval_rows,
+                 "max_length": args.max_length, **data},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "targets": "all-linear"},
+        "train": {"epochs": 1, "batch_size": batch_size, "lr": 1e-3, "seed": args.seed, "progress": False,
+                  "log_every": 1000, "group_by_length": name == "grouped"},
+        "eval": {"metric": "loss", "batch_size": 16, "generate_samples": 0},
+        "output": {"dir": str(out / name), "plot": False, "overwrite": True},
+    }, f"cpu-sft/{name}")
+
+
+def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict:
+    """One peftcli training run; tokens/s from its last metrics line (the training loop alone)."""
+    from rich.console import Console
+
+    from peftcli.train import train
+
+    summary = train(sft_recipe(args, out, name, batch_size, **data), console=Console(stderr=True, quiet=True))
+    last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
+    return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') else 'examples'}",
+            "steps": summary["steps"], "tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"],
+            "eval_loss": summary["final"]["loss"]}
+
+
+def run_hf_trainer_sft(args, out: Path, batch_size: int, train_ex: list[dict], eval_ex: list[dict]) -> dict:
+    """HF PEFT LoRA trained by transformers' Trainer with a dynamic-padding collator, as its users do;
+    held-out loss measured with peftcli's evaluate on the same examples."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from peftcli.data import Collator
+    from peftcli.evaluate import evaluate
+    from peftcli.methods.lora import LoraConfig
+    from peftcli.models import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    torch.manual_seed(args.seed)
+    model = load_base_model(args.model, "causal_lm", dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 lora_dropout=LoraConfig().dropout, task_type="CAUSAL_LM"))
+    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
+            for e in train_ex]
+    targs = TrainingArguments(
+        output_dir=str(out / "hf"), per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=1e-3,
+        lr_scheduler_type="linear", warmup_steps=int(0.06 * -(-len(rows) // batch_size)),  # as peftcli's weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=rows,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    res = trainer.train()
+    tokens = sum(len(e["input_ids"]) for e in train_ex)
+    m = evaluate(model, eval_ex, Collator(tok.pad_token_id, "causal_lm"), task="causal_lm",
+                 device=torch.device("cpu"), batch_size=16)
+    return {"side": "HF PEFT + Trainer", "batch": f"{batch_size} examples", "steps": res.global_step,
+            "tokens_per_s": tokens / res.metrics["train_runtime"], "train_s": res.metrics["train_runtime"],
+            "eval_loss": m["loss"]}
+
+
+def cpu_sft(args) -> int:
+    """Padded, length-grouped and packed peftcli runs beside HF PEFT + Trainer on the same chat data.
+
+    tokens/s counts real (non-padding) tokens of the training examples per second of training
+    loop; every side sees the same examples once. Packed rows hold about as many tokens per step
+    as a padded batch of `--batch` examples, so the runs take similar numbers of similar steps.
+    """
+    import tempfile
+
+    from peftcli.core.quiet import quiet_command
+    from peftcli.models import load_tokenizer
+    from peftcli.pipeline import prepare_data
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-sft-"))
+    with quiet_command():
+        args.model = tiny_smollm2(out) if args.tiny else SMOLLM2
+        tok = load_tokenizer(args.model)
+        _, train_ex, eval_ex = prepare_data(sft_recipe(args, out, "padded", args.batch), tok)
+        mean_len = sum(len(e["input_ids"]) for e in train_ex) / len(train_ex)
+        rows = max(1, round(args.batch * mean_len / args.max_length))
+        results = []
+        for side in args.sft_sides.split(","):
+            if side == "padded" or side == "grouped":
+                results.append(run_peftcli_sft(args, out, side, args.batch))
+            elif side == "packed":
+                results.append(run_peftcli_sft(args, out, side, rows, packing=True))
+            elif side == "hf":
+                results.append(run_hf_trainer_sft(args, out, args.batch, train_ex, eval_ex))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    where = f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    model = "a 2-layer Llama with SmolLM2's tokenizer (--tiny: timings mean nothing)" if args.tiny else SMOLLM2
+    print(f"\n## cpu-sft: {model}, LoRA r 16 all-linear, tweets_chat ({len(train_ex)} train / "
+          f"{len(eval_ex)} held-out conversations, mean {mean_len:.0f} tokens, max_length {args.max_length}), "
+          f"1 epoch · {where} · torch {torch.__version__}\n")
+    print("| side | batch | steps | tokens/s | × padded | × HF | train s | held-out loss |\n|---|---|---|---|---|---|---|---|")
+    base = {r["side"]: r["tokens_per_s"] for r in results}
+    for r in results:
+        vs = [f"{r['tokens_per_s'] / base[k]:.2f}×" if k in base else "n/a" for k in ("padded", "HF PEFT + Trainer")]
+        print(f"| {r['side']} | {r['batch']} | {r['steps']} | {r['tokens_per_s']:.0f} | {vs[0]} | {vs[1]} | "
+              f"{r['train_s']:.0f} | {r['eval_loss']:.4f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"case": "cpu-sft", "device": where, "results": results}, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------------------------- report
 
 
@@ -411,7 +542,7 @@ def report(sides: list[Side], cfg: dict, args, device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", choices=sorted(CASES), default="cpu-minilm")
+    ap.add_argument("--case", choices=sorted([*CASES, "cpu-sft"]), default="cpu-minilm")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side; the median is reported")
     ap.add_argument("--sides", default="auto",
@@ -437,7 +568,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="CUDA: after timing, profile two steps per side and print the ROWS costliest ops")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    ap.add_argument("--rows", type=int, default=256, help="cpu-sft: training conversations")
+    ap.add_argument("--eval-rows", type=int, default=64, help="cpu-sft: held-out conversations")
+    ap.add_argument("--batch", type=int, default=16, help="cpu-sft: examples per padded batch")
+    ap.add_argument("--max-length", type=int, default=512, help="cpu-sft: packed row length and truncation")
+    ap.add_argument("--sft-sides", default="padded,grouped,packed,hf", help="cpu-sft: sides to run, in order")
+    ap.add_argument("--out", default=None, help="cpu-sft: folder for the runs (default: a temporary one)")
     args = ap.parse_args(argv)
+    if args.case == "cpu-sft":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if args.threads:
+            torch.set_num_threads(int(args.threads))
+        return cpu_sft(args)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers

@@ -111,9 +111,28 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
             _run(undo)
 
 
+@contextmanager
+def quiet_command(verbose: bool = False) -> Iterator[None]:
+    """The whole of a `peftcli train / eval / merge` command: only peftcli's own lines and bar.
+
+    transformers is imported first so that its loading and saving bars ("Loading weights",
+    "Writing model shards") and its warnings are covered too, and Python warnings (torch's,
+    transformers') are ignored. Everything is put back on leaving, as `quiet_libraries` does;
+    `--verbose` (verbose=True) leaves the libraries' output alone.
+    """
+    if verbose:
+        yield
+        return
+    import transformers  # noqa: F401  (imported so quiet_libraries covers it)
+
+    with warnings.catch_warnings(), quiet_libraries():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _run(undo: list[Callable[[], None]]) -> None:
     for fn in reversed(undo):
         fn()
 
 
-__all__ = ["quiet_libraries"]
+__all__ = ["quiet_command", "quiet_libraries"]

@@ -1,0 +1,231 @@
+"""Packing is exact, length grouping is seeded, both resume exactly; trackers; a clean terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, write_recipe
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import peftcli.train as train_mod
+from peftcli.build import attach_method
+from peftcli.core.precision import forward_inputs
+from peftcli.data import IGNORE, Collator, DataError, batches, pack
+from peftcli.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
+from peftcli.packing import check_packing
+from peftcli.registry import get_method
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def _examples(n: int = 10, seed: int = 0) -> list[dict]:
+    """Variable-length examples whose first third is a prompt (no labels)."""
+    g = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = g.randint(3, 17)
+        ids = [g.randint(1, 99) for _ in range(k)]
+        out.append({"input_ids": ids, "labels": [IGNORE if j < k // 3 else t for j, t in enumerate(ids)]})
+    return out
+
+
+def _loss(model, batch: dict, head: str | None = None) -> torch.Tensor:
+    if head is None:
+        return causal_lm_loss_from_logits(model(**forward_inputs(batch, "causal_lm")).logits, batch["labels"])[0]
+    with hidden_states_out(model, head) as h:
+        return chunked_causal_lm_loss(model(**forward_inputs(batch, "causal_lm")).logits, h, batch["labels"])[0]
+
+
+@pytest.mark.parametrize("kind,head", [("llama", "lm_head"), ("gpt2", "lm_head"), ("llama", None), ("gpt2", None)])
+def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(kind, head):
+    model = tiny_model(kind, "causal_lm").float()
+    attach_method(model, "lora", get_method("lora").config_cls(r=4, targets=["q", "v"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)  # LoRA's B starts at zero: make the adapter matter
+    ex = _examples()
+    collate = Collator(0, "causal_lm")
+    rows = pack(ex, 32, seed=0)
+    assert len(rows) < len(ex) and sum(r["examples"] for r in rows) == len(ex)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = _loss(model, batch, head)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    unpacked, g_unpacked = loss_and_grads(collate(ex))  # one padded batch: its mean is token-weighted
+    packed, g_packed = loss_and_grads(collate(rows))
+    assert abs(packed - unpacked) < 1e-5
+    for a, b in zip(g_packed, g_unpacked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_is_a_function_of_the_seed_and_keeps_examples_whole():
+    ex = _examples(30)
+    assert pack(ex, 40, 3) == pack(ex, 40, 3)
+    rows = pack(ex, 40, 3)
+    assert all(len(r["input_ids"]) <= 40 for r in rows)
+    assert sorted(tuple(e["input_ids"]) for e in ex) == sorted(
+        tuple(r["input_ids"][s : s + n]) for r in rows for s, n in _spans(r["position_ids"]))
+
+
+def _spans(pos: list[int]) -> list[tuple[int, int]]:
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    return [(a, b - a) for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def test_packing_is_refused_by_name_where_examples_would_see_each_other():
+    model = tiny_model("llama", "causal_lm")
+    assert check_packing(model, torch.device("cpu"), "llama") < 1e-4
+    # Prompt tuning prepends the same virtual tokens to every row: examples after the first in a
+    # packed row would lose them.
+    attach_method(model, "prompt", get_method("prompt").config_cls())
+    with pytest.raises(DataError, match=r"data\.packing: llama with method prompt does not keep packed examples "
+                                        r"apart .*data\.packing: false"):
+        check_packing(model, torch.device("cpu"), "llama with method prompt")
+
+
+def test_group_by_length_batches_are_similar_seeded_and_cover_every_example():
+    ex = [{"input_ids": [1] * n, "labels": [1] * n} for n in random.Random(0).choices(range(2, 200), k=400)]
+    collate = Collator(0, "causal_lm")
+
+    def epoch(e: int, group: int) -> list[torch.Tensor]:
+        return [b["attention_mask"] for b in batches(ex, 8, collate, shuffle=True, seed=1, epoch=e, length_group=group)]
+
+    grouped, plain = epoch(0, 8), epoch(0, 0)
+    padding = [sum(int(m.numel() - m.sum()) for m in bs) for bs in (grouped, plain)]
+    assert padding[0] < padding[1] / 4
+    assert sum(int(m.sum()) for m in grouped) == sum(len(e["input_ids"]) for e in ex)
+    assert [m.shape for m in epoch(0, 8)] == [m.shape for m in grouped]  # same seed, same batches
+    assert [m.shape for m in epoch(1, 8)] != [m.shape for m in grouped]  # a new order each epoch
+    resumed = [b["attention_mask"] for b in batches(ex, 8, collate, shuffle=True, seed=1, epoch=0, start=5,
+                                                    length_group=8)]
+    assert [m.shape for m in resumed] == [m.shape for m in grouped[5:]]
+
+
+# ----------------------------------------------------------------------------- training end to end
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> str:
+    g = random.Random(0)
+    words = ["good", "bad", "rain", "sun", "film", "day", "night", "long", "short", "tea"]
+    rows = []
+    for i in range(48):
+        turns = [{"role": "user", "content": " ".join(g.choices(words, k=g.randint(2, 20)))},
+                 {"role": "assistant", "content": " ".join(g.choices(words, k=g.randint(1, 6)))}]
+        if i % 3 == 0:
+            turns += [{"role": "user", "content": "and then"}, {"role": "assistant", "content": "the end"}]
+        rows.append({"messages": turns})
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", **train) -> str:
+    t = {"epochs": 2, "batch_size": 2, "lr": 5e-3, "progress": False, "log_every": 1, "eval_every": 2, **train}
+    data = {"source": chat_file, "eval_size": 8, "max_length": 96, "packing": not t.get("group_by_length")}
+    return write_recipe(tmp_path / f"{run}.yaml", model={"name": str(model_dir), "task": "causal_lm"}, data=data,
+                        method={"name": "lora", "r": 4}, train=t,
+                        output={"dir": str(tmp_path / run), "plot": False})
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss": ' in x
+            and '"eval"' not in x]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["packing", "group_by_length"])
+def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatch, grouped):
+    extra = {"group_by_length": True} if grouped else {}
+    whole = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "whole", **extra)
+    res = runner.invoke(app_cli(), ["train", whole])
+    assert res.exit_code == 0, res.output
+    assert ("packed rows" in res.output) != grouped
+
+    calls = {"n": 0}
+
+    def kill_at_step_3(name: str) -> None:
+        if name == "step":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+
+    cut = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "cut", **extra)
+    monkeypatch.setattr(train_mod, "kill_point", kill_at_step_3)
+    assert runner.invoke(app_cli(), ["train", cut]).exit_code == 130
+    monkeypatch.undo()
+    res = runner.invoke(app_cli(), ["train", cut, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "resuming at step 2" in res.output
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
+    for f in (tmp_path / "whole" / "last").glob("*.safetensors"):
+        a, b = load_file(f), load_file(tmp_path / "cut" / "last" / f.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def app_cli():
+    from peftcli.cli import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tiny_gpt2_dir, chat_file, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tracked")
+    rec = _recipe(d, tiny_gpt2_dir, chat_file, epochs=1, report_to=["tensorboard"])
+    res = runner.invoke(app_cli(), ["train", rec])
+    assert res.exit_code == 0, res.output
+    return d / "run"
+
+
+def test_tensorboard_gets_the_metrics_and_the_recipe(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tracked_run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/perplexity"} <= tags
+    jsonl = [json.loads(x) for x in (tracked_run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in jsonl if "loss" in r)
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(first["loss"])
+    assert first["tokens_per_s"] > 0
+    assert "recipe" in acc.Tags()["tensors"] or "recipe/text_summary" in acc.Tags()["tensors"]
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_missing_tracker_package_is_exit_2_before_training(tiny_gpt2_dir, chat_file, tmp_path, monkeypatch, tracker):
+    monkeypatch.setitem(sys.modules, tracker, None)  # `import wandb` now raises ImportError
+    rec = _recipe(tmp_path, tiny_gpt2_dir, chat_file, report_to=["tensorboard", tracker])
+    res = runner.invoke(app_cli(), ["train", rec])
+    assert res.exit_code == 2, res.output
+    assert f"train.report_to: {tracker} needs the {tracker} package" in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_eval_and_merge_print_only_peftcli_lines_unless_verbose(tracked_run, tmp_path):
+    ev = _cli("eval", str(tracked_run), "--limit", "4")
+    assert ev.returncode == 0, ev.stderr
+    assert ev.stderr == "" and "loss" in ev.stdout
+    quiet = _cli("merge", str(tracked_run), str(tmp_path / "m1"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "" and "merged model written" in quiet.stdout
+    loud = _cli("merge", str(tracked_run), str(tmp_path / "m2"), "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading weights" in loud.stderr
