@@ -64,12 +64,27 @@ def quantized_names(model: nn.Module) -> list[str]:
 
 
 
-def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """A dense nn.Linear with the exact weights a Linear4bit multiplies by."""
+def dense_4bit_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a Linear4bit multiplies by, de-quantized.
+
+    On CPUs with bf16 instructions, bitsandbytes (0.49 and newer) repacks a 4-bit weight into a
+    CPU-only layout at its first evaluation-mode forward and marks the quantization state so;
+    de-quantizing that layout as if it were the usual one gives wrong numbers, so it is unpacked
+    first (in place: the layer then repacks on its next such forward).
+    """
     from bitsandbytes.functional import dequantize_4bit
 
     w = module.weight
-    dense = dequantize_4bit(w.data, w.quant_state).to(dtype)
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return dequantize_4bit(w.data, w.quant_state)
+
+
+def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A dense nn.Linear with the exact weights a Linear4bit multiplies by."""
+    dense = dense_4bit_weight(module).to(dtype)
     out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     out.weight = nn.Parameter(dense.reshape(module.out_features, module.in_features), requires_grad=False)
     if module.bias is not None:

@@ -229,10 +229,10 @@ def test_merge_dequantizes_to_a_plain_model(nf4_llama, tmp_path):
         before = m(input_ids=ids).logits.float()
         # de-quantized weights are exactly what the 4-bit matmul multiplies by
         lin = next(x for x in m.modules() if is_4bit(x))
-        from bitsandbytes.functional import dequantize_4bit
+        from peftcli.quant import dense_4bit_weight
 
         inp = torch.randn(2, lin.in_features, dtype=torch.bfloat16)
-        dense = dequantize_4bit(lin.weight.data, lin.weight.quant_state).to(torch.bfloat16)
+        dense = dense_4bit_weight(lin).to(torch.bfloat16)
         assert torch.allclose(lin(inp).float(), (inp @ dense.t()).float(), atol=2e-2, rtol=1e-2)
         n = dequantize_model(m, torch.bfloat16)
         assert n == 2 * 7
