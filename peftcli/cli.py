@@ -327,8 +327,8 @@ def merge(
 ) -> None:
     """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
     model folder that runs as fast as the base model."""
+    from .commands.merge import merge_run
     from .core.quiet import quiet_command
-    from .merge import merge_run
 
     with quiet_command(verbose):
         diff = merge_run(run, dest, force=force, recipe=recipe)
@@ -363,7 +363,7 @@ def combine(
 ) -> None:
     """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
     export and generate take it like a trained run)."""
-    from .combine import CombineError, combine_runs, parse_weights
+    from .commands.combine import CombineError, combine_runs, parse_weights
 
     if len(runs_and_dest) < 2:
         raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
@@ -404,7 +404,7 @@ def export(
     """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
     if to != "peft":
         raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
-    from .peft_format import export_run
+    from .commands.peft import export_run
 
     lay = export_run(run, dest, force=force)
     out.print(f"wrote {lay.peft_type} adapter to {dest} (adapter_config.json + adapter_model.safetensors)")
@@ -427,7 +427,7 @@ def import_peft_cmd(
     force: Annotated[bool, typer.Option(help="replace RUN if it exists")] = False,
 ) -> None:
     """Turn an HF PEFT adapter folder into a peftcli run folder (eval, merge, generate, export then work)."""
-    from .peft_format import import_peft
+    from .commands.peft import import_peft
 
     import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force)
     out.print(f"imported {src} into run folder {run}")
@@ -645,15 +645,15 @@ def serve(
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
-    from .serve import ServeUnavailable, require_stack
+    from .commands.serve import ServeUnavailable, require_stack
 
     try:
         require_stack()
     except ServeUnavailable as e:
         raise UsageError(str(e)) from None
     from .build import pick_device
+    from .commands.serve import serve as run_server
     from .multi import load_runs
-    from .serve import serve as run_server
 
     multi = load_runs(runs, pick_device(device))
     if multi.recipe.model.task != "causal_lm":
@@ -682,7 +682,7 @@ def fuse(
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end")] = False,
 ) -> None:
     """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
-    from .fuse import fuse as run_fuse
+    from .commands.fuse import fuse as run_fuse
     from .methods.fusion import FusionError
 
     r = _load(recipe, overrides)
@@ -724,7 +724,7 @@ def drop(
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
-    from .drop import DropError, drop_run
+    from .commands.drop import DropError, drop_run
 
     try:
         rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,

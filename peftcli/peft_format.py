@@ -33,7 +33,6 @@ The last two take `--recipe R`; without it the recipe is made from adapter_confi
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .checkpoint import CheckpointError, atomic_dir_write, load_tensors
+from .checkpoint import atomic_dir_write, load_tensors
 from .core.peft_layout import (  # noqa: F401  (re-exported: the format's names live here too)
     Layout,
     PeftFormatError,
@@ -172,61 +171,6 @@ def export_model(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, sd: dic
     lay = layout(model, arch, spec, recipe)
     write_peft_folder(dest, to_peft_state(sd, lay), lay.config)
     return lay
-
-
-def _meta_model(recipe, label_names: list[str] | None) -> nn.Module:
-    """The base model's structure without its weights."""
-    from .models import auto_class, load_config
-
-    config = load_config(recipe.model.name)
-    if recipe.model.task == "classification":
-        config.num_labels = len(label_names) if label_names else (recipe.model.num_labels or 2)
-    config._attn_implementation = recipe.model.attn_implementation
-    from .core.quiet import quiet_libraries
-
-    with torch.device("meta"), quiet_libraries():
-        return auto_class(recipe.model.task).from_config(config)
-
-
-def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Path, recipe_path: Path) -> None:
-    """The saved tensors must fit the recipe the export describes: a recipe edited after training
-    (another rank, other targets) would otherwise wrap old tensors in a config that lies about them."""
-    params = dict(model.named_parameters())
-    for k, v in sd.items():
-        p = params.get(k)
-        if p is not None and tuple(p.shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{adapter_dir}: {k} has shape {tuple(v.shape)}, but {recipe_path} describes {tuple(p.shape)}; "
-                "the recipe was changed after training: restore it or retrain"
-            )
-
-
-def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
-    """`peftcli export RUN --to peft DEST`."""
-    from .build import attach_method
-    from .checkpoint import find_run_adapter, read_adapter
-    from .recipe import load_recipe
-    from .runfolder import check_destination, local_inputs, replacing
-
-    run, dest = Path(run), Path(dest)
-    if not (run / "recipe.yaml").exists():
-        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-    recipe = load_recipe(run / "recipe.yaml")
-    peft_type_for(recipe.method_name)  # refuse before any work
-    check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
-    from .pipeline import check_adapter_matches
-
-    adapter_dir = find_run_adapter(run)
-    sd, meta = read_adapter(adapter_dir)
-    check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
-    model = _meta_model(recipe, meta.get("label_names"))
-    arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
-    _check_shapes(model, sd, adapter_dir, run / "recipe.yaml")
-    with replacing(dest, kind="export") as tmp:
-        return export_model(model, arch, spec, recipe, sd, tmp)
-
-
-# ------------------------------------------------------------------------------ import
 
 
 def read_peft_folder(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -417,68 +361,17 @@ def recipe_from_peft(src: Path, overrides: list[str] | None = None):
     if config.get("revision"):
         raw["model"]["revision"] = config["revision"]
     if task == "classification":
-        rows = _head_rows(sd)
+        rows = head_rows(sd)
         if rows:
             raw["model"]["num_labels"] = rows
     return recipe_from_dict(raw, f"{src}/{PEFT_CONFIG}", overrides or [])
 
 
-def _head_rows(sd: dict[str, torch.Tensor]) -> int | None:
+def head_rows(sd: dict[str, torch.Tensor]) -> int | None:
     for k, t in sd.items():
         if _module_of(k) is None and k.endswith(".weight") and t.ndim == 2 and "prompt_embeddings" not in k:
             return int(t.shape[0])
     return None
-
-
-def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
-                overrides: list[str] | None = None, force: bool = False) -> Path:
-    """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work)."""
-    from . import __version__
-    from .build import pick_device, trainable_summary
-    from .checkpoint import atomic_file_write, save_adapter
-    from .pipeline import build
-    from .recipe import load_recipe, recipe_yaml
-    from .runfolder import check_destination, check_paths, local_inputs, replacing
-
-    src, run_dir = Path(src), Path(run_dir)
-    check_destination(run_dir, what="import destination", sources=[src, recipe_path], replace=force)
-    config, sd = read_peft_folder(src)
-    recipe = load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides)
-    check_paths(run_dir, what="import destination", sources=local_inputs(recipe))
-    label_names = recipe.data.label_names
-    if recipe.model.task == "classification" and not recipe.model.num_labels and not label_names:
-        recipe.model.num_labels = _head_rows(sd)
-    recipe.init_from = str(src)
-    built = build(recipe, pick_device("cpu"), label_names=label_names)
-    recipe.init_from = None
-    recipe.output.dir = str(run_dir)
-    budget = trainable_summary(built.model)
-    meta = {
-        "base_model": recipe.model.name,
-        "task": recipe.model.task,
-        "label_names": label_names,
-        "trainable": budget["trainable"],
-        "total": budget["total"],
-        "imported_from": str(src),
-        "peft_type": config.get("peft_type"),
-        "importer_version": __version__,
-    }
-    with replacing(run_dir, kind="import") as tmp:
-        atomic_file_write(tmp / "recipe.yaml", recipe_yaml(recipe))
-        save_adapter(tmp / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
-    return run_dir
-
-
-def temporary_run(src: Path, recipe_path: Path | None = None):
-    """A context manager yielding a throw-away run folder imported from a PEFT folder."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        with tempfile.TemporaryDirectory(prefix="peftcli-import-") as tmp:
-            yield import_peft(src, Path(tmp) / "run", recipe_path=recipe_path)
-
-    return cm()
 
 
 def is_peft_folder(path: Path) -> bool:
@@ -486,7 +379,7 @@ def is_peft_folder(path: Path) -> bool:
 
 
 __all__ = [
-    "Layout", "PeftFormatError", "export_model", "export_refusal", "export_run", "import_peft", "is_peft_folder",
+    "Layout", "PeftFormatError", "export_model", "export_refusal", "is_peft_folder",
     "layout", "load_peft_weights", "method_from_peft", "read_peft_folder", "recipe_from_peft",
-    "shortest_suffixes", "temporary_run",
+    "shortest_suffixes",
 ]

@@ -17,7 +17,7 @@ from torch import nn
 from peftcli.arch import resolve
 from peftcli.build import attach_method
 from peftcli.checkpoint import adapter_state, load_adapter_state
-from peftcli.drop import set_dropped_layers
+from peftcli.core.switch import set_dropped_layers
 from peftcli.methods import compacter, get_method, houlsby, krona, parallel, pfeiffer
 from peftcli.methods.bottleneck import Bottleneck
 from peftcli.methods.compacter import PHMLinear, PHMRule

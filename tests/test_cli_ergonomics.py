@@ -112,12 +112,12 @@ def test_exit_2_on_bad_input(args, message):
 
 
 def test_exit_1_on_failure_while_running(monkeypatch):
-    import peftcli.merge
+    import peftcli.commands.merge
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(peftcli.merge, "merge_run", boom)
+    monkeypatch.setattr(peftcli.commands.merge, "merge_run", boom)
     res = runner.invoke(app, ["merge", "run", "out"])
     assert res.exit_code == 1
     assert "error: disk on fire" in res.output and "PEFTCLI_DEBUG=1" in res.output

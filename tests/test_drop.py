@@ -11,9 +11,9 @@ import torch
 from conftest import batch, tiny_model, write_recipe
 from typer.testing import CliRunner
 
-from peftcli import drop as drop_lib
 from peftcli.build import attach_method, pick_device
 from peftcli.cli import app
+from peftcli.core import switch as drop_lib
 from peftcli.methods import get_method
 
 runner = CliRunner()

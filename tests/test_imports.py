@@ -158,7 +158,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def deferred_cycles() -> list[list[str]]:
-    """Cycles that appear when imports inside functions count too (informational)."""
+    """Cycles that appear when imports inside functions count too."""
     return find_cycles(import_graph(module_level_only=False))
 
 
@@ -172,12 +172,26 @@ def test_graph_sees_relative_and_nested_imports():
     g = import_graph()
     assert "peftcli.core.switch" in g["peftcli.pipeline"]
     assert "peftcli.arch" in g["peftcli.core.switch"]  # `from ..arch import Arch`
-    assert "peftcli.methods" in g["peftcli.drop"]  # `from .methods.fusion import ...` runs methods/__init__
+    assert "peftcli.methods" in g["peftcli.commands.drop"]  # `from ..methods.fusion import ...` runs methods/__init__
 
 
 def test_no_module_level_import_cycle():
     cycles = find_cycles(import_graph())
     assert not cycles, "module-level import cycles:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)
+
+
+def test_no_import_cycle_even_inside_functions():
+    # A deferred import only hides a circle; the layers (core, methods, library, commands) must not have one.
+    cycles = deferred_cycles()
+    assert not cycles, "import cycles through function-level imports:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)
+
+
+def test_only_the_cli_and_commands_import_commands():
+    graph = import_graph(module_level_only=False)
+    above = {"peftcli.cli", "peftcli.launch"}
+    bad = [f"{m} imports {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+           if d.startswith("peftcli.commands.") and not m.startswith("peftcli.commands") and m not in above]
+    assert not bad, "the library must not depend on a command:\n" + "\n".join(bad)
 
 
 _CHILD = r"""

@@ -15,7 +15,7 @@ from conftest import batch, tiny_model
 
 from peftcli.build import attach_method
 from peftcli.checkpoint import adapter_state, load_adapter_state
-from peftcli.drop import set_dropped_layers
+from peftcli.core.switch import set_dropped_layers
 from peftcli.methods import get_method, mam, unipelt
 from peftcli.methods.prefix import LayerPrefix, PrefixConfig, find_store
 from peftcli.methods.unipelt import GatedBottleneck, GatedLayerPrefix, GatedLoraLinear, SequenceMask

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from peftcli.build import attach_method
 from peftcli.cli import app
-from peftcli.merge import check_plain
+from peftcli.commands.merge import check_plain
 from peftcli.methods import all_methods
 from peftcli.models import auto_class
 from peftcli.recipe import recipe_from_dict

@@ -143,7 +143,7 @@ def test_toy_method_trim_follows_positionwise(toy):
 
 
 def test_toy_method_is_an_adapter_for_adapterdrop(toy):
-    from peftcli.drop import adapter_modules, set_dropped_layers
+    from peftcli.core.switch import adapter_modules, set_dropped_layers
 
     m = tiny_model("bert")
     base = m(**batch()).logits
@@ -181,8 +181,9 @@ def test_toy_method_budget(toy, tmp_path):
 
 
 def test_toy_method_export_and_merge_are_refused_with_its_reasons(toy, tmp_path):
-    from peftcli.merge import MergeRefused, merge_run
-    from peftcli.peft_format import PeftFormatError, export_refusal, export_run
+    from peftcli.commands.merge import MergeRefused, merge_run
+    from peftcli.commands.peft import export_run
+    from peftcli.peft_format import PeftFormatError, export_refusal
 
     assert export_refusal("toy_scale") == "cannot export method 'toy_scale' to HF PEFT: HF PEFT has no toy toy_scale scales"
     assert "HF PEFT has no method computing the same function" in export_refusal("toy_dense")

@@ -242,7 +242,7 @@ def test_planted_fusion_source_is_an_error_not_skipped(tmp_path, marker):
 
 def test_fused_run_folder_may_not_overlap_a_source(tmp_path):
     """output.overwrite on a fused run inside (or around) a source would delete the adapters it fuses."""
-    from peftcli.fuse import prepare
+    from peftcli.commands.fuse import prepare
     from peftcli.recipe import recipe_from_dict
 
     runs = _fusion_sources(tmp_path)

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .multi import MultiAdapter, MultiAdapterError, eos_ids, greedy_ids
+from ..multi import MultiAdapter, MultiAdapterError, eos_ids, greedy_ids
 
 
 class ServeUnavailable(RuntimeError):
@@ -192,7 +192,7 @@ def build_app(multi: MultiAdapter, *, max_batch: int = 64, window_ms: float = 5.
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    from .data import format_prompt
+    from ..data import format_prompt
 
     engine = Engine(multi, max_batch=max_batch, window_s=window_ms / 1000)
     tok = multi.tokenizer
