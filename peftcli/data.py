@@ -399,7 +399,10 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
             if split_rows:
                 _check_columns(list(split_rows[0]), cfg, task, text_col, label_col, pcol, rcol)
     else:
-        fmt = detect_format(list(in_use[cfg.train_split][0]), cfg, pcol, rcol, text_col)
+        first = list(in_use[cfg.train_split][0])
+        if cfg.format == "auto" and not (pcol or rcol) and text_col not in first and {"prompt", "response"} <= set(first):
+            pcol, rcol = "prompt", "response"  # columns named as prompt/response data names them
+        fmt = detect_format(first, cfg, pcol, rcol, text_col)
         for split, split_rows in in_use.items():
             cols = list(split_rows[0]) if split_rows else []
             bad = [(key, col) for key, col in _format_columns(fmt, cfg, pcol, rcol, text_col) if col not in cols]

@@ -60,7 +60,7 @@ KILL_POINTS: dict[str, str] = {
 MODES = ("points", "timer", "both")
 ADAPTER_FILES = ("adapter/adapter.safetensors", "last/adapter.safetensors")
 # Fields of metrics.jsonl that measure the machine, not the training.
-TIMING_FIELDS = {"elapsed_s", "samples_per_s"}
+TIMING_FIELDS = {"elapsed_s", "samples_per_s", "tokens_per_s"}
 KILLED = -signal.SIGKILL
 TIMED_OUT = -999  # an attempt that ran past its limit and was killed by this script
 

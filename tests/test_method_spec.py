@@ -220,7 +220,7 @@ ALLOWED = {
     ("prompt", "evaluate.py"): "the prompt column of instruction data",
     ("prompt", "cli.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "multi.py"): "the prompt key of generate's JSONL lines",
-    ("prompt", "serve.py"): "the prompt field of an OpenAI completions request",
+    ("prompt", "commands/serve.py"): "the prompt field of an OpenAI completions request",
 }
 
 

@@ -380,7 +380,7 @@ def test_every_output_folder_is_marked(run, peft_dir, tmp_path):
 
 def test_failure_while_writing_leaves_the_old_folder(run, peft_dir, tmp_path, monkeypatch):
     import peftcli.checkpoint
-    import peftcli.peft_format
+    import peftcli.commands.peft
 
     dest = tmp_path / "e"
     assert invoke("export", run, dest).exit_code == 0
@@ -390,7 +390,7 @@ def test_failure_while_writing_leaves_the_old_folder(run, peft_dir, tmp_path, mo
         (Path(out) / "adapter_model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(peftcli.peft_format, "export_model", broken_export)
+    monkeypatch.setattr(peftcli.commands.peft, "export_model", broken_export)
     res = invoke("export", run, dest, "--force")
     assert res.exit_code == 1 and "disk full" in res.output, res.output
     assert snapshot(dest) == before and leftovers(tmp_path) == []

@@ -92,15 +92,15 @@ def test_missing_classification_column_lists_columns(tiny_bert_dir, tmp_path, da
         assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("data,key", [
-    ({}, "data.text_column"),
-    ({"prompt_column": "question", "response_column": "answer"}, "data.prompt_column, data.response_column"),
+@pytest.mark.parametrize("data,key,cols", [
+    ({}, "data.format", "(question, answer)"),
+    ({"text_column": "body", "format": "text"}, "data.text_column", "its columns are question, answer"),
+    ({"prompt_column": "query", "response_column": "answer"}, "data.prompt_column", "its columns are question, answer"),
 ])
-def test_missing_causal_lm_column_lists_columns(tiny_gpt2_dir, tmp_path, data, key):
+def test_missing_causal_lm_column_lists_columns(tiny_gpt2_dir, tmp_path, data, key, cols):
     src = tmp_path / "lm.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"say {i}", "response": str(i)}) + "\n" for i in range(16)))
-    train_refused(tmp_path, tiny_gpt2_dir, {"source": str(src), **data}, key, "lm.jsonl",
-                  "its columns are prompt, response", task="causal_lm")
+    src.write_text("".join(json.dumps({"question": f"say {i}", "answer": str(i)}) + "\n" for i in range(16)))
+    train_refused(tmp_path, tiny_gpt2_dir, {"source": str(src), **data}, key, "lm.jsonl", cols, task="causal_lm")
 
 
 # ------------------------------------------------------------------------------ 3. local data file
