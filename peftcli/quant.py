@@ -69,6 +69,13 @@ def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     from bitsandbytes.functional import dequantize_4bit
 
     w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU backend repacks a 4-bit weight in place for its own kernel on the first
+        # eval forward (AVX512-BF16 CPUs); dequantize_4bit reads only the plain layout, so put it
+        # back the way bitsandbytes itself does before it writes a state dict.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
     dense = dequantize_4bit(w.data, w.quant_state).to(dtype)
     out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     out.weight = nn.Parameter(dense.reshape(module.out_features, module.in_features), requires_grad=False)
