@@ -120,7 +120,7 @@ def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[
     LISA trains everything outside the layer stack plus `train.lisa_layers` layers at a time, and
     keeps optimizer state only for those; the largest layers are counted, to be safe.
     """
-    from .optim import state_bytes_estimate
+    from .optim import shared_state_bytes, state_bytes_estimate
     from .registry import method_layers
 
     tcfg = recipe.train
@@ -138,9 +138,11 @@ def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[
         elems = sum(spec.optimizer_state(model, arch, recipe.method).values())
         return (lambda pb: elems * pb), at_once
 
+    shared = shared_state_bytes((tuple(p.shape) for p in params.values()), tcfg.optimizer)
+
     def state_of(pb: float) -> float:
         full = sum(state_bytes_estimate(tuple(p.shape), pb, tcfg.optimizer, tcfg.momentum) for p in params.values())
-        return full * scale
+        return full * scale + shared
 
     return state_of, at_once
 

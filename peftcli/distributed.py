@@ -243,19 +243,28 @@ def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Ten
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, trainable: list[nn.Parameter] | None = None) -> dict:
-    """All ranks: optimizer state keyed by parameter name, full (unsharded) tensors on CPU."""
+    """All ranks: optimizer state keyed by parameter name, full (unsharded) tensors on CPU.
+
+    A tensor that several parameters' state shares (bitsandbytes' 8-bit code books) comes out as
+    one tensor object, so the checkpoint stores it once and a resumed run shares it again.
+    """
     _reshard(model)
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, Any] = {"param_groups": [], "state": {}}
+    copied: dict[int, torch.Tensor] = {}
+
+    def on_cpu(v: torch.Tensor) -> torch.Tensor:
+        if id(v) not in copied:
+            copied[id(v)] = _full(v).detach().cpu()
+        return copied[id(v)]
+
     for g in optimizer.param_groups:
         out["param_groups"].append({k: v for k, v in g.items() if k != "params"} | {"names": [names[id(p)] for p in g["params"]]})
         for p in g["params"]:
             st = optimizer.state.get(p)
             if not st:
                 continue
-            out["state"][names[id(p)]] = {
-                k: (_full(v).detach().cpu() if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in st.items()
-            }
+            out["state"][names[id(p)]] = {k: (on_cpu(v) if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in st.items()}
     return out
 
 
@@ -271,6 +280,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
     for g in optimizer.param_groups:
         for p in g["params"]:
             group_of[id(p)] = g
+    moved: dict[tuple[int, str], torch.Tensor] = {}  # a tensor shared in the file stays shared
     for name, st in saved["state"].items():
         p = params.get(name)
         if p is None or id(p) not in group_of:
@@ -290,7 +300,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
 
                     v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
                 else:
-                    v = v.to(p.device)
+                    key = (id(v), str(p.device))
+                    if key not in moved:
+                        moved[key] = v.to(p.device)
+                    v = moved[key]
             new[k] = v
         optimizer.state[p] = new
 

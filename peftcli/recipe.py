@@ -103,8 +103,8 @@ class TrainConfig:
     lr: float = opt(1e-3, "peak learning rate", min=0.0)
     weight_decay: float = opt(0.0, "decoupled weight decay of matrices (AdamW, Adafactor, SGD)", min=0.0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd"] = opt(
-        "adamw", "adamw (torch); adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes, CUDA); adafactor "
-        "(factored second moments); sgd"
+        "adamw", "adamw (torch); adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes: CUDA, or CPU with "
+        "bitsandbytes >= 0.50, where paged ones page nothing); adafactor (factored second moments); sgd"
     )
     momentum: float = opt(0.0, "train.optimizer sgd: momentum (0 keeps no state)", min=0.0, max=1.0)
     lisa_layers: int = opt(

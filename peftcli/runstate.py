@@ -67,12 +67,17 @@ def trainer_state(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{i}"] = s
     opt_json: dict[str, Any] = {"param_groups": optimizer["param_groups"], "state": {}}
+    # One tensor several parameters' state shares is written once and referenced by every entry
+    # (the reader looks each reference up by key, so it needs no change and gets one object back).
+    key_of: dict[int, str] = {}
     for name, st in optimizer["state"].items():
         entry = {}
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt/{name}/{k}"] = v.detach().cpu().contiguous()
-                entry[k] = {"tensor": f"opt/{name}/{k}"}
+                if id(v) not in key_of:
+                    key_of[id(v)] = f"opt/{name}/{k}"
+                    tensors[key_of[id(v)]] = v.detach().cpu().contiguous()
+                entry[k] = {"tensor": key_of[id(v)]}
             else:
                 entry[k] = v
         opt_json["state"][name] = entry

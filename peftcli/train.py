@@ -222,9 +222,11 @@ def set_up(
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
     from .methods import get_method
-    from .optim import check_optimizer
+    from .optim import check_optimizer, optimizer_note
 
     check_optimizer(tcfg.optimizer, device, get_method(recipe.method_name))
+    if (note := optimizer_note(tcfg.optimizer, device)) is not None:
+        console.print(f"[yellow]{note}[/]")
     if dist_mode == "fsdp" and get_method(recipe.method_name).optimizer is not None:
         raise RecipeError(recipe.source or "recipe", [
             f"train.distributed: fsdp shards each weight across ranks, but method {recipe.method_name}'s optimizer "

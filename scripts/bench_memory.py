@@ -1,11 +1,14 @@
-"""Full FT, LoRA, GaLore, LISA and sparse at one step budget: held-out metric, trainable
-parameters, optimizer-state bytes and peak memory. The README's memory table comes from here.
+"""Full FT (AdamW and 8-bit AdamW), LoRA, GaLore, LISA and sparse at one step budget: held-out
+metric, trainable parameters, optimizer-state bytes and peak memory. The README's memory table
+comes from here.
 
 Each run is a fresh `peftcli train` process, one after another (two runs sharing 2 cores would
 slow each other down). The figures:
 
 - optimizer state: the bytes of every optimizer tensor in the run's last checkpoint
-  (`last/trainer_state.safetensors`, keys `opt/...`): exactly what the optimizer held at the end.
+  (`last/trainer_state.safetensors`, keys `opt/...`): exactly what the optimizer held at the end
+  (bitsandbytes' two code books, which every 8-bit parameter's state shares, are stored once).
+  `--check` compares it with what `peftcli count-params` predicts for the same recipe.
 - peak memory: the process's maximum resident set size (`wait4` rusage of that child), so it
   includes the Python interpreter, torch and the tokenizer (the same for every run), the data,
   weights, gradients, optimizer state and activations. CPU only: a GPU run would read
@@ -14,6 +17,9 @@ slow each other down). The figures:
     python scripts/bench_memory.py smollm2          # SmolLM2-135M-Instruct on tweets_instruct
     python scripts/bench_memory.py minilm           # all-MiniLM-L6-v2 on tweets
     python scripts/bench_memory.py minilm --table-only
+    python scripts/bench_memory.py smollm2 --only full "full adamw_8bit" --check   # the 8-bit ratio
+    python scripts/bench_memory.py smollm2 --only full "full adamw_8bit" --check \\
+        --set model.dtype=bfloat16 train.max_steps=1 --out runs/bench_memory_bf16  # bf16 weights
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ MINI = ["data.train_size=2000", "data.eval_size=2000", "data.max_length=64", "tr
 SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
     "smollm2": [
         ("full", "smollm2_lisa", ["train.lisa_layers=0", "train.lr=5e-5"]),
+        ("full adamw_8bit", "smollm2_lisa", ["train.lisa_layers=0", "train.lr=5e-5", "train.optimizer=adamw_8bit"]),
         ("lora all-linear r16", "smollm2_lora", ["method.targets=[all-linear]", "train.lr=1e-3"]),
         ("galore r128 lr 1e-4", "smollm2_galore", ["train.lr=1e-4"]),
         ("galore r128 lr 4e-4", "smollm2_galore", ["train.lr=4e-4"]),
@@ -53,6 +60,7 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "minilm": [
         ("full", "tweets_full", []),
+        ("full adamw_8bit", "tweets_full", ["train.optimizer=adamw_8bit"]),
         ("lora q,v r8", "tweets_lora", []),
         ("galore r64", "tweets_galore", []),
         ("lisa 2 layers", "tweets_full", ["train.lisa_layers=2", "train.lisa_interval=10"]),
@@ -65,11 +73,11 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def run(suite: str, name: str, recipe: str, extra: list[str], out: Path) -> dict:
+def run(suite: str, name: str, recipe: str, extra: list[str], out: Path, overrides: list[str]) -> dict:
     folder = out / suite / slug(name)
     sizes = SMOL if suite == "smollm2" else MINI
     cmd = [sys.executable, "-c", "from peftcli.cli import main; main()", "train", str(ROOT / "recipes" / f"{recipe}.yaml"),
-           *COMMON, *sizes, *extra, f"output.dir={folder}"]
+           *COMMON, *sizes, *extra, *overrides, f"output.dir={folder}"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     log = folder.parent / f"{slug(name)}.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -85,14 +93,45 @@ def run(suite: str, name: str, recipe: str, extra: list[str], out: Path) -> dict
     return record
 
 
-def optimizer_bytes(folder: Path) -> int:
+def optimizer_bytes(folder: Path, *, scalars: bool = True) -> int:
+    """Bytes of the optimizer tensors in the run's last checkpoint; `scalars=False` leaves out
+    the 0-d `step` counters torch keeps per parameter, which count-params does not size."""
     total = 0
     with safe_open(str(folder / "last" / "trainer_state.safetensors"), "pt") as f:
         for k in f.keys():
             if k.startswith("opt/"):
                 t = f.get_tensor(k)
-                total += t.numel() * t.element_size()
+                if scalars or t.ndim > 0:
+                    total += t.numel() * t.element_size()
     return total
+
+
+def estimated_bytes(folder: Path) -> tuple[str, float]:
+    """(optimizer, state bytes) `peftcli count-params` predicts for the recipe the run saved, with
+    the run's number of classes, in the row of the weights' dtype: fp32 (what `model.dtype: auto`
+    gives on CPU) or bf16 (`--set model.dtype=bfloat16`, the CUDA default)."""
+    from peftcli.budget import GIB, budget
+    from peftcli.recipe import load_recipe
+
+    meta = json.loads((folder / "last" / "meta.json").read_text())
+    labels = meta.get("label_names") or []
+    r = load_recipe(folder / "recipe.yaml", [f"model.num_labels={len(labels)}"] if labels else [])
+    b = budget(r)
+    row = "bf16 mixed" if r.model.dtype == "bfloat16" else "fp32"
+    return b["optimizer"], {m["precision"]: m for m in b["memory"]}[row]["optimizer_gib"] * GIB
+
+
+def check(suite: str, out: Path) -> str:
+    lines = ["| run | optimizer | measured state (no `step` scalars) | count-params | difference |",
+             "|---|---|---|---|---|"]
+    for name, _, _ in SUITES[suite]:
+        folder = out / suite / slug(name)
+        if not (folder / "summary.json").exists():
+            continue
+        measured = optimizer_bytes(folder, scalars=False)
+        optimizer, est = estimated_bytes(folder)
+        lines.append(f"| {name} | {optimizer} | {measured:,} B | {est:,.0f} B | {measured - est:+,.0f} B |")
+    return "\n".join(lines)
 
 
 def table(suite: str, out: Path) -> str:
@@ -123,13 +162,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory")
     ap.add_argument("--only", nargs="*", help="run names to (re)run; default: all")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--check", action="store_true", help="also compare each run's state with count-params")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for every run, e.g. model.dtype=bfloat16 train.max_steps=1 (use another --out)")
     a = ap.parse_args()
     if not a.table_only:
         for name, recipe, extra in SUITES[a.suite]:
             if a.only and name not in a.only:
                 continue
-            run(a.suite, name, recipe, extra, a.out)
+            run(a.suite, name, recipe, extra, a.out, a.set)
     print(table(a.suite, a.out))
+    if a.check:
+        print(check(a.suite, a.out))
 
 
 if __name__ == "__main__":

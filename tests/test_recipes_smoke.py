@@ -1,7 +1,8 @@
 """Every shipped recipe, smoke-run end to end (train a few batches, evaluate, save, reload).
 
 A recipe that cannot run on this machine must say so at once with exit code 2: one that needs a
-network (a hub model or dataset with none installed locally) and QLoRA without a CUDA GPU. What a
+network (a hub model or dataset with none installed locally), QLoRA without a CUDA GPU, and a
+bitsandbytes optimizer without bitsandbytes (or, with no CUDA GPU, without its CPU kernels). What a
 recipe needs is read from the recipe itself, so recipes added later are covered with no edit here.
 Sizes are cut down (classification: batch 4, 32 tokens; causal LM: batch 2; a few rows): the smoke
 run checks the plumbing, not the accuracy. Marked `slow` (a few minutes in all on 2 CPU cores); the
@@ -62,10 +63,13 @@ def expected_refusal(r: dict) -> str | None:
             return "needs bitsandbytes"
     optimizer = (r.get("train") or {}).get("optimizer", "adamw")
     if optimizer in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
-        if not torch.cuda.is_available():
-            return "needs bitsandbytes with CUDA"
         if importlib.util.find_spec("bitsandbytes") is None:
             return "needs bitsandbytes"
+        if not torch.cuda.is_available():
+            from peftcli.optim import bnb_cpu_problem
+
+            if bnb_cpu_problem() is not None:
+                return "on CPU needs bitsandbytes' CPU optimizer kernels"
     name = model.get("name", "sentence-transformers/all-MiniLM-L6-v2")
     if not offline_model(name):
         return f"could not load model {name!r}"
