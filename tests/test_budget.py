@@ -214,7 +214,7 @@ def test_merge_dequantizes_to_a_plain_model(nf4_llama, tmp_path):
 
     from peftcli.build import attach_method
     from peftcli.methods.lora import LoraConfig, LoraLinear, merge
-    from peftcli.quant import dequantize_linear, dequantize_model, is_4bit
+    from peftcli.quant import dequantize_model, is_4bit
 
     m = nf4_llama
     arch, _ = attach_method(m, "lora", LoraConfig(r=4, targets=["q", "v", "ffn_out"]))
