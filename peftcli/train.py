@@ -139,6 +139,7 @@ def train(
     if finished is not None:
         return finished
     try:
+        s.train_model.train()  # dropout on: models come back from loading in evaluation mode
         with _progress(s) as (bar, update):
             update(bar, pos, None)
             while pos.step < s.total_steps:

@@ -211,3 +211,20 @@ def test_export_and_merge_check_shapes_against_the_recipe(finished, tmp_path):
         res = invoke(*cmd)
         assert res.exit_code == 2, res.output
         assert "shape" in res.output and not Path(cmd[2]).exists()
+
+
+def test_training_steps_run_in_training_mode(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+    # Models load in evaluation mode; a loop that forgot train() would silently train without dropout.
+    import peftcli.train as train_mod
+
+    modes = []
+    real = train_mod.compute_loss
+
+    def spy(s, batch):
+        modes.append(s.train_model.training)
+        return real(s, batch)
+
+    monkeypatch.setattr(train_mod, "compute_loss", spy)
+    res = invoke("train", _recipe(tmp_path, tiny_bert_dir, tiny_csv))
+    assert res.exit_code == 0, res.output
+    assert modes and all(modes)  # before and after every evaluation
