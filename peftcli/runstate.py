@@ -39,8 +39,6 @@ class Position:
     best: float | None = None
     window_loss: float = 0.0  # sum of micro-batch losses since the last metrics line
     window_n: int = 0
-    seen: int = 0  # examples trained on, all ranks (for samples/s only)
-    tokens: int = 0  # input tokens trained on (padding not counted), all ranks (for tokens/s only)
     last_eval: dict | None = None  # metrics of the latest evaluation (summary.json's `final`)
 
 

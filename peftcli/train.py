@@ -121,6 +121,10 @@ class Session:
     aside: Path | None = None  # a replaced run, kept until this run's first checkpoint
     trackers: Any = None  # rank 0's train.report_to trackers (peftcli.tracking.Trackers), once the run folder is open
     grad_norm: float | None = None  # of the latest optimizer step, when train.max_grad_norm computes it
+    # Examples and real tokens (all ranks) trained on by this process, since `started`: the rates'
+    # numerators. Not part of the Position, so a resumed run's rates count only its own work.
+    seen: int = 0
+    tokens: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -157,8 +161,8 @@ def train(
                     pos.step += 1
                     pos.window_loss += sum(losses)
                     pos.window_n += len(losses)
-                    pos.seen += sum(_examples_in(b) for b in group) * s.world
-                    pos.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
+                    s.seen += sum(_examples_in(b) for b in group) * s.world
+                    s.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
                     group = []
                     kill_point("step")
                     if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
@@ -574,8 +578,8 @@ def _close_trackers(s: Session) -> None:
 def log_train(s: Session, pos: Position) -> None:
     elapsed = time.perf_counter() - s.started
     record = {"step": pos.step, "epoch": pos.epoch, "loss": pos.window_loss / max(pos.window_n, 1),
-              "lr": s.scheduler.get_last_lr()[0], "samples_per_s": pos.seen / max(elapsed, 1e-9),
-              "tokens_per_s": pos.tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
+              "lr": s.scheduler.get_last_lr()[0], "samples_per_s": s.seen / max(elapsed, 1e-9),
+              "tokens_per_s": s.tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
     if s.grad_norm is not None:
         record["grad_norm"] = s.grad_norm
     log(s, record)
@@ -695,6 +699,6 @@ class _progress:
     def _update(self, task_id, pos: Position, loss: float | None) -> None:
         elapsed = max(time.perf_counter() - self.s.started, 1e-9)
         info = "" if loss is None else (
-            f"loss {loss:.4f} lr {self.s.scheduler.get_last_lr()[0]:.2e} {pos.seen / elapsed:.0f} samples/s "
-            f"{pos.tokens / elapsed:.0f} tokens/s")
+            f"loss {loss:.4f} lr {self.s.scheduler.get_last_lr()[0]:.2e} {self.s.seen / elapsed:.0f} samples/s "
+            f"{self.s.tokens / elapsed:.0f} tokens/s")
         self.bar.update(task_id, completed=pos.step, info=info)
