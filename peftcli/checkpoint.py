@@ -30,6 +30,7 @@ from torch import nn
 
 from . import __version__
 from .faults import kill_point
+from .runfolder import fsync_path, fsync_tree
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "meta.json"
@@ -74,25 +75,6 @@ def copy_into_params(params: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
             p.copy_(v.to(p.dtype))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
 
@@ -114,7 +96,7 @@ def atomic_dir_write(dest: Path, write) -> None:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,7 +106,7 @@ def atomic_dir_write(dest: Path, write) -> None:
         dest.rename(old)
     kill_point("save:old-moved")
     tmp.rename(dest)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     kill_point("save:renamed")
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -47,13 +47,9 @@ class UnsafePathError(ValueError):
 # ------------------------------------------------------------------------------ ownership
 
 
-def _is_temp(name: str) -> bool:
-    return _TEMP.fullmatch(name) is not None
-
-
 def is_temp_name(name: str) -> bool:
     """A name peftcli gives its temporary and moved-aside files and folders (never a user's)."""
-    return _is_temp(name)
+    return _TEMP.fullmatch(name) is not None
 
 
 def _is_run_entry(name: str) -> bool:
@@ -83,10 +79,10 @@ def foreign_entries(path: Path) -> list[str]:
     if marker is not None:
         listed = set(marker["entries"]) | {MARKER}
         run_like = marker["kind"] in RUN_KINDS
-        return [n for n in names if not (n in listed or _is_temp(n) or (run_like and _is_run_entry(n)))]
+        return [n for n in names if not (n in listed or is_temp_name(n) or (run_like and _is_run_entry(n)))]
     if "recipe.yaml" not in names:
         return names
-    return [n for n in names if not (_is_run_entry(n) or _is_temp(n))]
+    return [n for n in names if not (_is_run_entry(n) or is_temp_name(n))]
 
 
 def is_ours(path: Path) -> bool:
@@ -111,10 +107,10 @@ def write_marker(folder: Path, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")
     folder = Path(folder)
-    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not _is_temp(n))
+    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n))
     tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, folder / MARKER)
 
 
@@ -210,7 +206,7 @@ def _sibling(dest: Path, role: str, pid: int | None = None) -> Path:
     return dest.with_name(f".{dest.name}.peftcli-{role}-{os.getpid() if pid is None else pid}")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush one file or folder to disk; file systems that cannot fsync a folder are let be."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -224,11 +220,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` (before it is renamed into place)."""
     for dirpath, _, files in os.walk(root):
         for f in files:
-            _fsync(Path(dirpath) / f)
-        _fsync(Path(dirpath))
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
 
 
 def _remove(path: Path) -> None:
@@ -262,7 +259,7 @@ def replacing(dest: Path, *, kind: str) -> Iterator[Path]:
     try:
         yield tmp
         write_marker(tmp, kind)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if _occupied(dest) and not is_ours(dest):  # something moved in since the destination was checked
             raise UnsafePathError(f"{dest} now holds files peftcli did not write; refusing to replace it")
         aside = move_aside(dest)
@@ -275,7 +272,7 @@ def replacing(dest: Path, *, kind: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(dest.parent)
+    fsync_path(dest.parent)
     if aside is not None:
         discard_aside(aside)
 
@@ -363,5 +360,5 @@ def recover_stale(dest: Path) -> list[Path]:
 __all__ = [
     "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
     "foreign_entries", "is_ours", "local_inputs", "move_aside", "read_marker", "recover_stale", "replacing",
-    "restore_aside", "write_marker",
+    "restore_aside", "write_marker", "fsync_path", "fsync_tree", "is_temp_name",
 ]
