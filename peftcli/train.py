@@ -229,10 +229,11 @@ def set_up(
     from .methods import get_method
     from .optim import check_optimizer, optimizer_note
 
-    check_optimizer(tcfg.optimizer, device, get_method(recipe.method_name))
+    method_spec = get_method(recipe.method_name)
+    check_optimizer(tcfg.optimizer, device, method_spec)
     if (note := optimizer_note(tcfg.optimizer, device)) is not None:
         console.print(f"[yellow]{note}[/]")
-    if dist_mode == "fsdp" and get_method(recipe.method_name).optimizer is not None:
+    if dist_mode == "fsdp" and method_spec.optimizer is not None:
         raise RecipeError(recipe.source or "recipe", [
             f"train.distributed: fsdp shards each weight across ranks, but method {recipe.method_name}'s optimizer "
             "needs whole gradients (an SVD per weight); use train.distributed: ddp"])
@@ -273,7 +274,8 @@ def set_up(
     if smoke:
         train_ex, eval_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], eval_ex[:16]
     micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
-    if micro_per_epoch < tcfg.grad_accum or len(train_ex) < tcfg.batch_size * tcfg.grad_accum * world:
+    # Rows for one whole global batch also give every rank at least grad_accum micro-batches.
+    if len(train_ex) < tcfg.batch_size * tcfg.grad_accum * world:
         raise DataError(
             f"{recipe.source or 'recipe'}: {len(train_ex)} training rows cannot make one optimizer step of "
             f"train.batch_size {tcfg.batch_size} x train.grad_accum {tcfg.grad_accum} x {world} rank(s) = "
