@@ -12,7 +12,6 @@ experiment, and the metrics-log trim that keeps one curve per run after a crash.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,7 +251,3 @@ def trim_metrics(path: Path, step: int) -> int:
     if dropped:
         atomic_file_write(path, "".join(k + "\n" for k in kept))
     return dropped
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
