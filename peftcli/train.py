@@ -422,15 +422,12 @@ def _restore(s: Session, saved: Saved) -> Position:
 
 def _open_run_folder(s: Session, pos: Position, *, resumed: bool, saved_recipe: dict | None) -> None:
     """Rank 0: the run folder, with recipe.yaml written only now that every check has passed."""
-    if not resumed and s.run_dir.exists():
-        if any(s.run_dir.iterdir()):
-            s.aside = runfolder.move_aside(s.run_dir)  # removed at this run's first checkpoint
+    if not resumed and s.run_dir.exists() and any(s.run_dir.iterdir()):
+        s.aside = runfolder.move_aside(s.run_dir)  # removed at this run's first checkpoint
     s.run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = s.run_dir / "metrics.jsonl"
-    if resumed or pos.step == 0:
-        dropped = trim_metrics(metrics, pos.step) if metrics.exists() else 0
-        if dropped:
-            s.console.print(f"[dim]metrics.jsonl: {dropped} line(s) after the checkpoint dropped; they are re-run[/]")
+    # A resumed run re-runs what came after its checkpoint (all of it when it has none yet).
+    if dropped := trim_metrics(s.run_dir / "metrics.jsonl", pos.step):
+        s.console.print(f"[dim]metrics.jsonl: {dropped} line(s) after the checkpoint dropped; they are re-run[/]")
     if saved_recipe is None or saved_recipe != s.recipe.to_dict():
         atomic_file_write(s.run_dir / "recipe.yaml", recipe_yaml(s.recipe))
     runfolder.write_marker(s.run_dir, "run")
