@@ -72,6 +72,10 @@ def copy_into_params(params: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
             p = params[k]
             if p.shape != v.shape:
                 raise CheckpointError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(p.shape)} in the model")
+            if hasattr(p, "device_mesh"):  # an FSDP2 shard: cut the full tensor the same way
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
             p.copy_(v.to(p.dtype))
 
 

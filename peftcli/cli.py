@@ -164,35 +164,40 @@ def _train(r, *, resume: bool, smoke: bool) -> None:
     summary = run_train(r, resume=resume, smoke=smoke)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return
-    final = summary.get("final", {})
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
-    out.print(f"done in {summary['train_time_s']:.1f} s · {shown}")
+    val, test = summary.get("val", {}), summary.get("test", {})
+    metric = r.eval.metric
+    kept = f"step {summary['best']['step']}" + (f", val {metric} {val[metric]:.4f}" if metric in val else
+                                               " (no validation rows: the last)")
+    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept}")
     out.print(f"run saved to {r.run_dir()}")
-    if "accuracy" in final:
-        out.print(f"held-out accuracy: {100 * final['accuracy']:.2f} %")
+    if "accuracy" in test:
+        out.print(f"test accuracy: {100 * test['accuracy']:.2f} % ({summary['rows']['test']} held-out rows, scored once)")
+    elif test:
+        out.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     if smoke:
         from .build import pick_device
         from .evaluate import evaluate as run_eval
         from .pipeline import collator, load_run, prepare_data
 
         built, _ = load_run(r.run_dir(), pick_device("cpu"))
-        _, _, held = prepare_data(built.recipe, built.tokenizer)
+        _, _, _, held = prepare_data(built.recipe, built.tokenizer)
         m = run_eval(built.model, held[:16], collator(built.recipe, built.tokenizer), task=built.recipe.model.task,
                      device=pick_device("cpu"), num_labels=len(built.label_names or []) or None)
-        if abs(m["loss"] - final.get("loss", m["loss"])) > 1e-3:
-            raise RuntimeError(f"smoke: reloaded adapter gives eval loss {m['loss']:.5f}, trained model gave {final['loss']:.5f}")
+        if abs(m["loss"] - test.get("loss", m["loss"])) > 1e-3:
+            raise RuntimeError(f"smoke: reloaded adapter gives test loss {m['loss']:.5f}, trained model gave {test['loss']:.5f}")
         out.print(f"smoke ok: reloaded adapter reproduces eval loss {m['loss']:.4f}")
 
 
 # ---------------------------------------------------------------------------------------- eval
 
 
-@app.command("eval", epilog="Examples: `peftcli eval runs/lora-tweets --split eval` · "
+@app.command("eval", epilog="Examples: `peftcli eval runs/lora-tweets --split val` · "
              "`peftcli eval runs/lora-a runs/lora-b` (several runs of one base: each on its own split, in shared batches)")
 @handle_errors
 def eval_cmd(
     runs: Annotated[list[Path], typer.Argument(help="run folder(s) written by `peftcli train`; NAME=RUN names one")],
-    split: Annotated[str, typer.Option(help="'eval' (the recipe's held-out split), 'train', or a split name")] = "eval",
+    split: Annotated[str, typer.Option(
+        help="'test' (the recipe's held-out rows; 'eval' says the same), 'val', 'train', or a split name of the source")] = "test",
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
@@ -204,6 +209,7 @@ def eval_cmd(
     """
     from .core.quiet import quiet_command
 
+    split = "test" if split == "eval" else split
     with quiet_command(verbose):
         if len(runs) > 1:
             _eval_many(runs, split, limit, device)
@@ -211,18 +217,28 @@ def eval_cmd(
             _eval(runs[0], split, limit, device)
 
 
+def _split_examples(rec, tokenizer, split: str) -> list[dict]:
+    """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows."""
+    from .pipeline import prepare_data
+
+    if split not in ("test", "val", "train"):
+        rec.data.eval_split = split
+    _, train_ex, val, test = prepare_data(rec, tokenizer)
+    if split == "val" and not val:
+        raise UsageError("--split val: the run's recipe has no validation rows (data.val_fraction is 0); "
+                         "use --split test")
+    return {"train": train_ex, "val": val}.get(split, test)
+
+
 def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
     from .build import pick_device
     from .evaluate import evaluate, generation_eval
-    from .pipeline import collator, load_run, prepare_data
+    from .pipeline import collator, load_run
 
     dev = pick_device(device)
     built, meta = load_run(run, dev)
     rec = built.recipe
-    if split not in ("eval", "train"):
-        rec.data.eval_split = split
-    _, train_ex, held = prepare_data(rec, built.tokenizer)
-    examples = train_ex if split == "train" else held
+    examples = _split_examples(rec, built.tokenizer, split)
     if limit:
         examples = examples[:limit]
     m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
@@ -251,17 +267,13 @@ def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> 
     from .build import pick_device
     from .checkpoint import atomic_file_write
     from .multi import evaluate_runs, load_runs
-    from .pipeline import prepare_data
 
     dev = pick_device(device)
     multi = load_runs(runs, dev)
     examples: dict[str, list[dict]] = {}
     for name, a in multi.adapters.items():
         rec = a.recipe
-        if split not in ("eval", "train"):
-            rec.data.eval_split = split
-        _, train_ex, held = prepare_data(rec, multi.tokenizer)
-        examples[name] = (train_ex if split == "train" else held)[: limit or None]
+        examples[name] = _split_examples(rec, multi.tokenizer, split)[: limit or None]
     metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
     table = Table(title=f"{len(runs)} runs on {multi.base_name} · {split}")
     table.add_column("metric")
@@ -464,9 +476,10 @@ def _show_data(r) -> None:
     from .pipeline import pack_for_training, prepare_data
 
     tok = load_tokenizer(r.model.name)
-    splits, train_ex, held = prepare_data(r, tok)
+    splits, train_ex, val, test = prepare_data(r, tok)
     fmt = f"format {splits.format}" if splits.format else r.model.task
-    out.print(f"data: {len(train_ex)} train / {len(held)} eval examples · {fmt}", highlight=False, soft_wrap=True)
+    out.print(f"data: {len(train_ex)} train / {len(val)} val / {len(test)} test examples · {fmt}", highlight=False,
+              soft_wrap=True)
     if splits.malformed:
         out.print(f"[yellow]{escape(malformed_summary(splits.malformed))}; --strict refuses them[/]", highlight=False, soft_wrap=True)
     if r.model.task != "causal_lm":
@@ -692,9 +705,9 @@ def fuse(
         summary = run_fuse(r, resume=resume, smoke=smoke)
     except FusionError as e:
         raise UsageError(str(e)) from None
-    final = summary.get("final", {})
-    out.print(f"done in {summary['train_time_s']:.1f} s · " + ", ".join(
-        f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)))
+    test = summary.get("test", {})
+    out.print(f"done in {summary['train_time_s']:.1f} s · test " + ", ".join(
+        f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     att = summary["attention"]
     table = Table(title=f"mean fusion attention per source ({att['examples']} held-out examples, all layers)")
     table.add_column("source")

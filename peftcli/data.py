@@ -9,9 +9,11 @@ no network:
     tweets_instruct      the sentiment task as instruction data for causal LMs (prompt -> label word)
     tweets_chat          synthetic multi-turn chats about the same tweets (`messages` rows): see `tweets_chat_rows`
 
-The held-out split follows one rule for every source without an eval split: shuffle with
-random.Random(seed), hold out the LAST eval_size (or eval_fraction) rows, skip train_offset rows of
-the rest and train on the next train_size.
+Three splits. The held-out test rows follow one rule for every source without an eval split:
+shuffle with random.Random(seed) and hold out the LAST eval_size (or eval_fraction) rows. Of the
+rest (the training pool), the LAST val_size (or val_fraction) rows validate, unless the source has
+its own val_split; then skip train_offset rows and train on the next train_size. Taking validation
+from the end keeps a recipe's training rows the same whatever its validation size.
 
 Causal-LM rows come in five shapes (`data.format`, auto-detected from the columns by default):
 `messages` (role / content turns), ShareGPT `conversations` (from / value), alpaca
@@ -257,7 +259,8 @@ def _load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
 @dataclass
 class Splits:
     train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
+    eval: list[dict[str, Any]]  # the held-out test rows: scored once, never used to choose
+    val: list[dict[str, Any]]  # validation rows: every choice (best checkpoint, sweeps) is made on these
     label_names: list[str] | None
     format: str | None = None  # causal_lm: the row format in use
     # Rows left out as malformed: (split, data row number from 1, why); tokenize() adds the rows
@@ -382,11 +385,13 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
 
     if cfg.train_split not in table:
         raise DataError(f"data.train_split: {cfg.train_split!r} not in {cfg.source}; splits: {', '.join(table)}")
-    if cfg.eval_split is not None and cfg.eval_split not in table:
-        raise DataError(f"data.eval_split: {cfg.eval_split!r} not in {cfg.source}; splits: {', '.join(table)}")
+    for key, split in (("data.eval_split", cfg.eval_split), ("data.val_split", cfg.val_split)):
+        if split is not None and split not in table:
+            raise DataError(f"{key}: {split!r} not in {cfg.source}; splits: {', '.join(table)}")
     in_use = {cfg.train_split: table[cfg.train_split]}
-    if cfg.eval_split is not None:
-        in_use[cfg.eval_split] = table[cfg.eval_split]
+    for split in (cfg.eval_split, cfg.val_split):
+        if split is not None:
+            in_use[split] = table[split]
     if not in_use[cfg.train_split]:
         raise DataError(f"data: no training rows in {cfg.source}")
 
@@ -430,6 +435,18 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
         random.Random(cfg.seed).shuffle(allrows)
         n_eval = cfg.eval_size or max(1, int(len(allrows) * cfg.eval_fraction))
         held, train = allrows[-n_eval:], allrows[:-n_eval]
+    # Validation rows come off the END of the training pool, so that train_offset / train_size
+    # select the same training rows with or without them (and shipped recipes keep their rows).
+    if cfg.val_split is not None:
+        val = list(enumerate(table[cfg.val_split]))[: cfg.val_size or None]
+    else:
+        n_val = cfg.val_size or (max(1, int(len(train) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0)
+        if n_val >= len(train):
+            raise DataError(
+                f"data.val_size: {n_val} validation rows leave no training rows of {len(train)}; "
+                "lower data.val_size / data.val_fraction"
+            )
+        val, train = (train[len(train) - n_val :], train[: len(train) - n_val]) if n_val else ([], train)
     if cfg.train_offset:
         train = train[cfg.train_offset :]
     if cfg.train_size:
@@ -439,6 +456,7 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
     if task == "classification":
         train = [r for _, r in train if not _is_missing(r.get(label_col))]
         held = [r for _, r in held if not _is_missing(r.get(label_col))]
+        val = [r for _, r in val if not _is_missing(r.get(label_col))]
         assert label_names is not None
         name_to_id = {n: i for i, n in enumerate(label_names)}
 
@@ -452,7 +470,7 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
                 out["text_pair"] = r[cfg.text_pair_column]
             return out
 
-        train, held = [norm(r) for r in train], [norm(r) for r in held]
+        train, held, val = [norm(r) for r in train], [norm(r) for r in held], [norm(r) for r in val]
     malformed: list[tuple[str, int, str]] = []
     if task != "classification":
         assert fmt is not None
@@ -469,10 +487,11 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
             return out
 
         train, held = norm_lm(train, cfg.train_split), norm_lm(held, held_split)
+        val = norm_lm(val, cfg.val_split or cfg.train_split)
     if not train:
         raise DataError(f"data: no training rows in {cfg.source}"
                         + (f" ({malformed_summary(malformed)})" if malformed else ""))
-    return Splits(train=train, eval=held, label_names=label_names, format=fmt, malformed=malformed)
+    return Splits(train=train, eval=held, val=val, label_names=label_names, format=fmt, malformed=malformed)
 
 
 def malformed_summary(malformed: list[tuple[str, int, str]], show: int = 5) -> str:

@@ -328,6 +328,16 @@ def load_resume_weights(last: Path, model, spec, arch, recipe):
     return saved
 
 
+def load_kept_weights(folder: Path, model, spec, arch, recipe) -> None:
+    """All ranks: load a saved adapter into the live model (wrapped or sharded) in place, so the
+    test rows are scored with the adapter validation chose rather than the last weights."""
+    from .checkpoint import load_adapter_state
+
+    _reshard(model)
+    sd, _ = read_adapter(folder)
+    load_adapter_state(model, spec, arch, recipe.method, sd)
+
+
 def micro_in_epoch(saved_micro: int, saved_batch: int, saved_world: int, *, batch_size: int) -> int:
     """The micro-batch to continue at, for this world size and batch size.
 

@@ -122,23 +122,25 @@ def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_
     )
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict]]:
-    """Tokenized training and held-out examples (unpacked: `pack_for_training` packs them).
+def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict], list[dict]]:
+    """Tokenized training, validation and held-out test examples (unpacked: `pack_for_training`
+    packs them).
 
     Malformed rows are left out and listed in `splits.malformed`; with data.strict they are refused.
     """
     cfg = recipe.data
     splits = load_splits(cfg, recipe.model.task, recipe.model.num_labels)
-    train = tokenize(splits.train, tokenizer, recipe.model.task, cfg, split=cfg.train_split,
-                     malformed=splits.malformed)
-    held = tokenize(splits.eval, tokenizer, recipe.model.task, cfg, split=cfg.eval_split or cfg.train_split,
+    task = recipe.model.task
+    train = tokenize(splits.train, tokenizer, task, cfg, split=cfg.train_split, malformed=splits.malformed)
+    val = tokenize(splits.val, tokenizer, task, cfg, split=cfg.val_split or cfg.train_split, malformed=splits.malformed)
+    test = tokenize(splits.eval, tokenizer, task, cfg, split=cfg.eval_split or cfg.train_split,
                     malformed=splits.malformed)
     if splits.malformed and cfg.strict:
         raise DataError(f"data.strict: {cfg.source}: {malformed_summary(splits.malformed).replace(' skipped', '')}; "
                         "fix or remove those rows, or set data.strict: false to skip them")
     if not train:
         raise DataError(f"data: no training rows left in {cfg.source} ({malformed_summary(splits.malformed)})")
-    return splits, train, held
+    return splits, train, val, test
 
 
 def pack_for_training(recipe: Recipe, train: list[dict]) -> list[dict]:

@@ -15,8 +15,8 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if "eval" in rec:
-            evals.append(rec)
+        if "val" in rec or "eval" in rec:  # "eval": runs written before the validation split
+            evals.append({**rec, "eval": rec.get("val", rec.get("eval"))})
         elif "loss" in rec:
             train.append(rec)
     return train, evals
@@ -37,7 +37,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{label} train")
         if evals:
             ax_loss.plot([r["step"] for r in evals], [r["eval"]["loss"] for r in evals], "--o", ms=3,
-                         label=f"{label} eval")
+                         label=f"{label} val")
             eval_key = next((k for k in ("accuracy", "generate_accuracy", "perplexity") if k in evals[0]["eval"]), "loss")
             ax_eval.plot([r["step"] for r in evals], [r["eval"][eval_key] for r in evals], "-o", ms=3, label=label)
     ax_loss.set_xlabel("optimizer step")
@@ -46,7 +46,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     ax_loss.legend(fontsize=7)
     ax_eval.set_xlabel("optimizer step")
     ax_eval.set_ylabel(eval_key or "eval")
-    ax_eval.set_title(f"evaluation {eval_key or ''}")
+    ax_eval.set_title(f"validation {eval_key or ''}")
     if eval_key:
         ax_eval.legend(fontsize=7)
     fig.tight_layout()

@@ -66,13 +66,23 @@ class DataConfig:
     )
     config_name: str | None = opt(None, "hub dataset configuration, e.g. sst2 for glue")
     train_split: str = opt("train", "split to train on")
-    eval_split: str | None = opt(None, "split to evaluate on; null = hold out eval_fraction of train")
-    eval_fraction: float = opt(0.2, "fraction held out when eval_split is null", min=0.0, max=0.9)
+    eval_split: str | None = opt(
+        None, "split of held-out test rows, scored once at the end; null = hold out eval_fraction of train_split"
+    )
+    eval_fraction: float = opt(0.2, "fraction held out as test rows when eval_split is null", min=0.0, max=0.9)
+    val_split: str | None = opt(
+        None, "split whose rows choose the best checkpoint; null = carve val_size / val_fraction from the training rows"
+    )
+    val_fraction: float = opt(
+        0.1, "fraction of the training rows (after the shuffle, before train_offset) kept for validation; "
+        "0 = no validation: the last checkpoint is kept", min=0.0, max=0.9,
+    )
+    val_size: int | None = opt(None, "validation rows (overrides val_fraction); the LAST rows of the training pool", min=1)
     train_offset: int = opt(
         0, "skip the first N training rows (after the seeded shuffle): keeps a source task's rows apart from a target's", min=0
     )
     train_size: int | None = opt(None, "use the first N training rows (after the seeded shuffle and offset)", min=1)
-    eval_size: int | None = opt(None, "use the last N held-out rows", min=1)
+    eval_size: int | None = opt(None, "use the last N held-out test rows", min=1)
     seed: int = opt(0, "seed of the shuffle that splits and subsamples the data")
     text_column: str = opt("text", "input text column")
     text_pair_column: str | None = opt(None, "second text column for pair tasks")

@@ -38,7 +38,9 @@ class Position:
     best: float | None = None
     window_loss: float = 0.0  # sum of micro-batch losses since the last metrics line
     window_n: int = 0
-    last_eval: dict | None = None  # metrics of the latest evaluation (summary.json's `final`)
+    last_eval: dict | None = None  # validation metrics of the latest evaluation
+    best_step: int | None = None  # step of the kept adapter (`adapter/`)
+    best_eval: dict | None = None  # its validation metrics (summary.json's `val`)
 
 
 class ResumeError(ValueError):
@@ -244,7 +246,9 @@ def trim_metrics(path: Path, step: int) -> int:
         except ValueError:
             dropped += 1
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step and "error" not in rec:
+        # The test score is written after the last checkpoint, by the finish a resume repeats.
+        if (isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
+                and "error" not in rec and "test" not in rec):
             kept.append(line)
         else:
             dropped += 1

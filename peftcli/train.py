@@ -36,6 +36,7 @@ from .fast import compile_layers, trim_unread_positions
 from .faults import kill_point
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .optim import build_optimizer
+from .packing import packed_rows
 from .pipeline import build, collator, pack_for_training, prepare_data
 from .recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
 from .runstate import (
@@ -99,7 +100,8 @@ class Session:
     tokenizer: Any
     label_names: list[str] | None
     train_ex: list[dict]
-    eval_ex: list[dict]
+    val_ex: list[dict]  # choose the best checkpoint; empty = no validation, the last checkpoint is kept
+    test_ex: list[dict]  # the held-out rows: scored once, in `finish`, with the kept adapter
     collate: Any
     model: torch.nn.Module
     train_model: torch.nn.Module  # the model, or its DDP wrapper
@@ -265,14 +267,14 @@ def set_up(
     from .models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name)
-    splits, train_ex, eval_ex = prepare_data(recipe, tokenizer)
+    splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer)
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
                       "--strict refuses them[/]")
     n_examples = len(train_ex)
     train_ex = pack_for_training(recipe, train_ex)
     if smoke:
-        train_ex, eval_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], eval_ex[:16]
+        train_ex, val_ex, test_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], val_ex[:16], test_ex[:16]
     micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
     # Rows for one whole global batch also give every rank at least grad_accum micro-batches.
     if len(train_ex) < tcfg.batch_size * tcfg.grad_accum * world:
@@ -280,14 +282,16 @@ def set_up(
             f"{recipe.source or 'recipe'}: {len(train_ex)} training rows cannot make one optimizer step of "
             f"train.batch_size {tcfg.batch_size} x train.grad_accum {tcfg.grad_accum} x {world} rank(s) = "
             f"{tcfg.batch_size * tcfg.grad_accum * world} rows; lower train.batch_size or train.grad_accum, "
-            "or use more data (data.train_size / data.eval_fraction)"
+            "or use more data (data.train_size / data.eval_fraction / data.val_fraction)"
         )
     built = build(recipe, device, label_names=splits.label_names)
     model, arch, spec = built.model, built.arch, built.spec
     if recipe.data.packing:
-        from .packing import check_packing
+        from .packing import check_packing, use_packed_attention
 
-        check_packing(model, device, f"{model.config.model_type} ({recipe.model.name}) with method {spec.name}")
+        what = f"{model.config.model_type} ({recipe.model.name}) with method {spec.name}"
+        if not use_packed_attention(model, device, what):
+            check_packing(model, device, what)
     # Speed-ups that leave results unchanged (see peftcli/fast.py for why each is exact).
     trim_unread_positions(model, arch, spec.positionwise, task)
     if tcfg.compile and device.type == "cuda":
@@ -323,7 +327,8 @@ def set_up(
 
     s = Session(
         recipe=recipe, run_dir=run_dir, console=console, rank=rank, world=world, dist_mode=dist_mode, device=device,
-        tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, eval_ex=eval_ex,
+        tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, val_ex=val_ex,
+        test_ex=test_ex,
         collate=collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
         trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, drop_rng=random.Random(tcfg.seed),
         lisa_active=None,
@@ -337,7 +342,7 @@ def set_up(
         f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
         f"{budget['total']:,} ({budget['percent']:.3f} %) · "
         + (f"{n_examples} train in {len(train_ex)} packed rows" if recipe.data.packing else f"{len(train_ex)} train")
-        + f" / {len(eval_ex)} eval · {device}"
+        + f" / {len(val_ex)} val / {len(test_ex)} test · {device}"
         + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
     )
 
@@ -447,7 +452,7 @@ def _restore_replaced(s: Session) -> None:
 def compute_loss(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The training loss of one micro-batch (plus the method's own term, e.g. fusion's)."""
     inputs = forward_inputs(batch, s.recipe.model.task)
-    with autocast_ctx(s.device, s.recipe.train.precision):
+    with autocast_ctx(s.device, s.recipe.train.precision), packed_rows("position_ids" in batch):
         if s.loss_kind == "classification":
             out = s.train_model(**inputs)
             loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
@@ -585,35 +590,40 @@ def log_train(s: Session, pos: Position) -> None:
     pos.window_loss, pos.window_n = 0.0, 0
 
 
-def run_eval(s: Session) -> dict[str, Any]:
+def run_eval(s: Session, examples: list[dict]) -> dict[str, Any]:
     if s.recipe.train.drop_layers:  # evaluate (and save) the whole model, not the last step's random drop
         set_dropped_layers(s.model, s.arch, ())
     m = evaluate(
-        s.model, s.eval_ex, s.collate, task=s.recipe.model.task, device=s.device, batch_size=s.recipe.eval.batch_size,
+        s.model, examples, s.collate, task=s.recipe.model.task, device=s.device, batch_size=s.recipe.eval.batch_size,
         precision=s.recipe.train.precision, num_labels=len(s.label_names or []) or None,
     )
-    if (s.recipe.model.task == "causal_lm" and s.recipe.eval.generate_accuracy and s.eval_ex
-            and "prompt_len" in s.eval_ex[0]):
-        g, _ = generation_eval(s.model, s.arch, s.tokenizer, s.eval_ex, device=s.device,
+    if (s.recipe.model.task == "causal_lm" and s.recipe.eval.generate_accuracy and examples
+            and "prompt_len" in examples[0]):
+        g, _ = generation_eval(s.model, s.arch, s.tokenizer, examples, device=s.device,
                                max_new_tokens=s.recipe.eval.max_new_tokens, limit=None)
         m.update(g)
     return m
 
 
 def evaluate_and_save(s: Session, pos: Position) -> None:
-    """Evaluate; save the best adapter and the `last` checkpoint (in that order: `last` says
-    which best it has seen)."""
-    m = run_eval(s)
-    log(s, {"step": pos.step, "epoch": pos.epoch, "eval": m, "elapsed_s": time.perf_counter() - s.started})
-    if not math.isfinite(m["loss"]):
-        raise NonFiniteError(f"evaluation loss became NaN or infinite ({m['loss']}) at step {pos.step}")
-    s.console.print(f"step {pos.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-    pos.last_eval = m
+    """Evaluate on the validation rows; save the best adapter and the `last` checkpoint (in that
+    order: `last` says which best it has seen). Without validation rows nothing is chosen: the
+    adapter is the latest weights. The test rows are never looked at here."""
     metric = s.recipe.eval.metric
-    # Rank 0 decides: a last-bit difference in a rank's eval must not send only some ranks into
-    # save()'s collectives.
-    if metric in m and dist_utils.rank0_decides(better(metric, m[metric], pos.best)):
-        pos.best = m[metric]
+    if s.val_ex:
+        m = run_eval(s, s.val_ex)
+        log(s, {"step": pos.step, "epoch": pos.epoch, "val": m, "elapsed_s": time.perf_counter() - s.started})
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteError(f"validation loss became NaN or infinite ({m['loss']}) at step {pos.step}")
+        s.console.print(f"step {pos.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+        pos.last_eval = m
+        # Rank 0 decides: a last-bit difference in a rank's eval must not send only some ranks into
+        # save()'s collectives.
+        if metric in m and dist_utils.rank0_decides(better(metric, m[metric], pos.best)):
+            pos.best, pos.best_step, pos.best_eval = m[metric], pos.step, m
+            save_checkpoint(s, "adapter", None)
+    else:
+        pos.best_step = pos.step
         save_checkpoint(s, "adapter", None)
     save_checkpoint(s, "last", pos)
     if s.aside is not None and s.is_main:
@@ -646,17 +656,34 @@ def save_checkpoint(s: Session, dest: str, pos: Position | None) -> None:
 
 
 def finish(s: Session, pos: Position) -> dict[str, Any]:
-    """The best adapter (if no evaluation chose one), samples, summary.json and the curves."""
+    """Score the kept adapter on the test rows (once), then samples, summary.json and the curves."""
     if not dist_utils.rank0_decides((s.run_dir / "adapter").exists()):
         save_checkpoint(s, "adapter", None)
+        pos.best_step = pos.step
+    if pos.best_step is not None and pos.best_step != pos.step:
+        # The kept adapter is an earlier one: score it, not the last weights.
+        with _lisa_whole(s):
+            dist_utils.load_kept_weights(s.run_dir / "adapter", s.model, s.spec, s.arch, s.recipe)
+    test = run_eval(s, s.test_ex) if s.test_ex else {}
+    if test:
+        log(s, {"step": pos.step, "epoch": pos.epoch, "test": test, "kept_step": pos.best_step or pos.step,
+                "elapsed_s": time.perf_counter() - s.started})
+        s.console.print("test (held-out, scored once): "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     metric = s.recipe.eval.metric
-    summary = {"final": pos.last_eval or {}, "best": {metric: pos.best}, "train_time_s": time.perf_counter() - s.started,
-               "steps": pos.step, "trainable": s.budget["trainable"], "total": s.budget["total"]}
+    summary = {
+        "val": pos.best_eval or {}, "test": test,
+        "best": {metric: pos.best, "step": pos.best_step or pos.step},
+        "rows": {"train": len(s.train_ex), "val": len(s.val_ex), "test": len(s.test_ex)},
+        "train_time_s": time.perf_counter() - s.started, "steps": pos.step,
+        "trainable": s.budget["trainable"], "total": s.budget["total"],
+        "versions": versions(), "recipe_sha256": recipe_hash(s.recipe),
+    }
     task = s.recipe.model.task
-    show_samples = task == "causal_lm" and s.recipe.eval.generate_samples and s.eval_ex and "prompt_len" in s.eval_ex[0]
+    show_samples = task == "causal_lm" and s.recipe.eval.generate_samples and s.test_ex and "prompt_len" in s.test_ex[0]
     if show_samples and (s.is_main or s.dist_mode == "fsdp"):  # FSDP: every rank runs the sharded forward
         _, samples = generation_eval(
-            s.model, s.arch, s.tokenizer, s.eval_ex, device=s.device,
+            s.model, s.arch, s.tokenizer, s.test_ex, device=s.device,
             max_new_tokens=s.recipe.eval.max_new_tokens, limit=s.recipe.eval.generate_samples,
         )
         for smp in samples:
@@ -674,6 +701,30 @@ def finish(s: Session, pos: Position) -> dict[str, Any]:
     _close_trackers(s)
     dist_utils.shutdown()
     return summary
+
+
+def versions() -> dict[str, str]:
+    """What a figure depends on besides the recipe: two runs agree only on the same versions."""
+    import platform
+
+    import transformers
+
+    from . import __version__
+
+    return {"peftcli": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """SHA-256 of the resolved recipe (every key, defaults included, canonical JSON) less what
+    cannot change a number: where the run is written and whether a progress bar is drawn. Two
+    runs with one hash and one `versions` should agree to the last digit."""
+    import hashlib
+
+    d = recipe.to_dict()
+    d.pop("output")
+    d["train"].pop("progress")
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _progress:

@@ -149,7 +149,7 @@ def table(suite: str, out: Path) -> str:
         rec = json.loads(rec_path.read_text())
         state = optimizer_bytes(folder)
         full_state = full_state or state
-        metric = s["final"][key]
+        metric = s["test"][key]
         shown = f"{metric:.4f}" if key == "loss" else f"{100 * metric:.2f} %"
         lines.append(f"| {name} | {shown} | {s['trainable']:,} | {state / 2**20:.1f} MiB | "
                      f"{100 * state / full_state:.1f} % | {rec['peak_rss_mib']:.0f} MiB | {rec['wall_s']:.0f} s |")

@@ -414,7 +414,7 @@ def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict
     last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
     return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') else 'examples'}",
             "steps": summary["steps"], "tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"],
-            "eval_loss": summary["final"]["loss"]}
+            "eval_loss": summary["test"]["loss"]}
 
 
 def run_hf_trainer_sft(args, out: Path, batch_size: int, train_ex: list[dict], eval_ex: list[dict]) -> dict:
@@ -470,7 +470,7 @@ def cpu_sft(args) -> int:
     with quiet_command():
         args.model = tiny_smollm2(out) if args.tiny else SMOLLM2
         tok = load_tokenizer(args.model)
-        _, train_ex, eval_ex = prepare_data(sft_recipe(args, out, "padded", args.batch), tok)
+        _, train_ex, _, eval_ex = prepare_data(sft_recipe(args, out, "padded", args.batch), tok)
         mean_len = sum(len(e["input_ids"]) for e in train_ex) / len(train_ex)
         rows = max(1, round(args.batch * mean_len / args.max_length))
         results = []

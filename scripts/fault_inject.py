@@ -207,9 +207,9 @@ def make_reference(recipe: Path, run: Path) -> Reference:
     att = run_once(recipe, run, run.parent / "reference.log", resume=False)
     if att.status != 0:
         raise RuntimeError(f"the reference run failed (exit {att.status}); see {run.parent / 'reference.log'}")
-    steps, evals = _records(run)
+    steps, evals, tests = _records(run)
     n_steps = json.loads((run / "summary.json").read_text())["steps"]
-    events = {"steps": n_steps, "saves": 2 * len(evals) + 1, "records": len(steps) + len(evals)}
+    events = {"steps": n_steps, "saves": 2 * len(evals) + 1, "records": len(steps) + len(evals) + len(tests)}
     # The window a timer aims at: after summary.json the process only prints and exits (which, on
     # a loaded machine, can take longer than the training of a tiny recipe).
     started = att.started_s if att.started_s is not None else 0.0
@@ -220,12 +220,12 @@ def make_reference(recipe: Path, run: Path) -> Reference:
 # ------------------------------------------------------------------------------------ checks
 
 
-def _records(run: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, eval records) of metrics.jsonl, in file order, timings removed."""
-    steps, evals = [], []
+def _records(run: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(step records, validation records, test records) of metrics.jsonl, in file order, timings removed."""
+    steps, evals, tests = [], [], []
     path = run / "metrics.jsonl"
     if not path.exists():
-        return steps, evals
+        return steps, evals, tests
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -235,8 +235,8 @@ def _records(run: Path) -> tuple[list[dict], list[dict]]:
             steps.append({"step": None, "torn": line[:40]})
             continue
         r = {k: v for k, v in r.items() if k not in TIMING_FIELDS}
-        (evals if "eval" in r else steps).append(r)
-    return steps, evals
+        (tests if "test" in r else evals if ("val" in r or "eval" in r) else steps).append(r)
+    return steps, evals, tests
 
 
 def compare_adapters(ref: Path, run: Path) -> list[str]:
@@ -262,7 +262,7 @@ def compare_adapters(ref: Path, run: Path) -> list[str]:
 def compare_metrics(ref: Path, run: Path) -> list[str]:
     """Records the run lacks, repeats, adds or changes, against the reference's."""
     problems = []
-    for kind, r_recs, t_recs in zip(("step", "eval"), _records(ref), _records(run), strict=True):
+    for kind, r_recs, t_recs in zip(("step", "val", "test"), _records(ref), _records(run), strict=True):
         r_steps = [r["step"] for r in r_recs]
         t_steps = [r.get("step") for r in t_recs]
         dup = sorted({s for s in t_steps if t_steps.count(s) > 1}, key=str)

@@ -53,7 +53,7 @@ def _trained_text(tok, ex: dict) -> str:
 ])
 def test_conversations_train_every_assistant_turn_and_nothing_else(tmp_path, smol_tok, shape, fmt):
     src = _jsonl(tmp_path / "d.jsonl", [shape] * 4)
-    splits, train, _ = prepare_data(_recipe(src), smol_tok)
+    splits, train, _, _ = prepare_data(_recipe(src), smol_tok)
     assert splits.format == fmt
     # SmolLM2's template has no {% generation %} markers: the turns are found by incremental rendering.
     assert "{% generation %}" not in smol_tok.chat_template
@@ -64,14 +64,14 @@ def test_conversations_train_every_assistant_turn_and_nothing_else(tmp_path, smo
 
 def test_alpaca_prompt_response_and_text_are_detected(tmp_path, smol_tok):
     alp = _jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}] * 3)
-    splits, train, _ = prepare_data(_recipe(alp), smol_tok)
+    splits, train, _, _ = prepare_data(_recipe(alp), smol_tok)
     assert splits.format == "alpaca" and _trained_text(smol_tok, train[0]) == "5<|im_end|>"
     assert "Add\n\n2 and 3" in smol_tok.decode(train[0]["input_ids"])
     txt = _jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}] * 3)
-    splits, train, _ = prepare_data(_recipe(txt), smol_tok)
+    splits, train, _, _ = prepare_data(_recipe(txt), smol_tok)
     assert splits.format == "text" and all(y != IGNORE for y in train[0]["labels"])
     pr = _jsonl(tmp_path / "p.jsonl", [{"q": "Say hi", "a": "hi"}] * 3)
-    splits, train, _ = prepare_data(_recipe(pr, prompt_column="q", response_column="a"), smol_tok)
+    splits, train, _, _ = prepare_data(_recipe(pr, prompt_column="q", response_column="a"), smol_tok)
     assert splits.format == "prompt_response" and _trained_text(smol_tok, train[0]) == "hi<|im_end|>"
 
 
@@ -87,7 +87,7 @@ def test_a_template_without_markers_of_another_layout_masks_correctly(smol_tok):
 def test_tokenizer_without_a_template_uses_chatml(tmp_path, tiny_gpt2_dir):
     src = _jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}] * 3)
     tok = load_tokenizer(str(tiny_gpt2_dir))
-    _, train, _ = prepare_data(_recipe(src, model=str(tiny_gpt2_dir)), tok)
+    _, train, _, _ = prepare_data(_recipe(src, model=str(tiny_gpt2_dir)), tok)
     trained = _trained_text(tok, train[0]).replace(" ", "")
     assert trained.startswith("positive<") and "ilove" in trained and "rain" not in trained
 
@@ -109,12 +109,12 @@ NO_TOOLS = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_excepti
 def test_malformed_rows_are_counted_by_row_number_and_strict_refuses_them(tmp_path, smol_tok, monkeypatch):
     src = _jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
     monkeypatch.setattr(smol_tok, "chat_template", NO_TOOLS)
-    splits, train, held = prepare_data(_recipe(src, eval_size=None, eval_fraction=0.2), smol_tok)
+    splits, train, val, held = prepare_data(_recipe(src, eval_size=None, eval_fraction=0.2), smol_tok)
     bad = {row: why for _, row, why in splits.malformed}
     assert set(bad) == {2, 3, 5, 6}
     assert "unknown role 'bot'" in bad[2] and bad[3] == "empty conversation"
     assert "no assistant turn" in bad[5] and "no tool role" in bad[6]
-    assert len(train) + len(held) == 3
+    assert len(train) + len(val) + len(held) == 3
     with pytest.raises(DataError, match=r"data\.strict: .*4 malformed rows: .*row 2 \(turn 1: unknown role 'bot'"):
         prepare_data(_recipe(src, strict=True), smol_tok)
 

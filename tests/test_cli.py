@@ -42,7 +42,8 @@ def test_train_writes_run(trained_run):
     assert meta["method"] == "lora" and meta["label_names"] == ["negative", "positive"]
     assert meta["trainable"] < meta["total"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval" in x for x in lines) and any("samples_per_s" in x for x in lines)
+    assert any("val" in x for x in lines) and any("samples_per_s" in x for x in lines)
+    assert sum("test" in x for x in lines) == 1  # the test rows are scored once, at the end
     # only adapter tensors saved (LoRA + head), never the frozen base
     from safetensors.torch import load_file
 
@@ -54,11 +55,14 @@ def test_eval_matches_training_metrics(trained_run):
     _, _, run = trained_run
     res = invoke("eval", run)
     assert res.exit_code == 0, res.output
-    m = json.loads((run / "eval_eval.json").read_text())
+    m = json.loads((run / "eval_test.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert m["examples"] == 12
-    best = summary["best"]["accuracy"]
-    assert abs(m["accuracy"] - best) < 1e-9
+    assert abs(m["accuracy"] - summary["test"]["accuracy"]) < 1e-9
+    res = invoke("eval", run, "--split", "val")
+    assert res.exit_code == 0, res.output
+    v = json.loads((run / "eval_val.json").read_text())
+    assert abs(v["accuracy"] - summary["val"]["accuracy"]) < 1e-9 and v["examples"] == summary["rows"]["val"]
 
 
 def test_merge_exact_and_loadable(trained_run, tmp_path):

@@ -107,8 +107,10 @@ def _curve(run: Path) -> tuple[dict[int, float], dict[int, float]]:
     train_loss, eval_loss = {}, {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if "eval" in r:
-            eval_loss[r["step"]] = r["eval"]["loss"]
+        if "val" in r:
+            eval_loss[r["step"]] = r["val"]["loss"]
+        elif "test" in r:
+            continue
         elif "loss" in r:
             train_loss[r["step"]] = r["loss"]
     return train_loss, eval_loss

@@ -117,7 +117,7 @@ def test_robust_training_drops_each_step_and_evaluates_the_whole_model(robust_ru
     best = json.loads((run / "summary.json").read_text())["best"]["accuracy"]
     evals = [json.loads(x)["eval"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     saved = next(e for e in evals if e["accuracy"] == best)  # the first eval reaching the best is the saved one
-    got = json.loads((run / "eval_eval.json").read_text())
+    got = json.loads((run / "eval_test.json").read_text())
     assert abs(got["loss"] - saved["loss"]) < 1e-6
 
 
@@ -138,7 +138,7 @@ def test_drop_command_writes_a_run_that_reloads_dropped(robust_run, tmp_path):
     assert meta["drop"]["from"] == str(run)
     res = runner.invoke(app, ["eval", str(out)])
     assert res.exit_code == 0, res.output
-    assert abs(json.loads((out / "eval_eval.json").read_text())["loss"] - rep["after"]["loss"]) < 1e-6
+    assert abs(json.loads((out / "eval_test.json").read_text())["loss"] - rep["after"]["loss"]) < 1e-6
     # dropping again from the dropped run accumulates
     res = runner.invoke(app, ["drop", str(out), "--layers", "1", "--out", str(tmp_path / "both")])
     assert res.exit_code == 0, res.output

@@ -285,7 +285,7 @@ def test_eval_on_a_fused_run_without_its_sources(fused_run, tmp_path):
         for m, r in zip(moved, runs, strict=True):
             shutil.move(m, str(r))
     assert res.exit_code == 0, res.output
-    m = json.loads((run / "eval_eval.json").read_text())
+    m = json.loads((run / "eval_test.json").read_text())
     assert abs(m["accuracy"] - summary["best"]["accuracy"]) < 1e-9
 
 
@@ -299,7 +299,7 @@ def test_drop_prune_fusion_writes_a_run_that_eval_reloads(fused_run, tmp_path):
     assert {"accuracy", "examples_per_s"} <= set(rep["after"])
     res = runner.invoke(app, ["eval", str(out)])
     assert res.exit_code == 0, res.output
-    assert abs(json.loads((out / "eval_eval.json").read_text())["loss"] - rep["after"]["loss"]) < 1e-6
+    assert abs(json.loads((out / "eval_test.json").read_text())["loss"] - rep["after"]["loss"]) < 1e-6
 
 
 def test_fuse_refuses_sources_of_another_base_model(fused_run, tmp_path, tiny_bert_dir):

@@ -127,11 +127,11 @@ def test_mixed_encoder_rows_equal_single_adapter(encoder_runs):
 def test_mixed_eval_equals_each_run_alone(encoder_runs):
     res = CliRunner().invoke(app, ["eval", *(str(r) for r in encoder_runs.values()), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    mixed = {n: json.loads((r / "eval_eval.json").read_text()) for n, r in encoder_runs.items()}
+    mixed = {n: json.loads((r / "eval_test.json").read_text()) for n, r in encoder_runs.items()}
     for name in ("b", "e"):
         res = CliRunner().invoke(app, ["eval", str(encoder_runs[name]), "--device", "cpu"])
         assert res.exit_code == 0, res.output
-        alone = json.loads((encoder_runs[name] / "eval_eval.json").read_text())
+        alone = json.loads((encoder_runs[name] / "eval_test.json").read_text())
         assert alone["examples"] == mixed[name]["examples"] == 12
         assert alone["accuracy"] == mixed[name]["accuracy"] and alone["f1"] == mixed[name]["f1"]
         assert abs(alone["loss"] - mixed[name]["loss"]) < 1e-5

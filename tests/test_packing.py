@@ -20,7 +20,7 @@ from peftcli.build import attach_method
 from peftcli.core.precision import forward_inputs
 from peftcli.data import IGNORE, Collator, DataError, batches, pack
 from peftcli.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
-from peftcli.packing import check_packing
+from peftcli.packing import check_packing, packed_rows, use_packed_attention
 from peftcli.registry import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +45,20 @@ def _loss(model, batch: dict, head: str | None = None) -> torch.Tensor:
         return chunked_causal_lm_loss(model(**forward_inputs(batch, "causal_lm")).logits, h, batch["labels"])[0]
 
 
+@pytest.mark.parametrize("per_example", [False, True], ids=["masked", "per-example"])
 @pytest.mark.parametrize("kind,head", [("llama", "lm_head"), ("gpt2", "lm_head"), ("llama", None), ("gpt2", None)])
-def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(kind, head):
+def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(kind, head, per_example, monkeypatch):
     model = tiny_model(kind, "causal_lm").float()
+    causal_calls = []
+    if per_example:  # the CPU path train uses: attention split at each example, where the model allows
+        assert use_packed_attention(model, torch.device("cpu"), kind)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def counting(*args, **kwargs):
+            causal_calls.append(kwargs.get("is_causal"))
+            return sdpa(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     attach_method(model, "lora", get_method("lora").config_cls(r=4, targets=["q", "v"]))
     for p in model.parameters():
         if p.requires_grad:
@@ -64,7 +75,11 @@ def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(kind, 
         return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     unpacked, g_unpacked = loss_and_grads(collate(ex))  # one padded batch: its mean is token-weighted
-    packed, g_packed = loss_and_grads(collate(rows))
+    causal_calls.clear()
+    with packed_rows():
+        packed, g_packed = loss_and_grads(collate(rows))
+    if per_example and kind == "llama":  # one causal call per example (and pad run) per layer
+        assert causal_calls.count(True) >= 2 * len(ex)
     assert abs(packed - unpacked) < 1e-5
     for a, b in zip(g_packed, g_unpacked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -142,7 +157,7 @@ def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", **train) -> 
 
 def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss": ' in x
-            and '"eval"' not in x]
+            and '"val"' not in x and '"test"' not in x]
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["packing", "group_by_length"])
@@ -195,7 +210,8 @@ def test_tensorboard_gets_the_metrics_and_the_recipe(tracked_run):
     acc = EventAccumulator(str(tracked_run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/perplexity"} <= tags
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity",
+            "test/loss"} <= tags
     jsonl = [json.loads(x) for x in (tracked_run / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in jsonl if "loss" in r)
     assert acc.Scalars("train/loss")[0].value == pytest.approx(first["loss"])

@@ -322,7 +322,7 @@ def test_train_generate_eval_and_generate_command(tmp_path, tiny_gpt2_dir, tiny_
         output={"dir": str(run), "plot": False},
     )
     summary = train(load_recipe(recipe))
-    assert "generate_accuracy" in summary["final"]
+    assert "generate_accuracy" in summary["test"]
 
     texts = generate(run, ["review: the film was great"], max_new_tokens=3, device="cpu")
     assert len(texts) == 1 and isinstance(texts[0], str)

@@ -106,7 +106,7 @@ def test_loading_models_and_data_leaves_settings_unchanged(unusual_settings, tin
         "method": {"name": "lora"},
     })
     built = build(r, torch.device("cpu"))
-    splits, train, held = prepare_data(r, built.tokenizer)
+    splits, train, _, held = prepare_data(r, built.tokenizer)
     assert train and held
     budget(r, depth=1)
     _meta_model(r, None)

@@ -367,7 +367,7 @@ def test_every_output_folder_is_marked(run, peft_dir, tmp_path):
     # eval adds eval_*.json to a run folder: still ours, so --force may replace it
     res = invoke("eval", tmp_path / "dropped")
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "dropped" / "eval_eval.json").exists() and is_ours(tmp_path / "dropped")
+    assert (tmp_path / "dropped" / "eval_test.json").exists() and is_ours(tmp_path / "dropped")
     res = invoke("import-peft", peft_dir, tmp_path / "dropped", "--force")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "dropped" / MARKER).read_text())["kind"] == "import"
@@ -424,11 +424,11 @@ def test_is_ours(tmp_path):
     (tmp_path / "m" / "user.txt").write_text("u")
     assert not is_ours(tmp_path / "m")
     run = _ours(tmp_path / "r", "import", ("recipe.yaml",))
-    (run / "eval_eval.json").write_text("{}")
+    (run / "eval_test.json").write_text("{}")
     (run / ".summary.json.tmp-123").write_text("")
     assert is_ours(run)  # eval output and a killed atomic write are a run's own
     exp = _ours(tmp_path / "x")
-    (exp / "eval_eval.json").write_text("{}")
+    (exp / "eval_test.json").write_text("{}")
     assert not is_ours(exp)  # ...but not in an export folder
     legacy = tmp_path / "legacy"
     for d in ("adapter", "last"):

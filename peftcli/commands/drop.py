@@ -131,10 +131,12 @@ def drop_run(
 
     check_destination(dest, what="drop output", sources=[run, *local_inputs(rec)], replace=force)
 
-    _, _, held = prepare_data(rec, built.tokenizer)
-    examples = held[:limit] if limit else held
+    # Measured on validation rows where the recipe has them: what is dropped or pruned is a choice.
+    _, _, val, test = prepare_data(rec, built.tokenizer)
+    split, examples = ("val", val) if val else ("test", test)
+    examples = examples[:limit] if limit else examples
     if not examples:
-        raise DropError(f"{run}: the recipe's eval split is empty; nothing to measure on")
+        raise DropError(f"{run}: the recipe's validation and test rows are empty; nothing to measure on")
     collate = collator(rec, built.tokenizer)
     kw = dict(task=rec.model.task, device=dev, batch_size=rec.eval.batch_size, precision=rec.train.precision,
               num_labels=len(built.label_names or []) or None)
@@ -160,7 +162,7 @@ def drop_run(
     drop_info = {"layers": dropped_layers(model, arch), "prune_fusion": prune_fusion, "from": str(run)}
 
     report = {
-        "run": str(run), "dest": str(dest), "examples": len(examples), "layers_dropped": drop_info["layers"],
+        "run": str(run), "dest": str(dest), "examples": len(examples), "split": split, "layers_dropped": drop_info["layers"],
         "modules_switched_off": switched, "disabled_modules": off, "before": result["before"],
         "after": result["after"], "attention": attention, "device": str(dev), "repeats": repeats,
     }

@@ -63,7 +63,7 @@ def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu")
     dev = pick_device(device)
     built, _ = load_run(run, dev)
     rec = built.recipe
-    _, _, held = prepare_data(rec, built.tokenizer)
+    _, _, _, held = prepare_data(rec, built.tokenizer)
     names = [s.name for s in read_sources(rec.method)]
     record_attention(built.model, True)
     m, _ = timed_eval(built.model, held[:limit], collator(rec, built.tokenizer), task=rec.model.task, device=dev,
