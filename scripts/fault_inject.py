@@ -66,7 +66,7 @@ TIMED_OUT = -999  # an attempt that ran past its limit and was killed by this sc
 
 TINY_RECIPE = """\
 model: {{name: {model}, task: classification}}
-data: {{source: {data}, eval_size: 10, max_length: 32}}
+data: {{source: {data}, eval_size: 10, val_size: 10, max_length: 32}}
 method: {{name: lora, r: 4, alpha: 8, targets: [q, v]}}
 train:
   epochs: 2
@@ -82,6 +82,7 @@ train:
   device: cpu
   num_threads: 1
   progress: false
+eval: {{metric: loss}}
 output: {{dir: {out}, plot: false}}
 """
 
@@ -90,10 +91,11 @@ output: {{dir: {out}, plot: false}}
 
 
 def build_tiny_recipe(folder: Path) -> Path:
-    """A random BERT, a 120-row csv and a recipe in `folder`; returns the recipe path.
+    """A random BERT, a 130-row csv and a recipe in `folder`; returns the recipe path.
 
-    110 training rows in batches of 4 are 28 micro-batches per epoch, not a multiple of
-    grad_accum: 9 steps per epoch, and the 28th micro-batch's gradient is left over at its end.
+    10 test and 10 validation rows leave 110 training rows: in batches of 4, 28 micro-batches per
+    epoch, not a multiple of grad_accum: 9 steps per epoch, and the 28th micro-batch's gradient is
+    left over at its end.
     """
     import torch
     import transformers
@@ -117,7 +119,7 @@ def build_tiny_recipe(folder: Path) -> Path:
     with open(data, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        for i in range(120):
+        for i in range(130):
             pos = i % 2 == 0
             words = rng.sample(filler, 4) + [rng.choice(good if pos else bad)]
             rng.shuffle(words)

@@ -112,13 +112,12 @@ def test_robust_training_drops_each_step_and_evaluates_the_whole_model(robust_ru
     _, run, drawn = robust_run
     assert len(drawn) == 12 and set(drawn) == {0, 1, 2}
     # the eval inside training ran with every adapter on: a fresh reload (all on) reproduces it
-    res = runner.invoke(app, ["eval", str(run)])
-    assert res.exit_code == 0, res.output
-    best = json.loads((run / "summary.json").read_text())["best"]["accuracy"]
-    evals = [json.loads(x)["eval"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    saved = next(e for e in evals if e["accuracy"] == best)  # the first eval reaching the best is the saved one
-    got = json.loads((run / "eval_test.json").read_text())
-    assert abs(got["loss"] - saved["loss"]) < 1e-6
+    summary = json.loads((run / "summary.json").read_text())
+    for split in ("val", "test"):
+        res = runner.invoke(app, ["eval", str(run), "--split", split])
+        assert res.exit_code == 0, res.output
+        got = json.loads((run / f"eval_{split}.json").read_text())
+        assert abs(got["loss"] - summary[split]["loss"]) < 1e-6
 
 
 def test_drop_command_writes_a_run_that_reloads_dropped(robust_run, tmp_path):
@@ -136,9 +135,10 @@ def test_drop_command_writes_a_run_that_reloads_dropped(robust_run, tmp_path):
     built, meta = load_run(out, pick_device("cpu"))
     assert drop_lib.dropped_layers(built.model, built.arch) == [0]
     assert meta["drop"]["from"] == str(run)
-    res = runner.invoke(app, ["eval", str(out)])
+    assert rep["split"] == "val"  # what to drop is a choice: measured on validation rows
+    res = runner.invoke(app, ["eval", str(out), "--split", "val"])
     assert res.exit_code == 0, res.output
-    assert abs(json.loads((out / "eval_test.json").read_text())["loss"] - rep["after"]["loss"]) < 1e-6
+    assert abs(json.loads((out / "eval_val.json").read_text())["loss"] - rep["after"]["loss"]) < 1e-6
     # dropping again from the dropped run accumulates
     res = runner.invoke(app, ["drop", str(out), "--layers", "1", "--out", str(tmp_path / "both")])
     assert res.exit_code == 0, res.output

@@ -64,7 +64,7 @@ def test_repeated_missing_changed_and_torn_records_are_reported(fi, tmp_path):
     run = _run(tmp_path, "dup", [REF_RECORDS[0], REF_RECORDS[0], REF_RECORDS[2]], TENSORS)
     assert fi.compare_metrics(ref, run) == ["step repeated 1", "step missing 2"]
     changed = [REF_RECORDS[0], REF_RECORDS[1], {**REF_RECORDS[2], "eval": {"loss": 0.66, "accuracy": 0.5}}]
-    assert fi.compare_metrics(ref, _run(tmp_path, "changed", changed, TENSORS)) == ["eval changed 2"]
+    assert fi.compare_metrics(ref, _run(tmp_path, "changed", changed, TENSORS)) == ["val changed 2"]
     torn = [*REF_RECORDS, '{"step": 3, "lo']
     assert fi.compare_metrics(ref, _run(tmp_path, "torn", torn, TENSORS)) == ["step extra None"]
 

@@ -125,12 +125,12 @@ def test_grad_accum_larger_than_an_epoch_is_refused_with_the_numbers(tiny_bert_d
     rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, grad_accum=50)
     res = invoke("train", rec)
     assert res.exit_code == 2, res.output
-    assert "grad_accum 50" in res.output and "48 training rows" in res.output
+    assert "grad_accum 50" in res.output and "44 training rows" in res.output
     assert not (tmp_path / "run").exists()
 
 
 def test_epoch_end_group_is_its_own_step(tiny_bert_dir, tiny_csv, tmp_path):
-    # 48 rows / batch 8 = 6 micro-batches; grad_accum 4 -> steps of 4 and 2 micro-batches.
+    # 44 rows / batch 8 = 6 micro-batches; grad_accum 4 -> steps of 4 and 2 micro-batches.
     rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, grad_accum=4, epochs=2, eval_every=100)
     res = invoke("train", rec)
     assert res.exit_code == 0, res.output
@@ -162,7 +162,7 @@ def test_non_finite_eval_loss_stops_the_run(tiny_bert_dir, tiny_csv, tmp_path, m
     rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv)
     res = invoke("train", rec)
     assert res.exit_code == 1, res.output
-    assert "evaluation loss became NaN" in res.output
+    assert "validation loss became NaN" in res.output
     assert not (tmp_path / "run" / "last").exists()  # never kept as a good checkpoint
 
 
