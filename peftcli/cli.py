@@ -47,11 +47,12 @@ def _bad_input_types() -> tuple[type, ...]:
     from .recipe import RecipeError
     from .runfolder import UnsafePathError
     from .runstate import ResumeError
+    from .sweep import SweepError
     from .train import RunExistsError
 
     types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
                           UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError, OptimizerUnavailable,
-                          MultiAdapterError]
+                          MultiAdapterError, SweepError]
     try:
         from .arch import UnsupportedArchitecture
 
@@ -186,6 +187,65 @@ def _train(r, *, resume: bool, smoke: bool) -> None:
         if abs(m["loss"] - test.get("loss", m["loss"])) > 1e-3:
             raise RuntimeError(f"smoke: reloaded adapter gives test loss {m['loss']:.5f}, trained model gave {test['loss']:.5f}")
         out.print(f"smoke ok: reloaded adapter reproduces eval loss {m['loss']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------- sweep
+
+
+@app.command(epilog="Examples: `peftcli sweep recipes/tweets_lora.yaml train.lr=3e-4,1e-3,3e-3 "
+             "train.scheduler=constant,linear` (grid) · `peftcli sweep recipes/tweets_lora.yaml train.lr=1e-5:1e-2 "
+             "method.r=4,8,16 --trials 12` (random) · rerun the same command to resume")
+@handle_errors
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    settings: Annotated[list[str], typer.Argument(
+        help="key=v1,v2,... (swept; one value: fixed for every trial) or, with --trials, key=lo:hi (a range; "
+             "log-uniform for learning rates)", show_default=False)],
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="random mode: sample N trials")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="random mode: seed of the sampling (default 0)")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="sweep folder (default: the recipe's run folder + -sweep)")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="every trial runs `train --smoke` (a few batches)")] = False,
+    parallel: Annotated[str, typer.Option(
+        "--parallel", help="auto (one trial per visible GPU; one at a time on CPU) or a number of trials at once")] = "auto",
+) -> None:
+    """Train one recipe with several settings, each trial a run of its own; choose on the validation split.
+
+    The winner's recipe is written to best.yaml; the test split is never used to choose.
+    """
+    import shlex
+
+    from .sweep import lower_is_better, parse_parallel, plan_trials, run_sweep, visible_gpus, workers_for
+
+    par = parse_parallel(parallel)
+    plan = plan_trials(recipe, settings, trials=trials, seed=seed, out=out_dir, smoke=smoke)
+    gpus = visible_gpus() if par == "auto" or int(par) > 1 else []
+    workers = workers_for(par, gpus)
+    if plan.n_trials is None:
+        shape = "grid " + " × ".join(str(len(a.values or [])) for a in plan.axes)
+    else:
+        shape = f"random, seed {plan.seed}"
+    where = f" on GPUs {', '.join(gpus)}" if len(gpus) > 1 and workers > 1 else ""
+    better = "lower" if lower_is_better(plan.metric) else "higher"
+    out.print(f"sweep of {len(plan.trials)} trials ({shape}) · chosen on val {plan.metric} ({better} is better) · "
+              f"{workers} at a time{where} · {plan.out}", highlight=False, markup=False, soft_wrap=True)
+    res = run_sweep(plan, workers=workers, gpus=gpus, console=out)
+    counts = {s: sum(r["status"] == s for r in res.records) for s in ("done", "failed", "diverged")}
+    out.print(" · ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(plan.trials)} trials "
+              f"(logs: {plan.out}/trial-*.log)", highlight=False, markup=False, soft_wrap=True)
+    if res.best is not None:
+        b = res.best
+        shown = " ".join(f"{k}={v}" for k, v in b["settings"].items())
+        out.print(f"[bold green]best:[/] {b['trial']} · {escape(shown)} · val {plan.metric} {b['value']:.4f}",
+                  highlight=False, soft_wrap=True)
+        out.print(f"its run folder (trained adapter): {b['run']}", highlight=False, markup=False, soft_wrap=True)
+        out.print("train the winner into the recipe's own run folder:", highlight=False)
+        out.print(f"peftcli train {shlex.quote(str(res.best_yaml))}", highlight=False, markup=False, soft_wrap=True)
+    elif counts["done"]:
+        err.print(f"[yellow]no finished trial reported val {plan.metric}; nothing to choose (no best.yaml)[/]")
+    if not counts["done"]:
+        err.print("[red]no trial finished[/]; see the logs, fix the cause and rerun with another --out")
+        raise typer.Exit(FAILURE)
 
 
 # ---------------------------------------------------------------------------------------- eval
