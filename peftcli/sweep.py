@@ -131,7 +131,7 @@ def _has_validation(recipe: Recipe) -> bool:
     """Whether the recipe keeps a validation split apart from its test split: without one, the
     only score to choose on would be the test score, which then stops being a fair estimate."""
     data = recipe.data
-    return bool(getattr(data, "val_size", None) or getattr(data, "val_fraction", 0) or getattr(data, "val_split", None))
+    return bool(data.val_size or data.val_fraction > 0 or data.val_split)
 
 
 def _split_values(text: str) -> list[str]:

@@ -149,16 +149,16 @@ def test_bad_sweep_arguments(recipe, fake, tmp_path, args, kwargs, expect):
 
 def test_no_validation_split_is_refused_before_anything_runs(recipe, monkeypatch, tmp_path):
     monkeypatch.setattr(sw, "trial_command", lambda *a, **k: pytest.fail("a trial ran"))
-    res = runner.invoke(app, ["sweep", recipe, "train.lr=1e-3,1e-2", "--out", str(tmp_path / "sw")])
+    res = runner.invoke(app, ["sweep", recipe, "train.lr=1e-3,1e-2", "data.val_fraction=0", "--out",
+                              str(tmp_path / "sw")])
     assert res.exit_code == 2, res.output
     assert "no validation split" in res.output and "data.val_fraction" in res.output
     assert not (tmp_path / "sw").exists()
 
 
-def test_has_validation_reads_the_new_data_keys():
+def test_has_validation_reads_the_data_keys():
     from types import SimpleNamespace as NS
 
-    assert not sw._has_validation(NS(data=NS()))
     assert not sw._has_validation(NS(data=NS(val_size=None, val_fraction=0.0, val_split=None)))
     assert sw._has_validation(NS(data=NS(val_size=None, val_fraction=0.1, val_split=None)))
     assert sw._has_validation(NS(data=NS(val_size=200, val_fraction=0.0, val_split=None)))
@@ -460,13 +460,8 @@ def _console():
 def test_real_grid_on_tiny_bert(tiny_bert_dir, tiny_csv, tmp_path):
     """Two real trials of `peftcli train` in subprocesses, ranked on the validation split.
 
-    Skipped until the validation split lands (data.val_fraction, summary.json's "val"); then the
-    recipe's default val_fraction gives the sweep its split and this runs as it stands.
+    The recipe's default data.val_fraction gives the sweep its split.
     """
-    from peftcli.recipe import DataConfig
-
-    if not hasattr(DataConfig(), "val_fraction"):
-        pytest.skip("needs the validation split (data.val_fraction); summary.json has no 'val' yet")
     rec = write_recipe(
         tmp_path / "r.yaml",
         model={"name": str(tiny_bert_dir)},
