@@ -1,0 +1,108 @@
+"""Choose each shipped tweets recipe's learning rate and schedule with `peftcli sweep`, on
+validation rows only, and write the choice into the recipe.
+
+The sweep runs on a cheap proxy that fits a 2-core machine: the first 1,000 of the recipe's
+training rows for 2 epochs (63 steps of 32), scored on the recipe's 1,000 validation rows. Every
+trial trains the way the peers' reference figures were trained (AdamW with weight decay 0.01, no
+warm-up, no gradient clipping); the grid is the learning rate (the peers' reference lr, half and
+double) × the schedule (constant or linear decay). The test rows play no part: the sweep never
+reads them. Then the recipe file gets the winner's lr and schedule and the reference settings,
+and `scripts/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
+
+    python scripts/tune_recipes.py tweets_lora tweets_ia3          # sweep (resumable), then rewrite
+    python scripts/tune_recipes.py --table tweets_lora tweets_ia3  # the sweeps' validation table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The peers' reference learning rate per recipe (HF PEFT / AdapterHub runs on the same rows).
+REFERENCE_LR = {
+    "tweets_full": 5e-5, "tweets_lora": 1e-3, "tweets_ia3": 3e-3, "tweets_prefix": 1e-2, "tweets_houlsby": 1e-3,
+    "tweets_pfeiffer": 1e-3, "tweets_parallel": 1e-3, "tweets_compacter": 3e-3, "tweets_compacterpp": 1e-3,
+    "tweets_mam": 1e-4, "tweets_unipelt": 1e-3,
+}
+PROXY = ["data.train_size=1000", "train.epochs=2"]
+REFERENCE_TRAINING = {"weight_decay": "0.01", "warmup_ratio": "0.0", "max_grad_norm": "null"}
+
+
+def sweep_dir(out: Path, name: str) -> Path:
+    return out / name
+
+
+def run_sweep(name: str, out: Path, threads: int) -> int:
+    lr = REFERENCE_LR[name]
+    grid = [f"train.lr={lr / 2:.3g},{lr:.3g},{2 * lr:.3g}", "train.scheduler=constant,linear"]
+    fixed = [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
+             f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
+    cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *grid, *fixed, "--out", str(sweep_dir(out, name))]
+    print(" ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def records(out: Path, name: str) -> list[dict]:
+    path = sweep_dir(out, name) / "sweep.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def winner(out: Path, name: str) -> dict | None:
+    done = [r for r in records(out, name) if r.get("status") == "done"]
+    return max(done, key=lambda r: r["value"]) if done else None  # accuracy: higher is better
+
+
+def rewrite(name: str, settings: dict) -> None:
+    """The recipe's train section gets the chosen lr and schedule and the reference settings."""
+    path = ROOT / "recipes" / f"{name}.yaml"
+    text = path.read_text()
+    values = {"lr": settings["train.lr"], "scheduler": settings["train.scheduler"], **REFERENCE_TRAINING}
+    head, train, tail = re.match(r"(?s)(.*?^train:\n)((?:  .*\n)*)(.*)", text, re.M).groups()
+    lines = [ln for ln in train.splitlines() if not re.match(r"  (lr|scheduler|weight_decay|warmup_ratio|max_grad_norm):", ln)]
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("  batch_size:")), len(lines) - 1) + 1
+    new = [f"  {k}: {v}" for k, v in values.items()]
+    lines[at:at] = new
+    comment = (f"# train.lr and train.scheduler chosen by `python scripts/tune_recipes.py {name}` on validation rows\n")
+    if comment not in head:
+        first, _, rest = head.partition("\n")
+        head = first + "\n" + comment + rest if first.startswith("#") else comment + head
+    path.write_text(head + "\n".join(lines) + "\n" + tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipes", nargs="+")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweeps")
+    ap.add_argument("--threads", type=int, default=2, help="train.num_threads of each trial")
+    ap.add_argument("--table", action="store_true", help="only print the sweeps' validation table")
+    args = ap.parse_args()
+    for name in args.recipes:
+        if name not in REFERENCE_LR:
+            sys.exit(f"{name}: no reference lr; known: {', '.join(REFERENCE_LR)}")
+    if not args.table:
+        for name in args.recipes:
+            run_sweep(name, args.out, args.threads)
+            best = winner(args.out, name)
+            if best is not None:
+                rewrite(name, best["settings"])
+    print("| recipe | trials | val accuracy per trial (lr, schedule) | chosen |\n|---|---|---|---|")
+    for name in args.recipes:
+        recs = records(args.out, name)
+        best = winner(args.out, name)
+        cells = ", ".join(
+            f"{r['settings']['train.lr']} {r['settings']['train.scheduler']}: "
+            + (f"{100 * r['value']:.2f}" if r.get("status") == "done" else r.get("status", "?"))
+            for r in recs
+        )
+        chosen = f"lr {best['settings']['train.lr']}, {best['settings']['train.scheduler']}" if best else "–"
+        print(f"| {name} | {len(recs)} | {cells} | {chosen} |")
+
+
+if __name__ == "__main__":
+    main()
