@@ -542,6 +542,11 @@ def test_recipes_validate_and_match_lora_benchmark(stem):
     assert model == lora["model"]
     for section in ("data", "eval"):
         assert raw[section] == lora[section]
-    assert {k: v for k, v in raw["train"].items() if k != "lr"} == {k: v for k, v in lora["train"].items() if k != "lr"}
+    # What scripts/tune_recipes.py chooses on validation (lr, schedule) or sets to the peers'
+    # reference protocol may differ; the rest of the training is the benchmark's.
+    tuned = {"lr", "scheduler", "weight_decay", "warmup_ratio", "max_grad_norm"}
+    assert {k: v for k, v in raw["train"].items() if k not in tuned} == {
+        k: v for k, v in lora["train"].items() if k not in tuned}
     r = load_recipe(ROOT / "recipes" / f"tweets_{stem}.yaml")
-    assert r.train.lr == (3e-3 if stem.startswith("compacter") else 1e-2 if stem == "krona" else 1e-3)
+    if "chosen by" not in (ROOT / "recipes" / f"tweets_{stem}.yaml").read_text():
+        assert r.train.lr == (3e-3 if stem.startswith("compacter") else 1e-2 if stem == "krona" else 1e-3)
