@@ -5,8 +5,8 @@ The sweep runs on a cheap proxy that fits a 2-core machine: the first 1,000 of t
 training rows for 2 epochs (63 steps of 32), scored on the recipe's 1,000 validation rows. Every
 trial trains the way the peers' reference figures were trained (AdamW with weight decay 0.01, no
 warm-up, no gradient clipping); the grid is the learning rate (the peers' reference lr, half and
-double) × the schedule (constant or linear decay); with `--trials N`, N random trials over the
-same lr range (log-uniform) and both schedules instead. The test rows play no part: the sweep never
+double; `--factors`) × the schedule (constant or linear decay); with `--trials N`, N random
+trials over the same lr range (log-uniform) and both schedules instead. The test rows play no part: the sweep never
 reads them. Then the recipe file gets the winner's lr and schedule and the reference settings,
 and `scripts/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
 
@@ -39,12 +39,12 @@ def sweep_dir(out: Path, name: str) -> Path:
     return out / name
 
 
-def run_sweep(name: str, out: Path, threads: int, trials: int | None) -> int:
+def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: list[float]) -> int:
     lr = REFERENCE_LR[name]
     if trials:  # random search: lr log-uniform over the same range, schedule drawn
         grid = [f"train.lr={lr / 2:.3g}:{2 * lr:.3g}", "train.scheduler=constant,linear", "--trials", str(trials)]
     else:
-        grid = [f"train.lr={lr / 2:.3g},{lr:.3g},{2 * lr:.3g}", "train.scheduler=constant,linear"]
+        grid = ["train.lr=" + ",".join(f"{f * lr:.3g}" for f in factors), "train.scheduler=constant,linear"]
     fixed = [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
              f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
     cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *grid, *fixed, "--out", str(sweep_dir(out, name))]
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("recipes", nargs="+")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweeps")
     ap.add_argument("--threads", type=int, default=2, help="train.num_threads of each trial")
+    ap.add_argument("--factors", default="0.5,1,2", help="grid: the reference lr times each of these")
     ap.add_argument("--trials", type=int, default=None,
                     help="random search with this many trials instead of the 3 × 2 grid (a smaller budget)")
     ap.add_argument("--table", action="store_true", help="only print the sweeps' validation table")
@@ -93,7 +94,7 @@ def main() -> None:
             sys.exit(f"{name}: no reference lr; known: {', '.join(REFERENCE_LR)}")
     if not args.table:
         for name in args.recipes:
-            run_sweep(name, args.out, args.threads, args.trials)
+            run_sweep(name, args.out, args.threads, args.trials, [float(f) for f in args.factors.split(",")])
             best = winner(args.out, name)
             if best is not None:
                 rewrite(name, best["settings"])
