@@ -394,7 +394,8 @@ def sft_recipe(args, out: Path, name: str, batch_size: int, **data) -> object:
 
     return recipe_from_dict({
         "model": {"name": args.model, "task": "causal_lm"},
-        "data": {"source": "tweets_chat", "train_size": args.rows, "eval_size": args.eval_rows,
+        # A few validation rows: the runs' kept adapter is the last either way (one evaluation).
+        "data": {"source": "tweets_chat", "train_size": args.rows, "eval_size": args.eval_rows, "val_size": 16,
                  "max_length": args.max_length, **data},
         "method": {"name": "lora", "r": 16, "alpha": 32, "targets": "all-linear"},
         "train": {"epochs": 1, "batch_size": batch_size, "lr": 1e-3, "seed": args.seed, "progress": False,
