@@ -17,11 +17,12 @@ and `scripts/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from peftcli.sweep import pick_best, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,13 +54,11 @@ def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: l
 
 
 def records(out: Path, name: str) -> list[dict]:
-    path = sweep_dir(out, name) / "sweep.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return read_records(sweep_dir(out, name))
 
 
 def winner(out: Path, name: str) -> dict | None:
-    done = [r for r in records(out, name) if r.get("status") == "done"]
-    return max(done, key=lambda r: r["value"]) if done else None  # accuracy: higher is better
+    return pick_best(records(out, name), "accuracy")  # the sweep's own rule: first on a tie
 
 
 def rewrite(name: str, settings: dict) -> None:
