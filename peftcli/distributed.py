@@ -317,20 +317,18 @@ def load_resume_weights(last: Path, model, spec, arch, recipe):
     Called before wrapping, so the weights go into plain tensors and FSDP shards them from there.
     The state is JSON and safetensors (peftcli.runstate): nothing read here can run code.
     """
-    from .checkpoint import load_adapter_state
     from .runstate import read_trainer_state
 
     saved = read_trainer_state(last)
     if saved is None:
         return None
-    sd, _ = read_adapter(last)
-    load_adapter_state(model, spec, arch, recipe.method, sd)
+    load_kept_weights(last, model, spec, arch, recipe)
     return saved
 
 
 def load_kept_weights(folder: Path, model, spec, arch, recipe) -> None:
-    """All ranks: load a saved adapter into the live model (wrapped or sharded) in place, so the
-    test rows are scored with the adapter validation chose rather than the last weights."""
+    """All ranks: load a saved adapter into the model (plain, wrapped or sharded) in place: a
+    resumed run's weights, or the adapter validation chose, to score the test rows with."""
     from .checkpoint import load_adapter_state
 
     _reshard(model)
