@@ -608,7 +608,7 @@ def run_eval(s: Session, examples: list[dict]) -> dict[str, Any]:
 def evaluate_and_save(s: Session, pos: Position) -> None:
     """Evaluate on the validation rows; save the best adapter and the `last` checkpoint (in that
     order: `last` says which best it has seen). Without validation rows nothing is chosen: the
-    adapter is the latest weights. The test rows are never looked at here."""
+    adapter is the last weights, which `finish` saves once. The test rows are never looked at here."""
     metric = s.recipe.eval.metric
     if s.val_ex:
         m = run_eval(s, s.val_ex)
@@ -622,9 +622,6 @@ def evaluate_and_save(s: Session, pos: Position) -> None:
         if metric in m and dist_utils.rank0_decides(better(metric, m[metric], pos.best)):
             pos.best, pos.best_step, pos.best_eval = m[metric], pos.step, m
             save_checkpoint(s, "adapter", None)
-    else:
-        pos.best_step = pos.step
-        save_checkpoint(s, "adapter", None)
     save_checkpoint(s, "last", pos)
     if s.aside is not None and s.is_main:
         runfolder.discard_aside(s.aside)
@@ -660,20 +657,21 @@ def finish(s: Session, pos: Position) -> dict[str, Any]:
     if not dist_utils.rank0_decides((s.run_dir / "adapter").exists()):
         save_checkpoint(s, "adapter", None)
         pos.best_step = pos.step
-    if pos.best_step is not None and pos.best_step != pos.step:
+    kept = pos.best_step if pos.best_step is not None else pos.step  # None: a checkpoint from before best_step
+    if kept != pos.step:
         # The kept adapter is an earlier one: score it, not the last weights.
         with _lisa_whole(s):
             dist_utils.load_kept_weights(s.run_dir / "adapter", s.model, s.spec, s.arch, s.recipe)
     test = run_eval(s, s.test_ex) if s.test_ex else {}
     if test:
-        log(s, {"step": pos.step, "epoch": pos.epoch, "test": test, "kept_step": pos.best_step or pos.step,
+        log(s, {"step": pos.step, "epoch": pos.epoch, "test": test, "kept_step": kept,
                 "elapsed_s": time.perf_counter() - s.started})
         s.console.print("test (held-out, scored once): "
                         + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     metric = s.recipe.eval.metric
     summary = {
         "val": pos.best_eval or {}, "test": test,
-        "best": {metric: pos.best, "step": pos.best_step or pos.step},
+        "best": {metric: pos.best, "step": kept},
         "rows": {"train": len(s.train_ex), "val": len(s.val_ex), "test": len(s.test_ex)},
         "train_time_s": time.perf_counter() - s.started, "steps": pos.step,
         "trainable": s.budget["trainable"], "total": s.budget["total"],
