@@ -321,9 +321,9 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     first = next((x for x in loaded if _stacks(x[2])), loaded[0])
     r0, meta0 = first[2], first[4]
     if r0.model.quantization == "nf4":
-        from .quant import check_qlora_possible
+        from .build import check_qlora_possible
 
-        check_qlora_possible(r0.method_name, device)
+        check_qlora_possible(r0.method_name, device, r0.method)
     tok = load_tokenizer(r0.model.name)
     label_names = meta0.get("label_names")
     model = load_base_model(

@@ -168,3 +168,21 @@ def test_generate_cli_bad_input_exits_2(decoder_runs, encoder_runs, tmp_path):
     assert res.exit_code == 2 and "--prompts" in res.output
     res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), f"a={decoder_runs['b']}", "--prompts", str(p)])
     assert res.exit_code == 2 and "two runs are named 'a'" in res.output
+
+
+def test_generate_refuses_4bit_run_without_cuda(decoder_runs, tmp_path):
+    """A QLoRA run's base is 4-bit: loading it for mixed batches says what the machine lacks."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "q"
+    shutil.copytree(decoder_runs["a"], run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["quantization"] = "nf4"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"adapter": "q", "prompt": "ok"}\n')
+    res = CliRunner().invoke(app, ["generate", str(run), "--prompts", str(p)])
+    assert res.exit_code == 2, res.output
+    assert "nf4 needs a CUDA GPU" in res.output
