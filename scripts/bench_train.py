@@ -439,7 +439,8 @@ def run_hf_trainer_sft(args, out: Path, batch_size: int, train_ex: list[dict], e
             for e in train_ex]
     targs = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=1e-3,
-        lr_scheduler_type="linear", warmup_steps=int(0.06 * -(-len(rows) // batch_size)),  # as peftcli's weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
+        lr_scheduler_type="linear", warmup_steps=int(0.06 * -(-len(rows) // batch_size)),  # as peftcli's
+        weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
         report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0,
     )
