@@ -95,21 +95,21 @@ def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
     """De-quantizing a GGUF takes tens of seconds; do it once and keep float32 safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import atomic_dir_write
+
     out = cache_dir() / "models" / name.replace("/", "--")
-    tmp = out.with_name(out.name + ".tmp")
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
 
-        shutil.rmtree(out)
-    tmp.rename(out)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    # The same swap as a checkpoint's: a kill leaves the old copy or the new one, never half of one.
+    atomic_dir_write(out, write)
     return ModelSource(str(out), embedded=True)
 
 

@@ -38,7 +38,7 @@ def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None
     if recipe.model.quantization == "nf4":
         from .build import check_qlora_possible
 
-        check_qlora_possible(recipe.method_name, device)
+        check_qlora_possible(recipe.method_name, device, recipe.method)
     tok = load_tokenizer(recipe.model.name)
     num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
     dtype = resolve_dtype(recipe.model.dtype, device)
