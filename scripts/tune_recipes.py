@@ -12,6 +12,13 @@ and `scripts/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
 
     python scripts/tune_recipes.py tweets_lora tweets_ia3          # sweep (resumable), then rewrite
     python scripts/tune_recipes.py --table tweets_lora tweets_ia3  # the sweeps' validation table
+
+`--keys` then sweeps the method's own options where the literature says they matter (IA³'s
+targets; prefix length and reparameterisation), on the same proxy at the recipe's chosen lr and
+schedule, into `<out>/keys_<recipe>`; it prints the validation table and the winner, which goes
+into the recipe by hand (its comment keeps the figures):
+
+    python scripts/tune_recipes.py --keys tweets_ia3 tweets_prefix
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ REFERENCE_LR = {
 PROXY = ["data.train_size=1000", "train.epochs=2"]
 REFERENCE_TRAINING = {"weight_decay": "0.01", "warmup_ratio": "0.0", "max_grad_norm": "null"}
 
+# The method options swept by --keys, as `peftcli sweep` axes.
+METHOD_KEYS = {
+    "tweets_ia3": ["method.targets=[k,v,ffn_out],[k,v,ffn_in,ffn_out],[q,k,v,o,ffn_in,ffn_out]"],
+    "tweets_prefix": ["method.num_virtual_tokens=10,20,50", "method.reparameterize=false,true"],
+}
+
 
 def sweep_dir(out: Path, name: str) -> Path:
     return out / name
@@ -51,6 +64,29 @@ def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: l
     cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *grid, *fixed, "--out", str(sweep_dir(out, name))]
     print(" ".join(cmd[1:]), flush=True)
     return subprocess.call(cmd, cwd=ROOT)
+
+
+def run_key_sweep(name: str, out: Path, threads: int) -> int:
+    fixed = [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
+             f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
+    cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *METHOD_KEYS[name], *fixed,
+           "--out", str(out / f"keys_{name}")]
+    print(" ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def key_table(out: Path, names: list[str]) -> None:
+    print("| recipe | trial (validation accuracy) | chosen |\n|---|---|---|")
+    for name in names:
+        recs = read_records(out / f"keys_{name}")
+        best = pick_best(recs, "accuracy")
+
+        def show(settings: dict) -> str:
+            return " ".join(f"{k.split('.')[-1]}={v}" for k, v in settings.items())
+
+        cells = ", ".join(f"{show(r['settings'])}: " + (f"{100 * r['value']:.2f}" if r.get("status") == "done"
+                                                         else r.get("status", "?")) for r in recs)
+        print(f"| {name} | {cells} | {show(best['settings']) if best else '–'} |")
 
 
 def records(out: Path, name: str) -> list[dict]:
@@ -87,7 +123,17 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None,
                     help="random search with this many trials instead of the 3 × 2 grid (a smaller budget)")
     ap.add_argument("--table", action="store_true", help="only print the sweeps' validation table")
+    ap.add_argument("--keys", action="store_true", help="sweep the method's own options (METHOD_KEYS) instead")
     args = ap.parse_args()
+    if args.keys:
+        for name in args.recipes:
+            if name not in METHOD_KEYS:
+                sys.exit(f"{name}: no method options to sweep; known: {', '.join(METHOD_KEYS)}")
+        if not args.table:
+            for name in args.recipes:
+                run_key_sweep(name, args.out, args.threads)
+        key_table(args.out, args.recipes)
+        return
     for name in args.recipes:
         if name not in REFERENCE_LR:
             sys.exit(f"{name}: no reference lr; known: {', '.join(REFERENCE_LR)}")
