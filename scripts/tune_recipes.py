@@ -42,10 +42,15 @@ REFERENCE_LR = {
 PROXY = ["data.train_size=1000", "train.epochs=2"]
 REFERENCE_TRAINING = {"weight_decay": "0.01", "warmup_ratio": "0.0", "max_grad_norm": "null"}
 
-# The method options swept by --keys, as `peftcli sweep` axes.
+# The method options swept by --keys: per recipe, named sweeps of `peftcli sweep` axes (the name is
+# the folder's suffix). The reparameterised prefix gets a sweep of its own at smaller steps: at the
+# plain prefix's lr it collapses to one class.
 METHOD_KEYS = {
-    "tweets_ia3": ["method.targets=[k,v,ffn_out],[k,v,ffn_in,ffn_out],[q,k,v,o,ffn_in,ffn_out]"],
-    "tweets_prefix": ["method.num_virtual_tokens=10,20,50", "method.reparameterize=false,true"],
+    "tweets_ia3": {"": ["method.targets=[k,v,ffn_out],[k,v,ffn_in,ffn_out],[q,k,v,o,ffn_in,ffn_out]"]},
+    "tweets_prefix": {
+        "": ["method.num_virtual_tokens=10,20,50", "method.reparameterize=false,true"],
+        "_reparam": ["method.reparameterize=true", "method.num_virtual_tokens=50", "train.lr=0.0005,0.002"],
+    },
 }
 
 
@@ -66,19 +71,20 @@ def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: l
     return subprocess.call(cmd, cwd=ROOT)
 
 
-def run_key_sweep(name: str, out: Path, threads: int) -> int:
+def run_key_sweeps(name: str, out: Path, threads: int) -> None:
     fixed = [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
              f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
-    cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *METHOD_KEYS[name], *fixed,
-           "--out", str(out / f"keys_{name}")]
-    print(" ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, cwd=ROOT)
+    for suffix, axes in METHOD_KEYS[name].items():
+        cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *axes, *fixed,
+               "--out", str(out / f"keys_{name}{suffix}")]
+        print(" ".join(cmd[1:]), flush=True)
+        subprocess.call(cmd, cwd=ROOT)
 
 
 def key_table(out: Path, names: list[str]) -> None:
     print("| recipe | trial (validation accuracy) | chosen |\n|---|---|---|")
     for name in names:
-        recs = read_records(out / f"keys_{name}")
+        recs = [r for suffix in METHOD_KEYS[name] for r in read_records(out / f"keys_{name}{suffix}")]
         best = pick_best(recs, "accuracy")
 
         def show(settings: dict) -> str:
@@ -131,7 +137,7 @@ def main() -> None:
                 sys.exit(f"{name}: no method options to sweep; known: {', '.join(METHOD_KEYS)}")
         if not args.table:
             for name in args.recipes:
-                run_key_sweep(name, args.out, args.threads)
+                run_key_sweeps(name, args.out, args.threads)
         key_table(args.out, args.recipes)
         return
     for name in args.recipes:
