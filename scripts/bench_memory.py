@@ -20,6 +20,12 @@ slow each other down). The figures:
     python scripts/bench_memory.py smollm2 --only full "full adamw_8bit" --check   # the 8-bit ratio
     python scripts/bench_memory.py smollm2 --only full "full adamw_8bit" --check \\
         --set model.dtype=bfloat16 train.max_steps=1 --out runs/bench_memory_bf16  # bf16 weights
+    python scripts/bench_memory.py smollm2 --choose-lr    # GaLore's and LoRA's lr, chosen on validation
+
+`--choose-lr` runs `peftcli sweep` over the learning rate of GaLore r 128 and of LoRA all-linear
+r 16, both at the suite's step budget, choosing each on the recipes' 100 validation rows; only the
+chosen trial's held-out loss is then read. That is the clean form of the "GaLore at or below
+LoRA" comparison: no learning rate is picked by looking at the held-out rows.
 """
 
 from __future__ import annotations
@@ -67,6 +73,42 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("sparse 0.5%", "tweets_sparse", []),
     ],
 }
+
+
+# --choose-lr: (name, recipe, fixed overrides, learning rates swept)
+LR_SWEEPS = [
+    ("galore r128", "smollm2_galore", [], "2e-4,4e-4,8e-4"),
+    ("lora all-linear r16", "smollm2_lora", ["method.targets=[all-linear]", "method.r=16", "method.alpha=32"],
+     "5e-4,1e-3,2e-3"),
+]
+
+
+def choose_lr(out: Path, *, run: bool, only: list[str] | None = None) -> str:
+    """Sweep each method's lr on validation, then show every trial's validation loss and the
+    chosen trial's held-out loss (the held-out figure of the other trials is not shown)."""
+    from peftcli.sweep import pick_best, read_records
+
+    lines = ["| method | lr: validation loss | chosen (on validation) | its held-out loss |", "|---|---|---|---|"]
+    for name, recipe, extra, lrs in LR_SWEEPS:
+        folder = out / "smollm2-lr" / slug(name)
+        if run and (not only or name in only):
+            common = [c for c in COMMON if not c.startswith("output.overwrite")]  # the sweep owns its folders
+            cmd = [sys.executable, "-c", "from peftcli.cli import main; main()", "sweep",
+                   str(ROOT / "recipes" / f"{recipe}.yaml"), f"train.lr={lrs}", *common, *SMOL, *extra,
+                   "--out", str(folder)]
+            print(" ".join(cmd[3:]), flush=True)
+            subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        recs = read_records(folder)
+        best = pick_best(recs, "loss")
+        cells = ", ".join(f"{r['settings']['train.lr']:g}: " + (f"{r['value']:.4f}" if r.get("status") == "done"
+                                                               else r.get("status", "?")) for r in recs)
+        held = "–"
+        if best is not None:
+            summary = json.loads((Path(best["run"]) / "summary.json").read_text())
+            held = f"{summary['test']['loss']:.4f}"
+        chosen = f"lr {best['settings']['train.lr']:g}" if best else "–"
+        lines.append(f"| {name} | {cells} | {chosen} | {held} |")
+    return "\n".join(lines)
 
 
 def slug(name: str) -> str:
@@ -165,7 +207,14 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="also compare each run's state with count-params")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for every run, e.g. model.dtype=bfloat16 train.max_steps=1 (use another --out)")
+    ap.add_argument("--choose-lr", action="store_true",
+                    help="smollm2: choose GaLore's and LoRA's lr on validation with peftcli sweep (see above)")
     a = ap.parse_args()
+    if a.choose_lr:
+        if a.suite != "smollm2":
+            sys.exit("--choose-lr: only the smollm2 suite has it")
+        print(choose_lr(a.out, run=not a.table_only, only=a.only))
+        return
     if not a.table_only:
         for name, recipe, extra in SUITES[a.suite]:
             if a.only and name not in a.only:
