@@ -603,8 +603,13 @@ class SweepResult:
 
 
 def _fmt(v: Any) -> str:
+    """A value as a user would type it back on the command line: `[q, v]`, not `['q', 'v']`."""
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
     return str(v)
 
 

@@ -482,3 +482,13 @@ def test_real_grid_on_tiny_bert(tiny_bert_dir, tiny_csv, tmp_path):
     assert best["train"]["lr"] == winner["settings"]["train.lr"] and best["method"]["r"] == 2
     assert best["output"]["dir"] == str(tmp_path / "run")
     assert f"peftcli train {out / 'best.yaml'}" in res.output
+
+
+def test_settings_print_as_typed_overrides():
+    """A trial's settings print the way a user types them back: `method.targets=[q,v]` pastes."""
+    from peftcli.sweep import _fmt
+
+    assert _fmt(["q", "v"]) == "[q,v]"
+    assert _fmt(True) == "true" and _fmt(False) == "false"
+    assert _fmt(0.00012345678) == "0.0001235"
+    assert _fmt(50) == "50"
