@@ -77,9 +77,9 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
 
 # --choose-lr: (name, recipe, fixed overrides, learning rates swept)
 LR_SWEEPS = [
-    ("galore r128", "smollm2_galore", [], "2e-4,4e-4,8e-4"),
+    ("galore r128", "smollm2_galore", [], "2e-4,4e-4,8e-4,1.6e-3,3.2e-3"),
     ("lora all-linear r16", "smollm2_lora", ["method.targets=[all-linear]", "method.r=16", "method.alpha=32"],
-     "5e-4,1e-3,2e-3"),
+     "2.5e-4,5e-4,1e-3,2e-3"),
 ]
 
 
