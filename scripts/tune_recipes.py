@@ -58,24 +58,32 @@ def sweep_dir(out: Path, name: str) -> Path:
     return out / name
 
 
+def proxy_overrides(threads: int) -> list[str]:
+    """What every trial fixes, lr sweeps and option sweeps alike: the proxy and the reference settings."""
+    return [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
+            f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
+
+
+def cell(rec: dict) -> str:
+    """A trial's validation accuracy in %, or why it has none."""
+    return f"{100 * rec['value']:.2f}" if rec.get("status") == "done" else rec.get("status", "?")
+
+
 def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: list[float]) -> int:
     lr = REFERENCE_LR[name]
     if trials:  # random search: lr log-uniform over the same range, schedule drawn
         grid = [f"train.lr={lr / 2:.3g}:{2 * lr:.3g}", "train.scheduler=constant,linear", "--trials", str(trials)]
     else:
         grid = ["train.lr=" + ",".join(f"{f * lr:.3g}" for f in factors), "train.scheduler=constant,linear"]
-    fixed = [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
-             f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
-    cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *grid, *fixed, "--out", str(sweep_dir(out, name))]
+    cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *grid, *proxy_overrides(threads),
+           "--out", str(sweep_dir(out, name))]
     print(" ".join(cmd[1:]), flush=True)
     return subprocess.call(cmd, cwd=ROOT)
 
 
 def run_key_sweeps(name: str, out: Path, threads: int) -> None:
-    fixed = [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
-             f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
     for suffix, axes in METHOD_KEYS[name].items():
-        cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *axes, *fixed,
+        cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *axes, *proxy_overrides(threads),
                "--out", str(out / f"keys_{name}{suffix}")]
         print(" ".join(cmd[1:]), flush=True)
         subprocess.call(cmd, cwd=ROOT)
@@ -90,8 +98,7 @@ def key_table(out: Path, names: list[str]) -> None:
         def show(settings: dict) -> str:
             return " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in settings.items())
 
-        cells = ", ".join(f"{show(r['settings'])}: " + (f"{100 * r['value']:.2f}" if r.get("status") == "done"
-                                                         else r.get("status", "?")) for r in recs)
+        cells = ", ".join(f"{show(r['settings'])}: {cell(r)}" for r in recs)
         print(f"| {name} | {cells} | {show(best['settings']) if best else '–'} |")
 
 
@@ -153,11 +160,7 @@ def main() -> None:
     for name in args.recipes:
         recs = records(args.out, name)
         best = winner(args.out, name)
-        cells = ", ".join(
-            f"{r['settings']['train.lr']} {r['settings']['train.scheduler']}: "
-            + (f"{100 * r['value']:.2f}" if r.get("status") == "done" else r.get("status", "?"))
-            for r in recs
-        )
+        cells = ", ".join(f"{r['settings']['train.lr']} {r['settings']['train.scheduler']}: {cell(r)}" for r in recs)
         chosen = f"lr {best['settings']['train.lr']}, {best['settings']['train.scheduler']}" if best else "–"
         print(f"| {name} | {len(recs)} | {cells} | {chosen} |")
 
