@@ -602,14 +602,14 @@ class SweepResult:
         return sum(r.get("status") == "done" for r in self.records)
 
 
-def _fmt(v: Any) -> str:
+def as_override(v: Any) -> str:
     """A value as a user would type it back on the command line: `[q, v]`, not `['q', 'v']`."""
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_fmt(x) for x in v) + "]"
+        return "[" + ",".join(as_override(x) for x in v) + "]"
     return str(v)
 
 
@@ -642,14 +642,14 @@ class _Board:
             else:
                 status, value, secs = "pending", None, None
             style = "bold green" if best is not None and best["trial"] == t.id else None
-            table.add_row(t.id, *(escape(_fmt(t.settings[k])) for k in plan.keys),
+            table.add_row(t.id, *(escape(as_override(t.settings[k])) for k in plan.keys),
                           f"[{colours[status]}]{status}[/]", "" if value is None else f"{value:.4f}",
                           "" if secs is None else f"{secs:.0f} s", style=style)
         return table
 
 
 def _line(plan: SweepPlan, rec: dict) -> str:
-    settings = " ".join(f"{k}={_fmt(v)}" for k, v in rec["settings"].items())
+    settings = " ".join(f"{k}={as_override(v)}" for k, v in rec["settings"].items())
     value = "" if rec.get("value") is None else f" · val {plan.metric} {rec['value']:.4f}"
     secs = f" · {rec['wall_s']:.0f} s" if rec.get("wall_s") is not None else ""
     err = f" · {rec['error']}" if rec.get("error") else ""

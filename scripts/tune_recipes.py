@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peftcli.sweep import _fmt, pick_best, read_records
+from peftcli.sweep import as_override, pick_best, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def key_table(out: Path, names: list[str]) -> None:
         best = pick_best(recs, "accuracy")
 
         def show(settings: dict) -> str:
-            return " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in settings.items())
+            return " ".join(f"{k.split('.')[-1]}={as_override(v)}" for k, v in settings.items())
 
         cells = ", ".join(f"{show(r['settings'])}: {cell(r)}" for r in recs)
         print(f"| {name} | {cells} | {show(best['settings']) if best else '–'} |")

@@ -486,9 +486,9 @@ def test_real_grid_on_tiny_bert(tiny_bert_dir, tiny_csv, tmp_path):
 
 def test_settings_print_as_typed_overrides():
     """A trial's settings print the way a user types them back: `method.targets=[q,v]` pastes."""
-    from peftcli.sweep import _fmt
+    from peftcli.sweep import as_override
 
-    assert _fmt(["q", "v"]) == "[q,v]"
-    assert _fmt(True) == "true" and _fmt(False) == "false"
-    assert _fmt(0.00012345678) == "0.0001235"
-    assert _fmt(50) == "50"
+    assert as_override(["q", "v"]) == "[q,v]"
+    assert as_override(True) == "true" and as_override(False) == "false"
+    assert as_override(0.00012345678) == "0.0001235"
+    assert as_override(50) == "50"
