@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from peftcli.plot import read_metrics
 from peftcli.sweep import as_override, pick_best, read_records
 
 
@@ -26,11 +27,8 @@ def figure(metric: str, value: float) -> str:
 
 def curve(run: Path, metric: str) -> str:
     """The validation figure at each evaluation of one run, in step order."""
-    points = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if isinstance(rec.get("val"), dict) and metric in rec["val"]:
-            points.append(f"{rec['step']}: {figure(metric, rec['val'][metric])}")
+    _, evals = read_metrics(run)
+    points = [f"{e['step']}: {figure(metric, e['eval'][metric])}" for e in evals if metric in e["eval"]]
     return " → ".join(points) or "–"
 
 
