@@ -531,9 +531,9 @@ def validate(
 
 def _show_data(r) -> None:
     """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
-    from .data import malformed_summary
+    from .data import batches, malformed_summary
     from .models import load_tokenizer
-    from .pipeline import pack_for_training, prepare_data
+    from .pipeline import collator, pack_for_training, prepare_data, train_collator
 
     tok = load_tokenizer(r.model.name)
     splits, train_ex, val, test = prepare_data(r, tok)
@@ -550,10 +550,18 @@ def _show_data(r) -> None:
               f"(data.max_length {r.data.max_length}; {sum(n >= r.data.max_length for n in lengths)} cut) · "
               f"trained tokens {trained} of {sum(lengths)} ({100 * trained / max(sum(lengths), 1):.1f} %)",
               highlight=False, soft_wrap=True)
-    if r.data.packing:
+    if r.data.packing is True:
         rows = pack_for_training(r, train_ex)
         fill = sum(lengths) / (len(rows) * r.data.max_length)
         out.print(f"packing: {len(rows)} rows of {r.data.max_length} tokens, {100 * fill:.1f} % filled", highlight=False, soft_wrap=True)
+    elif r.data.packing == "batch":
+        # Epoch 0's batches as training reads them: slots (rows x length) padded, and packed batch by batch.
+        order = dict(shuffle=True, seed=r.train.seed, length_group=r.train.batch_size if r.train.group_by_length else 0)
+        slots = [sum(b["input_ids"].numel() for b in batches(train_ex, r.train.batch_size, c, **order))
+                 for c in (collator(r, tok), train_collator(r, tok))]
+        out.print(f"packing: each batch of {r.train.batch_size} examples packed into rows of {r.data.max_length} tokens: "
+                  f"{100 * sum(lengths) / slots[1]:.1f} % of the slots hold tokens ({100 * sum(lengths) / slots[0]:.1f} % "
+                  "padded)", highlight=False, soft_wrap=True)
     e = train_ex[0]
     # Trained tokens in reverse video on a terminal; elsewhere (a pipe, a log) between ⟦ and ⟧.
     marks = ("[reverse green]", "[/]") if out.is_terminal else ("⟦", "⟧")

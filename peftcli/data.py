@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import heapq
 import importlib.util
 import json
 import math
@@ -665,6 +666,39 @@ def pack(examples: list[dict], max_length: int, seed: int) -> list[dict[str, Any
         rows[r].append(j)
         if space - n > 0:
             bisect.insort(free, (space - n, r))
+    return _packed_rows(examples, rows)
+
+
+def pack_balanced(examples: list[dict], max_length: int) -> list[dict[str, Any]]:
+    """One batch's examples in rows of at most `max_length` tokens, as even in length as possible.
+
+    A batch is padded to its longest row, so what costs is rows x longest row, not the row count:
+    longest example first into the shortest row (the LPT rule for balancing loads), trying a few
+    row counts from the fewest that can hold the batch; best fit (`pack`) competes too. The
+    packing with the fewest slots wins. Deterministic: a function of the examples' lengths and order.
+    """
+    lengths = [len(e["input_ids"]) for e in examples]
+    order = sorted((j for j in range(len(examples)) if lengths[j] > 0), key=lambda j: -lengths[j])
+    fewest = max(1, -(-sum(lengths) // max_length))
+    best: tuple[int, list[list[int]]] | None = None
+    for n in range(fewest, min(fewest + 4, len(order) + 1)):
+        loads = [(0, r) for r in range(n)]  # (tokens so far, row): a heap, shortest row first
+        rows: list[list[int]] = [[] for _ in range(n)]
+        for j in order:
+            load, r = heapq.heappop(loads)
+            rows[r].append(j)
+            heapq.heappush(loads, (load + lengths[j], r))
+        longest = max(load for load, _ in loads)
+        if longest <= max_length and (best is None or n * longest < best[0]):
+            best = (n * longest, rows)
+    fit = pack(examples, max_length, seed=0)  # fewest rows; at times fewer slots too, and it never fails
+    if best is None or len(fit) * max(len(r["input_ids"]) for r in fit) <= best[0]:
+        return fit
+    return _packed_rows(examples, [r for r in best[1] if r])
+
+
+def _packed_rows(examples: list[dict], rows: list[list[int]]) -> list[dict[str, Any]]:
+    """Rows of examples joined: positions restart and the first label of each example is IGNORE."""
     packed = []
     for members in rows:
         ids: list[int] = []
@@ -719,6 +753,24 @@ class Collator:
                 pos[i, k:] = torch.arange(n - k)
             out["position_ids"] = pos
         return out
+
+
+class PackEachBatch:
+    """`data.packing: batch`: the examples of each batch packed into even rows of at most `max_length`.
+
+    The batch is the one unpacked training would read, and a packed batch's loss is the
+    token-weighted loss of its examples unpacked (see `pack`), so the optimizer takes the same
+    steps on the same examples as with padding: only the padding is gone. (Packing the whole
+    training set, `data.packing: true`, also fills rows across batches but changes which
+    examples share a step and how many steps an epoch has.)
+    """
+
+    def __init__(self, collate: Collator, max_length: int) -> None:
+        self.collate = collate
+        self.max_length = max_length
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return self.collate(pack_balanced(examples, self.max_length))
 
 
 def group_by_length(order: list[int], lengths: list[int], group: int, rng: random.Random) -> list[int]:

@@ -14,7 +14,7 @@ from .arch import Arch
 from .build import attach_method
 from .checkpoint import CheckpointError, find_run_adapter, load_adapter_state, read_adapter
 from .core.switch import apply_recorded
-from .data import Collator, DataError, Splits, load_splits, malformed_summary, pack, tokenize
+from .data import Collator, DataError, PackEachBatch, Splits, load_splits, malformed_summary, pack, tokenize
 from .models import load_base_model, load_tokenizer, resolve_dtype
 from .recipe import Recipe, load_recipe
 from .registry import MethodSpec
@@ -145,13 +145,19 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[di
 
 def pack_for_training(recipe: Recipe, train: list[dict]) -> list[dict]:
     """The training examples as the loop consumes them: packed rows with data.packing, else as they are."""
-    if not recipe.data.packing:
+    if recipe.data.packing is not True:  # false, or "batch": packed batch by batch (`train_collator`)
         return train
     return pack(train, recipe.data.max_length, recipe.train.seed)
 
 
 def collator(recipe: Recipe, tokenizer) -> Collator:
+    """Evaluation's batches (never packed), and training's unless data.packing is "batch"."""
     return Collator(tokenizer.pad_token_id, recipe.model.task)
+
+
+def train_collator(recipe: Recipe, tokenizer) -> Collator | PackEachBatch:
+    base = collator(recipe, tokenizer)
+    return PackEachBatch(base, recipe.data.max_length) if recipe.data.packing == "batch" else base
 
 
 def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None) -> tuple[Built, dict]:

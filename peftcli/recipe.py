@@ -92,9 +92,10 @@ class DataConfig:
     response_column: str | None = opt(None, "causal_lm: response column")
     chat_template: bool = opt(True, "causal_lm: wrap prompts with the tokenizer's chat template if it has one")
     max_length: int = opt(128, "truncate inputs to this many tokens", min=8)
-    packing: bool = opt(
-        False, "causal_lm: pack examples into rows of max_length tokens, each attending only to itself "
-        "(train.batch_size then counts rows); evaluation stays unpacked"
+    packing: bool | Literal["batch"] = opt(
+        False, "causal_lm: pack examples into rows of max_length tokens, each attending only to itself. "
+        "true: the whole training set, fewest rows (train.batch_size then counts rows); batch: each batch's "
+        "examples (the steps and loss of padded batches, without the padding); evaluation stays unpacked"
     )
     strict: bool = opt(False, "refuse malformed rows instead of skipping and reporting them (`--strict`)")
 
@@ -492,9 +493,10 @@ def recipe_from_dict(
         problems.append(f"data.format: {data.format!r} is for causal_lm; classification reads data.text_column "
                         "and data.label_column: remove data.format")
     train_cfg: TrainConfig = sections["train"]
-    if data.packing and train_cfg.group_by_length:
-        problems.append("train.group_by_length: packed rows are all max_length already; "
-                        "set either data.packing or train.group_by_length")
+    if data.packing is True and train_cfg.group_by_length:
+        problems.append("train.group_by_length: rows packed from the whole training set are all max_length "
+                        "already; set either data.packing: true or train.group_by_length (data.packing: batch "
+                        "combines with it)")
     if len(set(train_cfg.report_to)) != len(train_cfg.report_to):
         problems.append(f"train.report_to: {train_cfg.report_to} names a tracker twice; list each once")
     if check_files and (why := missing_data_file(data.source)):

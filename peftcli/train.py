@@ -37,7 +37,7 @@ from .faults import kill_point
 from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from .optim import build_optimizer
 from .packing import packed_rows
-from .pipeline import build, collator, pack_for_training, prepare_data
+from .pipeline import build, collator, pack_for_training, prepare_data, train_collator
 from .recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
 from .runstate import (
     Position,
@@ -102,7 +102,8 @@ class Session:
     train_ex: list[dict]
     val_ex: list[dict]  # choose the best checkpoint; empty = no validation, the last checkpoint is kept
     test_ex: list[dict]  # the held-out rows: scored once, in `finish`, with the kept adapter
-    collate: Any
+    collate: Any  # evaluation's: never packed
+    train_collate: Any  # training's: packs each batch with data.packing "batch"
     model: torch.nn.Module
     train_model: torch.nn.Module  # the model, or its DDP wrapper
     arch: Any
@@ -152,7 +153,7 @@ def train(
                 steps_at_start = pos.step
                 epoch_from_start = pos.micro == 0
                 group: list[dict] = []
-                for batch in batches(s.train_ex, s.recipe.train.batch_size, s.collate, shuffle=True,
+                for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
                                      seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
                                      start=pos.micro, length_group=_length_group(s)):
                     group.append(batch)
@@ -329,7 +330,7 @@ def set_up(
         recipe=recipe, run_dir=run_dir, console=console, rank=rank, world=world, dist_mode=dist_mode, device=device,
         tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, val_ex=val_ex,
         test_ex=test_ex,
-        collate=collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
+        collate=collator(recipe, tokenizer), train_collate=train_collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
         trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, drop_rng=random.Random(tcfg.seed),
         lisa_active=None,
         loss_kind=loss_kind, micro_per_epoch=micro_per_epoch, total_steps=total_steps,
@@ -341,7 +342,8 @@ def set_up(
     console.print(
         f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
         f"{budget['total']:,} ({budget['percent']:.3f} %) · "
-        + (f"{n_examples} train in {len(train_ex)} packed rows" if recipe.data.packing else f"{len(train_ex)} train")
+        + (f"{n_examples} train in {len(train_ex)} packed rows" if recipe.data.packing is True
+           else f"{len(train_ex)} train" + " (each batch packed)" * (recipe.data.packing == "batch"))
         + f" / {len(val_ex)} val / {len(test_ex)} test · {device}"
         + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
     )
@@ -505,7 +507,7 @@ def _calibration_losses(s: Session):
     s.model.eval()
     plain = replace(s, train_model=s.model)  # no DDP hooks: each rank calibrates on its own
     try:
-        for batch in batches(s.train_ex, s.recipe.train.batch_size, s.collate, shuffle=True,
+        for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
                              seed=s.recipe.train.seed, epoch=0, rank=0, world=1, start=0):
             yield compute_loss(plain, {k: v.to(s.device) for k, v in batch.items()})
     finally:

@@ -15,7 +15,7 @@ values show that both sides train the same function.
     python scripts/bench_train.py --case gpu-bert
     python scripts/bench_train.py --case gpu-llama1b
     python scripts/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
-    python scripts/bench_train.py --case cpu-sft                # whole SFT runs: padded, grouped, packed, HF Trainer
+    python scripts/bench_train.py --case cpu-sft                # whole SFT runs: padded, grouped, packed (2 ways), HF
 
 On a CPU shared with other processes, use --threads 1 (or auto): with torch's default of one
 thread per core, every op waits at a barrier for a descheduled thread, and step times swing by 2×
@@ -413,7 +413,8 @@ def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict
 
     summary = train(sft_recipe(args, out, name, batch_size, **data), console=Console(stderr=True, quiet=True))
     last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
-    return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') else 'examples'}",
+    return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') is True else 'examples'}"
+            + (" packed" if data.get("packing") == "batch" else ""),
             "steps": summary["steps"], "tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"],
             "eval_loss": summary["test"]["loss"]}
 
@@ -455,12 +456,17 @@ def run_hf_trainer_sft(args, out: Path, batch_size: int, train_ex: list[dict], e
             "eval_loss": m["loss"]}
 
 
+SFT_SIDES = ("padded", "grouped", "packed", "packed-batch", "hf")
+
+
 def cpu_sft(args) -> int:
     """Padded, length-grouped and packed peftcli runs beside HF PEFT + Trainer on the same chat data.
 
     tokens/s counts real (non-padding) tokens of the training examples per second of training
-    loop; every side sees the same examples once. Packed rows hold about as many tokens per step
-    as a padded batch of `--batch` examples, so the runs take similar numbers of similar steps.
+    loop; every side sees the same examples once. Packed rows (`data.packing: true`) hold about as
+    many tokens per step as a padded batch of `--batch` examples, so the runs take similar numbers
+    of similar steps; `packed-batch` (`data.packing: batch`) takes the padded side's very batches,
+    each packed, so its steps and losses are the padded side's up to dropout's masks.
     """
     import tempfile
 
@@ -468,6 +474,10 @@ def cpu_sft(args) -> int:
     from peftcli.models import load_tokenizer
     from peftcli.pipeline import prepare_data
 
+    sides = args.sft_sides.split(",")
+    if unknown := [x for x in sides if x not in SFT_SIDES]:
+        print(f"--sft-sides: unknown side(s) {', '.join(unknown)}; choose from {', '.join(SFT_SIDES)}", file=sys.stderr)
+        return 2
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-sft-"))
     with quiet_command():
         args.model = tiny_smollm2(out) if args.tiny else SMOLLM2
@@ -476,11 +486,13 @@ def cpu_sft(args) -> int:
         mean_len = sum(len(e["input_ids"]) for e in train_ex) / len(train_ex)
         rows = max(1, round(args.batch * mean_len / args.max_length))
         results = []
-        for side in args.sft_sides.split(","):
+        for side in sides:
             if side == "padded" or side == "grouped":
                 results.append(run_peftcli_sft(args, out, side, args.batch))
             elif side == "packed":
                 results.append(run_peftcli_sft(args, out, side, rows, packing=True))
+            elif side == "packed-batch":  # the padded side's batches, each packed: its steps, without padding
+                results.append(run_peftcli_sft(args, out, side, args.batch, packing="batch"))
             elif side == "hf":
                 results.append(run_hf_trainer_sft(args, out, args.batch, train_ex, eval_ex))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
@@ -574,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-rows", type=int, default=64, help="cpu-sft: held-out conversations")
     ap.add_argument("--batch", type=int, default=16, help="cpu-sft: examples per padded batch")
     ap.add_argument("--max-length", type=int, default=512, help="cpu-sft: packed row length and truncation")
-    ap.add_argument("--sft-sides", default="padded,grouped,packed,hf", help="cpu-sft: sides to run, in order")
+    ap.add_argument("--sft-sides", default="padded,grouped,packed,packed-batch,hf", help="cpu-sft: sides to run, in order")
     ap.add_argument("--out", default=None, help="cpu-sft: folder for the runs (default: a temporary one)")
     args = ap.parse_args(argv)
     if args.case == "cpu-sft":

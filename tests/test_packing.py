@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import peftcli.train as train_mod
 from peftcli.build import attach_method
 from peftcli.core.precision import forward_inputs
-from peftcli.data import IGNORE, Collator, DataError, batches, pack
+from peftcli.data import IGNORE, Collator, DataError, batches, pack, pack_balanced
 from peftcli.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from peftcli.packing import check_packing, packed_rows, use_packed_attention
 from peftcli.registry import get_method
@@ -94,6 +94,22 @@ def test_pack_is_a_function_of_the_seed_and_keeps_examples_whole():
         tuple(r["input_ids"][s : s + n]) for r in rows for s, n in _spans(r["position_ids"]))
 
 
+def test_pack_balanced_keeps_examples_whole_in_fewer_slots_than_best_fit():
+    def slots(rows: list[dict]) -> int:
+        return len(rows) * max(len(r["input_ids"]) for r in rows)
+
+    for seed in range(20):
+        ex = _examples(16, seed)
+        rows = pack_balanced(ex, 40)
+        assert rows == pack_balanced(ex, 40)
+        assert all(len(r["input_ids"]) <= 40 for r in rows)
+        assert sorted(tuple(e["input_ids"]) for e in ex) == sorted(
+            tuple(r["input_ids"][s : s + n]) for r in rows for s, n in _spans(r["position_ids"]))
+        assert slots(rows) <= slots(pack(ex, 40, 0))
+    one_long = [{"input_ids": [1] * 40, "labels": [1] * 40}, *_examples(3)]  # a full row and a few short ones
+    assert all(len(r["input_ids"]) <= 40 for r in pack_balanced(one_long, 40))
+
+
 def _spans(pos: list[int]) -> list[tuple[int, int]]:
     starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
     return [(a, b - a) for a, b in zip(starts, starts[1:], strict=False)]
@@ -147,12 +163,14 @@ def chat_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", **train) -> str:
+def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", packing=None, dropout: float | None = None,
+            **train) -> str:
     t = {"epochs": 2, "batch_size": 2, "lr": 5e-3, "progress": False, "log_every": 1, "eval_every": 2, **train}
-    data = {"source": chat_file, "eval_size": 8, "max_length": 96, "packing": not t.get("group_by_length")}
+    packing = (not t.get("group_by_length")) if packing is None else packing
+    data = {"source": chat_file, "eval_size": 8, "max_length": 96, "packing": packing}
+    method = {"name": "lora", "r": 4, **({"dropout": dropout} if dropout is not None else {})}
     return write_recipe(tmp_path / f"{run}.yaml", model={"name": str(model_dir), "task": "causal_lm"}, data=data,
-                        method={"name": "lora", "r": 4}, train=t,
-                        output={"dir": str(tmp_path / run), "plot": False})
+                        method=method, train=t, output={"dir": str(tmp_path / run), "plot": False})
 
 
 def _losses(run: Path) -> list[float]:
@@ -160,13 +178,16 @@ def _losses(run: Path) -> list[float]:
             and '"val"' not in x and '"test"' not in x]
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["packing", "group_by_length"])
-def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatch, grouped):
-    extra = {"group_by_length": True} if grouped else {}
+@pytest.mark.parametrize("mode", ["packing", "group_by_length", "packing-batch"])
+def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatch, mode):
+    extra = {"group_by_length": True} if mode == "group_by_length" else {}
+    if mode == "packing-batch":
+        extra = {"packing": "batch", "group_by_length": True}  # the two combine: grouped batches, each packed
     whole = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "whole", **extra)
     res = runner.invoke(app_cli(), ["train", whole])
     assert res.exit_code == 0, res.output
-    assert ("packed rows" in res.output) != grouped
+    assert ("packed rows" in res.output) == (mode == "packing")
+    assert ("each batch packed" in res.output) == (mode == "packing-batch")
 
     calls = {"n": 0}
 
@@ -187,6 +208,65 @@ def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatc
     for f in (tmp_path / "whole" / "last").glob("*.safetensors"):
         a, b = load_file(f), load_file(tmp_path / "cut" / "last" / f.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_packing_each_batch_takes_the_padded_runs_steps(kind, tiny_gpt2_dir, chat_file, tmp_path):
+    """data.packing: batch trains on the padded run's batches, so without dropout (whose masks
+    follow the tensor's shape) the two runs are the same run: every step's loss and the adapter."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model_dir = tmp_path / f"tiny-{kind}"
+    torch.manual_seed(0)
+    if kind == "gpt2":  # no dropout inside the model either
+        cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.cls_token_id)
+        GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    else:  # Llama-like models pass positions to attention: the per-example CPU path
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    runs = {}
+    for packing in (False, "batch"):
+        name = f"p{packing}"
+        rec = _recipe(tmp_path, model_dir, chat_file, name, packing=packing, dropout=0.0, batch_size=6, epochs=1)
+        res = runner.invoke(app_cli(), ["train", rec])
+        assert res.exit_code == 0, res.output
+        runs[packing] = tmp_path / name
+    padded, packed = (_losses(runs[k]) for k in (False, "batch"))
+    assert len(padded) == len(packed) == 6  # 36 training conversations in batches of 6
+    assert packed == pytest.approx(padded, abs=2e-5)
+    for f in (runs[False] / "adapter").glob("*.safetensors"):
+        a, b = load_file(f), load_file(runs["batch"] / "adapter" / f.name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # and the packed run's batches really were packed: fewer, fuller rows than padding
+    from peftcli.pipeline import collator, prepare_data, train_collator
+    from peftcli.recipe import load_recipe
+
+    r = load_recipe(tmp_path / "pbatch.yaml")
+    _, train_ex, _, _ = prepare_data(r, tok)
+    first = train_ex[:6]
+    plain, packed_b = collator(r, tok)(first), train_collator(r, tok)(first)
+    assert packed_b["input_ids"].shape[0] < plain["input_ids"].shape[0]
+    assert int(packed_b["attention_mask"].sum()) == int(plain["attention_mask"].sum())
+    assert int((packed_b["labels"] != IGNORE).sum()) == int((plain["labels"] != IGNORE).sum())
+
+
+def test_packing_takes_true_false_or_batch(tiny_gpt2_dir, chat_file, tmp_path):
+    bad = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "bad", packing="rows")
+    res = runner.invoke(app_cli(), ["validate", bad])
+    assert res.exit_code == 2 and "data.packing: expected bool or 'batch', got 'rows'" in res.output
+    both = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "both", packing=True, group_by_length=True)
+    res = runner.invoke(app_cli(), ["validate", both])
+    assert res.exit_code == 2 and "data.packing: batch combines with it" in res.output
+    ok = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "ok", packing="batch", group_by_length=True)
+    res = runner.invoke(app_cli(), ["validate", ok, "--data"])
+    assert res.exit_code == 0, res.output
+    assert "packing: each batch of 2 examples packed into rows of 96 tokens" in res.output
 
 
 def app_cli():
