@@ -648,13 +648,18 @@ def pack(examples: list[dict], max_length: int, seed: int) -> list[dict[str, Any
     Packed once per run from (examples, seed): the rows, and so the number of steps per epoch, are
     the same in a resumed run; the loop shuffles the rows each epoch.
     """
-    order = list(range(len(examples)))
+    return _packed_rows(examples, _best_fit([len(e["input_ids"]) for e in examples], max_length, seed))
+
+
+def _best_fit(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
+    """Example indices in rows of at most `max_length` tokens: longest first, each into the row it fills best."""
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)  # ties between equal lengths broken by the seed, not file order
-    order.sort(key=lambda j: -len(examples[j]["input_ids"]))
+    order.sort(key=lambda j: -lengths[j])
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (space left, row index), sorted: best fit = first with enough space
     for j in order:
-        n = len(examples[j]["input_ids"])
+        n = lengths[j]
         if n == 0:
             continue
         at = bisect.bisect_left(free, (n, -1))
@@ -666,7 +671,7 @@ def pack(examples: list[dict], max_length: int, seed: int) -> list[dict[str, Any
         rows[r].append(j)
         if space - n > 0:
             bisect.insort(free, (space - n, r))
-    return _packed_rows(examples, rows)
+    return rows
 
 
 def pack_balanced(examples: list[dict], max_length: int) -> list[dict[str, Any]]:
@@ -678,9 +683,13 @@ def pack_balanced(examples: list[dict], max_length: int) -> list[dict[str, Any]]
     packing with the fewest slots wins. Deterministic: a function of the examples' lengths and order.
     """
     lengths = [len(e["input_ids"]) for e in examples]
+
+    def slots(rows: list[list[int]]) -> int:
+        return len(rows) * max((sum(lengths[j] for j in row) for row in rows), default=0)
+
+    best = _best_fit(lengths, max_length, seed=0)  # fewest rows; at times fewest slots too, and it never fails
     order = sorted((j for j in range(len(examples)) if lengths[j] > 0), key=lambda j: -lengths[j])
     fewest = max(1, -(-sum(lengths) // max_length))
-    best: tuple[int, list[list[int]]] | None = None
     for n in range(fewest, min(fewest + 4, len(order) + 1)):
         loads = [(0, r) for r in range(n)]  # (tokens so far, row): a heap, shortest row first
         rows: list[list[int]] = [[] for _ in range(n)]
@@ -688,13 +697,9 @@ def pack_balanced(examples: list[dict], max_length: int) -> list[dict[str, Any]]
             load, r = heapq.heappop(loads)
             rows[r].append(j)
             heapq.heappush(loads, (load + lengths[j], r))
-        longest = max(load for load, _ in loads)
-        if longest <= max_length and (best is None or n * longest < best[0]):
-            best = (n * longest, rows)
-    fit = pack(examples, max_length, seed=0)  # fewest rows; at times fewer slots too, and it never fails
-    if best is None or len(fit) * max(len(r["input_ids"]) for r in fit) <= best[0]:
-        return fit
-    return _packed_rows(examples, [r for r in best[1] if r])
+        if max(load for load, _ in loads) <= max_length and slots(rows) < slots(best):
+            best = rows
+    return _packed_rows(examples, best)
 
 
 def _packed_rows(examples: list[dict], rows: list[list[int]]) -> list[dict[str, Any]]:
