@@ -531,7 +531,7 @@ def validate(
 
 def _show_data(r) -> None:
     """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
-    from .data import batches, malformed_summary
+    from .data import batches, length_group_size, malformed_summary
     from .models import load_tokenizer
     from .pipeline import collator, pack_for_training, prepare_data, train_collator
 
@@ -556,7 +556,7 @@ def _show_data(r) -> None:
         out.print(f"packing: {len(rows)} rows of {r.data.max_length} tokens, {100 * fill:.1f} % filled", highlight=False, soft_wrap=True)
     elif r.data.packing == "batch":
         # Epoch 0's batches as training reads them: slots (rows x length) padded, and packed batch by batch.
-        order = dict(shuffle=True, seed=r.train.seed, length_group=r.train.batch_size if r.train.group_by_length else 0)
+        order = dict(shuffle=True, seed=r.train.seed, length_group=length_group_size(r.train, world=1))
         slots = [sum(b["input_ids"].numel() for b in batches(train_ex, r.train.batch_size, c, **order))
                  for c in (collator(r, tok), train_collator(r, tok))]
         out.print(f"packing: each batch of {r.train.batch_size} examples packed into rows of {r.data.max_length} tokens: "

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .recipe import BUILTIN_SOURCES, DataConfig, missing_data_file
+from .recipe import BUILTIN_SOURCES, DataConfig, TrainConfig, missing_data_file
 
 IGNORE = -100
 INSTRUCT_PROMPT = (
@@ -776,6 +776,11 @@ class PackEachBatch:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return self.collate(pack_balanced(examples, self.max_length))
+
+
+def length_group_size(train: TrainConfig, world: int) -> int:
+    """Examples per length group with train.group_by_length (0 without): one global batch, a size --resume keeps."""
+    return train.batch_size * train.grad_accum * world if train.group_by_length else 0
 
 
 def group_by_length(order: list[int], lengths: list[int], group: int, rng: random.Random) -> list[int]:

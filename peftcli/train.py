@@ -30,7 +30,7 @@ from .build import pick_device, trainable_summary
 from .checkpoint import atomic_file_write, recover_dir, save_adapter
 from .core.precision import autocast_ctx, forward_inputs
 from .core.switch import random_drop, set_dropped_layers
-from .data import DataError, batches, malformed_summary, num_batches
+from .data import DataError, batches, length_group_size, malformed_summary, num_batches
 from .evaluate import evaluate, generation_eval
 from .fast import compile_layers, trim_unread_positions
 from .faults import kill_point
@@ -155,7 +155,7 @@ def train(
                 group: list[dict] = []
                 for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
                                      seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
-                                     start=pos.micro, length_group=_length_group(s)):
+                                     start=pos.micro, length_group=length_group_size(s.recipe.train, s.world)):
                     group.append(batch)
                     if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
                         continue
@@ -194,12 +194,6 @@ def train(
         _restore_replaced(s)
         raise
     return finish(s, pos)
-
-
-def _length_group(s: Session) -> int:
-    """Examples per length group with train.group_by_length: one global batch, a size --resume keeps."""
-    t = s.recipe.train
-    return t.batch_size * t.grad_accum * s.world if t.group_by_length else 0
 
 
 def _examples_in(batch: dict[str, torch.Tensor]) -> int:
