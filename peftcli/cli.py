@@ -37,30 +37,30 @@ BAD_INPUT, FAILURE = 2, 1
 
 
 def _bad_input_types() -> tuple[type, ...]:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .distributed import DistributedEnvError
-    from .faults import InjectedBadInput
-    from .models import ModelLoadError
-    from .multi import MultiAdapterError
-    from .optim import OptimizerUnavailable
-    from .recipe import RecipeError
-    from .runfolder import UnsafePathError
-    from .runstate import ResumeError
-    from .sweep import SweepError
-    from .train import RunExistsError
+    from peftcli.commands.sweep import SweepError
+    from peftcli.config.recipe import RecipeError
+    from peftcli.core.faults import InjectedBadInput
+    from peftcli.data.datasets import DataError
+    from peftcli.inference.multi import MultiAdapterError
+    from peftcli.models.loading import ModelLoadError
+    from peftcli.runs.checkpoint import CheckpointError
+    from peftcli.runs.folder import UnsafePathError
+    from peftcli.runs.state import ResumeError
+    from peftcli.training.distributed import DistributedEnvError
+    from peftcli.training.loop import RunExistsError
+    from peftcli.training.optim import OptimizerUnavailable
 
     types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
                           UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError, OptimizerUnavailable,
                           MultiAdapterError, SweepError]
     try:
-        from .arch import UnsupportedArchitecture
+        from peftcli.core.arch import UnsupportedArchitecture
 
         types_.append(UnsupportedArchitecture)
     except ImportError:
         pass
     try:
-        from .quant import QuantizationUnavailable
+        from peftcli.models.quant import QuantizationUnavailable
 
         types_.append(QuantizationUnavailable)
     except ImportError:
@@ -74,7 +74,7 @@ class UsageError(Exception):
 
 def _complete_methods(incomplete: str) -> list[str]:
     """Shell completion of method names (the registry is the only list)."""
-    from .methods import all_methods
+    from peftcli.methods import all_methods
 
     return [m for m in sorted(all_methods()) if m.startswith(incomplete)]
 
@@ -112,7 +112,7 @@ def handle_errors(fn):
 def _load(recipe_path: Path, overrides: list[str] | None, *, check_files: bool = True):
     """Commands that go on to read the data check that a local data file exists, so a typo in
     data.source is reported by `validate` and before `train` loads a model."""
-    from .recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
 
     return load_recipe(recipe_path, overrides or [], check_files=check_files)
 
@@ -137,12 +137,12 @@ def train(
     if strict:
         r.data.strict = True
     if nproc > 1 and not dry_run:
-        from .launch import launch_torchrun
+        from peftcli.training.launch import launch_torchrun
 
         raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke))
     if dry_run:
-        from .budget import budget_from_recipe
-        from .recipe import recipe_yaml
+        from peftcli.config.recipe import recipe_yaml
+        from peftcli.training.budget import budget_from_recipe
 
         out.print(recipe_yaml(r), highlight=False)
         b = budget_from_recipe(r)
@@ -153,14 +153,14 @@ def train(
         r.output.overwrite = True
         r.train.progress = False
         r.output.plot = True
-    from .core.quiet import quiet_command
+    from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
         _train(r, resume=resume, smoke=smoke)
 
 
 def _train(r, *, resume: bool, smoke: bool) -> None:
-    from .train import train as run_train
+    from peftcli.training.loop import train as run_train
 
     summary = run_train(r, resume=resume, smoke=smoke)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
@@ -176,9 +176,9 @@ def _train(r, *, resume: bool, smoke: bool) -> None:
     elif test:
         out.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     if smoke:
-        from .build import pick_device
-        from .evaluate import evaluate as run_eval
-        from .pipeline import collator, load_run, prepare_data
+        from peftcli.inference.evaluate import evaluate as run_eval
+        from peftcli.methods.attach import pick_device
+        from peftcli.runs.load import collator, load_run, prepare_data
 
         built, _ = load_run(r.run_dir(), pick_device("cpu"))
         _, _, _, held = prepare_data(built.recipe, built.tokenizer)
@@ -215,7 +215,14 @@ def sweep(
     """
     import shlex
 
-    from .sweep import lower_is_better, parse_parallel, plan_trials, run_sweep, visible_gpus, workers_for
+    from peftcli.commands.sweep import (
+        lower_is_better,
+        parse_parallel,
+        plan_trials,
+        run_sweep,
+        visible_gpus,
+        workers_for,
+    )
 
     par = parse_parallel(parallel)
     plan = plan_trials(recipe, settings, trials=trials, seed=seed, out=out_dir, smoke=smoke)
@@ -267,7 +274,7 @@ def eval_cmd(
     Several runs of one base model are evaluated in one pass: each on its own recipe's split, the
     base model run once per batch of mixed examples, each run's metrics saved in its folder.
     """
-    from .core.quiet import quiet_command
+    from peftcli.core.quiet import quiet_command
 
     split = "test" if split == "eval" else split
     with quiet_command(verbose):
@@ -279,7 +286,7 @@ def eval_cmd(
 
 def _split_examples(rec, tokenizer, split: str) -> list[dict]:
     """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows."""
-    from .pipeline import prepare_data
+    from peftcli.runs.load import prepare_data
 
     if split not in ("test", "val", "train"):
         rec.data.eval_split = split
@@ -291,9 +298,9 @@ def _split_examples(rec, tokenizer, split: str) -> list[dict]:
 
 
 def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
-    from .build import pick_device
-    from .evaluate import evaluate, generation_eval
-    from .pipeline import collator, load_run
+    from peftcli.inference.evaluate import evaluate, generation_eval
+    from peftcli.methods.attach import pick_device
+    from peftcli.runs.load import collator, load_run
 
     dev = pick_device(device)
     built, meta = load_run(run, dev)
@@ -318,15 +325,15 @@ def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
     for k, v in m.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
-    from .checkpoint import atomic_file_write
+    from peftcli.runs.checkpoint import atomic_file_write
 
     atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
 def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> None:
-    from .build import pick_device
-    from .checkpoint import atomic_file_write
-    from .multi import evaluate_runs, load_runs
+    from peftcli.inference.multi import evaluate_runs, load_runs
+    from peftcli.methods.attach import pick_device
+    from peftcli.runs.checkpoint import atomic_file_write
 
     dev = pick_device(device)
     multi = load_runs(runs, dev)
@@ -365,8 +372,8 @@ def count_params(
     seq_len: Annotated[int, typer.Option(help="memory estimate: tokens per sequence")] = 1024,
 ) -> None:
     """Trainable / total parameters of a method on a model, built on the meta device (no weights read)."""
-    from .budget import budget, print_budget
-    from .recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.training.budget import budget, print_budget
 
     if recipe is not None and recipe.suffix in (".yaml", ".yml"):
         r = _load(recipe, overrides, check_files=False)  # counting parameters reads no data
@@ -399,8 +406,8 @@ def merge(
 ) -> None:
     """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
     model folder that runs as fast as the base model."""
-    from .commands.merge import merge_run
-    from .core.quiet import quiet_command
+    from peftcli.commands.merge import merge_run
+    from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
         diff = merge_run(run, dest, force=force, recipe=recipe)
@@ -435,7 +442,7 @@ def combine(
 ) -> None:
     """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
     export and generate take it like a trained run)."""
-    from .commands.combine import CombineError, combine_runs, parse_weights
+    from peftcli.commands.combine import CombineError, combine_runs, parse_weights
 
     if len(runs_and_dest) < 2:
         raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
@@ -476,7 +483,7 @@ def export(
     """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
     if to != "peft":
         raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
-    from .commands.peft import export_run
+    from peftcli.commands.peft import export_run
 
     lay = export_run(run, dest, force=force)
     out.print(f"wrote {lay.peft_type} adapter to {dest} (adapter_config.json + adapter_model.safetensors)")
@@ -499,7 +506,7 @@ def import_peft_cmd(
     force: Annotated[bool, typer.Option(help="replace RUN if it exists")] = False,
 ) -> None:
     """Turn an HF PEFT adapter folder into a peftcli run folder (eval, merge, generate, export then work)."""
-    from .commands.peft import import_peft
+    from peftcli.commands.peft import import_peft
 
     import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force)
     out.print(f"imported {src} into run folder {run}")
@@ -522,7 +529,7 @@ def validate(
     if strict:
         r.data.strict = True
     if data:
-        from .core.quiet import quiet_command
+        from peftcli.core.quiet import quiet_command
 
         with quiet_command():
             _show_data(r)
@@ -531,9 +538,9 @@ def validate(
 
 def _show_data(r) -> None:
     """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
-    from .data import batches, length_group_size, malformed_summary
-    from .models import load_tokenizer
-    from .pipeline import collator, pack_for_training, prepare_data, train_collator
+    from peftcli.data.datasets import batches, length_group_size, malformed_summary
+    from peftcli.models.loading import load_tokenizer
+    from peftcli.runs.load import collator, pack_for_training, prepare_data, train_collator
 
     tok = load_tokenizer(r.model.name)
     splits, train_ex, val, test = prepare_data(r, tok)
@@ -659,7 +666,7 @@ def plot(
     out_file: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("curves.png"),
 ) -> None:
     """Draw loss and evaluation curves of several runs on one figure."""
-    from .plot import plot_runs
+    from peftcli.runs.plot import plot_runs
 
     plot_runs(runs, out_file)
     out.print(f"wrote {out_file}")
@@ -683,11 +690,11 @@ def generate_cmd(
 ) -> None:
     """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
     batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
-    from .generate import GenerateError, generate
+    from peftcli.inference.generate import GenerateError, generate
 
     if prompts is not None:
-        from .build import pick_device
-        from .multi import generate_mixed, load_runs, read_prompts
+        from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
+        from peftcli.methods.attach import pick_device
 
         multi = load_runs(args, pick_device(device))
         if multi.recipe.model.task != "causal_lm":
@@ -726,15 +733,15 @@ def serve(
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
-    from .commands.serve import ServeUnavailable, require_stack
+    from peftcli.commands.serve import ServeUnavailable, require_stack
 
     try:
         require_stack()
     except ServeUnavailable as e:
         raise UsageError(str(e)) from None
-    from .build import pick_device
-    from .commands.serve import serve as run_server
-    from .multi import load_runs
+    from peftcli.commands.serve import serve as run_server
+    from peftcli.inference.multi import load_runs
+    from peftcli.methods.attach import pick_device
 
     multi = load_runs(runs, pick_device(device))
     if multi.recipe.model.task != "causal_lm":
@@ -763,8 +770,8 @@ def fuse(
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end")] = False,
 ) -> None:
     """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
-    from .commands.fuse import fuse as run_fuse
-    from .methods.fusion import FusionError
+    from peftcli.commands.fuse import fuse as run_fuse
+    from peftcli.methods.fusion import FusionError
 
     r = _load(recipe, overrides)
     if smoke:
@@ -805,7 +812,7 @@ def drop(
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
-    from .commands.drop import DropError, drop_run
+    from peftcli.commands.drop import DropError, drop_run
 
     try:
         rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
@@ -846,7 +853,7 @@ def _exit_now_if_rank(code: int) -> None:
     """
     if not code or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    from .launch import record_rank_exit
+    from peftcli.training.launch import record_rank_exit
 
     record_rank_exit(code)
     for stream in (sys.stdout, sys.stderr):

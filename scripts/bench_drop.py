@@ -31,8 +31,8 @@ import time
 import torch
 from torch import nn
 
-from peftcli.arch import Arch, resolve
 from peftcli.core.adapter import AdapterModule
+from peftcli.core.arch import Arch, resolve
 from peftcli.methods.bottleneck import Bottleneck, add_post_ln, factory_kwargs, get_role
 
 
@@ -101,7 +101,7 @@ def load(name: str) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     if name == "minilm":
-        from peftcli.models import load_base_model
+        from peftcli.models.loading import load_base_model
 
         return load_base_model("sentence-transformers/all-MiniLM-L6-v2", "classification", num_labels=3,
                                dtype=torch.float32)

@@ -86,7 +86,7 @@ LR_SWEEPS = [
 def choose_lr(out: Path, *, run: bool, only: list[str] | None = None) -> str:
     """Sweep each method's lr on validation, then show every trial's validation loss and the
     chosen trial's held-out loss (the held-out figure of the other trials is not shown)."""
-    from peftcli.sweep import pick_best, read_records
+    from peftcli.commands.sweep import pick_best, read_records
 
     lines = ["| method | lr: validation loss | chosen (on validation) | its held-out loss |", "|---|---|---|---|"]
     for name, recipe, extra, lrs in LR_SWEEPS:
@@ -152,8 +152,8 @@ def estimated_bytes(folder: Path) -> tuple[str, float]:
     """(optimizer, state bytes) `peftcli count-params` predicts for the recipe the run saved, with
     the run's number of classes, in the row of the weights' dtype: fp32 (what `model.dtype: auto`
     gives on CPU) or bf16 (`--set model.dtype=bfloat16`, the CUDA default)."""
-    from peftcli.budget import GIB, budget
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.budget import GIB, budget
 
     meta = json.loads((folder / "last" / "meta.json").read_text())
     labels = meta.get("label_names") or []

@@ -4,7 +4,7 @@ R requests (default 64) are spread evenly over N adapters (N = 1, 4, 16, 64), ea
 tokens continued greedily for T new tokens with the KV cache. Four ways to serve them:
 
     single   the reference: all R requests for one adapter, one batch, unmerged (peftcli's LoraLinear)
-    mixed    one batch of R rows, each row with its own adapter (peftcli.multi: stacked A/B, gather + bmm)
+    mixed    one batch of R rows, each row with its own adapter (peftcli.inference.multi: stacked A/B, gather + bmm)
     swap     one batch per adapter (R/N rows), its A and B copied into the LoraLinear model in between
     merge    one batch per adapter, its update merged into the base weights before and removed after
 
@@ -32,18 +32,18 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from peftcli.arch import resolve
-from peftcli.build import attach_method
+from peftcli.config.recipe import recipe_from_dict
+from peftcli.core.arch import resolve
+from peftcli.inference.multi import Adapter, MultiAdapter, _build_stacks, eos_ids, greedy_ids
+from peftcli.methods.attach import attach_method
 from peftcli.methods.lora import LoraConfig
-from peftcli.multi import Adapter, MultiAdapter, _build_stacks, eos_ids, greedy_ids
-from peftcli.quant import float_dtype
-from peftcli.recipe import recipe_from_dict
+from peftcli.models.quant import float_dtype
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def base_model(tiny: bool) -> tuple[nn.Module, str]:
-    from peftcli.models import load_base_model, model_from_config
+    from peftcli.models.loading import load_base_model, model_from_config
 
     if tiny:
         from transformers import LlamaConfig
@@ -57,7 +57,7 @@ def base_model(tiny: bool) -> tuple[nn.Module, str]:
 
 def random_adapters(model: nn.Module, cfg: LoraConfig, n: int, seed: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """n adapters' (A, B) per target linear, B nonzero so that every adapter changes the output."""
-    from peftcli.registry import select_linears
+    from peftcli.methods.registry import select_linears
 
     paths = select_linears(model, resolve(model), cfg.targets)
     g = torch.Generator().manual_seed(seed)

@@ -3,8 +3,8 @@
 The model has Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192,
 vocabulary 128256, tied embeddings) with random weights: memory and speed depend on shapes, not
 values. It is saved once in bf16, then each side loads it the way `peftcli train` does
-(`peftcli.models.load_base_model`, with `quantization="nf4"` for QLoRA), attaches LoRA r=16 on
-all 7 projections (`peftcli.build.attach_method`), and trains on 8 sequences of 1024 tokens with
+(`peftcli.models.loading.load_base_model`, with `quantization="nf4"` for QLoRA), attaches LoRA r=16 on
+all 7 projections (`peftcli.methods.attach.attach_method`), and trains on 8 sequences of 1024 tokens with
 AdamW, bf16 autocast and the chunked cross-entropy of the training loop.
 
 Each side runs in its own process, so `torch.cuda.max_memory_allocated` is that side's whole
@@ -54,10 +54,10 @@ def save_model(folder: Path) -> None:
 
 def measure(folder: Path, quant: str, *, batch: int, seq: int, steps: int, warmup: int, grad_ckpt: bool) -> dict:
     """One side, in this process: load, attach LoRA, train, and report memory and time."""
-    from peftcli.build import attach_method
-    from peftcli.losses import chunked_causal_lm_loss, hidden_states_out
+    from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig
-    from peftcli.models import load_base_model
+    from peftcli.models.loading import load_base_model
+    from peftcli.models.losses import chunked_causal_lm_loss, hidden_states_out
 
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -110,8 +110,8 @@ def measure(folder: Path, quant: str, *, batch: int, seq: int, steps: int, warmu
 
 def estimate(folder: Path) -> dict[str, float]:
     """peftcli count-params' weight estimate for the same model and adapter, to set beside the measurement."""
-    from peftcli.budget import budget
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.training.budget import budget
 
     r = recipe_from_dict({"model": {"name": str(folder), "task": "causal_lm"},
                           "method": {"name": "lora", "r": 16, "alpha": 32, "targets": TARGETS}}, "bench")

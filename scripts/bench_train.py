@@ -3,8 +3,8 @@
 Both sides get the same base model (same seed, same weights), the same LoRA settings (peftcli's
 targets resolved to module paths and handed to PEFT verbatim), the same batch, AdamW with the
 same learning rate, and the same autocast. What differs is what each library does with that:
-peftcli runs `peftcli.build.attach_method` and the loss code the training loop uses
-(`peftcli.losses`: hidden states out + chunked cross-entropy for causal LMs); PEFT runs
+peftcli runs `peftcli.methods.attach.attach_method` and the loss code the training loop uses
+(`peftcli.models.losses`: hidden states out + chunked cross-entropy for causal LMs); PEFT runs
 `get_peft_model` and the model's own loss (`labels=`) for causal LMs, as its users do. The
 peftcli side also gets what its training loop is meant to call once: `fast.trim_unread_positions`
 (BERT-family classification; --no-trim turns it off) and, on CUDA, `fast.compile_layers`
@@ -76,7 +76,7 @@ def base_model(
     `tiny` keeps each case's architecture and code path but shrinks its shapes, to check this
     script on a machine without the case's device.
     """
-    from peftcli.models import load_base_model, model_from_config
+    from peftcli.models.loading import load_base_model, model_from_config
 
     torch.manual_seed(seed)
     if case == "cpu-minilm" and not tiny:
@@ -162,7 +162,7 @@ def make_batch(case: str, cfg: dict, vocab: int, device: torch.device, seed: int
 
 
 def autocast(device: torch.device, cfg: dict):
-    from peftcli.evaluate import autocast_ctx
+    from peftcli.inference.evaluate import autocast_ctx
 
     return autocast_ctx(device, "auto" if cfg["dtype"] == "bfloat16" else "fp32")
 
@@ -173,10 +173,10 @@ def optimizer_for(model: torch.nn.Module, lr: float, device: torch.device) -> to
 
 
 def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict) -> Side:
-    from peftcli.build import attach_method
-    from peftcli.losses import chunked_causal_lm_loss, hidden_states_out
     from peftcli.methods import get_method
+    from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig
+    from peftcli.models.losses import chunked_causal_lm_loss, hidden_states_out
 
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
     lcfg = LoraConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=args.lora_dropout, targets=cfg["targets"])
@@ -184,11 +184,11 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
     arch, _ = attach_method(model, "lora", lcfg)
     model.to(device)
     notes = []
-    if args.grad_ckpt:  # as peftcli.pipeline.build does for model.gradient_checkpointing
+    if args.grad_ckpt:  # as peftcli.runs.load.build does for model.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         notes.append("grad-ckpt")
-    from peftcli.fast import compile_layers, trim_unread_positions
+    from peftcli.methods.lora_kernel import compile_layers, trim_unread_positions
 
     if not args.no_trim and trim_unread_positions(model, arch, get_method("lora").positionwise, cfg["task"]):
         notes.append("last layer's query and post-attention part at the head's position only")
@@ -210,7 +210,7 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
             if cfg["task"] == "classification":
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 return F.cross_entropy(out.logits.float(), batch["labels"])
-            with hidden_states_out(model, head_path) as head:  # as peftcli.train does: no KV cache
+            with hidden_states_out(model, head_path) as head:  # as peftcli.training.loop does: no KV cache
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 return chunked_causal_lm_loss(out.logits, head, batch["labels"])[0]
 
@@ -220,8 +220,8 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
 def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, autocast_adapter: bool) -> Side:
     from peft import LoraConfig, get_peft_model
 
-    from peftcli.arch import resolve
-    from peftcli.registry import select_linears
+    from peftcli.core.arch import resolve
+    from peftcli.methods.registry import select_linears
 
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
     arch = resolve(model)
@@ -377,7 +377,7 @@ def tiny_smollm2(out: Path) -> str:
     """--tiny: a 2-layer Llama with SmolLM2's tokenizer and chat template, to check the case's code."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftcli.models import load_tokenizer
+    from peftcli.models.loading import load_tokenizer
 
     tok = load_tokenizer(SMOLLM2)
     torch.manual_seed(0)
@@ -390,7 +390,7 @@ def tiny_smollm2(out: Path) -> str:
 
 
 def sft_recipe(args, out: Path, name: str, batch_size: int, **data) -> object:
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
 
     return recipe_from_dict({
         "model": {"name": args.model, "task": "causal_lm"},
@@ -409,7 +409,7 @@ def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict
     """One peftcli training run; tokens/s from its last metrics line (the training loop alone)."""
     from rich.console import Console
 
-    from peftcli.train import train
+    from peftcli.training.loop import train
 
     summary = train(sft_recipe(args, out, name, batch_size, **data), console=Console(stderr=True, quiet=True))
     last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
@@ -426,10 +426,10 @@ def run_hf_trainer_sft(args, out: Path, batch_size: int, train_ex: list[dict], e
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from peftcli.data import Collator
-    from peftcli.evaluate import evaluate
+    from peftcli.data.datasets import Collator
+    from peftcli.inference.evaluate import evaluate
     from peftcli.methods.lora import LoraConfig
-    from peftcli.models import load_base_model, load_tokenizer
+    from peftcli.models.loading import load_base_model, load_tokenizer
 
     tok = load_tokenizer(args.model)
     torch.manual_seed(args.seed)
@@ -471,8 +471,8 @@ def cpu_sft(args) -> int:
     import tempfile
 
     from peftcli.core.quiet import quiet_command
-    from peftcli.models import load_tokenizer
-    from peftcli.pipeline import prepare_data
+    from peftcli.models.loading import load_tokenizer
+    from peftcli.runs.load import prepare_data
 
     sides = args.sft_sides.split(",")
     if unknown := [x for x in sides if x not in SFT_SIDES]:
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of peftcli, peft, peft-bf16; auto = peftcli,peft (+ peft-bf16 for bf16 cases)")
     ap.add_argument("--threads", default=None,
                     help="torch intra-op threads for the whole process (both sides): a number, or auto = "
-                         "peftcli.fast.idle_cpu_threads(); default: torch's own")
+                         "peftcli.methods.lora_kernel.idle_cpu_threads(); default: torch's own")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel, both sides")
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(cfg["device"])
     if args.threads == "auto":
-        from peftcli.fast import idle_cpu_threads
+        from peftcli.methods.lora_kernel import idle_cpu_threads
 
         torch.set_num_threads(idle_cpu_threads())
     elif args.threads:

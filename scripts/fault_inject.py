@@ -5,7 +5,7 @@ where the uninterrupted run ends. This script tests the promise the hard way:
 
   1. it trains the recipe once, uninterrupted, into a reference run folder;
   2. each trial starts the same recipe in a fresh folder and SIGKILLs it, either at a named point
-     of the training code (PEFTCLI_KILL_AT=point:count, see peftcli/faults.py) or after a random
+     of the training code (PEFTCLI_KILL_AT=point:count, see peftcli/core/faults.py) or after a random
      delay, then resumes with --resume, killing again while kills still land (up to --max-kills),
      and finally lets it finish;
   3. it compares every tensor of adapter/adapter.safetensors and last/adapter.safetensors with the
@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Points the training code passes through (peftcli.faults.kill_point), and what one pass counts:
+# Points the training code passes through (peftcli.core.faults.kill_point), and what one pass counts:
 # the range of `count` drawn for a point is 1..(number of such events in the reference run).
 KILL_POINTS: dict[str, str] = {
     "step": "steps",  # after an optimizer step
@@ -101,7 +101,7 @@ def build_tiny_recipe(folder: Path) -> Path:
     import transformers
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     transformers.utils.logging.disable_progress_bar()
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def report(results: list[TrialResult], console) -> int:
     tried = [a for r in results for a in r.attempts if a.kill and not a.kill.startswith("timer")]
     if tried and not any(a.landed for a in tried):
         console.print("[yellow]note:[/] no kill at a named point landed: does the training code call "
-                      "peftcli.faults.kill_point with the names in KILL_POINTS?", highlight=False)
+                      "peftcli.core.faults.kill_point with the names in KILL_POINTS?", highlight=False)
     ok = sum(r.ok for r in results)
     console.print(f"{ok}/{len(results)} resumes bit-identical", highlight=False)
     return 0 if ok == len(results) else 1

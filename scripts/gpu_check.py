@@ -46,7 +46,7 @@ def prepare(root: Path) -> None:
         LlamaForCausalLM,
     )
 
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     root.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(resolve_source("sentence-transformers/all-MiniLM-L6-v2").path)
@@ -108,7 +108,7 @@ def run(root: Path, work: Path) -> int:
 
     import peftcli.methods  # noqa: F401  (fills the registry)
     from peftcli.cli import app
-    from peftcli.registry import REGISTRY
+    from peftcli.methods.registry import REGISTRY
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible (--device cpu checks this script on CPU)", file=sys.stderr)

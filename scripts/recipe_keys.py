@@ -13,8 +13,8 @@ import sys
 import typing
 from pathlib import Path
 
+from peftcli.config.recipe import _type_name, describe_sections
 from peftcli.methods import all_methods
-from peftcli.recipe import _type_name, describe_sections
 
 
 def esc(text: str) -> str:

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from peftcli.plot import read_metrics
-from peftcli.sweep import as_override, pick_best, read_records
+from peftcli.commands.sweep import as_override, pick_best, read_records
+from peftcli.runs.plot import read_metrics
 
 
 def figure(metric: str, value: float) -> str:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peftcli.sweep import as_override, pick_best, read_records
+from peftcli.commands.sweep import as_override, pick_best, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 

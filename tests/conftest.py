@@ -31,7 +31,7 @@ def tiny_config(kind: str):
 
 def tiny_model(kind: str, task: str = "classification", num_labels: int = 3, seed: int = 0,
                attn: str = "sdpa"):
-    from peftcli.models import model_from_config
+    from peftcli.models.loading import model_from_config
 
     torch.manual_seed(seed)
     cfg = tiny_config(kind)
@@ -59,7 +59,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def have_embedded_minilm() -> bool:
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     return resolve_source(MINILM).embedded
 
@@ -69,7 +69,7 @@ def tiny_bert_dir(tmp_path_factory):
     """A tiny random BERT saved with the embedded MiniLM tokenizer: a real folder, offline."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     d = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def tiny_gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 (causal LM) with the MiniLM word-piece tokenizer."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     d = tmp_path_factory.mktemp("tiny-gpt2")
     torch.manual_seed(0)

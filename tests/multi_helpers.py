@@ -12,10 +12,10 @@ def make_run(root: Path, name: str, model_dir: Path, task: str, method: dict, *,
              data: dict | None = None, label_names: list[str] | None = None, train_pooler: bool = False,
              scale: float = 0.2) -> Path:
     """A run folder as `peftcli train` leaves it, with random (nonzero) adapter weights."""
-    from peftcli.build import pick_device
-    from peftcli.checkpoint import save_adapter
-    from peftcli.pipeline import build
-    from peftcli.recipe import load_recipe, recipe_yaml
+    from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.methods.attach import pick_device
+    from peftcli.runs.checkpoint import save_adapter
+    from peftcli.runs.load import build
 
     run = root / name
     run.mkdir(parents=True)

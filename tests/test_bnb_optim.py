@@ -16,8 +16,8 @@ import torch
 from conftest import write_recipe
 from typer.testing import CliRunner
 
-from peftcli import optim
 from peftcli.cli import app
+from peftcli.training import optim
 
 BNB = ["adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 runner = CliRunner()
@@ -97,7 +97,7 @@ def test_runs_on_cpu_and_paged_ones_say_they_page_nothing(name, tiny_bert_dir, t
 
 def _model_and_optimizer(name: str, seed: int = 0):
     """A model whose largest weight gets 8-bit state and whose small ones keep 32-bit state."""
-    from peftcli.optim import build_optimizer
+    from peftcli.training.optim import build_optimizer
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Embedding(300, 32), torch.nn.Linear(32, 8))
@@ -116,8 +116,8 @@ def _step(model, opt, seed: int) -> None:
 
 @pytest.mark.parametrize("name", BNB)
 def test_state_round_trips_bit_exactly_and_shares_the_code_books(name, tmp_path):
-    from peftcli.distributed import load_optimizer_state, optimizer_state
-    from peftcli.runstate import Position, read_trainer_state, trainer_state, write_trainer_state
+    from peftcli.runs.state import Position, read_trainer_state, trainer_state, write_trainer_state
+    from peftcli.training.distributed import load_optimizer_state, optimizer_state
 
     bnb_on_cpu()
     model, opt = _model_and_optimizer(name)
@@ -160,11 +160,11 @@ def test_state_round_trips_bit_exactly_and_shares_the_code_books(name, tmp_path)
 @pytest.mark.parametrize("name", ["adamw", *BNB])
 def test_count_params_gives_the_bytes_the_optimizer_holds(name, tmp_path):
     """The estimate is the measured state to the byte (fp32 weights), scalars `step` aside."""
-    from peftcli.budget import GIB, budget
-    from peftcli.build import attach_method
-    from peftcli.models import auto_class, load_config
-    from peftcli.optim import build_optimizer, state_bytes
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.methods.attach import attach_method
+    from peftcli.models.loading import auto_class, load_config
+    from peftcli.training.budget import GIB, budget
+    from peftcli.training.optim import build_optimizer, state_bytes
 
     if name != "adamw":
         bnb_on_cpu()

@@ -14,14 +14,14 @@ import torch
 from conftest import batch, tiny_config, tiny_model
 from torch import nn
 
-from peftcli.arch import resolve
-from peftcli.build import attach_method
-from peftcli.checkpoint import adapter_state, load_adapter_state
+from peftcli.core.arch import resolve
 from peftcli.core.switch import set_dropped_layers
 from peftcli.methods import compacter, get_method, houlsby, krona, parallel, pfeiffer
+from peftcli.methods.attach import attach_method
 from peftcli.methods.bottleneck import Bottleneck
 from peftcli.methods.compacter import PHMLinear, PHMRule
 from peftcli.methods.krona import KronaLinear
+from peftcli.runs.checkpoint import adapter_state, load_adapter_state
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ["houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter++"]
@@ -248,7 +248,7 @@ def test_pfeiffer_post_ln_without_output_block():
     """DistilBERT has no BertOutput-like block; the norm-hook placement still applies the formula."""
     from transformers import DistilBertConfig
 
-    from peftcli.models import model_from_config
+    from peftcli.models.loading import model_from_config
 
     torch.manual_seed(0)
     cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0,
@@ -329,8 +329,8 @@ RECIPES = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "parallel": "parallel",
 @pytest.mark.parametrize("name", ALL)
 def test_recipe_budget_matches_closed_form(name, tmp_path):
     """count-params path: the shipped recipe, on the meta device, with a tiny config swapped in."""
-    from peftcli.budget import budget
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.budget import budget
 
     cfg = tiny_config("bert")
     cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size = 128, 4, 256
@@ -352,9 +352,9 @@ def test_recipe_budget_matches_closed_form(name, tmp_path):
 
 def test_minilm_counts():
     """The numbers `peftcli count-params recipes/tweets_*.yaml` prints for all-MiniLM-L6-v2."""
-    from peftcli.budget import budget
-    from peftcli.models import resolve_source
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.models.loading import resolve_source
+    from peftcli.training.budget import budget
 
     if not resolve_source("sentence-transformers/all-MiniLM-L6-v2").embedded:
         pytest.skip("embedded all-MiniLM-L6-v2 package not installed")
@@ -474,7 +474,7 @@ def test_deepcopy_rebinds_hooks(name):
 
 
 def test_meta_device_attach():
-    from peftcli.models import model_from_config
+    from peftcli.models.loading import model_from_config
 
     with torch.device("meta"):
         model = model_from_config(tiny_config("llama"), "causal_lm")
@@ -508,7 +508,7 @@ def test_merge_refused_for_bottlenecks():
 @pytest.mark.parametrize("kind,task", [("bert", "classification"), ("gpt2", "classification"),
                                        ("gpt2", "causal_lm"), ("llama", "causal_lm")])
 def test_krona_merge_exact(kind, task, tmp_path):
-    from peftcli.models import auto_class
+    from peftcli.models.loading import auto_class
 
     model, arch, spec, cfg = adapted(kind, "krona", task, targets=["q", "v", "o", "ffn_in", "ffn_out"])
     randomize(model, arch)
@@ -532,7 +532,7 @@ def test_krona_merge_exact(kind, task, tmp_path):
 def test_recipes_validate_and_match_lora_benchmark(stem):
     import yaml
 
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
 
     lora = yaml.safe_load((ROOT / "recipes" / "tweets_lora.yaml").read_text())
     raw = yaml.safe_load((ROOT / "recipes" / f"tweets_{stem}.yaml").read_text())

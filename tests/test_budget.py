@@ -15,8 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from peftcli.budget import GIB, NF4_BITS, budget
-from peftcli.recipe import recipe_from_dict
+from peftcli.config.recipe import recipe_from_dict
+from peftcli.training.budget import GIB, NF4_BITS, budget
 
 H, L, HEADS, KV, INTER, VOCAB = 32, 2, 4, 2, 64, 100
 
@@ -139,9 +139,9 @@ def test_qlora_recipe_refused_without_cuda(tmp_path, extra):
 
 
 def test_qlora_refuses_methods_that_need_dense_base():
-    from peftcli.build import check_qlora_possible
+    from peftcli.methods.attach import check_qlora_possible
     from peftcli.methods.lora import LoraConfig
-    from peftcli.quant import QuantizationUnavailable
+    from peftcli.models.quant import QuantizationUnavailable
 
     cpu = torch.device("cpu")
     with pytest.raises(QuantizationUnavailable, match="'full'"):
@@ -152,7 +152,7 @@ def test_qlora_refuses_methods_that_need_dense_base():
 
 def test_nf4_config_keeps_heads_dense():
     pytest.importorskip("transformers")
-    from peftcli.quant import nf4_config
+    from peftcli.models.quant import nf4_config
 
     c = nf4_config()
     assert c.bnb_4bit_quant_type == "nf4" and c.bnb_4bit_use_double_quant
@@ -166,7 +166,7 @@ def nf4_llama(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from peftcli.quant import nf4_config
+    from peftcli.models.quant import nf4_config
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -181,9 +181,9 @@ def nf4_llama(tmp_path):
 
 
 def test_lora_on_4bit_base(nf4_llama):
-    from peftcli.build import attach_method
+    from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig, LoraLinear
-    from peftcli.quant import is_4bit
+    from peftcli.models.quant import is_4bit
 
     m = nf4_llama
     arch, _ = attach_method(m, "lora", LoraConfig(r=4, targets=["q", "k", "v", "o", "ffn_in", "ffn_out"]))
@@ -212,9 +212,9 @@ def test_lora_on_4bit_base(nf4_llama):
 def test_merge_dequantizes_to_a_plain_model(nf4_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from peftcli.build import attach_method
+    from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig, LoraLinear, merge
-    from peftcli.quant import dequantize_model, is_4bit
+    from peftcli.models.quant import dequantize_model, is_4bit
 
     m = nf4_llama
     arch, _ = attach_method(m, "lora", LoraConfig(r=4, targets=["q", "v", "ffn_out"]))
@@ -230,7 +230,7 @@ def test_merge_dequantizes_to_a_plain_model(nf4_llama, tmp_path):
         # de-quantized weights are what the 4-bit matmul multiplies by, also after bitsandbytes'
         # CPU kernel has repacked the weight on the forward above
         lin = next(x for x in m.modules() if is_4bit(x))
-        from peftcli.quant import dense_4bit_weight
+        from peftcli.models.quant import dense_4bit_weight
 
         inp = torch.randn(2, lin.in_features, dtype=torch.bfloat16)
         dense = dense_4bit_weight(lin).to(torch.bfloat16)
@@ -256,7 +256,7 @@ def test_merge_of_a_qlora_run_refused_without_cuda(tmp_path):
     from safetensors.torch import save_file
 
     from peftcli.cli import app
-    from peftcli.recipe import load_recipe, recipe_yaml
+    from peftcli.config.recipe import load_recipe, recipe_yaml
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

@@ -10,10 +10,10 @@ from conftest import write_recipe
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.data import IGNORE, DataError, chat_segments, tweets_chat_rows
-from peftcli.models import load_tokenizer
-from peftcli.pipeline import prepare_data
-from peftcli.recipe import recipe_from_dict
+from peftcli.config.recipe import recipe_from_dict
+from peftcli.data.datasets import IGNORE, DataError, chat_segments, tweets_chat_rows
+from peftcli.models.loading import load_tokenizer
+from peftcli.runs.load import prepare_data
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 runner = CliRunner()

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.core.combine import CombineRequest
+from peftcli.core.adapter_merging import CombineRequest
 from peftcli.methods import all_methods, get_method
 
 peft = pytest.importorskip("peft")
@@ -108,7 +108,7 @@ def ours(m, cfgs, how: str, base_weight=None, **kw):
 
 def options(how: str, sign: str) -> tuple[dict, dict]:
     """(PEFT's keyword arguments, ours) for one rule."""
-    from peftcli.core.combine import elects_sign, needs_density
+    from peftcli.core.adapter_merging import elects_sign, needs_density
 
     theirs, mine = {}, {}
     if needs_density(how):
@@ -148,7 +148,7 @@ def test_ranks_may_differ_for_cat_and_svd_only():
         got = ours(m, cfgs, how, rank=kw.get("svd_rank"))
         assert all(torch.equal(got.state[k], t) for k, t in theirs.items()), how
         assert got.config.r == {"cat": 6, "svd": kw.get("svd_rank", 4)}[how]
-    from peftcli.core.combine import CombineError
+    from peftcli.core.adapter_merging import CombineError
 
     with pytest.raises(CombineError, match="needs one rank.*use --how cat or --how svd"):
         ours(m, cfgs, "linear")
@@ -206,9 +206,9 @@ def test_one_adapter_with_weight_one_gives_the_same_model_back():
     """The identity combination reproduces the adapter's logits: LoRA, rsLoRA and DoRA alike."""
     from conftest import batch
 
-    from peftcli.build import attach_method
-    from peftcli.checkpoint import adapter_state, load_adapter_state
+    from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig
+    from peftcli.runs.checkpoint import adapter_state, load_adapter_state
 
     for cfg in (LoraConfig(r=4, alpha=8), LoraConfig(r=4, alpha=6, rslora=True), LoraConfig(r=4, use_dora=True)):
         model = tiny_model("bert")
@@ -528,7 +528,7 @@ def test_dest_that_peftcli_did_not_write_is_never_replaced(lora_runs, tmp_path):
 def test_copy_of_a_run_is_no_different_run(lora_runs, tmp_path):
     """The same run twice with weights summing to 1 (linear on one rank) is that run: a sanity
     check of the whole path, head and tensors through load_run."""
-    from peftcli.pipeline import load_run
+    from peftcli.runs.load import load_run
 
     _, a, _ = lora_runs
     assert invoke("combine", a, a, "--weights", "0.5,0.5", "--how", "cat", tmp_path / "aa").exit_code == 0

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli.runstate import read_trainer_state
+from peftcli.runs.state import read_trainer_state
 
 TOL = 1e-5
 GOOD = ["good", "great", "fine", "nice", "happy", "love"]
@@ -84,8 +84,8 @@ output: {{dir: {out}, overwrite: true, plot: false}}
 
 
 def _train_here(recipe: Path, overrides: list[str], *, resume: bool = False) -> None:
-    from peftcli.recipe import load_recipe
-    from peftcli.train import train
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.loop import train
 
     train(load_recipe(recipe, overrides), resume=resume)
 
@@ -191,8 +191,8 @@ def test_fsdp_resumes_a_one_rank_run_on_two_ranks(setup):
 
 
 def test_check_setup_rules():
-    from peftcli.distributed import check_setup
-    from peftcli.quant import QuantizationUnavailable
+    from peftcli.models.quant import QuantizationUnavailable
+    from peftcli.training.distributed import check_setup
 
     assert check_setup("fsdp", 1, "none") == "none"
     assert check_setup("none", 2, "none") == "ddp"  # torchrun without a choice: DDP, not N copies
@@ -203,7 +203,7 @@ def test_check_setup_rules():
 
 
 def test_launcher_keeps_the_recipes_mode(tmp_path):
-    from peftcli.launch import torchrun_command
+    from peftcli.training.launch import torchrun_command
 
     cmd = torchrun_command(Path("r.yaml"), ["train.lr=1e-3"], 2, mode="fsdp", resume=True, smoke=False)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd
@@ -213,7 +213,7 @@ def test_launcher_keeps_the_recipes_mode(tmp_path):
 
 
 def test_resume_position_is_in_examples_not_batches():
-    from peftcli.distributed import micro_in_epoch
+    from peftcli.training.distributed import micro_in_epoch
 
     # 3 batches × 4 × 2 ranks = 24 examples = 3 batches of 8 on one rank
     assert micro_in_epoch(3, 4, 2, batch_size=8) == 3

@@ -5,7 +5,7 @@ barrier after the run folder is made). The run must end within seconds, not the 
 timeout, with no process left behind, and the launcher must answer with the failing rank's exit
 code: 1 for a failure while running, 2 for bad input (torchrun itself says 1 for both).
 
-Failures are injected with PEFTCLI_RAISE_AT (peftcli/faults.py), except the last test's, which is
+Failures are injected with PEFTCLI_RAISE_AT (peftcli/core/faults.py), except the last test's, which is
 a real one: an existing run folder that rank 0 refuses while rank 1 already waits at the barrier.
 Every process of a launch carries a marker in its environment, so "none left alive" is checked
 on all of them, torchrun's workers included (they run in sessions of their own).
@@ -149,7 +149,7 @@ def test_rank_0_refusing_an_existing_run_folder_gives_exit_2(recipe):
 
 
 def test_raise_spec_and_rank_filter(monkeypatch):
-    from peftcli import faults
+    from peftcli.core import faults
 
     assert faults.parse_raise_spec("dist:all-reduce") == ("dist:all-reduce", 1, None)
     assert faults.parse_raise_spec("dist:all-reduce:3") == ("dist:all-reduce", 3, None)
@@ -174,7 +174,7 @@ def test_raise_spec_and_rank_filter(monkeypatch):
 
 
 def test_launcher_returns_the_first_failure(tmp_path, monkeypatch):
-    from peftcli.launch import RankExit, first_failure, read_rank_exits, record_rank_exit
+    from peftcli.training.launch import RankExit, first_failure, read_rank_exits, record_rank_exit
 
     monkeypatch.setenv("PEFTCLI_EXIT_DIR", str(tmp_path))
     monkeypatch.setenv("RANK", "1")
@@ -192,7 +192,7 @@ def test_launcher_returns_the_first_failure(tmp_path, monkeypatch):
 
 
 def test_collective_timeout_from_env(monkeypatch):
-    from peftcli.distributed import DEFAULT_TIMEOUT_S, DistributedEnvError, collective_timeout
+    from peftcli.training.distributed import DEFAULT_TIMEOUT_S, DistributedEnvError, collective_timeout
 
     monkeypatch.delenv("PEFTCLI_DIST_TIMEOUT", raising=False)
     assert collective_timeout().total_seconds() == DEFAULT_TIMEOUT_S

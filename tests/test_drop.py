@@ -11,10 +11,10 @@ import torch
 from conftest import batch, tiny_model, write_recipe
 from typer.testing import CliRunner
 
-from peftcli.build import attach_method, pick_device
 from peftcli.cli import app
 from peftcli.core import switch as drop_lib
 from peftcli.methods import get_method
+from peftcli.methods.attach import attach_method, pick_device
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_disable_layers_keeps_other_flags_and_recording_round_trips():
     fresh, _ = adapted("bert", "houlsby")
     assert drop_lib.apply_recorded(fresh, {"disabled_modules": off}) == len(off)
     assert drop_lib.flags(fresh) == drop_lib.flags(model)
-    from peftcli.checkpoint import CheckpointError
+    from peftcli.runs.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not have"):
         drop_lib.apply_recorded(fresh, {"disabled_modules": ["bert.encoder.layer.7.nope"]})
@@ -98,7 +98,7 @@ def robust_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
         output={"dir": str(d / "run")},
     )
     drawn = []
-    import peftcli.train as train_mod
+    import peftcli.training.loop as train_mod
 
     with pytest.MonkeyPatch.context() as mp:
         real = train_mod.random_drop
@@ -130,7 +130,7 @@ def test_drop_command_writes_a_run_that_reloads_dropped(robust_run, tmp_path):
     assert rep["layers_dropped"] == [0] and rep["before"]["examples_per_s"] > 0
     assert rep["disabled_modules"] == ["bert.encoder.layer.0.pfeiffer_ffn"]
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "recipe.yaml").exists()
-    from peftcli.pipeline import load_run
+    from peftcli.runs.load import load_run
 
     built, meta = load_run(out, pick_device("cpu"))
     assert drop_lib.dropped_layers(built.model, built.arch) == [0]

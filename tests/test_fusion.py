@@ -14,12 +14,12 @@ import yaml
 from conftest import batch, tiny_model, write_recipe
 from typer.testing import CliRunner
 
-from peftcli.build import attach_method
-from peftcli.checkpoint import adapter_state, save_adapter
 from peftcli.cli import app
+from peftcli.config.recipe import recipe_from_dict, recipe_yaml
 from peftcli.methods import fusion, get_method
+from peftcli.methods.attach import attach_method
 from peftcli.methods.fusion import FusionConfig, FusionSite, read_sources
-from peftcli.recipe import recipe_from_dict, recipe_yaml
+from peftcli.runs.checkpoint import adapter_state, save_adapter
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ import torch
 from conftest import batch, tiny_model
 from torch import nn
 
-from peftcli.build import attach_method
 from peftcli.methods import get_method
+from peftcli.methods.attach import attach_method
 from peftcli.methods.ia3 import IA3Config, IA3Linear
 from peftcli.methods.lora import DoraLinear, LoraConfig
 
@@ -129,7 +129,7 @@ def test_ia3_adapter_drop():
 
 def dora_reference(layer: DoraLinear, x: torch.Tensor) -> torch.Tensor:
     """W' = m (W + sBA) / ||W + sBA||_row, then the layer's bias."""
-    from peftcli.arch import dense_weight
+    from peftcli.core.arch import dense_weight
 
     w = dense_weight(layer.base) + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
     w_prime = (layer.lora_magnitude_vector / w.norm(dim=1)).view(-1, 1) * w
@@ -142,7 +142,7 @@ def test_dora_init_and_formula(base_kind):
     base = nn.Linear(6, 5) if base_kind == "linear" else conv1d(6, 5)
     layer = DoraLinear(base, r=2, alpha=4, dropout=0.0, rslora=False)
     x = torch.randn(3, 6)
-    from peftcli.arch import dense_weight
+    from peftcli.core.arch import dense_weight
 
     torch.testing.assert_close(layer.lora_magnitude_vector, dense_weight(base).norm(dim=1))
     torch.testing.assert_close(layer(x), base(x))  # B = 0: the base layer
@@ -213,7 +213,7 @@ def test_dora_adapter_drop_and_trainables():
 def test_meta_device_attach(arch_kind, name):
     from conftest import tiny_config
 
-    from peftcli.models import model_from_config
+    from peftcli.models.loading import model_from_config
 
     with torch.device("meta"):
         m = model_from_config(tiny_config(arch_kind), "classification")

@@ -60,7 +60,7 @@ def forkserver():
     # Everything a run imports (transformers loads its model and data code lazily), so that each
     # forked run starts warm.
     ctx.set_forkserver_preload([m for m in [
-        "peftcli.cli", "peftcli.train", "peftcli.methods", "peftcli.runstate", "datasets", "pandas", "sympy",
+        "peftcli.cli", "peftcli.training.loop", "peftcli.methods", "peftcli.runs.state", "datasets", "pandas", "sympy",
         "scipy.optimize", "scipy.sparse", "torch._dynamo", "torch.distributed", "accelerate",
         "transformers.models.bert.modeling_bert", "transformers.models.auto.modeling_auto",
         "transformers.models.auto.tokenization_auto", "transformers.generation", "transformers.integrations",

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import batch, tiny_model
 
-from peftcli.arch import resolve
-from peftcli.build import attach_method
+from peftcli.core.arch import resolve
+from peftcli.methods.attach import attach_method
 from peftcli.methods.lora import LoraConfig, LoraLinear
-from peftcli.registry import parse_layers, select_linears
+from peftcli.methods.registry import parse_layers, select_linears
 
 
 def randomize_lora(model, seed=0):
@@ -131,7 +131,7 @@ def test_llama_bitfit_refused():
 def test_meta_device_count_is_fast_and_exact():
     from transformers import LlamaConfig
 
-    from peftcli.models import model_from_config
+    from peftcli.models.loading import model_from_config
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=1000)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import batch, tiny_model
 
-from peftcli.build import attach_method
-from peftcli.checkpoint import adapter_state, load_adapter_state
 from peftcli.core.switch import set_dropped_layers
 from peftcli.methods import get_method, mam, unipelt
+from peftcli.methods.attach import attach_method
 from peftcli.methods.prefix import LayerPrefix, PrefixConfig, find_store
 from peftcli.methods.unipelt import GatedBottleneck, GatedLayerPrefix, GatedLoraLinear, SequenceMask
+from peftcli.runs.checkpoint import adapter_state, load_adapter_state
 
 KINDS = ["bert", "gpt2", "llama"]
 
@@ -242,7 +242,7 @@ def test_unipelt_output_ignores_padding():
 @pytest.mark.parametrize("kind", KINDS)
 def test_unipelt_parameter_count(kind):
     model, arch, _, cfg = build(kind, "unipelt")
-    from peftcli.arch import linear_dims
+    from peftcli.core.arch import linear_dims
 
     dims = [linear_dims(m.base) for m in model.modules() if isinstance(m, GatedLoraLinear)]
     if kind != "llama":  # closed_form assumes kv_heads · head_dim = hidden

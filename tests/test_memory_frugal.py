@@ -12,11 +12,11 @@ from conftest import batch, tiny_model, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from peftcli.build import attach_method
 from peftcli.cli import app
 from peftcli.methods import get_method
-from peftcli.optim import BNB_OPTIMIZERS, bnb_cpu_problem, state_bytes, state_bytes_estimate
-from peftcli.registry import parse_layers
+from peftcli.methods.attach import attach_method
+from peftcli.methods.registry import parse_layers
+from peftcli.training.optim import BNB_OPTIMIZERS, bnb_cpu_problem, state_bytes, state_bytes_estimate
 
 runner = CliRunner()
 
@@ -158,8 +158,8 @@ def test_lisa_is_refused_for_adapters(tiny_bert_dir, tiny_csv, tmp_path):
 
 
 def test_lisa_trains_drawn_layers_and_keeps_state_only_for_them(tiny_bert_dir, tiny_csv, tmp_path):
-    from peftcli.recipe import load_recipe
-    from peftcli.train import set_up, train_step
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.loop import set_up, train_step
 
     rec = load_recipe(_recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "full"}, lisa_layers=1, lisa_interval=2))
     s, pos, _ = set_up(rec, resume=False, smoke=False, console=None)
@@ -218,8 +218,8 @@ def test_sparse_keeps_the_top_entries_by_squared_gradient_and_merges():
 
 
 def test_sparse_count_params(tmp_path, tiny_bert_dir, tiny_csv):
-    from peftcli.budget import budget
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.budget import budget
 
     rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "sparse", "density": 0.01})
     res = invoke("count-params", rec)
@@ -255,7 +255,7 @@ def test_every_layered_method_reads_layers_the_same_way(name, kw):
 
 
 def test_leave_out_still_works_with_a_note(tmp_path, tiny_bert_dir, tiny_csv, capsys):
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
 
     rec = load_recipe(_recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "houlsby", "leave_out": [0]}))
     assert "method.leave_out is the old spelling" in capsys.readouterr().err
@@ -285,8 +285,8 @@ def test_estimate_matches_the_real_state(optimizer):
 def test_count_params_knows_the_optimizer(tmp_path):
     import json
 
-    from peftcli.budget import GIB, budget
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.training.budget import GIB, budget
 
     cfg = tmp_path / "llama.json"
     cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4,

@@ -13,12 +13,12 @@ from conftest import batch, tiny_model
 from test_peft_format import make_run, randomize, text_batch
 from typer.testing import CliRunner
 
-from peftcli.build import attach_method
 from peftcli.cli import app
 from peftcli.commands.merge import check_plain
+from peftcli.config.recipe import recipe_from_dict
 from peftcli.methods import all_methods
-from peftcli.models import auto_class
-from peftcli.recipe import recipe_from_dict
+from peftcli.methods.attach import attach_method
+from peftcli.models.loading import auto_class
 
 runner = CliRunner()
 

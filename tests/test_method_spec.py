@@ -21,9 +21,9 @@ import pytest
 import torch
 from conftest import batch, tiny_model
 
-from peftcli.build import attach_method
 from peftcli.methods import all_methods, get_method
-from peftcli.registry import unregister
+from peftcli.methods.attach import attach_method
+from peftcli.methods.registry import unregister
 
 PKG = Path(__file__).resolve().parent.parent / "peftcli"
 
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftcli.arch import linear_dims, set_module
+from peftcli.core.arch import linear_dims, set_module
 from peftcli.core.adapter import LayerAdapter
-from peftcli.registry import register
+from peftcli.methods.registry import register
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _llama_config(path: Path) -> str:
 
 def _run_folder(tmp_path: Path, method: str) -> Path:
     """A run folder as far as the refusals read it: its recipe.yaml."""
-    from peftcli.recipe import recipe_from_dict, recipe_yaml
+    from peftcli.config.recipe import recipe_from_dict, recipe_yaml
 
     r = recipe_from_dict({"model": {"name": _llama_config(tmp_path / "config.json"), "task": "causal_lm"},
                           "method": {"name": method}}, "test")
@@ -128,7 +128,7 @@ def _run_folder(tmp_path: Path, method: str) -> Path:
 
 
 def test_toy_method_trim_follows_positionwise(toy):
-    from peftcli.fast import trim_unread_positions
+    from peftcli.methods.lora_kernel import trim_unread_positions
 
     for name, trims in (("toy_scale", True), ("toy_dense", False)):
         m = tiny_model("bert")
@@ -155,8 +155,8 @@ def test_toy_method_is_an_adapter_for_adapterdrop(toy):
 
 
 def test_toy_method_qlora_check_follows_needs_dense_base(toy):
-    from peftcli.build import check_qlora_possible, dense_base_refusal
-    from peftcli.quant import QuantizationUnavailable
+    from peftcli.methods.attach import check_qlora_possible, dense_base_refusal
+    from peftcli.models.quant import QuantizationUnavailable
 
     cpu = torch.device("cpu")
     assert dense_base_refusal("toy_scale", toy.ToyConfig()) is None
@@ -169,8 +169,8 @@ def test_toy_method_qlora_check_follows_needs_dense_base(toy):
 
 
 def test_toy_method_budget(toy, tmp_path):
-    from peftcli.budget import budget
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.training.budget import budget
 
     cfg = _llama_config(tmp_path / "c.json")
     for name, nf4_row in (("toy_scale", True), ("toy_dense", False)):
@@ -183,7 +183,7 @@ def test_toy_method_budget(toy, tmp_path):
 def test_toy_method_export_and_merge_are_refused_with_its_reasons(toy, tmp_path):
     from peftcli.commands.merge import MergeRefused, merge_run
     from peftcli.commands.peft import export_run
-    from peftcli.peft_format import PeftFormatError, export_refusal
+    from peftcli.runs.peft_format import PeftFormatError, export_refusal
 
     assert export_refusal("toy_scale") == "cannot export method 'toy_scale' to HF PEFT: HF PEFT has no toy toy_scale scales"
     assert "HF PEFT has no method computing the same function" in export_refusal("toy_dense")
@@ -212,14 +212,14 @@ COMPOSES = {
 }
 # (name, file under peftcli/) -> why that file says the name.
 ALLOWED = {
-    ("lora", "recipe.py"): "the method of a recipe without `method:`",
+    ("lora", "config/recipe.py"): "the method of a recipe without `method:`",
     ("lora", "methods/bottleneck.py"): "`init: lora`, a bottleneck initialisation named after LoRA's",
     ("lora", "methods/parallel.py"): "`init: lora`, a bottleneck initialisation named after LoRA's",
     ("lora", "methods/mam.py"): "`init: lora`, a bottleneck initialisation named after LoRA's",
-    ("prompt", "data.py"): "the prompt column of instruction data",
-    ("prompt", "evaluate.py"): "the prompt column of instruction data",
+    ("prompt", "data/datasets.py"): "the prompt column of instruction data",
+    ("prompt", "inference/evaluate.py"): "the prompt column of instruction data",
     ("prompt", "cli.py"): "the prompt key of generate's JSONL lines",
-    ("prompt", "multi.py"): "the prompt key of generate's JSONL lines",
+    ("prompt", "inference/multi.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "commands/serve.py"): "the prompt field of an OpenAI completions request",
 }
 
@@ -239,7 +239,7 @@ def test_method_names_live_in_their_own_files():
     stray = []
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
-        if rel == "registry.py":
+        if rel == "methods/registry.py":
             continue
         for name in _string_literals(path) & set(specs):
             if home[name] == path.resolve() or name in COMPOSES.get(owner.get(path.resolve(), ""), ()):

@@ -30,8 +30,8 @@ def decoder_runs(tiny_gpt2_dir, tmp_path_factory):
 
 
 def _alone(run, tok, prompt: str, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    from peftcli.multi import eos_ids, greedy_ids
-    from peftcli.pipeline import load_run
+    from peftcli.inference.multi import eos_ids, greedy_ids
+    from peftcli.runs.load import load_run
 
     built, _ = load_run(run, CPU)
     ids = tok(prompt + "\n", add_special_tokens=False)["input_ids"]
@@ -42,8 +42,8 @@ def _alone(run, tok, prompt: str, steps: int) -> tuple[list[int], list[torch.Ten
 
 
 def test_mixed_generate_rows_equal_single_adapter(decoder_runs, tiny_gpt2_dir):
-    from peftcli.generate import generate
-    from peftcli.multi import generate_mixed, load_runs
+    from peftcli.inference.generate import generate
+    from peftcli.inference.multi import generate_mixed, load_runs
 
     multi = load_runs(list(decoder_runs.values()), CPU)
     assert [multi.adapters[n].stacked for n in "abcdef"] == [True] * 4 + [False] * 2
@@ -68,7 +68,7 @@ def test_mixed_generate_rows_equal_single_adapter(decoder_runs, tiny_gpt2_dir):
 def test_base_row_is_the_plain_base(decoder_runs, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM
 
-    from peftcli.multi import load_runs
+    from peftcli.inference.multi import load_runs
 
     multi = load_runs([decoder_runs["a"], decoder_runs["b"]], CPU)
     plain = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
@@ -101,8 +101,8 @@ def encoder_runs(tiny_bert_dir, tiny_csv, tmp_path_factory):
 
 
 def test_mixed_encoder_rows_equal_single_adapter(encoder_runs):
-    from peftcli.multi import load_runs
-    from peftcli.pipeline import load_run
+    from peftcli.inference.multi import load_runs
+    from peftcli.runs.load import load_run
 
     multi = load_runs(list(encoder_runs.values()), CPU)
     assert [multi.adapters[n].stacked for n in "abcde"] == [True] * 4 + [False]
@@ -138,7 +138,7 @@ def test_mixed_eval_equals_each_run_alone(encoder_runs):
 
 
 def test_generate_cli_prompts_file(decoder_runs, tmp_path):
-    from peftcli.multi import generate_mixed, load_runs
+    from peftcli.inference.multi import generate_mixed, load_runs
 
     lines = [{"adapter": "a", "prompt": "the film"}, {"adapter": "e", "prompt": "hello there"},
              {"adapter": "b", "prompt": "x", "max_new_tokens": 2}]

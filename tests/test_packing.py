@@ -15,13 +15,13 @@ from conftest import tiny_model, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import peftcli.train as train_mod
-from peftcli.build import attach_method
+import peftcli.training.loop as train_mod
 from peftcli.core.precision import forward_inputs
-from peftcli.data import IGNORE, Collator, DataError, batches, pack, pack_balanced
-from peftcli.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
-from peftcli.packing import check_packing, packed_rows, use_packed_attention
-from peftcli.registry import get_method
+from peftcli.data.datasets import IGNORE, Collator, DataError, batches, pack, pack_balanced
+from peftcli.methods.attach import attach_method
+from peftcli.methods.registry import get_method
+from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
+from peftcli.models.packed_attention import check_packing, packed_rows, use_packed_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -244,8 +244,8 @@ def test_packing_each_batch_takes_the_padded_runs_steps(kind, tiny_gpt2_dir, cha
         a, b = load_file(f), load_file(runs["batch"] / "adapter" / f.name)
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # and the packed run's batches really were packed: fewer, fuller rows than padding
-    from peftcli.pipeline import collator, prepare_data, train_collator
-    from peftcli.recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.runs.load import collator, prepare_data, train_collator
 
     r = load_recipe(tmp_path / "pbatch.yaml")
     _, train_ex, _, _ = prepare_data(r, tok)

@@ -17,11 +17,12 @@ import torch
 from conftest import batch, skip_if_peft_refuses_prefix, tiny_model, write_recipe
 from typer.testing import CliRunner
 
-from peftcli.build import attach_method
-from peftcli.checkpoint import adapter_state
 from peftcli.cli import app
+from peftcli.config.recipe import recipe_from_dict
 from peftcli.methods import all_methods
-from peftcli.peft_format import (
+from peftcli.methods.attach import attach_method
+from peftcli.runs.checkpoint import adapter_state
+from peftcli.runs.peft_format import (
     PeftFormatError,
     export_model,
     export_refusal,
@@ -29,7 +30,6 @@ from peftcli.peft_format import (
     read_peft_folder,
     shortest_suffixes,
 )
-from peftcli.recipe import recipe_from_dict
 
 peft = pytest.importorskip("peft")
 runner = CliRunner()
@@ -300,10 +300,10 @@ def test_unsupported_peft_type(tmp_path, lora_folder):
 def make_run(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str = "classification",
              seed: int = 3) -> Path:
     """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""
-    from peftcli.build import pick_device
-    from peftcli.checkpoint import atomic_file_write, save_adapter
-    from peftcli.pipeline import build
-    from peftcli.recipe import load_recipe, recipe_yaml
+    from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.methods.attach import pick_device
+    from peftcli.runs.checkpoint import atomic_file_write, save_adapter
+    from peftcli.runs.load import build
 
     run = tmp / "run"
     data_cfg = {"source": str(data), "text_column": "sentence", "max_length": 32}
@@ -323,7 +323,7 @@ def make_run(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str 
 
 
 def run_logits(run: Path, b: dict) -> torch.Tensor:
-    from peftcli.pipeline import load_run
+    from peftcli.runs.load import load_run
 
     built, _ = load_run(run, torch.device("cpu"))
     built.model.eval()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import batch, skip_if_peft_refuses_prefix, tiny_model
 
-from peftcli.build import attach_method
+from peftcli.methods.attach import attach_method
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.lora import LoraConfig
 from peftcli.methods.prefix import PrefixConfig

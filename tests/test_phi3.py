@@ -8,11 +8,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from peftcli.arch import UnsupportedArchitecture, resolve
-from peftcli.build import attach_method
 from peftcli.cli import app
+from peftcli.core.arch import UnsupportedArchitecture, resolve
 from peftcli.methods import get_method
-from peftcli.models import model_from_config
+from peftcli.methods.attach import attach_method
+from peftcli.models.loading import model_from_config
 
 
 def tiny_phi3_config():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import batch, tiny_model, write_recipe
 
-from peftcli.build import attach_method
+from peftcli.methods.attach import attach_method
 from peftcli.methods.prefix import PROMPT_KEY, LayerPrefix, PrefixConfig, export_state, find_store, load_state
 from peftcli.methods.prompt import PromptConfig
 from peftcli.methods.prompt import find_store as find_prompt
@@ -137,7 +137,7 @@ def test_right_padded_rows_equal_unpadded(kind, name):
 
 @pytest.mark.parametrize("kind", DECODERS)
 def test_prompt_logits_line_up_with_input(kind):
-    from peftcli.losses import chunked_causal_lm_loss, hidden_states_out
+    from peftcli.models.losses import chunked_causal_lm_loss, hidden_states_out
 
     m, arch, _ = with_method(kind, "causal_lm", "prompt")
     bt = batch()
@@ -184,7 +184,7 @@ def test_prompt_init_text():
         pytest.skip("needs the embedded MiniLM tokenizer")
     from transformers import BertConfig
 
-    from peftcli.models import model_from_config, resolve_source
+    from peftcli.models.loading import model_from_config, resolve_source
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
@@ -234,7 +234,7 @@ def test_prefix_table_cache_follows_weight_updates():
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_prefix_save_eject_and_resume(kind):
-    from peftcli.checkpoint import CheckpointError
+    from peftcli.runs.checkpoint import CheckpointError
 
     task = "classification"
     m, arch, _ = with_method(kind, task, "prefix")
@@ -281,7 +281,7 @@ def test_prefix_save_eject_and_resume(kind):
 def test_meta_device_attach(name):
     from conftest import tiny_config
 
-    from peftcli.models import model_from_config
+    from peftcli.models.loading import model_from_config
 
     with torch.device("meta"):
         m = model_from_config(tiny_config("llama"), "causal_lm")
@@ -306,9 +306,9 @@ def test_train_generate_eval_and_generate_command(tmp_path, tiny_gpt2_dir, tiny_
     from typer.testing import CliRunner
 
     from peftcli.cli import app
-    from peftcli.generate import generate
-    from peftcli.recipe import load_recipe
-    from peftcli.train import train
+    from peftcli.config.recipe import load_recipe
+    from peftcli.inference.generate import generate
+    from peftcli.training.loop import train
 
     run = tmp_path / "run"
     recipe = write_recipe(
@@ -346,8 +346,8 @@ def test_generate_refuses_classification(tmp_path):
 
 
 def test_prefix_resume_keeps_training_the_mlp(tmp_path, tiny_gpt2_dir, tiny_csv):
-    from peftcli.recipe import load_recipe
-    from peftcli.train import train
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.loop import train
 
     run = tmp_path / "run"
     sections = dict(

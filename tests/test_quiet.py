@@ -95,10 +95,10 @@ def test_quiet_block_never_raises_a_quieter_level(unusual_settings):
 
 
 def test_loading_models_and_data_leaves_settings_unchanged(unusual_settings, tiny_bert_dir, tiny_csv):
-    from peftcli.budget import budget
     from peftcli.commands.peft import _meta_model
-    from peftcli.pipeline import build, prepare_data
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.runs.load import build, prepare_data
+    from peftcli.training.budget import budget
 
     r = recipe_from_dict({
         "model": {"name": str(tiny_bert_dir), "task": "classification", "num_labels": 2},

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(not have_embedded_minilm(), reason="gt-all-minil
 
 
 def test_tweets_split_matches_reference():
-    from peftcli.data import load_splits
-    from peftcli.recipe import DataConfig
+    from peftcli.config.recipe import DataConfig
+    from peftcli.data.datasets import load_splits
 
     s = load_splits(DataConfig(source="tweets", train_size=8000, eval_size=2000), "classification")
     assert len(s.train) == 8000 and len(s.eval) == 2000
@@ -24,8 +24,8 @@ def test_tweets_split_matches_reference():
 
 
 def test_train_offset_keeps_source_rows_apart_from_target():
-    from peftcli.data import load_splits
-    from peftcli.recipe import DataConfig
+    from peftcli.config.recipe import DataConfig
+    from peftcli.data.datasets import load_splits
 
     target = load_splits(DataConfig(source="tweets", train_size=500, eval_size=2000), "classification")
     source = load_splits(
@@ -42,9 +42,9 @@ def test_train_offset_keeps_source_rows_apart_from_target():
 
 
 def test_minilm_lora_budget_and_short_training():
-    from peftcli.build import attach_method, trainable_summary
+    from peftcli.methods.attach import attach_method, trainable_summary
     from peftcli.methods.lora import LoraConfig
-    from peftcli.models import load_base_model, load_tokenizer
+    from peftcli.models.loading import load_base_model, load_tokenizer
 
     model = load_base_model(MINILM, "classification", num_labels=3)
     tok = load_tokenizer(MINILM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peftcli.recipe import RecipeError, describe_sections, load_recipe, recipe_from_dict
+from peftcli.config.recipe import RecipeError, describe_sections, load_recipe, recipe_from_dict
 
 
 def problems(raw: dict, overrides: list[str] | None = None) -> list[str]:

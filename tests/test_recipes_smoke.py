@@ -35,7 +35,7 @@ def raw(path: Path) -> dict:
 
 @cache
 def offline_model(name: str) -> bool:
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     src = resolve_source(name)
     return src.embedded or Path(name).expanduser().exists()
@@ -43,7 +43,7 @@ def offline_model(name: str) -> bool:
 
 @cache
 def offline_data(source: str) -> bool:
-    from peftcli.data import DataError, builtin_rows
+    from peftcli.data.datasets import DataError, builtin_rows
 
     if Path(source).expanduser().exists():
         return True
@@ -66,7 +66,7 @@ def expected_refusal(r: dict) -> str | None:
         if importlib.util.find_spec("bitsandbytes") is None:
             return "needs bitsandbytes"
         if not torch.cuda.is_available():
-            from peftcli.optim import bnb_cpu_problem
+            from peftcli.training.optim import bnb_cpu_problem
 
             if bnb_cpu_problem() is not None:
                 return "on CPU needs bitsandbytes' CPU optimizer kernels"

@@ -149,7 +149,7 @@ def test_failed_overwrite_gives_the_old_run_back(finished, tmp_path):
 
 
 def test_non_finite_eval_loss_stops_the_run(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
-    import peftcli.train as train_mod
+    import peftcli.training.loop as train_mod
 
     real = train_mod.evaluate
 
@@ -215,7 +215,7 @@ def test_export_and_merge_check_shapes_against_the_recipe(finished, tmp_path):
 
 def test_training_steps_run_in_training_mode(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
     # Models load in evaluation mode; a loop that forgot train() would silently train without dropout.
-    import peftcli.train as train_mod
+    import peftcli.training.loop as train_mod
 
     modes = []
     real = train_mod.compute_loss

@@ -170,7 +170,7 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(tiny_server):
 
 @pytest.mark.slow
 def test_smollm2_server(tmp_path):
-    from peftcli.models import resolve_source
+    from peftcli.models.loading import resolve_source
 
     name = "HuggingFaceTB/SmolLM2-135M-Instruct"
     if not resolve_source(name).embedded:

@@ -21,9 +21,9 @@ import yaml
 from conftest import write_recipe
 from typer.testing import CliRunner
 
-from peftcli import sweep as sw
 from peftcli.cli import app
-from peftcli.recipe import RecipeError
+from peftcli.commands import sweep as sw
+from peftcli.config.recipe import RecipeError
 
 runner = CliRunner()
 
@@ -486,7 +486,7 @@ def test_real_grid_on_tiny_bert(tiny_bert_dir, tiny_csv, tmp_path):
 
 def test_settings_print_as_typed_overrides():
     """A trial's settings print the way a user types them back: `method.targets=[q,v]` pastes."""
-    from peftcli.sweep import as_override
+    from peftcli.commands.sweep import as_override
 
     assert as_override(["q", "v"]) == "[q,v]"
     assert as_override(True) == "true" and as_override(False) == "false"

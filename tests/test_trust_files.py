@@ -21,10 +21,10 @@ import torch
 from conftest import tiny_model, write_recipe
 from typer.testing import CliRunner
 
-from peftcli import runfolder
-from peftcli.checkpoint import CheckpointError, load_tensors
 from peftcli.cli import app
-from peftcli.runfolder import (
+from peftcli.runs import folder as runfolder
+from peftcli.runs.checkpoint import CheckpointError, load_tensors
+from peftcli.runs.folder import (
     MARKER,
     UnsafePathError,
     check_destination,
@@ -207,10 +207,10 @@ def test_planted_init_from_refused_by_train(run, peft_dir, tiny_bert_dir, tiny_c
 
 def _fusion_sources(tmp_path: Path, n: int = 2) -> list[Path]:
     """Finished pfeiffer runs (recipe.yaml + adapter/) on the in-memory tiny BERT, untrained."""
-    from peftcli.build import attach_method
-    from peftcli.checkpoint import save_adapter
+    from peftcli.config.recipe import recipe_from_dict, recipe_yaml
     from peftcli.methods import get_method
-    from peftcli.recipe import recipe_from_dict, recipe_yaml
+    from peftcli.methods.attach import attach_method
+    from peftcli.runs.checkpoint import save_adapter
 
     runs = []
     for i in range(n):
@@ -228,7 +228,7 @@ def _fusion_sources(tmp_path: Path, n: int = 2) -> list[Path]:
 
 def test_planted_fusion_source_is_an_error_not_skipped(tmp_path, marker):
     """A fusion source whose adapter file is unreadable must fail, not silently load nothing."""
-    from peftcli.build import attach_method
+    from peftcli.methods.attach import attach_method
     from peftcli.methods.fusion import FusionConfig
 
     runs = _fusion_sources(tmp_path)
@@ -243,7 +243,7 @@ def test_planted_fusion_source_is_an_error_not_skipped(tmp_path, marker):
 def test_fused_run_folder_may_not_overlap_a_source(tmp_path):
     """output.overwrite on a fused run inside (or around) a source would delete the adapters it fuses."""
     from peftcli.commands.fuse import prepare
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
 
     runs = _fusion_sources(tmp_path)
     before = snapshot(tmp_path)
@@ -379,8 +379,8 @@ def test_every_output_folder_is_marked(run, peft_dir, tmp_path):
 
 
 def test_failure_while_writing_leaves_the_old_folder(run, peft_dir, tmp_path, monkeypatch):
-    import peftcli.checkpoint
     import peftcli.commands.peft
+    import peftcli.runs.checkpoint
 
     dest = tmp_path / "e"
     assert invoke("export", run, dest).exit_code == 0
@@ -402,7 +402,7 @@ def test_failure_while_writing_leaves_the_old_folder(run, peft_dir, tmp_path, mo
     def broken_save(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peftcli.checkpoint, "save_adapter", broken_save)
+    monkeypatch.setattr(peftcli.runs.checkpoint, "save_adapter", broken_save)
     res = invoke("import-peft", peft_dir, imported, "--force")
     assert res.exit_code == 1, res.output
     assert snapshot(imported) == before and leftovers(tmp_path) == []

@@ -9,8 +9,8 @@ from conftest import have_embedded_minilm, write_recipe
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.data import DataError, load_splits
-from peftcli.recipe import DataConfig, load_recipe
+from peftcli.config.recipe import DataConfig, load_recipe
+from peftcli.data.datasets import DataError, load_splits
 
 runner = CliRunner()
 
@@ -66,7 +66,7 @@ def _recipe(d, tiny_bert_dir, tiny_csv, **train) -> str:
 def test_test_rows_are_scored_once_with_the_adapter_validation_chose(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
     """Only the first evaluation is 'better', so the kept adapter is step 2's while training goes
     on to step 15: the test score must be that adapter's, not the last weights'."""
-    import peftcli.train as train_mod
+    import peftcli.training.loop as train_mod
 
     calls = []
 

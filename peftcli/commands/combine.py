@@ -28,11 +28,18 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import ADAPTER_FILE, META_FILE, find_run_adapter, read_adapter
-from ..core.combine import CombineError, CombineRequest, elects_sign, is_random, needs_density, uses_svd
-from ..methods import get_method
-from ..recipe import Recipe, load_recipe, recipe_yaml
-from ..registry import MethodSpec
+from peftcli.config.recipe import Recipe, load_recipe, recipe_yaml
+from peftcli.core.adapter_merging import (
+    CombineError,
+    CombineRequest,
+    elects_sign,
+    is_random,
+    needs_density,
+    uses_svd,
+)
+from peftcli.methods import get_method
+from peftcli.methods.registry import MethodSpec
+from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE, find_run_adapter, read_adapter
 
 __all__ = ["CombineError", "combine_runs", "parse_weights"]
 
@@ -90,8 +97,8 @@ class _Run:
 
 
 def _read_run(folder: Path) -> _Run:
-    from ..peft_format import is_peft_folder
-    from ..pipeline import check_adapter_matches
+    from peftcli.runs.load import check_adapter_matches
+    from peftcli.runs.peft_format import is_peft_folder
 
     folder = Path(folder)
     recipe_file = folder / "recipe.yaml"
@@ -116,7 +123,7 @@ def _read_run(folder: Path) -> _Run:
 
 def _same_target(runs: Sequence[_Run]) -> tuple[MethodSpec, str]:
     """One method and one base model for all runs; returns the method's spec and its name."""
-    from ..pipeline import _same_model
+    from peftcli.runs.load import _same_model
 
     first = runs[0]
     name = first.recipe.method_name
@@ -139,8 +146,8 @@ def _same_target(runs: Sequence[_Run]) -> tuple[MethodSpec, str]:
 def _meta_model(recipe: Recipe, label_names: list[str] | None):
     """The recipe's model with its method attached, on the meta device (no weights read), with
     as many classes as the run has labels."""
-    from ..budget import meta_model
-    from ..build import attach_method
+    from peftcli.methods.attach import attach_method
+    from peftcli.training.budget import meta_model
 
     if recipe.model.task == "classification" and not recipe.model.num_labels and label_names:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_labels=len(label_names)))
@@ -188,8 +195,8 @@ def _base_weights(recipe: Recipe, label_names: list[str] | None) -> Callable[[st
     loaded: list[torch.nn.Module] = []
 
     def get(path: str) -> torch.Tensor:
-        from ..arch import dense_weight
-        from ..models import load_base_model
+        from peftcli.core.arch import dense_weight
+        from peftcli.models.loading import load_base_model
 
         if not loaded:
             m = recipe.model
@@ -237,10 +244,10 @@ def combine_runs(
     """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report."""
     from safetensors.torch import save_file
 
-    from .. import __version__
-    from ..build import pick_device
-    from ..pipeline import load_run
-    from ..runfolder import check_destination, local_inputs, replacing
+    from peftcli import __version__
+    from peftcli.methods.attach import pick_device
+    from peftcli.runs.folder import check_destination, local_inputs, replacing
+    from peftcli.runs.load import load_run
 
     if not runs:
         raise CombineError("name at least one run to combine")

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..build import pick_device
-from ..checkpoint import CheckpointError, find_run_adapter
-from ..core.switch import (  # re-exported: training and older callers import the switch from here
+from peftcli.config.recipe import recipe_yaml
+from peftcli.core.switch import (
     adapter_modules,
     apply_recorded,
     disable_layers,
@@ -32,11 +31,12 @@ from ..core.switch import (  # re-exported: training and older callers import th
     set_dropped_layers,
     set_flags,
 )
-from ..evaluate import evaluate
-from ..methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
-from ..pipeline import collator, load_run, prepare_data
-from ..recipe import recipe_yaml
-from ..registry import parse_layers
+from peftcli.inference.evaluate import evaluate
+from peftcli.methods.attach import pick_device
+from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
+from peftcli.methods.registry import parse_layers
+from peftcli.runs.checkpoint import CheckpointError, find_run_adapter
+from peftcli.runs.load import collator, load_run, prepare_data
 
 
 class DropError(ValueError):
@@ -127,7 +127,7 @@ def drop_run(
     dest = Path(dest) if dest is not None else run.with_name(f"{run.name}-drop-{tag}")
     if dest.resolve() == run.resolve():
         raise DropError("the dropped run needs its own folder; choose another --out")
-    from ..runfolder import check_destination, local_inputs, replacing
+    from peftcli.runs.folder import check_destination, local_inputs, replacing
 
     check_destination(dest, what="drop output", sources=[run, *local_inputs(rec)], replace=force)
 

@@ -4,7 +4,7 @@ The recipe names the stage-1 runs (`method.adapters`) and the target task (its `
 training, the sources are checked (finished runs, fusable method, same base model) and their
 method options are written into `method.sources`, so the fused run's recipe.yaml describes the
 whole model and the run reloads without the source folders (their weights are saved into the
-fused run's adapter file too). Training itself is the ordinary loop (`peftcli.train.train`); the
+fused run's adapter file too). Training itself is the ordinary loop (`peftcli.training.loop.train`); the
 V regulariser reaches it through `model.peftcli_aux_loss`.
 
 `peftcli train` on the same recipe trains the same model, but its recipe.yaml keeps only the
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..checkpoint import CheckpointError, find_run_adapter
-from ..methods.fusion import FusionConfig, FusionError, Source, read_sources
-from ..recipe import Recipe, load_recipe
-from ..runfolder import check_paths, local_inputs
+from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.methods.fusion import FusionConfig, FusionError, Source, read_sources
+from peftcli.runs.checkpoint import CheckpointError, find_run_adapter
+from peftcli.runs.folder import check_paths, local_inputs
 
 
 def prepare(recipe: Recipe) -> list[Source]:
@@ -55,10 +55,10 @@ def prepare(recipe: Recipe) -> list[Source]:
 def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu") -> dict[str, Any]:
     """Reload the fused run from its folder and measure the mean attention each source receives
     on up to `limit` held-out examples: per site, and averaged over sites."""
-    from ..build import pick_device
-    from ..methods.fusion import attention_table, record_attention
-    from ..pipeline import collator, load_run, prepare_data
-    from .drop import timed_eval
+    from peftcli.commands.drop import timed_eval
+    from peftcli.methods.attach import pick_device
+    from peftcli.methods.fusion import attention_table, record_attention
+    from peftcli.runs.load import collator, load_run, prepare_data
 
     dev = pick_device(device)
     built, _ = load_run(run, dev)
@@ -78,7 +78,7 @@ def fuse(recipe: Recipe, *, resume: bool = False, smoke: bool = False, console: 
          attention_examples: int = 256) -> dict[str, Any]:
     """Train the fusion described by `recipe`; returns the training summary plus the sources'
     mean attention measured on the reloaded run."""
-    from ..train import train
+    from peftcli.training.loop import train
 
     sources = prepare(recipe)
     summary = train(recipe, resume=resume, smoke=smoke, console=console)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..build import pick_device
-from ..checkpoint import CheckpointError
-from ..pipeline import load_run
+from peftcli.methods.attach import pick_device
+from peftcli.runs.checkpoint import CheckpointError
+from peftcli.runs.load import load_run
 
 
 class MergeRefused(CheckpointError):
@@ -28,9 +28,9 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     `run` may also be an HF PEFT adapter folder: it is imported first (with `recipe`, or with a
     recipe made from its adapter_config.json).
     """
-    from ..peft_format import is_peft_folder
-    from ..runfolder import check_destination, check_paths, local_inputs
-    from .peft import temporary_run
+    from peftcli.commands.peft import temporary_run
+    from peftcli.runs.folder import check_destination, check_paths, local_inputs
+    from peftcli.runs.peft_format import is_peft_folder
 
     dest, run = Path(dest), Path(run)
     check_destination(dest, what="merge destination", sources=[run, recipe], replace=force)
@@ -41,7 +41,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     if refusal:
         raise MergeRefused(refusal)
     if (run / "recipe.yaml").exists():  # the base model (and the rest the run was made from) stays untouched too
-        from ..recipe import load_recipe
+        from peftcli.config.recipe import load_recipe
 
         check_paths(dest, what="merge destination", sources=local_inputs(load_recipe(run / "recipe.yaml")))
     nf4 = _is_nf4_run(Path(run))
@@ -60,7 +60,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     before = model(**sample).logits.float()
     if nf4:
         # QLoRA: the update is added to the de-quantized weights the 4-bit matmul used, in bf16.
-        from ..quant import dequantize_model
+        from peftcli.models.quant import dequantize_model
 
         dequantize_model(model, torch.bfloat16)
     spec.merge(model, built.arch, built.recipe.method)
@@ -68,8 +68,8 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     for p in model.parameters():
         p.requires_grad_(False)
 
-    from ..models import auto_class
-    from ..runfolder import replacing
+    from peftcli.models.loading import auto_class
+    from peftcli.runs.folder import replacing
 
     # Written beside DEST and checked there: a folder that does not reload never replaces the old one.
     with replacing(dest, kind="merge") as tmp:
@@ -89,7 +89,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
 def check_plain(model: torch.nn.Module) -> None:
     """Raise unless `model` is a plain transformers model again: no adapter module, no peftcli class,
     no attention function or hook left behind by a method."""
-    from ..core.adapter import is_adapter_module
+    from peftcli.core.adapter import is_adapter_module
 
     leftovers = [n for n, m in model.named_modules() if is_adapter_module(m)]
     if leftovers:
@@ -115,7 +115,7 @@ def _refusal_from_recipe(run: Path) -> str | None:
     """Refuse a non-mergeable method before loading any weights."""
     import yaml
 
-    from ..methods import all_methods
+    from peftcli.methods import all_methods
 
     f = run / "recipe.yaml"
     if not f.exists():

@@ -1,6 +1,6 @@
 """`peftcli export` and `peftcli import-peft`: run folders to and from HF PEFT adapter folders.
 
-The format itself (names, configs, each method's twin) is peftcli/peft_format.py, a library layer;
+The format itself (names, configs, each method's twin) is peftcli/runs/peft_format.py, a library layer;
 these commands add the folders: which may be written or replaced, and what a new run holds.
 """
 
@@ -12,21 +12,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..build import attach_method
-from ..checkpoint import CheckpointError, find_run_adapter, read_adapter
-from ..peft_format import Layout, export_model, head_rows, peft_type_for, read_peft_folder, recipe_from_peft
-from ..recipe import load_recipe
+from peftcli.config.recipe import load_recipe
+from peftcli.methods.attach import attach_method
+from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, read_adapter
+from peftcli.runs.peft_format import (
+    Layout,
+    export_model,
+    head_rows,
+    peft_type_for,
+    read_peft_folder,
+    recipe_from_peft,
+)
 
 
 def _meta_model(recipe, label_names: list[str] | None) -> nn.Module:
     """The base model's structure without its weights."""
-    from ..models import auto_class, load_config
+    from peftcli.models.loading import auto_class, load_config
 
     config = load_config(recipe.model.name)
     if recipe.model.task == "classification":
         config.num_labels = len(label_names) if label_names else (recipe.model.num_labels or 2)
     config._attn_implementation = recipe.model.attn_implementation
-    from ..core.quiet import quiet_libraries
+    from peftcli.core.quiet import quiet_libraries
 
     with torch.device("meta"), quiet_libraries():
         return auto_class(recipe.model.task).from_config(config)
@@ -47,7 +54,7 @@ def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Pa
 
 def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     """`peftcli export RUN --to peft DEST`."""
-    from ..runfolder import check_destination, local_inputs, replacing
+    from peftcli.runs.folder import check_destination, local_inputs, replacing
 
     run, dest = Path(run), Path(dest)
     if not (run / "recipe.yaml").exists():
@@ -55,7 +62,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     recipe = load_recipe(run / "recipe.yaml")
     peft_type_for(recipe.method_name)  # refuse before any work
     check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
-    from ..pipeline import check_adapter_matches
+    from peftcli.runs.load import check_adapter_matches
 
     adapter_dir = find_run_adapter(run)
     sd, meta = read_adapter(adapter_dir)
@@ -73,12 +80,12 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
 def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
                 overrides: list[str] | None = None, force: bool = False) -> Path:
     """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work)."""
-    from .. import __version__
-    from ..build import pick_device, trainable_summary
-    from ..checkpoint import atomic_file_write, save_adapter
-    from ..pipeline import build
-    from ..recipe import load_recipe, recipe_yaml
-    from ..runfolder import check_destination, check_paths, local_inputs, replacing
+    from peftcli import __version__
+    from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.methods.attach import pick_device, trainable_summary
+    from peftcli.runs.checkpoint import atomic_file_write, save_adapter
+    from peftcli.runs.folder import check_destination, check_paths, local_inputs, replacing
+    from peftcli.runs.load import build
 
     src, run_dir = Path(src), Path(run_dir)
     check_destination(run_dir, what="import destination", sources=[src, recipe_path], replace=force)

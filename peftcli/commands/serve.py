@@ -7,7 +7,7 @@ raw text, `/v1/chat/completions` applies the chat template as the run's training
 
 Requests arriving within a few milliseconds of each other, for any mix of adapters, become one
 batch of `multi.greedy_ids` (one base pass per batch, each row with its own adapter; see
-peftcli/multi.py). Model work runs in one worker thread, so the event loop keeps accepting
+peftcli/inference/multi.py). Model work runs in one worker thread, so the event loop keeps accepting
 requests, and tokenizing and detokenizing stay on the event loop (a fast tokenizer is not safe to
 share between threads). Decoding is greedy; a request stops at its `max_tokens` or at the end of
 sequence token. A client that goes away mid-stream has its row stopped at the next decode step.
@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..multi import MultiAdapter, MultiAdapterError, eos_ids, greedy_ids
+from peftcli.inference.multi import MultiAdapter, MultiAdapterError, eos_ids, greedy_ids
 
 
 class ServeUnavailable(RuntimeError):
@@ -192,7 +192,7 @@ def build_app(multi: MultiAdapter, *, max_batch: int = 64, window_ms: float = 5.
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    from ..data import format_prompt
+    from peftcli.data.datasets import format_prompt
 
     engine = Engine(multi, max_batch=max_batch, window_s=window_ms / 1000)
     tok = multi.tokenizer

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..arch import set_module
+from peftcli.core.arch import set_module
 
 
 class AdapterModule(nn.Module):

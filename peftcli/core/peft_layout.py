@@ -1,7 +1,7 @@
 """HF PEFT's adapter format as the methods see it: how one adapted model's tensors are named there.
 
 Each method's PEFT twin (registry.PeftTwin) fills in a `Layout` with these helpers; the translator
-that asks every method for its twin (peftcli/peft_format.py) sits above the methods and uses them
+that asks every method for its twin (peftcli/runs/peft_format.py) sits above the methods and uses them
 too. Nothing here knows a method.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from ..arch import Arch, is_conv1d
-from ..checkpoint import CheckpointError
-from .adapter import LayerAdapter, is_adapter_module
+from peftcli.core.adapter import LayerAdapter, is_adapter_module
+from peftcli.core.arch import Arch, is_conv1d
+from peftcli.runs.checkpoint import CheckpointError
 
 
 class PeftFormatError(CheckpointError):

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..arch import Arch
-from ..checkpoint import CheckpointError
-from .adapter import is_adapter_module
+from peftcli.core.adapter import is_adapter_module
+from peftcli.core.arch import Arch
+from peftcli.runs.checkpoint import CheckpointError
 
 
 def adapter_modules(layer: nn.Module) -> list[nn.Module]:

@@ -3,8 +3,7 @@
 Import `get_method` / `all_methods` from here: it guarantees every method is registered first.
 """
 
-from ..registry import all_methods, get_method  # noqa: E402  (after every method registered)
-from . import (  # noqa: F401
+from peftcli.methods import (  # noqa: F401  (importing a method registers it)
     bitfit,
     compacter,
     full,
@@ -22,5 +21,6 @@ from . import (  # noqa: F401
     sparse,
     unipelt,
 )
+from peftcli.methods.registry import all_methods, get_method  # noqa: E402  (after every method registered)
 
 __all__ = ["all_methods", "get_method"]

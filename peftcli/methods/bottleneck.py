@@ -29,11 +29,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..arch import Arch
-from ..core.adapter import AdapterModule, is_adapter_module
-from ..core.combine import WEIGHTED, averaging
-from ..core.hf_call import Capture
-from ..registry import LAYERS_HELP, method_layers
+from peftcli.core.adapter import AdapterModule, is_adapter_module
+from peftcli.core.adapter_merging import WEIGHTED, averaging
+from peftcli.core.arch import Arch
+from peftcli.core.hf_call import Capture
+from peftcli.methods.registry import LAYERS_HELP, method_layers
 
 NonLinearity = Literal["relu", "gelu", "silu", "swish", "tanh"]
 AdapterInit = Literal["near_identity", "bert", "lora"]

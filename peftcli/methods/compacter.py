@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Arch
-from ..registry import register
-from .bottleneck import (
+from peftcli.core.arch import Arch
+from peftcli.methods.bottleneck import (
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -47,6 +46,7 @@ from .bottleneck import (
     factory_kwargs,
     place_sequential,
 )
+from peftcli.methods.registry import register
 
 SHARED_NAME = "compacter_phm_rules"
 

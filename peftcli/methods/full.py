@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..arch import Arch
-from ..registry import LAYERS_HELP, method_layers, register
+from peftcli.core.arch import Arch
+from peftcli.methods.registry import LAYERS_HELP, method_layers, register
 
 
 @dataclass

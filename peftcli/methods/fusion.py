@@ -34,11 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import Arch
-from ..core.adapter import AdapterModule
-from ..core.hf_call import SequenceMask, sequence_mask
-from ..registry import register
-from .bottleneck import adapted_layers, add_after, add_post_ln, dense_bottleneck, factory_kwargs, get_role
+from peftcli.core.adapter import AdapterModule
+from peftcli.core.arch import Arch
+from peftcli.core.hf_call import SequenceMask, sequence_mask
+from peftcli.methods.bottleneck import (
+    adapted_layers,
+    add_after,
+    add_post_ln,
+    dense_bottleneck,
+    factory_kwargs,
+    get_role,
+)
+from peftcli.methods.registry import register
 
 # Source methods that can be fused, and the sites each one adapts.
 SITES = {"pfeiffer": ("ffn",), "houlsby": ("attn", "ffn")}
@@ -77,7 +84,7 @@ class Source:
         return Path(self.run).name or self.run
 
     def config(self) -> Any:
-        from ..registry import get_method
+        from peftcli.methods.registry import get_method
 
         return get_method(self.method).config_cls(**self.options)
 
@@ -278,7 +285,7 @@ def attach(model: nn.Module, arch: Arch, cfg: FusionConfig) -> None:
 
 def _load_source_weights(model: nn.Module, arch: Arch, sources: list[Source]) -> None:
     """Copy each source run's adapter into the sites, when the runs are there."""
-    from ..checkpoint import CheckpointError, find_run_adapter, read_adapter
+    from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, read_adapter
 
     files = {}
     for s in sources:
@@ -317,7 +324,7 @@ def export_state(model: nn.Module, arch: Arch, cfg: FusionConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: FusionConfig, sd: dict[str, torch.Tensor]) -> None:
-    from ..checkpoint import CheckpointError, copy_into_params
+    from peftcli.runs.checkpoint import CheckpointError, copy_into_params
 
     params = dict(model.named_parameters())
     unknown = [k for k in sd if k not in params]

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..arch import Arch
-from ..registry import LAYERS_HELP, method_layers, register, select_linears
+from peftcli.core.arch import Arch
+from peftcli.methods.registry import LAYERS_HELP, method_layers, register, select_linears
 
 
 @dataclass

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..arch import Arch
-from ..registry import register
-from .bottleneck import (
+from peftcli.core.arch import Arch
+from peftcli.methods.bottleneck import (
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -31,6 +30,7 @@ from .bottleneck import (
     dense_params,
     place_sequential,
 )
+from peftcli.methods.registry import register
 
 
 @dataclass

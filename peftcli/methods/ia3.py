@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import QKV, Arch, is_conv1d, linear_dims, set_module
-from ..core import peft_layout as fmt
-from ..core.adapter import LayerAdapter, merge_layer_adapters
-from ..core.combine import WEIGHTED, averaging
-from ..registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
+from peftcli.core import peft_layout as fmt
+from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
+from peftcli.core.adapter_merging import WEIGHTED, averaging
+from peftcli.core.arch import QKV, Arch, is_conv1d, linear_dims, set_module
+from peftcli.methods.registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass

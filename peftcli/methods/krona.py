@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import Arch, linear_dims, set_module
-from ..core.adapter import LayerAdapter, merge_layer_adapters
-from ..core.combine import WEIGHTED, averaging
-from ..registry import LAYERS_HELP, register, select_linears
-from .bottleneck import adapted_layers, factory_kwargs
-from .lora import merge_into_base
+from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
+from peftcli.core.adapter_merging import WEIGHTED, averaging
+from peftcli.core.arch import Arch, linear_dims, set_module
+from peftcli.methods.bottleneck import adapted_layers, factory_kwargs
+from peftcli.methods.lora import merge_into_base
+from peftcli.methods.registry import LAYERS_HELP, register, select_linears
 
 
 @dataclass

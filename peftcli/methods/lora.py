@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
-from ..core import peft_layout as fmt
-from ..core.adapter import LayerAdapter, merge_layer_adapters
-from ..core.combine import (
+from peftcli.core import peft_layout as fmt
+from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
+from peftcli.core.adapter_merging import (
     ELEMENTWISE,
     Combined,
     CombineError,
@@ -31,9 +30,10 @@ from ..core.combine import (
     uses_svd,
     weighted_sum,
 )
-from ..core.precision import float_dtype
-from ..fast import lora_linear
-from ..registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
+from peftcli.core.arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
+from peftcli.core.precision import float_dtype
+from peftcli.methods.lora_kernel import lora_linear
+from peftcli.methods.registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
 
 
 @dataclass
@@ -61,7 +61,7 @@ class LoraLinear(LayerAdapter):
     it, so that they build, initialise, name and count A and B exactly as LoRA does, and change
     only what the forward does with B A x (and, for DoRA, how it merges).
 
-    The forward goes through `peftcli.fast.lora_linear` (one autograd node with a hand-written
+    The forward goes through `peftcli.methods.lora_kernel.lora_linear` (one autograd node with a hand-written
     backward) whenever the base is a plain nn.Linear or Conv1D; anything else (quantized bases,
     hooked modules, mixed dtypes outside autocast) takes the plain formula. Both compute the same
     numbers; `fast_path = False` on an instance or the class forces the plain one.

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..arch import Arch
-from ..registry import register
-from . import prefix as prefix_method
-from .bottleneck import NonLinearity, dense_params
-from .parallel import ScaledParallelConfig, attach_scaled
+from peftcli.core.arch import Arch
+from peftcli.methods import prefix as prefix_method
+from peftcli.methods.bottleneck import NonLinearity, dense_params
+from peftcli.methods.parallel import ScaledParallelConfig, attach_scaled
+from peftcli.methods.registry import register
 
 
 @dataclass

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..arch import Arch
-from ..registry import register
-from .bottleneck import (
+from peftcli.core.arch import Arch
+from peftcli.methods.bottleneck import (
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -34,6 +33,7 @@ from .bottleneck import (
     dense_params,
     get_role,
 )
+from peftcli.methods.registry import register
 
 
 @dataclass

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..arch import Arch
-from ..registry import register
-from .bottleneck import (
+from peftcli.core.arch import Arch
+from peftcli.methods.bottleneck import (
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -32,6 +31,7 @@ from .bottleneck import (
     dense_params,
     place_sequential,
 )
+from peftcli.methods.registry import register
 
 
 @dataclass

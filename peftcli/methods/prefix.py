@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Arch
-from ..core import peft_layout as fmt
-from ..core.adapter import AdapterModule
-from ..core.hf_call import BackboneCall, accepts, backbone
-from ..core.precision import float_dtype
-from ..registry import PeftTwin, register
+from peftcli.core import peft_layout as fmt
+from peftcli.core.adapter import AdapterModule
+from peftcli.core.arch import Arch
+from peftcli.core.hf_call import BackboneCall, accepts, backbone
+from peftcli.core.precision import float_dtype
+from peftcli.methods.registry import PeftTwin, register
 
 ATTR = "peftcli_prefix"  # the store on the top model, and the LayerPrefix child of each attention module
 PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings` [L, layers * 2 * kv_heads * head_dim]
@@ -253,7 +253,7 @@ def export_state(model: nn.Module, arch: Arch, cfg: PrefixConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: PrefixConfig, sd: dict[str, torch.Tensor]) -> None:
-    from ..checkpoint import CheckpointError, copy_into_params
+    from peftcli.runs.checkpoint import CheckpointError, copy_into_params
 
     store = find_store(model)
     mlp_keys = _own_names(model) - {PROMPT_KEY}

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..arch import Arch
-from ..core import peft_layout as fmt
-from ..core.hf_call import BackboneCall, accepts, backbone
-from ..registry import PeftTwin, register
+from peftcli.core import peft_layout as fmt
+from peftcli.core.arch import Arch
+from peftcli.core.hf_call import BackboneCall, accepts, backbone
+from peftcli.methods.registry import PeftTwin, register
 
 ATTR = "peftcli_prompt"
 PROMPT_KEY = f"{ATTR}.prompt_embeddings"  # HF PEFT's `prompt_embeddings`, shape [L, hidden]
@@ -128,7 +128,7 @@ class PromptEmbedding(nn.Module):
 
 
 def _text_ids(model: nn.Module, cfg: PromptConfig, n: int, vocab: int) -> torch.Tensor:
-    from ..models import load_tokenizer
+    from peftcli.models.loading import load_tokenizer
 
     name = cfg.tokenizer or getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", "")
     if not name:

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..arch import Arch, set_module
-from ..checkpoint import CheckpointError, copy_into_params
-from ..core.adapter import LayerAdapter, merge_layer_adapters
-from ..registry import LAYERS_HELP, method_layers, register, select_linears
+from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
+from peftcli.core.arch import Arch, set_module
+from peftcli.methods.registry import LAYERS_HELP, method_layers, register, select_linears
+from peftcli.runs.checkpoint import CheckpointError, copy_into_params
 
 INDEX = "sparse_index"
 

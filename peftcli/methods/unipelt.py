@@ -35,13 +35,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..arch import Arch, linear_dims
-from ..core.adapter import AdapterModule
-from ..core.hf_call import Capture, SequenceMask, sequence_mask
-from ..registry import register, select_linears
-from . import prefix as prefix_method
-from .bottleneck import Bottleneck, NonLinearity, factory_kwargs, get_role, place_sequential
-from .lora import LoraLinear, wrap_linears
+from peftcli.core.adapter import AdapterModule
+from peftcli.core.arch import Arch, linear_dims
+from peftcli.core.hf_call import Capture, SequenceMask, sequence_mask
+from peftcli.methods import prefix as prefix_method
+from peftcli.methods.bottleneck import Bottleneck, NonLinearity, factory_kwargs, get_role, place_sequential
+from peftcli.methods.lora import LoraLinear, wrap_linears
+from peftcli.methods.registry import register, select_linears
 
 
 @dataclass

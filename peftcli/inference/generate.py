@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .build import pick_device
-from .data import format_prompt
-from .evaluate import generate_texts
-from .pipeline import Built, build, load_run
-from .recipe import load_recipe
+from peftcli.config.recipe import load_recipe
+from peftcli.data.datasets import format_prompt
+from peftcli.inference.evaluate import generate_texts
+from peftcli.methods.attach import pick_device
+from peftcli.runs.load import Built, build, load_run
 
 
 class GenerateError(ValueError):

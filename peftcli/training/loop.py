@@ -1,7 +1,7 @@
 """The training loop. Read `train()` top to bottom: set up, take steps, evaluate and save, finish.
 
 Everything the loop needs is built once by `set_up` into a `Session`; where the run stands is a
-`Position` (peftcli.runstate), the one object a checkpoint restores. A run either finishes, stops
+`Position` (peftcli.runs.state), the one object a checkpoint restores. A run either finishes, stops
 with a message, or can be resumed to exactly where an uninterrupted run would be: the data
 position, optimizer, schedule and every RNG are in each checkpoint, and gradients never cross an
 optimizer step (the last group of an epoch is a shorter step of its own).
@@ -24,22 +24,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import distributed as dist_utils
-from . import runfolder
-from .build import pick_device, trainable_summary
-from .checkpoint import atomic_file_write, recover_dir, save_adapter
-from .core.precision import autocast_ctx, forward_inputs
-from .core.switch import random_drop, set_dropped_layers
-from .data import DataError, batches, length_group_size, malformed_summary, num_batches
-from .evaluate import evaluate, generation_eval
-from .fast import compile_layers, trim_unread_positions
-from .faults import kill_point
-from .losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
-from .optim import build_optimizer
-from .packing import packed_rows
-from .pipeline import build, collator, pack_for_training, prepare_data, train_collator
-from .recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
-from .runstate import (
+from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
+from peftcli.core.faults import kill_point
+from peftcli.core.precision import autocast_ctx, forward_inputs
+from peftcli.core.switch import random_drop, set_dropped_layers
+from peftcli.data.datasets import DataError, batches, length_group_size, malformed_summary, num_batches
+from peftcli.inference.evaluate import evaluate, generation_eval
+from peftcli.methods.attach import pick_device, trainable_summary
+from peftcli.methods.lora_kernel import compile_layers, trim_unread_positions
+from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
+from peftcli.models.packed_attention import packed_rows
+from peftcli.runs import folder as runfolder
+from peftcli.runs.checkpoint import atomic_file_write, recover_dir, save_adapter
+from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
+from peftcli.runs.state import (
     Position,
     Saved,
     check_resume,
@@ -49,6 +47,8 @@ from .runstate import (
     trim_metrics,
     write_trainer_state,
 )
+from peftcli.training import distributed as dist_utils
+from peftcli.training.optim import build_optimizer
 
 
 class TrainingError(RuntimeError):
@@ -122,7 +122,7 @@ class Session:
     budget: dict
     started: float
     aside: Path | None = None  # a replaced run, kept until this run's first checkpoint
-    trackers: Any = None  # rank 0's train.report_to trackers (peftcli.tracking.Trackers), once the run folder is open
+    trackers: Any = None  # rank 0's train.report_to trackers (peftcli.training.tracking.Trackers), once the run folder is open
     grad_norm: float | None = None  # of the latest optimizer step, when train.max_grad_norm computes it
     # Examples and real tokens (all ranks) trained on by this process, since `started`: the rates'
     # numerators. Not part of the Position, so a resumed run's rates count only its own work.
@@ -220,11 +220,11 @@ def set_up(
     # Refuse what this machine or this launch cannot do before any file is written or loaded.
     dist_mode = dist_utils.check_setup(tcfg.distributed, world, recipe.model.quantization)
     if recipe.model.quantization == "nf4":
-        from .build import check_qlora_possible
+        from peftcli.methods.attach import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
-    from .methods import get_method
-    from .optim import check_optimizer, optimizer_note
+    from peftcli.methods import get_method
+    from peftcli.training.optim import check_optimizer, optimizer_note
 
     method_spec = get_method(recipe.method_name)
     check_optimizer(tcfg.optimizer, device, method_spec)
@@ -239,7 +239,7 @@ def set_up(
             f"train.lisa_layers: LISA runs in one process ({world} ranks here: the layers it switches off would leave "
             "DDP/FSDP waiting for their gradients); launch without --nproc or set train.lisa_layers: 0"])
     if tcfg.report_to and rank == 0:
-        from .tracking import check_trackers
+        from peftcli.training.tracking import check_trackers
 
         check_trackers(recipe)
     if tcfg.precision == "fp16" and device.type != "cuda":
@@ -259,7 +259,7 @@ def set_up(
     dist_utils.barrier()
 
     # ---- data and model
-    from .models import load_tokenizer
+    from peftcli.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name)
     splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer)
@@ -282,12 +282,12 @@ def set_up(
     built = build(recipe, device, label_names=splits.label_names)
     model, arch, spec = built.model, built.arch, built.spec
     if recipe.data.packing:
-        from .packing import check_packing, use_packed_attention
+        from peftcli.models.packed_attention import check_packing, use_packed_attention
 
         what = f"{model.config.model_type} ({recipe.model.name}) with method {spec.name}"
         if not use_packed_attention(model, device, what):
             check_packing(model, device, what)
-    # Speed-ups that leave results unchanged (see peftcli/fast.py for why each is exact).
+    # Speed-ups that leave results unchanged (see peftcli/methods/lora_kernel.py for why each is exact).
     trim_unread_positions(model, arch, spec.positionwise, task)
     if tcfg.compile and device.type == "cuda":
         compile_layers(model, arch)
@@ -358,7 +358,7 @@ def set_up(
     if s.is_main:
         _open_run_folder(s, pos, resumed=resume, saved_recipe=saved_recipe)
         if tcfg.report_to:
-            from .tracking import Trackers
+            from peftcli.training.tracking import Trackers
 
             s.trackers = Trackers(run_dir, recipe)
             console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
@@ -532,7 +532,7 @@ def lisa_draw(s: Session, step: int) -> None:
 
 def _lisa_pool(recipe: Recipe, arch) -> list[int]:
     """The layers LISA draws from: those `method.layers` gives full fine-tuning (all by default)."""
-    from .registry import method_layers
+    from peftcli.methods.registry import method_layers
 
     return method_layers(recipe.method, arch.num_layers)
 
@@ -685,7 +685,7 @@ def finish(s: Session, pos: Position) -> dict[str, Any]:
     if s.is_main:
         atomic_file_write(s.run_dir / "summary.json", json.dumps(summary, indent=2))
         if s.recipe.output.plot:
-            from .plot import plot_runs
+            from peftcli.runs.plot import plot_runs
 
             try:
                 plot_runs([s.run_dir], s.run_dir / "curves.png")
@@ -703,7 +703,7 @@ def versions() -> dict[str, str]:
 
     import transformers
 
-    from . import __version__
+    from peftcli import __version__
 
     return {"peftcli": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

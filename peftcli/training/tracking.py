@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .recipe import Recipe, RecipeError
+from peftcli.config.recipe import Recipe, RecipeError
 
 # tracker -> (module to import, package to install)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

@@ -28,9 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .faults import kill_point
-from .runfolder import fsync_path, fsync_tree
+from peftcli import __version__
+from peftcli.core.faults import kill_point
+from peftcli.runs.folder import fsync_path, fsync_tree
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "meta.json"

@@ -16,9 +16,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .build import attach_method, per_module_table, trainable_summary
-from .models import auto_class, load_config
-from .recipe import Recipe
+from peftcli.config.recipe import Recipe
+from peftcli.methods.attach import attach_method, per_module_table, trainable_summary
+from peftcli.models.loading import auto_class, load_config
 
 GIB = 1024**3
 # Bits per NF4 weight with double quantization (Dettmers et al. 2023): 4 bits, plus one absmax
@@ -35,7 +35,7 @@ def meta_model(recipe: Recipe):
     config = load_config(recipe.model.name)
     if recipe.model.task == "classification":
         config.num_labels = recipe.model.num_labels or 2
-    from .core.quiet import quiet_libraries
+    from peftcli.core.quiet import quiet_libraries
 
     with torch.device("meta"), quiet_libraries():
         model = auto_class(recipe.model.task).from_config(config)
@@ -68,7 +68,7 @@ def memory_estimate(
     the trainable ones).
     """
     at_once = trainable if trained_at_once is None else trained_at_once
-    from .build import dense_base_refusal
+    from peftcli.methods.attach import dense_base_refusal
 
     frozen = total - trainable
     rows = []
@@ -93,7 +93,7 @@ def memory_estimate(
 
 
 def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
-    from .quant import quantized_names
+    from peftcli.models.quant import quantized_names
 
     model = meta_model(recipe)
     arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
@@ -120,8 +120,8 @@ def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[
     LISA trains everything outside the layer stack plus `train.lisa_layers` layers at a time, and
     keeps optimizer state only for those; the largest layers are counted, to be safe.
     """
-    from .optim import shared_state_bytes, state_bytes_estimate
-    from .registry import method_layers
+    from peftcli.methods.registry import method_layers
+    from peftcli.training.optim import shared_state_bytes, state_bytes_estimate
 
     tcfg = recipe.train
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -11,7 +11,7 @@ collective that every rank must enter in the same order. Every function here tha
 
 Failure: a rank that fails leaves the others inside a collective. It exits at once (peftcli.cli
 skips the interpreter's tear-down under torchrun), its peers see the connection close, torchrun
-stops whatever is left, and the launcher returns the failing rank's exit code (peftcli.launch).
+stops whatever is left, and the launcher returns the failing rank's exit code (peftcli.training.launch).
 The process-group timeout (PEFTCLI_DIST_TIMEOUT) bounds the remaining case, a rank that is alive
 but never reaches the collective.
 """
@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import read_adapter
-from .faults import raise_point
+from peftcli.core.faults import raise_point
+from peftcli.runs.checkpoint import read_adapter
 
 
 class DistributedSetupError(RuntimeError):
@@ -127,7 +127,7 @@ def check_setup(mode: str, world: int, quantization: str) -> str:
     if world <= 1:
         return "none"
     if mode == "fsdp" and quantization == "nf4":
-        from .quant import QuantizationUnavailable
+        from peftcli.models.quant import QuantizationUnavailable
 
         raise QuantizationUnavailable(
             "train.distributed: fsdp cannot shard a bitsandbytes 4-bit base (its packed uint8 weights carry "
@@ -220,7 +220,7 @@ def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Ten
     its own export_state may compute across modules, so the whole model is unsharded around it.
     """
     if not is_fsdp(model):
-        from .checkpoint import adapter_state
+        from peftcli.runs.checkpoint import adapter_state
 
         return adapter_state(model, spec, arch, cfg)
     _reshard(model)
@@ -315,9 +315,9 @@ def load_resume_weights(last: Path, model, spec, arch, recipe):
     """Load the last checkpoint's adapter into the unwrapped model; return its trainer state.
 
     Called before wrapping, so the weights go into plain tensors and FSDP shards them from there.
-    The state is JSON and safetensors (peftcli.runstate): nothing read here can run code.
+    The state is JSON and safetensors (peftcli.runs.state): nothing read here can run code.
     """
-    from .runstate import read_trainer_state
+    from peftcli.runs.state import read_trainer_state
 
     saved = read_trainer_state(last)
     if saved is None:
@@ -329,7 +329,7 @@ def load_resume_weights(last: Path, model, spec, arch, recipe):
 def load_kept_weights(folder: Path, model, spec, arch, recipe) -> None:
     """All ranks: load a saved adapter into the model (plain, wrapped or sharded) in place: a
     resumed run's weights, or the adapter validation chose, to score the test rows with."""
-    from .checkpoint import load_adapter_state
+    from peftcli.runs.checkpoint import load_adapter_state
 
     _reshard(model)
     sd, _ = read_adapter(folder)

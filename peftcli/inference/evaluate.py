@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Arch
-from .core.precision import autocast_ctx, forward_inputs
-from .data import Collator, batches
-from .losses import causal_lm_loss_from_logits
+from peftcli.core.arch import Arch
+from peftcli.core.precision import autocast_ctx, forward_inputs
+from peftcli.data.datasets import Collator, batches
+from peftcli.models.losses import causal_lm_loss_from_logits
 
 # autocast_ctx and forward_inputs live in core.precision; importing them from here keeps working
 # until every caller (train.py) imports them from there.

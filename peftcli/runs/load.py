@@ -10,14 +10,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Arch
-from .build import attach_method
-from .checkpoint import CheckpointError, find_run_adapter, load_adapter_state, read_adapter
-from .core.switch import apply_recorded
-from .data import Collator, DataError, PackEachBatch, Splits, load_splits, malformed_summary, pack, tokenize
-from .models import load_base_model, load_tokenizer, resolve_dtype
-from .recipe import Recipe, load_recipe
-from .registry import MethodSpec
+from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.core.arch import Arch
+from peftcli.core.switch import apply_recorded
+from peftcli.data.datasets import (
+    Collator,
+    DataError,
+    PackEachBatch,
+    Splits,
+    load_splits,
+    malformed_summary,
+    pack,
+    tokenize,
+)
+from peftcli.methods.attach import attach_method
+from peftcli.methods.registry import MethodSpec
+from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
+from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, load_adapter_state, read_adapter
 
 
 @dataclass
@@ -32,11 +41,11 @@ class Built:
 
 def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None) -> Built:
     """Base model with the recipe's method attached (fresh adapter weights), on `device`."""
-    from .methods import get_method
+    from peftcli.methods import get_method
 
     spec = get_method(recipe.method_name)
     if recipe.model.quantization == "nf4":
-        from .build import check_qlora_possible
+        from peftcli.methods.attach import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
     tok = load_tokenizer(recipe.model.name)
@@ -74,7 +83,7 @@ def load_initial_adapter(model: nn.Module, arch: Arch, spec: MethodSpec, recipe:
     """`init_from:` a peftcli run/adapter folder or an HF PEFT adapter folder."""
     src = Path(recipe.init_from)
     if (src / "adapter_config.json").exists():
-        from .peft_format import load_peft_weights
+        from peftcli.runs.peft_format import load_peft_weights
 
         load_peft_weights(model, arch, spec, recipe, src)
         return

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core.precision import float_dtype, is_4bit  # noqa: F401  (re-exported; methods import them from core)
+from peftcli.core.precision import float_dtype, is_4bit  # noqa: F401  (re-exported; methods import them from core)
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -25,7 +25,7 @@ def skip_modules() -> list[str]:
     Task heads are trained by every method, and a packed 4-bit weight cannot be trained; the LM
     head is what transformers keeps dense by default too.
     """
-    from .arch import SPECS
+    from peftcli.core.arch import SPECS
 
     names: set[str] = set()
     for spec in SPECS.values():
@@ -49,7 +49,7 @@ def nf4_config():
 
 def quantized_names(model: nn.Module) -> list[str]:
     """Linear layers of the base that an NF4 load turns into 4-bit ones (for budgeting on meta)."""
-    from .arch import is_linear
+    from peftcli.core.arch import is_linear
 
     skip = skip_modules()
     out = []
@@ -98,7 +98,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> i
     Afterwards the model carries no trace of quantization, so `save_pretrained` writes an ordinary
     checkpoint that loads without bitsandbytes.
     """
-    from .arch import set_module
+    from peftcli.core.arch import set_module
 
     names = [n for n, m in model.named_modules() if is_4bit(m)]
     for n in names:

@@ -90,18 +90,18 @@ def torchrun_command(
 
 
 def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: bool, smoke: bool) -> int:
-    from .build import pick_device
-    from .recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.methods.attach import pick_device
 
     r = load_recipe(recipe, overrides)
     # The recipe's own train.distributed wins; `none` means "not chosen", and N processes need one.
     mode = r.train.distributed if r.train.distributed != "none" else "ddp"
-    from .distributed import check_setup, collective_timeout
+    from peftcli.training.distributed import check_setup, collective_timeout
 
     check_setup(mode, nproc, r.model.quantization)
     device = pick_device(r.train.device)
     if r.model.quantization == "nf4":
-        from .build import check_qlora_possible
+        from peftcli.methods.attach import check_qlora_possible
 
         check_qlora_possible(r.method_name, device, r.method)
     if device.type == "cuda":

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import ROLES, Arch, is_linear
-from .core.combine import Combined, CombineRequest
+from peftcli.core.adapter_merging import Combined, CombineRequest
+from peftcli.core.arch import ROLES, Arch, is_linear
 
 
 @dataclass
@@ -86,7 +86,7 @@ class MethodSpec:
     # How trained adapters of this method combine into one (`peftcli combine`): the rules it
     # accepts for `--how`, and the function that answers a request. None: `combine_refusal` says why.
     # Whether this config's adapter can share a mixed-adapter batch as per-row stacked low-rank
-    # factors (peftcli/multi.py gathers each row's A and B); None or False: its rows run as a
+    # factors (peftcli/inference/multi.py gathers each row's A and B); None or False: its rows run as a
     # sub-batch of their own through the run's model.
     stacks_rows: Callable[[Any], bool] | None = None
     combine: Callable[[CombineRequest], Combined] | None = None

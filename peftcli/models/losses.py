@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .core.precision import autocast_dtype
-from .data import IGNORE
+from peftcli.core.precision import autocast_dtype
+from peftcli.data.datasets import IGNORE
 
 
 class _Passthrough(nn.Module):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .methods import all_methods
+from peftcli.methods import all_methods
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:

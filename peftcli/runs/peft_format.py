@@ -39,20 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Arch
-from .checkpoint import atomic_dir_write, load_tensors
-from .core.peft_layout import (  # noqa: F401  (re-exported: the format's names live here too)
+from peftcli.core.arch import Arch
+from peftcli.core.peft_layout import (
     Layout,
     PeftFormatError,
-    _plain_module_names,
-    adapted_linears,
-    linear_targets,
-    module_list,
-    prompt_learning_config,
     shortest_suffixes,
 )
-from .methods import all_methods
-from .registry import MethodSpec, PeftTwin
+from peftcli.methods import all_methods
+from peftcli.methods.registry import MethodSpec, PeftTwin
+from peftcli.runs.checkpoint import atomic_dir_write, load_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -325,7 +320,7 @@ def _module_of(peft_key: str) -> str | None:
 
 def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path) -> None:
     """Load an HF PEFT adapter folder into a model built from `recipe` (its `init_from:`)."""
-    from .checkpoint import load_adapter_state
+    from peftcli.runs.checkpoint import load_adapter_state
 
     src = Path(src)
     config, peft_sd = read_peft_folder(src)
@@ -347,7 +342,7 @@ def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, sr
 
 def recipe_from_peft(src: Path, overrides: list[str] | None = None):
     """A recipe for a PEFT folder from its adapter_config.json alone (base model, task, method)."""
-    from .recipe import recipe_from_dict
+    from peftcli.config.recipe import recipe_from_dict
 
     config, sd = read_peft_folder(src)
     name = config.get("base_model_name_or_path")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, atomic_file_write, load_tensors
+from peftcli.runs.checkpoint import CheckpointError, atomic_file_write, load_tensors
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"

@@ -33,7 +33,7 @@ RUN_KINDS = frozenset({"run", "import", "drop", "fuse", "combine"})
 # Every top-level name a run folder has ever held (train, eval, drop); a fused run keeps its
 # sources' weights inside adapter/, so it adds no name of its own.
 RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "summary.json", "curves.png", "drop.json",
-                         # train.report_to: what the trackers write into the run (peftcli/tracking.py)
+                         # train.report_to: what the trackers write into the run (peftcli/training/tracking.py)
                          "tensorboard", "wandb", "mlruns", "mlflow.db", "mlartifacts"})
 _EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
 # peftcli's dot-temp names: checkpoint.atomic_*_write (.X.tmp-PID, .X.old-PID) and ours.
@@ -102,7 +102,7 @@ def is_ours(path: Path) -> bool:
 def write_marker(folder: Path, kind: str) -> None:
     """(Re)write MARKER listing the folder's entries as they are now: the list is what a later
     `--force` may delete, so call it after the last file is written."""
-    from . import __version__
+    from peftcli import __version__
 
     if kind not in KINDS:
         raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")

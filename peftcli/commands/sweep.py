@@ -39,9 +39,9 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from .checkpoint import atomic_file_write
-from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
-from .runfolder import UnsafePathError, check_paths, fsync_path, local_inputs
+from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
+from peftcli.runs.checkpoint import atomic_file_write
+from peftcli.runs.folder import UnsafePathError, check_paths, fsync_path, local_inputs
 
 DEFINITION_FILE = "sweep.json"
 RECORDS_FILE = "sweep.jsonl"

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
-from .core.quiet import quiet_libraries
+from peftcli.core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
+from peftcli.core.quiet import quiet_libraries
 
 # hub id -> (package, how to find the model inside it)
 EMBEDDED: dict[str, tuple[str, str]] = {
@@ -95,7 +95,7 @@ def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
     """De-quantizing a GGUF takes tens of seconds; do it once and keep float32 safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import atomic_dir_write
+    from peftcli.runs.checkpoint import atomic_dir_write
 
     out = cache_dir() / "models" / name.replace("/", "--")
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
@@ -145,7 +145,7 @@ def load_base_model(
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     if quantization == "nf4":
-        from .quant import nf4_config
+        from peftcli.models.quant import nf4_config
 
         kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": torch.cuda.current_device()}

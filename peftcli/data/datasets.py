@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .recipe import BUILTIN_SOURCES, DataConfig, TrainConfig, missing_data_file
+from peftcli.config.recipe import BUILTIN_SOURCES, DataConfig, TrainConfig, missing_data_file
 
 IGNORE = -100
 INSTRUCT_PROMPT = (
@@ -229,7 +229,7 @@ def _load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
     """Splits of a hub dataset or a local file, as lists of rows."""
     import datasets
 
-    from .core.quiet import quiet_libraries
+    from peftcli.core.quiet import quiet_libraries
 
     src = cfg.source
     p = Path(src).expanduser()

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Arch, UnsupportedArchitecture, resolve
-from .methods import all_methods, get_method
-from .quant import QuantizationUnavailable
-from .registry import MethodSpec, count_trainable, freeze
+from peftcli.core.arch import Arch, UnsupportedArchitecture, resolve
+from peftcli.methods import all_methods, get_method
+from peftcli.methods.registry import MethodSpec, count_trainable, freeze
+from peftcli.models.quant import QuantizationUnavailable
 
 
 def attach_method(

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
-from .core.adapter import LayerAdapter
-from .methods import get_method
-from .recipe import Recipe
+from peftcli.config.recipe import Recipe
+from peftcli.core.adapter import LayerAdapter
+from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
+from peftcli.methods import get_method
 
 BASE = 0  # adapter index of "no adapter"
 
@@ -223,7 +223,7 @@ _SHARED_KEYS = ("name", "task", "revision", "dtype", "quantization", "trust_remo
 
 
 def _check_same_base(first: tuple[Path, Recipe], other: tuple[Path, Recipe]) -> None:
-    from .pipeline import _same_model
+    from peftcli.runs.load import _same_model
 
     (r0, a), (r1, b) = first, other
     for key in _SHARED_KEYS:
@@ -296,11 +296,11 @@ def _share_base_tensors(model: nn.Module, shared: nn.Module) -> int:
 
 def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases."""
-    from .checkpoint import CheckpointError, find_run_adapter, read_adapter
-    from .models import load_base_model, load_tokenizer, resolve_dtype
-    from .pipeline import check_adapter_matches, load_run
-    from .quant import float_dtype
-    from .recipe import load_recipe
+    from peftcli.config.recipe import load_recipe
+    from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
+    from peftcli.models.quant import float_dtype
+    from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, read_adapter
+    from peftcli.runs.load import check_adapter_matches, load_run
 
     named = parse_run_args(runs)
     if not named:
@@ -321,7 +321,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     first = next((x for x in loaded if _stacks(x[2])), loaded[0])
     r0, meta0 = first[2], first[4]
     if r0.model.quantization == "nf4":
-        from .build import check_qlora_possible
+        from peftcli.methods.attach import check_qlora_possible
 
         check_qlora_possible(r0.method_name, device, r0.method)
     tok = load_tokenizer(r0.model.name)
@@ -498,7 +498,7 @@ def generate_mixed(
 ) -> list[str]:
     """Greedy continuations of (adapter name, prompt) pairs, each prompt formatted as its run's
     training data was; the order of the answers is the order of the requests."""
-    from .data import format_prompt
+    from peftcli.data.datasets import format_prompt
 
     tok = multi.tokenizer
     names = [n for n, _ in requests]
@@ -583,10 +583,10 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
     The metrics are those `evaluate.evaluate` gives the run alone: per-example sums and counts
     gathered per run, so neither batch order nor batch company changes them.
     """
-    from .core.precision import autocast_ctx, forward_inputs
-    from .data import Collator
-    from .evaluate import _macro_f1
-    from .losses import causal_lm_loss_from_logits
+    from peftcli.core.precision import autocast_ctx, forward_inputs
+    from peftcli.data.datasets import Collator
+    from peftcli.inference.evaluate import _macro_f1
+    from peftcli.models.losses import causal_lm_loss_from_logits
 
     task = multi.recipe.model.task
     collate = Collator(multi.tokenizer.pad_token_id, task)

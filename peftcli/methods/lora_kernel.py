@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import is_conv1d
-from .core.precision import autocast_dtype as _autocast_dtype  # old name, kept for importers
+from peftcli.core.arch import is_conv1d
+from peftcli.core.precision import autocast_dtype as _autocast_dtype  # old name, kept for importers
 
 
 class _LoraLinearFn(torch.autograd.Function):

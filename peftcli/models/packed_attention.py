@@ -17,8 +17,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from .core.precision import forward_inputs
-from .data import DataError
+from peftcli.core.precision import forward_inputs
+from peftcli.data.datasets import DataError
 
 # --------------------------------------------------------------- per-example attention on CPU
 #
