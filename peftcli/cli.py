@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from peftcli.core.errors import BadInput
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable  # Python 3.11+; annotations only
 
@@ -36,39 +38,7 @@ err = Console(stderr=True)
 BAD_INPUT, FAILURE = 2, 1
 
 
-def _bad_input_types() -> tuple[type, ...]:
-    from peftcli.commands.sweep import SweepError
-    from peftcli.config.recipe import RecipeError
-    from peftcli.core.faults import InjectedBadInput
-    from peftcli.data.datasets import DataError
-    from peftcli.inference.multi import MultiAdapterError
-    from peftcli.models.loading import ModelLoadError
-    from peftcli.runs.checkpoint import CheckpointError
-    from peftcli.runs.folder import UnsafePathError
-    from peftcli.runs.state import ResumeError
-    from peftcli.training.distributed import DistributedEnvError
-    from peftcli.training.loop import RunExistsError
-    from peftcli.training.optim import OptimizerUnavailable
-
-    types_: list[type] = [RecipeError, DataError, ModelLoadError, CheckpointError, FileNotFoundError, RunExistsError,
-                          UnsafePathError, ResumeError, InjectedBadInput, DistributedEnvError, OptimizerUnavailable,
-                          MultiAdapterError, SweepError]
-    try:
-        from peftcli.core.arch import UnsupportedArchitecture
-
-        types_.append(UnsupportedArchitecture)
-    except ImportError:
-        pass
-    try:
-        from peftcli.models.quant import QuantizationUnavailable
-
-        types_.append(QuantizationUnavailable)
-    except ImportError:
-        pass
-    return tuple(types_)
-
-
-class UsageError(Exception):
+class UsageError(BadInput):
     """Bad command-line input that is not a recipe problem."""
 
 
@@ -92,7 +62,7 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except (UsageError, *_bad_input_types()) as e:
+        except (BadInput, FileNotFoundError) as e:
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(BAD_INPUT) from None
         except KeyboardInterrupt:
@@ -442,16 +412,13 @@ def combine(
 ) -> None:
     """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
     export and generate take it like a trained run)."""
-    from peftcli.commands.combine import CombineError, combine_runs, parse_weights
+    from peftcli.commands.combine import combine_runs, parse_weights
 
     if len(runs_and_dest) < 2:
         raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
     *runs, dest = runs_and_dest
-    try:
-        rep = combine_runs(runs, dest, weights=parse_weights(weights, len(runs)), how=how, density=density,
-                           majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force)
-    except CombineError as e:
-        raise UsageError(str(e)) from None
+    rep = combine_runs(runs, dest, weights=parse_weights(weights, len(runs)), how=how, density=density,
+                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force)
     shown = ""
     for i, (w, r) in enumerate(zip(rep["weights"], rep["runs"], strict=True)):
         sign = ("−" if w < 0 else "") if i == 0 else (" − " if w < 0 else " + ")
@@ -690,7 +657,7 @@ def generate_cmd(
 ) -> None:
     """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
     batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
-    from peftcli.inference.generate import GenerateError, generate
+    from peftcli.inference.generate import generate
 
     if prompts is not None:
         from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
@@ -708,10 +675,7 @@ def generate_cmd(
     if len(args) != 2:
         raise UsageError(f"generate takes RUN PROMPT (got {len(args)} arguments); for several runs pass the prompts "
                          "as a file: --prompts prompts.jsonl, one {\"adapter\": NAME, \"prompt\": TEXT} per line")
-    try:
-        texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device)
-    except GenerateError as e:
-        raise UsageError(str(e)) from None
+    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device)
     out.print(texts[0], highlight=False, markup=False)
 
 
@@ -733,12 +697,9 @@ def serve(
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
-    from peftcli.commands.serve import ServeUnavailable, require_stack
+    from peftcli.commands.serve import require_stack
 
-    try:
-        require_stack()
-    except ServeUnavailable as e:
-        raise UsageError(str(e)) from None
+    require_stack()
     from peftcli.commands.serve import serve as run_server
     from peftcli.inference.multi import load_runs
     from peftcli.methods.attach import pick_device
@@ -771,15 +732,11 @@ def fuse(
 ) -> None:
     """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
     from peftcli.commands.fuse import fuse as run_fuse
-    from peftcli.methods.fusion import FusionError
 
     r = _load(recipe, overrides)
     if smoke:
         r.output.dir, r.output.overwrite, r.train.progress = str(r.run_dir()) + "-smoke", True, False
-    try:
-        summary = run_fuse(r, resume=resume, smoke=smoke)
-    except FusionError as e:
-        raise UsageError(str(e)) from None
+    summary = run_fuse(r, resume=resume, smoke=smoke)
     test = summary.get("test", {})
     out.print(f"done in {summary['train_time_s']:.1f} s · test " + ", ".join(
         f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
@@ -812,13 +769,10 @@ def drop(
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
-    from peftcli.commands.drop import DropError, drop_run
+    from peftcli.commands.drop import drop_run
 
-    try:
-        rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
-                       repeats=repeats, device=device, force=force)
-    except DropError as e:
-        raise UsageError(str(e)) from None
+    rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
+                   repeats=repeats, device=device, force=force)
     if rep["attention"]:
         names = list(next(iter(rep["attention"].values())))
         att = Table(title="mean fusion attention per layer (before pruning); sources: "

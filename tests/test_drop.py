@@ -76,7 +76,7 @@ def test_disable_layers_keeps_other_flags_and_recording_round_trips():
     fresh, _ = adapted("bert", "houlsby")
     assert drop_lib.apply_recorded(fresh, {"disabled_modules": off}) == len(off)
     assert drop_lib.flags(fresh) == drop_lib.flags(model)
-    from peftcli.runs.checkpoint import CheckpointError
+    from peftcli.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not have"):
         drop_lib.apply_recorded(fresh, {"disabled_modules": ["bert.encoder.layer.7.nope"]})

@@ -234,7 +234,7 @@ def test_prefix_table_cache_follows_weight_updates():
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_prefix_save_eject_and_resume(kind):
-    from peftcli.runs.checkpoint import CheckpointError
+    from peftcli.core.errors import CheckpointError
 
     task = "classification"
     m, arch, _ = with_method(kind, task, "prefix")

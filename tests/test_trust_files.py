@@ -22,8 +22,9 @@ from conftest import tiny_model, write_recipe
 from typer.testing import CliRunner
 
 from peftcli.cli import app
+from peftcli.core.errors import CheckpointError
 from peftcli.runs import folder as runfolder
-from peftcli.runs.checkpoint import CheckpointError, load_tensors
+from peftcli.runs.checkpoint import load_tensors
 from peftcli.runs.folder import (
     MARKER,
     UnsafePathError,
@@ -562,7 +563,7 @@ def test_aside_round_trip_and_stale_recovery(tmp_path):
 
 
 def test_unsafe_path_error_is_bad_input():
-    from peftcli.cli import _bad_input_types
+    from peftcli.core.errors import BadInput
 
-    assert UnsafePathError in _bad_input_types()
+    assert issubclass(UnsafePathError, BadInput)
     assert runfolder.MARKER == ".peftcli.json"

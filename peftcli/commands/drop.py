@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import recipe_yaml
+from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.switch import (
     adapter_modules,
     apply_recorded,
@@ -35,11 +36,11 @@ from peftcli.inference.evaluate import evaluate
 from peftcli.methods.attach import pick_device
 from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
 from peftcli.methods.registry import parse_layers
-from peftcli.runs.checkpoint import CheckpointError, find_run_adapter
+from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
 
 
-class DropError(ValueError):
+class DropError(BadInput, ValueError):
     """Bad drop request: exit 2 at the command line."""
 
 

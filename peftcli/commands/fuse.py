@@ -20,8 +20,9 @@ import torch
 from rich.console import Console
 
 from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.core.errors import CheckpointError
 from peftcli.methods.fusion import FusionConfig, FusionError, Source, read_sources
-from peftcli.runs.checkpoint import CheckpointError, find_run_adapter
+from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.folder import check_paths, local_inputs
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
-from peftcli.runs.checkpoint import CheckpointError
 from peftcli.runs.load import load_run
 
 

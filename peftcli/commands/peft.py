@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import load_recipe
+from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import attach_method
-from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, read_adapter
+from peftcli.runs.checkpoint import find_run_adapter, read_adapter
 from peftcli.runs.peft_format import (
     Layout,
     export_model,

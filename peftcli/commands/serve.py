@@ -26,10 +26,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftcli.core.errors import BadInput
 from peftcli.inference.multi import MultiAdapter, MultiAdapterError, eos_ids, greedy_ids
 
 
-class ServeUnavailable(RuntimeError):
+class ServeUnavailable(BadInput, RuntimeError):
     pass
 
 

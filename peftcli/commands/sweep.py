@@ -40,6 +40,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
+from peftcli.core.errors import BadInput
 from peftcli.runs.checkpoint import atomic_file_write
 from peftcli.runs.folder import UnsafePathError, check_paths, fsync_path, local_inputs
 
@@ -56,7 +57,7 @@ RESERVED_KEYS = {
 UNSWEPT_KEYS = {"eval.metric": "it ranks the trials, so it is one for the whole sweep; set it once (eval.metric=loss)"}
 
 
-class SweepError(ValueError):
+class SweepError(BadInput, ValueError):
     """Bad sweep arguments or a sweep folder that cannot be used: bad input, exit 2."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from peftcli.core.errors import BadInput
 from peftcli.methods import all_methods
 
 
@@ -275,7 +276,7 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-class RecipeError(Exception):
+class RecipeError(BadInput):
     """All problems found in one recipe. `str()` is the message shown to the user."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

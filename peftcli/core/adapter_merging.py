@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from peftcli.core.errors import BadInput
+
 # Rules that merge element-wise; the `_svd` forms apply them to each module's full update and
 # factor the result back to a rank with a truncated SVD.
 ELEMENTWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -29,7 +31,7 @@ RANDOM = frozenset({"dare_linear", "dare_ties"})
 WEIGHTED = "weighted"
 
 
-class CombineError(ValueError):
+class CombineError(BadInput, ValueError):
     """Adapters that cannot be combined as asked: bad input, exit 2 at the command line."""
 
 

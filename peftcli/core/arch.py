@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.core.errors import BadInput
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -172,7 +174,7 @@ ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 QKV = ("q", "k", "v")  # in this order in a fused projection's output (GPT-2's c_attn)
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(BadInput, ValueError):
     pass
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import signal
 
+from peftcli.core.errors import BadInput
+
 _counts: dict[str, int] = {}
 _raise_counts: dict[str, int] = {}
 
@@ -26,7 +28,7 @@ class InjectedFailure(RuntimeError):
     """A failure while running, on purpose (PEFTCLI_RAISE_AT)."""
 
 
-class InjectedBadInput(ValueError):
+class InjectedBadInput(BadInput, ValueError):
     """Bad input, on purpose (PEFTCLI_RAISE_AT with PEFTCLI_RAISE_AS=bad-input): exit 2."""
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from peftcli.core.adapter import LayerAdapter, is_adapter_module
 from peftcli.core.arch import Arch, is_conv1d
-from peftcli.runs.checkpoint import CheckpointError
+from peftcli.core.errors import CheckpointError
 
 
 class PeftFormatError(CheckpointError):

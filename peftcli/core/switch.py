@@ -16,7 +16,7 @@ from torch import nn
 
 from peftcli.core.adapter import is_adapter_module
 from peftcli.core.arch import Arch
-from peftcli.runs.checkpoint import CheckpointError
+from peftcli.core.errors import CheckpointError
 
 
 def adapter_modules(layer: nn.Module) -> list[nn.Module]:

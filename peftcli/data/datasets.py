@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from peftcli.config.recipe import BUILTIN_SOURCES, DataConfig, TrainConfig, missing_data_file
+from peftcli.core.errors import BadInput
 
 IGNORE = -100
 INSTRUCT_PROMPT = (
@@ -45,7 +46,7 @@ INSTRUCT_PROMPT = (
 )
 
 
-class DataError(RuntimeError):
+class DataError(BadInput, RuntimeError):
     pass
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from peftcli.config.recipe import load_recipe
+from peftcli.core.errors import BadInput
 from peftcli.data.datasets import format_prompt
 from peftcli.inference.evaluate import generate_texts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run
 
 
-class GenerateError(ValueError):
+class GenerateError(BadInput, ValueError):
     """The run or recipe cannot generate text (wrong task, not found)."""
 
 

@@ -37,12 +37,13 @@ from torch import nn
 from peftcli.config.recipe import Recipe
 from peftcli.core.adapter import LayerAdapter
 from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
+from peftcli.core.errors import BadInput
 from peftcli.methods import get_method
 
 BASE = 0  # adapter index of "no adapter"
 
 
-class MultiAdapterError(ValueError):
+class MultiAdapterError(BadInput, ValueError):
     """Runs that cannot be served together, or a request naming no loaded adapter."""
 
 
@@ -297,9 +298,10 @@ def _share_base_tensors(model: nn.Module, shared: nn.Module) -> int:
 def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases."""
     from peftcli.config.recipe import load_recipe
+    from peftcli.core.errors import CheckpointError
     from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
     from peftcli.models.quant import float_dtype
-    from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, read_adapter
+    from peftcli.runs.checkpoint import find_run_adapter, read_adapter
     from peftcli.runs.load import check_adapter_matches, load_run
 
     named = parse_run_args(runs)

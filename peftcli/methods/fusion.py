@@ -36,6 +36,7 @@ from torch import nn
 
 from peftcli.core.adapter import AdapterModule
 from peftcli.core.arch import Arch
+from peftcli.core.errors import BadInput
 from peftcli.core.hf_call import SequenceMask, sequence_mask
 from peftcli.methods.bottleneck import (
     adapted_layers,
@@ -92,7 +93,7 @@ class Source:
         return json.dumps({"run": self.run, "method": self.method, "options": self.options}, sort_keys=True)
 
 
-class FusionError(ValueError):
+class FusionError(BadInput, ValueError):
     pass
 
 
@@ -285,7 +286,8 @@ def attach(model: nn.Module, arch: Arch, cfg: FusionConfig) -> None:
 
 def _load_source_weights(model: nn.Module, arch: Arch, sources: list[Source]) -> None:
     """Copy each source run's adapter into the sites, when the runs are there."""
-    from peftcli.runs.checkpoint import CheckpointError, find_run_adapter, read_adapter
+    from peftcli.core.errors import CheckpointError
+    from peftcli.runs.checkpoint import find_run_adapter, read_adapter
 
     files = {}
     for s in sources:
@@ -324,7 +326,8 @@ def export_state(model: nn.Module, arch: Arch, cfg: FusionConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: FusionConfig, sd: dict[str, torch.Tensor]) -> None:
-    from peftcli.runs.checkpoint import CheckpointError, copy_into_params
+    from peftcli.core.errors import CheckpointError
+    from peftcli.runs.checkpoint import copy_into_params
 
     params = dict(model.named_parameters())
     unknown = [k for k in sd if k not in params]

@@ -26,8 +26,9 @@ from torch.func import functional_call
 
 from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
 from peftcli.core.arch import Arch, set_module
+from peftcli.core.errors import CheckpointError
 from peftcli.methods.registry import LAYERS_HELP, method_layers, register, select_linears
-from peftcli.runs.checkpoint import CheckpointError, copy_into_params
+from peftcli.runs.checkpoint import copy_into_params
 
 INDEX = "sparse_index"
 

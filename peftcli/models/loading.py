@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.core.errors import BadInput
 from peftcli.core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
 from peftcli.core.quiet import quiet_libraries
 
@@ -25,7 +26,7 @@ EMBEDDED: dict[str, tuple[str, str]] = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(BadInput, RuntimeError):
     pass
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftcli.core.errors import BadInput
 from peftcli.core.precision import float_dtype, is_4bit  # noqa: F401  (re-exported; methods import them from core)
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(BadInput, RuntimeError):
     pass
 
 

@@ -29,15 +29,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftcli import __version__
+from peftcli.core.errors import CheckpointError
 from peftcli.core.faults import kill_point
 from peftcli.runs.folder import fsync_path, fsync_tree
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "meta.json"
 
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Tensor]:

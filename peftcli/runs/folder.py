@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peftcli.core.errors import BadInput
+
 MARKER = ".peftcli.json"
 KINDS = ("run", "export", "merge", "import", "drop", "fuse", "combine")
 # Kinds whose folders are run folders: `peftcli eval` adds eval_*.json to them later.
@@ -40,7 +42,7 @@ _EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
 _TEMP = re.compile(r"\..+\.(?:peftcli-)?(?:tmp|old)-\d+")
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(BadInput, ValueError):
     """A destination that would overwrite or delete what is not peftcli's: bad input, exit 2."""
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from peftcli.runs.checkpoint import CheckpointError, atomic_file_write, load_tensors
+from peftcli.core.errors import BadInput, CheckpointError
+from peftcli.runs.checkpoint import atomic_file_write, load_tensors
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -43,7 +44,7 @@ class Position:
     best_eval: dict | None = None  # its validation metrics (summary.json's `val`)
 
 
-class ResumeError(ValueError):
+class ResumeError(BadInput, ValueError):
     """`--resume` would not continue the same run: bad input (exit 2)."""
 
 

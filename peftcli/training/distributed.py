@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peftcli.core.errors import BadInput
 from peftcli.core.faults import raise_point
 from peftcli.runs.checkpoint import read_adapter
 
@@ -36,7 +37,7 @@ class DistributedSetupError(RuntimeError):
     pass
 
 
-class DistributedEnvError(ValueError):
+class DistributedEnvError(BadInput, ValueError):
     """A malformed PEFTCLI_* environment setting for distributed runs: bad input (exit 2)."""
 
 

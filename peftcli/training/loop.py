@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
+from peftcli.core.errors import BadInput
 from peftcli.core.faults import kill_point
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.core.switch import random_drop, set_dropped_layers
@@ -59,7 +60,7 @@ class NonFiniteError(TrainingError):
     """The loss (training or evaluation) or the gradient norm became NaN or infinite."""
 
 
-class RunExistsError(ValueError):
+class RunExistsError(BadInput, ValueError):
     """The run folder cannot be used as asked: bad input (exit 2), not a failure."""
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.core.errors import BadInput
+
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd")
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 # What the paged ones run as where there is no unified memory to page (CPU).
@@ -46,7 +48,7 @@ BNB_QMAPS = 2 * 256 * 4
 BNB_FIX = "`pip install 'bitsandbytes>=0.50'` (or `pip install 'peftcli[bnb]'`)"
 
 
-class OptimizerUnavailable(ValueError):
+class OptimizerUnavailable(BadInput, ValueError):
     """The recipe's optimizer cannot run here or with this method: bad input (exit 2)."""
 
 
