@@ -196,3 +196,13 @@ def test_architecture_page_lists_every_module_and_no_other():
     gone = [m for m in listed if m not in files]
     assert not gone, f"docs/architecture.md lists modules that do not exist: {gone}"
     assert "core < models < methods < config < data < runs < inference < training < commands < cli" in page
+
+
+def test_readme_is_a_front_door_with_the_two_set_up_commands():
+    """.ci/run runs the second set-up command; users copy the first. Both stay word for word."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    for command in ("bash scripts/install.sh && peftcli train recipes/quickstart.yaml",
+                    "bash scripts/install.sh --test && python -m pytest -q"):
+        assert f"```\n{command}\n```" in text, command
+    assert 'python -m pytest -m "not slow"' in text
