@@ -128,7 +128,7 @@ def _run_folder(tmp_path: Path, method: str) -> Path:
 
 
 def test_toy_method_trim_follows_positionwise(toy):
-    from peftcli.methods.lora_kernel import trim_unread_positions
+    from peftcli.models.trim import trim_unread_positions
 
     for name, trims in (("toy_scale", True), ("toy_dense", False)):
         m = tiny_model("bert")
