@@ -222,7 +222,7 @@ def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, au
     from peft import LoraConfig, get_peft_model
 
     from peftcli.core.arch import resolve
-    from peftcli.methods.registry import select_linears
+    from peftcli.methods.targets import select_linears
 
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
     arch = resolve(model)

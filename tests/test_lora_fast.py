@@ -276,7 +276,7 @@ def test_trim_refuses_what_it_cannot_prove():
 def test_forward_matches_hf_peft():
     """Same A and B in both libraries: same logits and same adapter gradients."""
     peft = pytest.importorskip("peft")
-    from peftcli.methods.registry import select_linears
+    from peftcli.methods.targets import select_linears
 
     ours = tiny_model("llama", "causal_lm")
     arch, _ = attach_method(ours, "lora", LoraConfig(r=4, alpha=8, targets=["q", "v", "ffn_out"]))

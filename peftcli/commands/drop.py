@@ -35,7 +35,7 @@ from peftcli.core.switch import (
 from peftcli.inference.evaluate import evaluate
 from peftcli.methods.attach import pick_device
 from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
-from peftcli.methods.registry import parse_layers
+from peftcli.methods.targets import parse_layers
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
 

@@ -33,7 +33,8 @@ from peftcli.core.adapter_merging import (
 from peftcli.core.arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
 from peftcli.core.precision import float_dtype
 from peftcli.methods.lora_kernel import lora_linear
-from peftcli.methods.registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
+from peftcli.methods.registry import PeftTwin, register
+from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
 
 
 @dataclass
@@ -57,14 +58,16 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 class LoraLinear(LayerAdapter):
     """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D) with a low-rank update.
 
-    The one low-rank linear of peftcli: DoRA (`dora.DoraLinear`) and UniPELT's gated LoRA subclass
-    it, so that they build, initialise, name and count A and B exactly as LoRA does, and change
-    only what the forward does with B A x (and, for DoRA, how it merges).
+    The one low-rank linear of peftcli: DoRA (`DoraLinear`, below) and UniPELT's gated LoRA
+    (`methods.unipelt.GatedLoraLinear`) subclass it, so that they build, initialise, name and
+    count A and B exactly as LoRA does, and change only what the forward does with B A x (and,
+    for DoRA, how it merges).
 
-    The forward goes through `peftcli.methods.lora_kernel.lora_linear` (one autograd node with a hand-written
-    backward) whenever the base is a plain nn.Linear or Conv1D; anything else (quantized bases,
-    hooked modules, mixed dtypes outside autocast) takes the plain formula. Both compute the same
-    numbers; `fast_path = False` on an instance or the class forces the plain one.
+    The forward goes through `methods.lora_kernel.lora_linear` (one autograd node with a
+    hand-written backward) whenever the base is a plain nn.Linear or Conv1D; anything else
+    (quantized bases, hooked modules, mixed dtypes outside autocast) takes the plain formula.
+    Both compute the same numbers; `fast_path = False` on an instance or the class forces the
+    plain one.
     """
 
     fast_path: bool = True

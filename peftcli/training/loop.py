@@ -534,7 +534,7 @@ def lisa_draw(s: Session, step: int) -> None:
 
 def _lisa_pool(recipe: Recipe, arch) -> list[int]:
     """The layers LISA draws from: those `method.layers` gives full fine-tuning (all by default)."""
-    from peftcli.methods.registry import method_layers
+    from peftcli.methods.targets import method_layers
 
     return method_layers(recipe.method, arch.num_layers)
 
