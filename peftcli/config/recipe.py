@@ -232,7 +232,7 @@ def looks_like_local_file(source: str) -> bool:
 
 def missing_data_file(source: str) -> str | None:
     """Why a local `data.source` cannot be read, or None; relative paths count from the working directory,
-    as data.py opens them."""
+    as data/datasets.py opens them."""
     if not looks_like_local_file(source):
         return None
     p = Path(source).expanduser()

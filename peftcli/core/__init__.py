@@ -1,7 +1,7 @@
 """The bottom layer: helpers every other part of peftcli may use and that use nothing above them.
 
 Methods, the training loop and the commands import from here; nothing here imports a method, the
-pipeline or a command, so this package can never close an import circle.
+run loader or a command, so this package can never close an import circle.
 
 `adapter` is the contract every adapter module keeps; `hf_call` reads and rewrites the calls HF
 models make (backbone arguments, sub-layer inputs, the batch's attention mask); `precision` the

@@ -25,7 +25,7 @@ from peftcli.core.arch import Arch
 class PeftTwin:
     """How a method's adapter is written as, and read from, one HF PEFT adapter type.
 
-    peft_format.py does the bookkeeping every type shares (the folder, the task head, the checks
+    runs/peft_format.py does the bookkeeping every type shares (the folder, the task head, the checks
     of a folder against a recipe) and asks the twin for the rest.
     """
 
