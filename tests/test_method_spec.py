@@ -240,7 +240,7 @@ ALLOWED = {
     ("lora", "methods/mam.py"): "`init: lora`, a bottleneck initialisation named after LoRA's",
     ("prompt", "data/datasets.py"): "the prompt column of instruction data",
     ("prompt", "inference/evaluate.py"): "the prompt column of instruction data",
-    ("prompt", "cli.py"): "the prompt key of generate's JSONL lines",
+    ("prompt", "inference/generate.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "inference/multi.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "commands/serve.py"): "the prompt field of an OpenAI completions request",
 }
