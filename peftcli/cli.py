@@ -1,4 +1,7 @@
-"""The `peftcli` command. Thin: parse, validate, call library functions, print.
+"""The `peftcli` command: parse the arguments, call the command's function, print its result.
+
+Each command's work is a function of peftcli.commands (or of the library below it), so a Python
+user can call it without the CLI; what stays here is the typer signatures and the printing.
 
 Exit codes: 0 success, 2 bad input (recipe, arguments, missing files), 1 failure while running.
 """
@@ -10,17 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from peftcli.core.errors import BadInput
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable  # Python 3.11+; annotations only
+from peftcli.core.errors import BadInput, UsageError
 
 app = typer.Typer(
     add_completion=True,
@@ -38,10 +38,6 @@ err = Console(stderr=True)
 BAD_INPUT, FAILURE = 2, 1
 
 
-class UsageError(BadInput):
-    """Bad command-line input that is not a recipe problem."""
-
-
 def _complete_methods(incomplete: str) -> list[str]:
     """Shell completion of method names (the registry is the only list)."""
     from peftcli.methods import all_methods
@@ -50,7 +46,9 @@ def _complete_methods(incomplete: str) -> list[str]:
 
 
 def _complete_recipes(incomplete: str) -> list[str]:
-    return [name for name in _recipe_files() if name.startswith(incomplete)]
+    from peftcli.commands.recipes import shipped_recipes
+
+    return [name for name in shipped_recipes() if name.startswith(incomplete)]
 
 
 def handle_errors(fn):
@@ -146,17 +144,9 @@ def _train(r, *, resume: bool, smoke: bool) -> None:
     elif test:
         out.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     if smoke:
-        from peftcli.inference.evaluate import evaluate as run_eval
-        from peftcli.methods.attach import pick_device
-        from peftcli.runs.load import collator, load_run, prepare_data
+        from peftcli.commands.train import smoke_reload_loss
 
-        built, _ = load_run(r.run_dir(), pick_device("cpu"))
-        _, _, _, held = prepare_data(built.recipe, built.tokenizer)
-        m = run_eval(built.model, held[:16], collator(built.recipe, built.tokenizer), task=built.recipe.model.task,
-                     device=pick_device("cpu"), num_labels=len(built.label_names or []) or None)
-        if abs(m["loss"] - test.get("loss", m["loss"])) > 1e-3:
-            raise RuntimeError(f"smoke: reloaded adapter gives test loss {m['loss']:.5f}, trained model gave {test['loss']:.5f}")
-        out.print(f"smoke ok: reloaded adapter reproduces eval loss {m['loss']:.4f}")
+        out.print(f"smoke ok: reloaded adapter reproduces eval loss {smoke_reload_loss(r, test):.4f}")
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -254,73 +244,31 @@ def eval_cmd(
             _eval(runs[0], split, limit, device)
 
 
-def _split_examples(rec, tokenizer, split: str) -> list[dict]:
-    """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows."""
-    from peftcli.runs.load import prepare_data
-
-    if split not in ("test", "val", "train"):
-        rec.data.eval_split = split
-    _, train_ex, val, test = prepare_data(rec, tokenizer)
-    if split == "val" and not val:
-        raise UsageError("--split val: the run's recipe has no validation rows (data.val_fraction is 0); "
-                         "use --split test")
-    return {"train": train_ex, "val": val}.get(split, test)
-
-
 def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
-    from peftcli.inference.evaluate import evaluate, generation_eval
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.load import collator, load_run
+    from peftcli.commands.eval import evaluate_run
 
-    dev = pick_device(device)
-    built, meta = load_run(run, dev)
-    rec = built.recipe
-    examples = _split_examples(rec, built.tokenizer, split)
-    if limit:
-        examples = examples[:limit]
-    m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
-                 batch_size=rec.eval.batch_size, precision=rec.train.precision,
-                 num_labels=len(built.label_names or []) or None)
-    if rec.model.task == "causal_lm" and examples and "prompt_len" in examples[0]:
-        g, samples = generation_eval(built.model, built.arch, built.tokenizer, examples, device=dev,
-                                     max_new_tokens=rec.eval.max_new_tokens,
-                                     limit=None if rec.eval.generate_accuracy else rec.eval.generate_samples)
-        if rec.eval.generate_accuracy:
-            m.update(g)
-        for s in samples[: rec.eval.generate_samples]:
-            out.print(f"[dim]sample[/] {s['generated']!r} (reference {s['reference']!r})")
-    table = Table(title=f"{run} · {split} · {len(examples)} examples")
+    score = evaluate_run(run, split, limit, device)
+    for smp in score.samples:
+        out.print(f"[dim]sample[/] {smp['generated']!r} (reference {smp['reference']!r})")
+    table = Table(title=f"{run} · {split} · {score.examples} examples")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in m.items():
+    for k, v in score.metrics.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
-    from peftcli.runs.checkpoint import atomic_file_write
-
-    atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
 def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> None:
-    from peftcli.inference.multi import evaluate_runs, load_runs
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.checkpoint import atomic_file_write
+    from peftcli.commands.eval import evaluate_many
 
-    dev = pick_device(device)
-    multi = load_runs(runs, dev)
-    examples: dict[str, list[dict]] = {}
-    for name, a in multi.adapters.items():
-        rec = a.recipe
-        examples[name] = _split_examples(rec, multi.tokenizer, split)[: limit or None]
-    metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
-    table = Table(title=f"{len(runs)} runs on {multi.base_name} · {split}")
+    base_name, metrics = evaluate_many(runs, split, limit, device)
+    table = Table(title=f"{len(runs)} runs on {base_name} · {split}")
     table.add_column("metric")
     for name in metrics:
         table.add_column(name, justify="right")
     for k in next(iter(metrics.values())):
         table.add_row(k, *(f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]) for m in metrics.values()))
     out.print(table)
-    for name, m in metrics.items():
-        atomic_file_write(multi.adapters[name].run / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
 # ---------------------------------------------------------------------------------------- count-params
@@ -342,20 +290,10 @@ def count_params(
     seq_len: Annotated[int, typer.Option(help="memory estimate: tokens per sequence")] = 1024,
 ) -> None:
     """Trainable / total parameters of a method on a model, built on the meta device (no weights read)."""
-    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.commands.count_params import recipe_to_count
     from peftcli.training.budget import budget, print_budget
 
-    if recipe is not None and recipe.suffix in (".yaml", ".yml"):
-        r = _load(recipe, overrides, check_files=False)  # counting parameters reads no data
-    else:
-        if recipe is not None:  # `count-params config.json --method lora`
-            overrides = [str(recipe), *(overrides or [])] if "=" in str(recipe) else overrides
-            model = model or (str(recipe) if "=" not in str(recipe) else None)
-        if model is None or method is None:
-            raise UsageError("count-params needs a recipe, or --model and --method (e.g. --model gpt2 --method lora)")
-        raw = {"model": {"name": model, "task": task, "num_labels": num_labels if task == "classification" else None},
-               "method": {"name": method}}
-        r = recipe_from_dict(raw, "count-params", overrides or [])
+    r = recipe_to_count(recipe, overrides, model=model, method=method, task=task, num_labels=num_labels)
     b = budget(r, depth=depth, batch_size=batch_size, seq_len=seq_len)
     print_budget(out, r, b)
 
@@ -505,50 +443,29 @@ def validate(
 
 def _show_data(r) -> None:
     """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
-    from peftcli.data.datasets import batches, length_group_size, malformed_summary
-    from peftcli.models.loading import load_tokenizer
-    from peftcli.runs.load import collator, pack_for_training, prepare_data, train_collator
+    from peftcli.commands.validate import data_report
 
-    tok = load_tokenizer(r.model.name)
-    splits, train_ex, val, test = prepare_data(r, tok)
-    fmt = f"format {splits.format}" if splits.format else r.model.task
-    out.print(f"data: {len(train_ex)} train / {len(val)} val / {len(test)} test examples · {fmt}", highlight=False,
+    rep = data_report(r)
+    n_train, n_val, n_test = rep.rows
+    out.print(f"data: {n_train} train / {n_val} val / {n_test} test examples · {rep.kind}", highlight=False,
               soft_wrap=True)
-    if splits.malformed:
-        out.print(f"[yellow]{escape(malformed_summary(splits.malformed))}; --strict refuses them[/]", highlight=False, soft_wrap=True)
-    if r.model.task != "causal_lm":
+    if rep.malformed:
+        out.print(f"[yellow]{escape(rep.malformed)}; --strict refuses them[/]", highlight=False, soft_wrap=True)
+    if not rep.causal_lm:
         return
-    lengths = [len(e["input_ids"]) for e in train_ex]
-    trained = sum(sum(1 for y in e["labels"] if y != -100) for e in train_ex)
+    lengths, trained, max_length = rep.lengths, rep.trained_tokens, r.data.max_length
     out.print(f"tokens per example: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
-              f"(data.max_length {r.data.max_length}; {sum(n >= r.data.max_length for n in lengths)} cut) · "
+              f"(data.max_length {max_length}; {sum(n >= max_length for n in lengths)} cut) · "
               f"trained tokens {trained} of {sum(lengths)} ({100 * trained / max(sum(lengths), 1):.1f} %)",
               highlight=False, soft_wrap=True)
-    if r.data.packing is True:
-        rows = pack_for_training(r, train_ex)
-        fill = sum(lengths) / (len(rows) * r.data.max_length)
-        out.print(f"packing: {len(rows)} rows of {r.data.max_length} tokens, {100 * fill:.1f} % filled", highlight=False, soft_wrap=True)
-    elif r.data.packing == "batch":
-        # Epoch 0's batches as training reads them: slots (rows x length) padded, and packed batch by batch.
-        order = dict(shuffle=True, seed=r.train.seed, length_group=length_group_size(r.train, world=1))
-        slots = [sum(b["input_ids"].numel() for b in batches(train_ex, r.train.batch_size, c, **order))
-                 for c in (collator(r, tok), train_collator(r, tok))]
-        out.print(f"packing: each batch of {r.train.batch_size} examples packed into rows of {r.data.max_length} tokens: "
-                  f"{100 * sum(lengths) / slots[1]:.1f} % of the slots hold tokens ({100 * sum(lengths) / slots[0]:.1f} % "
-                  "padded)", highlight=False, soft_wrap=True)
-    e = train_ex[0]
+    if rep.packing:
+        out.print(rep.packing, highlight=False, soft_wrap=True)
     # Trained tokens in reverse video on a terminal; elsewhere (a pipe, a log) between ⟦ and ⟧.
     marks = ("[reverse green]", "[/]") if out.is_terminal else ("⟦", "⟧")
-    text, run, run_trained = [], [], False
-    for tid, y in [*zip(e["input_ids"], e["labels"], strict=True), (None, None)]:
-        is_trained = y is not None and y != -100
-        if tid is None or (is_trained != run_trained and run):
-            piece = escape(tok.decode(run))
-            text.append(f"{marks[0]}{piece}{marks[1]}" if run_trained and piece else piece)
-            run = []
-        if tid is not None:
-            run.append(tid)
-            run_trained = is_trained
+    text = []
+    for piece, is_trained in rep.pieces:
+        piece = escape(piece)
+        text.append(f"{marks[0]}{piece}{marks[1]}" if is_trained and piece else piece)
     legend = "highlighted" if out.is_terminal else "between ⟦ ⟧"
     out.print(f"first training example, rendered; the loss covers the tokens {legend}:", highlight=False, soft_wrap=True)
     out.print("".join(text), highlight=False, soft_wrap=True)
@@ -557,30 +474,12 @@ def _show_data(r) -> None:
 # ---------------------------------------------------------------------------------------- recipes
 
 
-def _recipe_files() -> dict[str, Traversable]:
-    """The shipped recipes by name, read as package data of `peftcli.recipes`.
-
-    That package is the clone's top-level recipes/ folder (peftcli/recipes links to it, and the
-    wheel carries it as peftcli/recipes/), so a clone, an editable install and a wheel install
-    list the same recipes. Nothing else is searched: a recipe missing here is a packaging bug
-    that should show, not be papered over by a second place to look.
-    """
-    from importlib.resources import files
-
-    try:
-        root = files("peftcli.recipes")
-    except ModuleNotFoundError:
-        return {}
-    found = [f for f in root.iterdir() if f.name.endswith(".yaml") and f.is_file()]
-    return {f.name.removesuffix(".yaml"): f for f in sorted(found, key=lambda f: f.name)}
-
-
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context) -> None:
     """List the shipped recipes, one line each."""
     if ctx.invoked_subcommand is not None:
         return
-    import yaml
+    from peftcli.commands.recipes import recipe_rows
 
     table = Table(show_header=True)
     table.add_column("name")
@@ -588,15 +487,11 @@ def recipes_list(ctx: typer.Context) -> None:
     table.add_column("model")
     table.add_column("data")
     table.add_column("description")
-    shipped = _recipe_files()
-    if not shipped:
+    rows = recipe_rows()
+    if not rows:
         err.print("[yellow]no recipes found in the peftcli.recipes package[/]; this installation lacks them")
-    for name, f in shipped.items():
-        text = f.read_text(encoding="utf-8")
-        desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
-        raw = yaml.safe_load(text) or {}
-        table.add_row(name, str((raw.get("method") or {}).get("name", "")), str((raw.get("model") or {}).get("name", "")),
-                      str((raw.get("data") or {}).get("source", "")), desc)
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -608,18 +503,9 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="file or folder to copy to")],
 ) -> None:
     """Copy a shipped recipe to edit."""
-    import difflib
+    from peftcli.commands.recipes import copy_recipe
 
-    names = _recipe_files()
-    key = name.removesuffix(".yaml")
-    if key not in names:
-        close = difflib.get_close_matches(key, list(names), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; `peftcli recipes` lists them"
-        raise UsageError(f"no shipped recipe named {name!r}{hint}")
-    target = dest / f"{key}.yaml" if dest.is_dir() else dest
-    if target.exists():
-        raise UsageError(f"{target} exists; choose another destination")
-    target.write_text(names[key].read_text(encoding="utf-8"), encoding="utf-8")
+    key, target = copy_recipe(name, dest)
     out.print(f"copied {key} to {target}")
 
 
@@ -657,20 +543,11 @@ def generate_cmd(
 ) -> None:
     """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
     batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
-    from peftcli.inference.generate import generate
+    from peftcli.inference.generate import generate, generate_for_runs
 
     if prompts is not None:
-        from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
-        from peftcli.methods.attach import pick_device
-
-        multi = load_runs(args, pick_device(device))
-        if multi.recipe.model.task != "causal_lm":
-            raise UsageError(f"{args[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
-        reqs, limits = read_prompts(prompts, multi, max_new_tokens)
-        texts = generate_mixed(multi, reqs, max_new_tokens=limits)
-        for (name, prompt), text in zip(reqs, texts, strict=True):
-            out.print(json.dumps({"adapter": name, "prompt": prompt, "generated": text}, ensure_ascii=False),
-                      highlight=False, markup=False, soft_wrap=True)
+        for answer in generate_for_runs(args, prompts, max_new_tokens=max_new_tokens, device=device):
+            out.print(json.dumps(answer, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
         return
     if len(args) != 2:
         raise UsageError(f"generate takes RUN PROMPT (got {len(args)} arguments); for several runs pass the prompts "

@@ -57,7 +57,7 @@ def base_model(tiny: bool) -> tuple[nn.Module, str]:
 
 def random_adapters(model: nn.Module, cfg: LoraConfig, n: int, seed: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """n adapters' (A, B) per target linear, B nonzero so that every adapter changes the output."""
-    from peftcli.methods.registry import select_linears
+    from peftcli.methods.targets import select_linears
 
     paths = select_linears(model, resolve(model), cfg.targets)
     g = torch.Generator().manual_seed(seed)

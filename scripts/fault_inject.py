@@ -158,7 +158,7 @@ class Attempt:
         return self.status == KILLED
 
 
-# train.py's first line once the model is built; a timer counts from it, because start-up
+# The training loop's first line once the model is built; a timer counts from it, because start-up
 # (imports, loading) is most of a tiny run and jitters by more than its whole training.
 STARTED = re.compile(r"trainable\s+of")
 

@@ -228,6 +228,52 @@ def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
 
 
+def _head_index(read: list[_Run], head_from: str | Path | None) -> int:
+    """Which of the runs gives the task head, labels and data section: --head-from, or the first."""
+    if head_from is None:
+        return 0
+    target = Path(head_from).resolve()
+    found = [i for i, r in enumerate(read) if r.folder.resolve() == target]
+    if not found:
+        raise CombineError(f"--head-from {head_from} is not one of the runs being combined; name one of them")
+    return found[0]
+
+
+def _combined_meta(head_meta: dict, name: str, state: dict[str, torch.Tensor], params: int,
+                   record: dict) -> dict[str, Any]:
+    """The head run's meta.json, less what described its own adapter, with the combined one's counts."""
+    from peftcli import __version__
+
+    meta = {k: v for k, v in head_meta.items() if k not in ("disabled_modules", "drop", "combine")}
+    meta.update({"method": name, "peftcli_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "tensors": len(state), "adapter_parameters": params, "combine": record})
+    if isinstance(meta.get("trainable"), int) and isinstance(meta.get("total"), int):
+        meta["total"] = meta["total"] - meta["trainable"] + params
+        meta["trainable"] = params
+    return meta
+
+
+def _write_combined(dest: Path, state: dict[str, torch.Tensor], name: str, meta: dict, recipe: Recipe,
+                    label_names: list[str] | None) -> None:
+    """Write the combined run; it must rebuild (or, for a 4-bit base without CUDA, fit shape for
+    shape) before it replaces DEST."""
+    from safetensors.torch import save_file
+
+    from peftcli.methods.attach import pick_device
+    from peftcli.runs.folder import replacing
+    from peftcli.runs.load import load_run
+
+    # Written beside DEST and rebuilt there: a folder that does not load never replaces the old one.
+    with replacing(dest, kind="combine") as tmp:
+        (tmp / "adapter").mkdir()
+        save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata={"format": "pt", "method": name})
+        (tmp / "adapter" / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        _check_shapes(recipe, label_names, state)
+        if recipe.model.quantization != "nf4" or torch.cuda.is_available():
+            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"))
+
+
 def combine_runs(
     runs: Sequence[str | Path],
     dest: str | Path,
@@ -242,12 +288,7 @@ def combine_runs(
     force: bool = False,
 ) -> dict[str, Any]:
     """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report."""
-    from safetensors.torch import save_file
-
-    from peftcli import __version__
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.folder import check_destination, local_inputs, replacing
-    from peftcli.runs.load import load_run
+    from peftcli.runs.folder import check_destination, local_inputs
 
     if not runs:
         raise CombineError("name at least one run to combine")
@@ -260,15 +301,7 @@ def combine_runs(
         given = "no --how" if how is None else f"--how {how}"
         raise CombineError(f"{given}: {name} adapters combine by " + ", ".join(spec.combine_hows)
                            + f" (e.g. --how {spec.combine_hows[0]})")
-    if head_from is None:
-        h = 0
-    else:
-        target = Path(head_from).resolve()
-        found = [i for i, r in enumerate(read) if r.folder.resolve() == target]
-        if not found:
-            raise CombineError(f"--head-from {head_from} is not one of the runs being combined; name one of them")
-        h = found[0]
-    head = read[h]
+    head = read[_head_index(read, head_from)]
     dest = Path(dest)
     check_destination(dest, what="combine destination", replace=force,
                       sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
@@ -297,22 +330,8 @@ def combine_runs(
         "head_from": str(head.folder), "notes": result.notes,
     }
     params = int(sum(v.numel() for v in state.values()))
-    meta = {k: v for k, v in head.meta.items() if k not in ("disabled_modules", "drop", "combine")}
-    meta.update({"method": name, "peftcli_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "tensors": len(state), "adapter_parameters": params, "combine": record})
-    if isinstance(meta.get("trainable"), int) and isinstance(meta.get("total"), int):
-        meta["total"] = meta["total"] - meta["trainable"] + params
-        meta["trainable"] = params
-
-    # Written beside DEST and rebuilt there: a folder that does not load never replaces the old one.
-    with replacing(dest, kind="combine") as tmp:
-        (tmp / "adapter").mkdir()
-        save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata={"format": "pt", "method": name})
-        (tmp / "adapter" / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
-        _check_shapes(recipe, label_names, state)
-        if recipe.model.quantization != "nf4" or torch.cuda.is_available():
-            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"))
+    meta = _combined_meta(head.meta, name, state, params, record)
+    _write_combined(dest, state, name, meta, recipe, label_names)
 
     return {
         "dest": str(dest), "method": name, "how": how, "runs": record["runs"], "weights": list(weights),

@@ -2,12 +2,15 @@
 
 Prompts are formatted exactly as the training data was (the tokenizer's chat template when the
 recipe uses it), so a run answers in the format it learned. Decoding is greedy with the KV cache,
-through `evaluate.generate_texts`, the same path that scores generated answers during training.
+through `evaluate.generate_texts`, the same path that scores generated answers during training;
+several runs of one base model answer a prompts file in mixed batches (`multi.generate_mixed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +18,7 @@ from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
 from peftcli.data.datasets import format_prompt
 from peftcli.inference.evaluate import generate_texts
+from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run
 
@@ -61,3 +65,16 @@ def generate(
     use_template = built.recipe.data.chat_template if chat_template is None else chat_template
     formatted = [format_prompt(built.tokenizer, p, use_template) for p in prompts]
     return generate_texts(built.model, built.tokenizer, formatted, device=dev, max_new_tokens=max_new_tokens)
+
+
+def generate_for_runs(runs: Sequence[str | Path], prompts: Path, *, max_new_tokens: int,
+                      device: str = "auto") -> list[dict[str, Any]]:
+    """Answers to a JSONL prompts file, each prompt with the adapter its line names, several runs
+    of one base model sharing each batch; one {"adapter", "prompt", "generated"} per line, in order."""
+    multi = load_runs(runs, pick_device(device))
+    if multi.recipe.model.task != "causal_lm":
+        raise GenerateError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
+    reqs, limits = read_prompts(prompts, multi, max_new_tokens)
+    texts = generate_mixed(multi, reqs, max_new_tokens=limits)
+    return [{"adapter": name, "prompt": prompt, "generated": text}
+            for (name, prompt), text in zip(reqs, texts, strict=True)]

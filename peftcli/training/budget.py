@@ -120,7 +120,7 @@ def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[
     LISA trains everything outside the layer stack plus `train.lisa_layers` layers at a time, and
     keeps optimizer state only for those; the largest layers are counted, to be safe.
     """
-    from peftcli.methods.registry import method_layers
+    from peftcli.methods.targets import method_layers
     from peftcli.training.optim import shared_state_bytes, state_bytes_estimate
 
     tcfg = recipe.train

@@ -32,9 +32,10 @@ from peftcli.core.switch import random_drop, set_dropped_layers
 from peftcli.data.datasets import DataError, batches, length_group_size, malformed_summary, num_batches
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.methods.attach import pick_device, trainable_summary
-from peftcli.methods.lora_kernel import compile_layers, trim_unread_positions
+from peftcli.models.compile import compile_layers
 from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from peftcli.models.packed_attention import packed_rows
+from peftcli.models.trim import trim_unread_positions
 from peftcli.runs import folder as runfolder
 from peftcli.runs.checkpoint import atomic_file_write, recover_dir, save_adapter
 from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
@@ -288,7 +289,7 @@ def set_up(
         what = f"{model.config.model_type} ({recipe.model.name}) with method {spec.name}"
         if not use_packed_attention(model, device, what):
             check_packing(model, device, what)
-    # Speed-ups that leave results unchanged (see peftcli/methods/lora_kernel.py for why each is exact).
+    # Speed-ups that leave results unchanged (models/trim.py and models/compile.py say why each is exact).
     trim_unread_positions(model, arch, spec.positionwise, task)
     if tcfg.compile and device.type == "cuda":
         compile_layers(model, arch)
@@ -533,7 +534,7 @@ def lisa_draw(s: Session, step: int) -> None:
 
 def _lisa_pool(recipe: Recipe, arch) -> list[int]:
     """The layers LISA draws from: those `method.layers` gives full fine-tuning (all by default)."""
-    from peftcli.methods.registry import method_layers
+    from peftcli.methods.targets import method_layers
 
     return method_layers(recipe.method, arch.num_layers)
 
