@@ -42,6 +42,13 @@ class UsageError(BadInput):
     """Bad command-line input that is not a recipe problem."""
 
 
+# Commands that read a run or adapter folder take consent to run a model's own code from here
+# only, never from a saved recipe (a shared run folder must not be able to run code).
+TrustFlag = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow the base model's own Python code (config.json auto_map / hub code) to run; "
+                                "a run folder's recipe is never trusted for this")]
+
+
 def _complete_methods(incomplete: str) -> list[str]:
     """Shell completion of method names (the registry is the only list)."""
     from peftcli.methods import all_methods
@@ -101,15 +108,18 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed)")] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
-    """Train a recipe and save the adapter into its run folder."""
+    """Train a recipe and save the adapter into its run folder. The recipe's model.trust_remote_code
+    counts for a new run; with --resume only --trust-remote-code does."""
     r = _load(recipe, overrides)
     if strict:
         r.data.strict = True
     if nproc > 1 and not dry_run:
         from peftcli.training.launch import launch_torchrun
 
-        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke))
+        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke,
+                                         trust_remote_code=trust_remote_code))
     if dry_run:
         from peftcli.config.recipe import recipe_yaml
         from peftcli.training.budget import budget_from_recipe
@@ -126,13 +136,14 @@ def train(
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
-        _train(r, resume=resume, smoke=smoke)
+        _train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
 
 
-def _train(r, *, resume: bool, smoke: bool) -> None:
+def _train(r, *, resume: bool, smoke: bool, trust_remote_code: bool) -> None:
+    from peftcli.training.loop import allowed_remote_code
     from peftcli.training.loop import train as run_train
 
-    summary = run_train(r, resume=resume, smoke=smoke)
+    summary = run_train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return
     val, test = summary.get("val", {}), summary.get("test", {})
@@ -150,7 +161,8 @@ def _train(r, *, resume: bool, smoke: bool) -> None:
         from peftcli.methods.attach import pick_device
         from peftcli.runs.load import collator, load_run, prepare_data
 
-        built, _ = load_run(r.run_dir(), pick_device("cpu"))
+        built, _ = load_run(r.run_dir(), pick_device("cpu"),
+                            trust_remote_code=allowed_remote_code(r, resume, trust_remote_code))
         _, _, _, held = prepare_data(built.recipe, built.tokenizer)
         m = run_eval(built.model, held[:16], collator(built.recipe, built.tokenizer), task=built.recipe.model.task,
                      device=pick_device("cpu"), num_labels=len(built.label_names or []) or None)
@@ -238,6 +250,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Evaluate a run's saved adapter on a split; prints and saves the metrics.
 
@@ -249,9 +262,9 @@ def eval_cmd(
     split = "test" if split == "eval" else split
     with quiet_command(verbose):
         if len(runs) > 1:
-            _eval_many(runs, split, limit, device)
+            _eval_many(runs, split, limit, device, trust_remote_code)
         else:
-            _eval(runs[0], split, limit, device)
+            _eval(runs[0], split, limit, device, trust_remote_code)
 
 
 def _split_examples(rec, tokenizer, split: str) -> list[dict]:
@@ -267,13 +280,13 @@ def _split_examples(rec, tokenizer, split: str) -> list[dict]:
     return {"train": train_ex, "val": val}.get(split, test)
 
 
-def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
+def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
     from peftcli.inference.evaluate import evaluate, generation_eval
     from peftcli.methods.attach import pick_device
     from peftcli.runs.load import collator, load_run
 
     dev = pick_device(device)
-    built, meta = load_run(run, dev)
+    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
     rec = built.recipe
     examples = _split_examples(rec, built.tokenizer, split)
     if limit:
@@ -300,13 +313,13 @@ def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
     atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
-def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> None:
+def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
     from peftcli.inference.multi import evaluate_runs, load_runs
     from peftcli.methods.attach import pick_device
     from peftcli.runs.checkpoint import atomic_file_write
 
     dev = pick_device(device)
-    multi = load_runs(runs, dev)
+    multi = load_runs(runs, dev, trust_remote_code=trust_remote_code)
     examples: dict[str, list[dict]] = {}
     for name, a in multi.adapters.items():
         rec = a.recipe
@@ -373,6 +386,7 @@ def merge(
     recipe: Annotated[Path | None, typer.Option(
         help="HF PEFT folder only: recipe describing it (default: made from its adapter_config.json)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
     model folder that runs as fast as the base model."""
@@ -380,7 +394,7 @@ def merge(
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
-        diff = merge_run(run, dest, force=force, recipe=recipe)
+        diff = merge_run(run, dest, force=force, recipe=recipe, trust_remote_code=trust_remote_code)
     out.print(f"merged model written to {dest}")
     out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
 
@@ -409,6 +423,7 @@ def combine(
         "--head-from", help="classification: the run whose task head, labels and data the result keeps "
                             "(default: the first RUN)")] = None,
     force: Annotated[bool, typer.Option(help="replace DEST if peftcli wrote it")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
     export and generate take it like a trained run)."""
@@ -418,7 +433,8 @@ def combine(
         raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
     *runs, dest = runs_and_dest
     rep = combine_runs(runs, dest, weights=parse_weights(weights, len(runs)), how=how, density=density,
-                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force)
+                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force,
+                       trust_remote_code=trust_remote_code)
     shown = ""
     for i, (w, r) in enumerate(zip(rep["weights"], rep["runs"], strict=True)):
         sign = ("−" if w < 0 else "") if i == 0 else (" − " if w < 0 else " + ")
@@ -446,13 +462,14 @@ def export(
     dest: Annotated[Path, typer.Argument(help="folder to write the adapter to")],
     to: Annotated[str, typer.Option("--to", help="target format; 'peft' = HF PEFT adapter folder")] = "peft",
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
     if to != "peft":
         raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
     from peftcli.commands.peft import export_run
 
-    lay = export_run(run, dest, force=force)
+    lay = export_run(run, dest, force=force, trust_remote_code=trust_remote_code)
     out.print(f"wrote {lay.peft_type} adapter to {dest} (adapter_config.json + adapter_model.safetensors)")
     if lay.config.get("target_modules"):
         out.print(f"target_modules: {lay.config['target_modules']}", highlight=False)
@@ -471,11 +488,12 @@ def import_peft_cmd(
         help="recipe whose method matches the adapter (default: made from adapter_config.json)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides of that recipe")] = None,
     force: Annotated[bool, typer.Option(help="replace RUN if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Turn an HF PEFT adapter folder into a peftcli run folder (eval, merge, generate, export then work)."""
     from peftcli.commands.peft import import_peft
 
-    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force)
+    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force, trust_remote_code=trust_remote_code)
     out.print(f"imported {src} into run folder {run}")
 
 
@@ -509,7 +527,7 @@ def _show_data(r) -> None:
     from peftcli.models.loading import load_tokenizer
     from peftcli.runs.load import collator, pack_for_training, prepare_data, train_collator
 
-    tok = load_tokenizer(r.model.name)
+    tok = load_tokenizer(r.model.name, trust_remote_code=r.model.trust_remote_code)  # the user's own recipe
     splits, train_ex, val, test = prepare_data(r, tok)
     fmt = f"format {splits.format}" if splits.format else r.model.task
     out.print(f"data: {len(train_ex)} train / {len(val)} val / {len(test)} test examples · {fmt}", highlight=False,
@@ -654,6 +672,7 @@ def generate_cmd(
                           "printed as JSONL in the same order")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
     batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
@@ -663,7 +682,7 @@ def generate_cmd(
         from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
         from peftcli.methods.attach import pick_device
 
-        multi = load_runs(args, pick_device(device))
+        multi = load_runs(args, pick_device(device), trust_remote_code=trust_remote_code)
         if multi.recipe.model.task != "causal_lm":
             raise UsageError(f"{args[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
         reqs, limits = read_prompts(prompts, multi, max_new_tokens)
@@ -675,7 +694,8 @@ def generate_cmd(
     if len(args) != 2:
         raise UsageError(f"generate takes RUN PROMPT (got {len(args)} arguments); for several runs pass the prompts "
                          "as a file: --prompts prompts.jsonl, one {\"adapter\": NAME, \"prompt\": TEXT} per line")
-    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device)
+    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device,
+                     trust_remote_code=trust_remote_code)
     out.print(texts[0], highlight=False, markup=False)
 
 
@@ -694,6 +714,7 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
     batch_window_ms: Annotated[float, typer.Option(
         "--batch-window-ms", min=0.0, help="how long the first request of a batch waits for others")] = 5.0,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
@@ -704,7 +725,7 @@ def serve(
     from peftcli.inference.multi import load_runs
     from peftcli.methods.attach import pick_device
 
-    multi = load_runs(runs, pick_device(device))
+    multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
     if multi.recipe.model.task != "causal_lm":
         raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
 
@@ -729,6 +750,7 @@ def fuse(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
     from peftcli.commands.fuse import fuse as run_fuse
@@ -736,7 +758,7 @@ def fuse(
     r = _load(recipe, overrides)
     if smoke:
         r.output.dir, r.output.overwrite, r.train.progress = str(r.run_dir()) + "-smoke", True, False
-    summary = run_fuse(r, resume=resume, smoke=smoke)
+    summary = run_fuse(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     test = summary.get("test", {})
     out.print(f"done in {summary['train_time_s']:.1f} s · test " + ", ".join(
         f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
@@ -767,12 +789,13 @@ def drop(
     repeats: Annotated[int, typer.Option(help="timed passes per state (median)", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
     from peftcli.commands.drop import drop_run
 
     rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
-                   repeats=repeats, device=device, force=force)
+                   repeats=repeats, device=device, force=force, trust_remote_code=trust_remote_code)
     if rep["attention"]:
         names = list(next(iter(rep["attention"].values())))
         att = Table(title="mean fusion attention per layer (before pruning); sources: "

@@ -96,8 +96,8 @@ class _Run:
     meta: dict[str, Any]
 
 
-def _read_run(folder: Path) -> _Run:
-    from peftcli.runs.load import check_adapter_matches
+def _read_run(folder: Path, trust_remote_code: bool = False) -> _Run:
+    from peftcli.runs.load import check_adapter_matches, untrusted
     from peftcli.runs.peft_format import is_peft_folder
 
     folder = Path(folder)
@@ -107,7 +107,7 @@ def _read_run(folder: Path) -> _Run:
             raise CombineError(f"{folder} is an HF PEFT adapter folder; turn it into a run first: "
                                f"peftcli import-peft {folder} RUN")
         raise CombineError(f"{folder}: not a run folder (no recipe.yaml); pass folders written by `peftcli train`")
-    recipe = load_recipe(recipe_file)
+    recipe = untrusted(load_recipe(recipe_file), trust_remote_code)
     spec = get_method(recipe.method_name)
     if spec.combine is None:  # before any weights are read
         reason = spec.combine_refusal or "it has no rule for combining its adapters"
@@ -240,8 +240,10 @@ def combine_runs(
     seed: int | None = None,
     head_from: str | Path | None = None,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report."""
+    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report.
+    `trust_remote_code` is the command line's flag (the runs' recipes are never trusted to run code)."""
     from safetensors.torch import save_file
 
     from peftcli import __version__
@@ -254,7 +256,7 @@ def combine_runs(
     if len(weights) != len(runs):
         raise CombineError(f"{len(weights)} weight(s) for {len(runs)} run(s); give one per run")
     _check_options(how, density, majority_sign, rank, seed)
-    read = [_read_run(Path(r)) for r in runs]
+    read = [_read_run(Path(r), trust_remote_code) for r in runs]
     spec, name = _same_target(read)
     if how is None or how not in spec.combine_hows:
         given = "no --how" if how is None else f"--how {how}"
@@ -312,7 +314,8 @@ def combine_runs(
         (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
         _check_shapes(recipe, label_names, state)
         if recipe.model.quantization != "nf4" or torch.cuda.is_available():
-            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"))
+            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"),
+                     trust_remote_code=trust_remote_code)
 
     return {
         "dest": str(dest), "method": name, "how": how, "runs": record["runs"], "weights": list(weights),

@@ -99,15 +99,17 @@ def drop_run(
     repeats: int = 1,
     device: str = "cpu",
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run."""
+    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run.
+    `trust_remote_code` is the command line's flag (the run's recipe is never trusted to run code)."""
     if layers is None and lowest is None and prune_fusion is None:
         raise DropError("say what to drop: --layers 0-4, --lowest N, or --prune-fusion K")
     if layers is not None and lowest is not None:
         raise DropError("--layers and --lowest both choose layers; give one")
     run = Path(run)
     dev = pick_device(device)
-    built, meta = load_run(run, dev)
+    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
     model, arch, rec = built.model, built.arch, built.recipe
     n = arch.num_layers
     try:
@@ -181,7 +183,7 @@ def drop_run(
 
         # The written run must rebuild the dropped model: same outputs on a few examples.
         check = examples[: min(len(examples), 32)]
-        reloaded, _ = load_run(tmp, dev)
+        reloaded, _ = load_run(tmp, dev, trust_remote_code=trust_remote_code)
         with torch.no_grad():
             b = collate(check)
             b = {k: v.to(dev) for k, v in b.items() if k != "labels"}

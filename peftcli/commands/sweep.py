@@ -706,6 +706,8 @@ def run_sweep(
         atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
         resume = (plan.run_dir(trial) / "last").is_dir()
         argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
+        if resume and trial.recipe.model.trust_remote_code:  # the user's recipe, given to this very sweep
+            argv.append("--trust-remote-code")
         env = {**os.environ, **worker_env(worker, gpus)}
         # The child must run this very peftcli, even when it was imported from a clone not on sys.path.
         pkg_parent = str(Path(__file__).resolve().parent.parent)

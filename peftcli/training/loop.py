@@ -141,9 +141,12 @@ def train(
     resume: bool = False,
     smoke: bool = False,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train a recipe; returns the run's summary. Writes everything under the run folder."""
-    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console)
+    """Train a recipe; returns the run's summary. Writes everything under the run folder.
+    `trust_remote_code` is the command line's --trust-remote-code (see `allowed_remote_code`)."""
+    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console,
+                              trust_remote_code=trust_remote_code)
     if finished is not None:
         return finished
     try:
@@ -207,8 +210,15 @@ def _examples_in(batch: dict[str, torch.Tensor]) -> int:
 # ------------------------------------------------------------------------------------------ set-up
 
 
+def allowed_remote_code(recipe: Recipe, resume: bool, flag: bool) -> bool:
+    """Whether code shipped with the model may run. A new run trusts the user's own recipe
+    (`model.trust_remote_code`) or the flag; `--resume` reads a run folder, whose recipe may be
+    the folder's own recipe.yaml, so there only the command line's flag counts."""
+    return bool(flag) or (not resume and recipe.model.trust_remote_code)
+
+
 def set_up(
-    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None
+    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None, trust_remote_code: bool = False
 ) -> tuple[Session, Position, dict | None]:
     """Check, load and build everything; restore a checkpoint. Returns (session, position, summary
     of an already finished run or None)."""
@@ -262,7 +272,11 @@ def set_up(
     # ---- data and model
     from peftcli.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model.name)
+    trust = allowed_remote_code(recipe, resume, trust_remote_code)
+    if trust:
+        console.print(f"[yellow]trust_remote_code: code shipped with {escape(recipe.model.name)} will run on this "
+                      "machine[/]")
+    tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=trust)
     splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer)
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
@@ -280,7 +294,7 @@ def set_up(
             f"{tcfg.batch_size * tcfg.grad_accum * world} rows; lower train.batch_size or train.grad_accum, "
             "or use more data (data.train_size / data.eval_fraction / data.val_fraction)"
         )
-    built = build(recipe, device, label_names=splits.label_names)
+    built = build(recipe, device, label_names=splits.label_names, trust_remote_code=trust)
     model, arch, spec = built.model, built.arch, built.spec
     if recipe.data.packing:
         from peftcli.models.packed_attention import check_packing, use_packed_attention
