@@ -308,15 +308,15 @@ def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_co
     for k, v in m.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
-    from peftcli.runs.checkpoint import atomic_file_write
+    from peftcli.core.files import atomic_file_write
 
     atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
 def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
+    from peftcli.core.files import atomic_file_write
     from peftcli.inference.multi import evaluate_runs, load_runs
     from peftcli.methods.attach import pick_device
-    from peftcli.runs.checkpoint import atomic_file_write
 
     dev = pick_device(device)
     multi = load_runs(runs, dev, trust_remote_code=trust_remote_code)

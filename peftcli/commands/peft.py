@@ -87,8 +87,9 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     the command line's flag."""
     from peftcli import __version__
     from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.core.files import atomic_file_write
     from peftcli.methods.attach import pick_device, trainable_summary
-    from peftcli.runs.checkpoint import atomic_file_write, save_adapter
+    from peftcli.runs.checkpoint import save_adapter
     from peftcli.runs.folder import check_destination, check_paths, local_inputs, replacing
     from peftcli.runs.load import build, untrusted
 

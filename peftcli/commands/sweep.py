@@ -41,8 +41,8 @@ from rich.table import Table
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
 from peftcli.core.errors import BadInput
-from peftcli.runs.checkpoint import atomic_file_write
-from peftcli.runs.folder import UnsafePathError, check_paths, fsync_path, local_inputs
+from peftcli.core.files import atomic_file_write, fsync_path
+from peftcli.runs.folder import UnsafePathError, check_paths, local_inputs
 
 DEFINITION_FILE = "sweep.json"
 RECORDS_FILE = "sweep.jsonl"

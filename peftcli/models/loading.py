@@ -143,7 +143,7 @@ def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
     """De-quantizing a GGUF takes tens of seconds; do it once and keep float32 safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftcli.runs.checkpoint import atomic_dir_write
+    from peftcli.core.files import write_dir
 
     out = cache_dir() / "models" / name.replace("/", "--")
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
@@ -157,7 +157,7 @@ def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
         tok.save_pretrained(tmp)
 
     # The same swap as a checkpoint's: a kill leaves the old copy or the new one, never half of one.
-    atomic_dir_write(out, write)
+    write_dir(out, write)
     return ModelSource(str(out), embedded=True)
 
 

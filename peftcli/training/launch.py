@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftcli.core.files import atomic_file_write
+
 EXIT_DIR_ENV = "PEFTCLI_EXIT_DIR"
 
 
@@ -39,10 +41,8 @@ def record_rank_exit(code: int) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     try:
-        path = Path(folder) / f"rank{rank}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": rank, "code": code, "time": time.time()}))
-        os.replace(tmp, path)  # the launcher never reads half a record
+        # Atomic: the launcher never reads half a record.
+        atomic_file_write(Path(folder) / f"rank{rank}.json", json.dumps({"rank": rank, "code": code, "time": time.time()}))
     except OSError:
         pass
 
