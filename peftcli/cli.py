@@ -146,11 +146,9 @@ def _train(r, *, resume: bool, smoke: bool, trust_remote_code: bool) -> None:
     summary = run_train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return
-    val, test = summary.get("val", {}), summary.get("test", {})
-    metric = r.eval.metric
-    kept = f"step {summary['best']['step']}" + (f", val {metric} {val[metric]:.4f}" if metric in val else
-                                               " (no validation rows: the last)")
-    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept}")
+    test = summary.get("test", {})
+    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept_reason(summary, r.eval.metric)}",
+              highlight=False, soft_wrap=True)
     out.print(f"run saved to {r.run_dir()}")
     if "accuracy" in test:
         out.print(f"test accuracy: {100 * test['accuracy']:.2f} % ({summary['rows']['test']} held-out rows, scored once)")
@@ -169,6 +167,18 @@ def _train(r, *, resume: bool, smoke: bool, trust_remote_code: bool) -> None:
         if abs(m["loss"] - test.get("loss", m["loss"])) > 1e-3:
             raise RuntimeError(f"smoke: reloaded adapter gives test loss {m['loss']:.5f}, trained model gave {test['loss']:.5f}")
         out.print(f"smoke ok: reloaded adapter reproduces eval loss {m['loss']:.4f}")
+
+
+def kept_reason(summary: dict, metric: str) -> str:
+    """Which adapter the run kept and truly why: the best on validation, or the last one because
+    there were no validation rows, or because validation did not report eval.metric."""
+    step, val = summary["best"]["step"], summary.get("val") or {}
+    if metric in val:
+        return f"step {step} (best val {metric} {val[metric]:.4f})"
+    if not summary.get("rows", {}).get("val"):
+        return f"step {step} (no validation rows: the last)"
+    return (f"step {step} (the last: validation does not report eval.metric {metric}, so none was chosen; "
+            "set eval.metric to one it reports, e.g. loss)")
 
 
 # ---------------------------------------------------------------------------------------- sweep

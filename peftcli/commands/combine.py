@@ -223,6 +223,30 @@ def _check_shapes(recipe: Recipe, label_names: list[str] | None, state: dict[str
         raise CombineError(f"internal: the combined adapter lacks {missing[0]}")
 
 
+def _shown(weights: Sequence[float]) -> str:
+    return "--weights " + ",".join(f"{w:g}" for w in weights)
+
+
+def _check_finite_inputs(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], runs: Sequence[str]) -> None:
+    """Refuse before any rule runs when a run's tensors, scaled by its weight, leave float32's
+    range: every rule would write NaN/inf (and an SVD would fail on them with linalg's own error)."""
+    for state, w, run in zip(states, weights, runs, strict=True):
+        for k, t in state.items():
+            if not bool(torch.isfinite(t.float() * w).all()):
+                raise CombineError(
+                    f"{_shown(weights)}: {run}'s {k} times {w:g} is not a finite number (beyond float32's range, "
+                    "or the adapter already holds NaN/inf); nothing was written. Use smaller weights")
+
+
+def _check_finite_result(state: dict[str, torch.Tensor], weights: Sequence[float]) -> None:
+    """A combined adapter with a non-finite tensor is never written: it would load, and then
+    generate nothing (or score NaN) without a word."""
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CombineError(f"{_shown(weights)}: the combined adapter's {bad} is not finite (the weighted sum leaves "
+                           "float32's range); nothing was written. Use smaller weights")
+
+
 def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
     a, b = dataclasses.asdict(before), dataclasses.asdict(after)
     return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
@@ -285,10 +309,12 @@ def combine_runs(
         generator=torch.Generator().manual_seed(0 if seed is None else seed) if is_random(how) else None,
         base_weight=_base_weights(head.recipe, label_names),
     )
+    _check_finite_inputs(states, list(weights), [str(r.folder) for r in read])
     result = spec.combine(req)
 
     head_state = {k: v for k, v in head.state.items() if k.startswith(heads)}
     state = {k: v.contiguous() for k, v in {**result.state, **head_state}.items()}
+    _check_finite_result(state, list(weights))
     recipe = dataclasses.replace(head.recipe, method=result.config, init_from=None, source=None)
     recipe.output = dataclasses.replace(recipe.output, dir=str(dest))
     record = {
