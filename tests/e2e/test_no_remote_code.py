@@ -76,8 +76,12 @@ def _refused(res, model: Path) -> None:
     assert "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("command", [["generate", "{run}", "hello"], ["eval", "{run}"],
-                                     ["eval", "a={run}", "b={run}"], ["export", "{run}", "{out}"]])
+@pytest.mark.parametrize("command", [
+    ["generate", "{run}", "hello"], ["generate", "{run}/recipe.yaml", "hello"], ["eval", "{run}"],
+    ["eval", "a={run}", "b={run}"], ["export", "{run}", "{out}"], ["merge", "{run}", "{out}"],
+    ["combine", "{run}", "{run}", "--how", "cat", "{out}"], ["drop", "{run}", "--lowest", "1", "--out", "{out}"],
+    ["serve", "{run}", "--port", "1"],
+])
 def test_run_folder_recipe_never_runs_model_code(planted, tmp_path, command):
     run, model, witness = planted
     args = [a.format(run=run, out=tmp_path / "out") for a in command]
