@@ -87,3 +87,18 @@ def test_resume_tidies_only_peftcli_temporaries(tiny_bert_dir, tiny_csv, tmp_pat
     assert (out / ".adapter.tmp-7").read_text() == "mine too"
     assert (out / "adapter" / ".zshrc.old-1").exists() and (out / "adapter" / ".photos.old-2019" / "beach.jpg").exists()
     assert not (out / f".last.peftcli-tmp-{dead}").exists()
+
+
+def test_overwrite_refuses_a_user_folder_that_only_looks_like_a_run(tiny_bert_dir, tiny_csv, tmp_path):
+    """output.overwrite: true used to replace a folder on names alone (recipe.yaml, metrics.jsonl,
+    tensorboard/); now its recipe.yaml must parse as a peftcli recipe and adapter/meta.json name a method."""
+    out = tmp_path / "experiments"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out").write_text("my curves")
+    (out / "recipe.yaml").write_text("things to try: a bigger batch, then a smaller lr\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    before = _snapshot(out)
+    res = runner.invoke(app, ["train", _recipe(tmp_path, tiny_bert_dir, tiny_csv, out), "output.overwrite=true"])
+    assert res.exit_code == 2, res.output
+    assert "not a folder peftcli wrote" in res.output and str(out) in res.output.replace("\n", "")
+    assert _snapshot(out) == before
