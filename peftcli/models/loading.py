@@ -126,12 +126,11 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, hint: str = FL
 
     check_remote_code(name, trust_remote_code, hint)
     src = resolve_source(name)
-    trust = {"trust_remote_code": True} if trust_remote_code else {}
     try:
         if src.gguf_file:
             tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-        else:
-            tok = AutoTokenizer.from_pretrained(src.path, **trust)
+        else:  # False said outright: transformers may otherwise ask on a terminal
+            tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=bool(trust_remote_code))
     except Exception as e:  # noqa: BLE001  (hub errors come in many types)
         raise _offline_hint(name, e, hint) from None
     if tok.pad_token is None:
@@ -189,8 +188,7 @@ def load_base_model(
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation)
     if revision:
         kwargs["revision"] = revision
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    kwargs["trust_remote_code"] = bool(trust_remote_code)  # False said outright: never a prompt on a terminal
     if task == "classification":
         kwargs["num_labels"] = num_labels or 2
         if label_names:
@@ -241,6 +239,6 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, hint: str
     try:
         if src.gguf_file:
             return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
-        return AutoConfig.from_pretrained(src.path, **({"trust_remote_code": True} if trust_remote_code else {}))
+        return AutoConfig.from_pretrained(src.path, trust_remote_code=bool(trust_remote_code))
     except Exception as e:  # noqa: BLE001
         raise _offline_hint(name_or_path, e, hint) from None
