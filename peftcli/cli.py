@@ -38,6 +38,13 @@ err = Console(stderr=True)
 BAD_INPUT, FAILURE = 2, 1
 
 
+# Commands that read a run or adapter folder take consent to run a model's own code from here
+# only, never from a saved recipe (a shared run folder must not be able to run code).
+TrustFlag = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow the base model's own Python code (config.json auto_map / hub code) to run; "
+                                "a run folder's recipe is never trusted for this")]
+
+
 def _complete_methods(incomplete: str) -> list[str]:
     """Shell completion of method names (the registry is the only list)."""
     from peftcli.methods import all_methods
@@ -99,15 +106,18 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed)")] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
-    """Train a recipe and save the adapter into its run folder."""
+    """Train a recipe and save the adapter into its run folder. The recipe's model.trust_remote_code
+    counts for a new run; with --resume only --trust-remote-code does."""
     r = _load(recipe, overrides)
     if strict:
         r.data.strict = True
     if nproc > 1 and not dry_run:
         from peftcli.training.launch import launch_torchrun
 
-        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke))
+        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke,
+                                         trust_remote_code=trust_remote_code))
     if dry_run:
         from peftcli.config.recipe import recipe_yaml
         from peftcli.training.budget import budget_from_recipe
@@ -124,20 +134,19 @@ def train(
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
-        _train(r, resume=resume, smoke=smoke)
+        _train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
 
 
-def _train(r, *, resume: bool, smoke: bool) -> None:
+def _train(r, *, resume: bool, smoke: bool, trust_remote_code: bool) -> None:
+    from peftcli.training.loop import allowed_remote_code
     from peftcli.training.loop import train as run_train
 
-    summary = run_train(r, resume=resume, smoke=smoke)
+    summary = run_train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return
-    val, test = summary.get("val", {}), summary.get("test", {})
-    metric = r.eval.metric
-    kept = f"step {summary['best']['step']}" + (f", val {metric} {val[metric]:.4f}" if metric in val else
-                                               " (no validation rows: the last)")
-    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept}")
+    test = summary.get("test", {})
+    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept_reason(summary, r.eval.metric)}",
+              highlight=False, soft_wrap=True)
     out.print(f"run saved to {r.run_dir()}")
     if "accuracy" in test:
         out.print(f"test accuracy: {100 * test['accuracy']:.2f} % ({summary['rows']['test']} held-out rows, scored once)")
@@ -146,7 +155,20 @@ def _train(r, *, resume: bool, smoke: bool) -> None:
     if smoke:
         from peftcli.commands.train import smoke_reload_loss
 
-        out.print(f"smoke ok: reloaded adapter reproduces eval loss {smoke_reload_loss(r, test):.4f}")
+        out.print(f"smoke ok: reloaded adapter reproduces eval loss "
+                  f"{smoke_reload_loss(r, test, allowed_remote_code(r, resume, trust_remote_code)):.4f}")
+
+
+def kept_reason(summary: dict, metric: str) -> str:
+    """Which adapter the run kept and truly why: the best on validation, or the last one because
+    there were no validation rows, or because validation did not report eval.metric."""
+    step, val = summary["best"]["step"], summary.get("val") or {}
+    if metric in val:
+        return f"step {step} (best val {metric} {val[metric]:.4f})"
+    if not summary.get("rows", {}).get("val"):
+        return f"step {step} (no validation rows: the last)"
+    return (f"step {step} (the last: validation does not report eval.metric {metric}, so none was chosen; "
+            "set eval.metric to one it reports, e.g. loss)")
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -228,6 +250,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Evaluate a run's saved adapter on a split; prints and saves the metrics.
 
@@ -239,15 +262,15 @@ def eval_cmd(
     split = "test" if split == "eval" else split
     with quiet_command(verbose):
         if len(runs) > 1:
-            _eval_many(runs, split, limit, device)
+            _eval_many(runs, split, limit, device, trust_remote_code)
         else:
-            _eval(runs[0], split, limit, device)
+            _eval(runs[0], split, limit, device, trust_remote_code)
 
 
-def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
+def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
     from peftcli.commands.eval import evaluate_run
 
-    score = evaluate_run(run, split, limit, device)
+    score = evaluate_run(run, split, limit, device, trust_remote_code)
     for smp in score.samples:
         out.print(f"[dim]sample[/] {smp['generated']!r} (reference {smp['reference']!r})")
     table = Table(title=f"{run} · {split} · {score.examples} examples")
@@ -258,10 +281,10 @@ def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
     out.print(table)
 
 
-def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> None:
+def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
     from peftcli.commands.eval import evaluate_many
 
-    base_name, metrics = evaluate_many(runs, split, limit, device)
+    base_name, metrics = evaluate_many(runs, split, limit, device, trust_remote_code)
     table = Table(title=f"{len(runs)} runs on {base_name} · {split}")
     table.add_column("metric")
     for name in metrics:
@@ -311,6 +334,7 @@ def merge(
     recipe: Annotated[Path | None, typer.Option(
         help="HF PEFT folder only: recipe describing it (default: made from its adapter_config.json)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
     model folder that runs as fast as the base model."""
@@ -318,7 +342,7 @@ def merge(
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
-        diff = merge_run(run, dest, force=force, recipe=recipe)
+        diff = merge_run(run, dest, force=force, recipe=recipe, trust_remote_code=trust_remote_code)
     out.print(f"merged model written to {dest}")
     out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
 
@@ -347,6 +371,7 @@ def combine(
         "--head-from", help="classification: the run whose task head, labels and data the result keeps "
                             "(default: the first RUN)")] = None,
     force: Annotated[bool, typer.Option(help="replace DEST if peftcli wrote it")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
     export and generate take it like a trained run)."""
@@ -356,7 +381,8 @@ def combine(
         raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
     *runs, dest = runs_and_dest
     rep = combine_runs(runs, dest, weights=parse_weights(weights, len(runs)), how=how, density=density,
-                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force)
+                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force,
+                       trust_remote_code=trust_remote_code)
     shown = ""
     for i, (w, r) in enumerate(zip(rep["weights"], rep["runs"], strict=True)):
         sign = ("−" if w < 0 else "") if i == 0 else (" − " if w < 0 else " + ")
@@ -384,13 +410,14 @@ def export(
     dest: Annotated[Path, typer.Argument(help="folder to write the adapter to")],
     to: Annotated[str, typer.Option("--to", help="target format; 'peft' = HF PEFT adapter folder")] = "peft",
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
     if to != "peft":
         raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
     from peftcli.commands.peft import export_run
 
-    lay = export_run(run, dest, force=force)
+    lay = export_run(run, dest, force=force, trust_remote_code=trust_remote_code)
     out.print(f"wrote {lay.peft_type} adapter to {dest} (adapter_config.json + adapter_model.safetensors)")
     if lay.config.get("target_modules"):
         out.print(f"target_modules: {lay.config['target_modules']}", highlight=False)
@@ -409,11 +436,12 @@ def import_peft_cmd(
         help="recipe whose method matches the adapter (default: made from adapter_config.json)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides of that recipe")] = None,
     force: Annotated[bool, typer.Option(help="replace RUN if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Turn an HF PEFT adapter folder into a peftcli run folder (eval, merge, generate, export then work)."""
     from peftcli.commands.peft import import_peft
 
-    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force)
+    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force, trust_remote_code=trust_remote_code)
     out.print(f"imported {src} into run folder {run}")
 
 
@@ -540,19 +568,22 @@ def generate_cmd(
                           "printed as JSONL in the same order")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
     batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
     from peftcli.inference.generate import generate, generate_for_runs
 
     if prompts is not None:
-        for answer in generate_for_runs(args, prompts, max_new_tokens=max_new_tokens, device=device):
+        for answer in generate_for_runs(args, prompts, max_new_tokens=max_new_tokens, device=device,
+                                        trust_remote_code=trust_remote_code):
             out.print(json.dumps(answer, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
         return
     if len(args) != 2:
         raise UsageError(f"generate takes RUN PROMPT (got {len(args)} arguments); for several runs pass the prompts "
                          "as a file: --prompts prompts.jsonl, one {\"adapter\": NAME, \"prompt\": TEXT} per line")
-    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device)
+    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device,
+                     trust_remote_code=trust_remote_code)
     out.print(texts[0], highlight=False, markup=False)
 
 
@@ -571,6 +602,7 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
     batch_window_ms: Annotated[float, typer.Option(
         "--batch-window-ms", min=0.0, help="how long the first request of a batch waits for others")] = 5.0,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
@@ -581,7 +613,7 @@ def serve(
     from peftcli.inference.multi import load_runs
     from peftcli.methods.attach import pick_device
 
-    multi = load_runs(runs, pick_device(device))
+    multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
     if multi.recipe.model.task != "causal_lm":
         raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
 
@@ -606,6 +638,7 @@ def fuse(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
     from peftcli.commands.fuse import fuse as run_fuse
@@ -613,7 +646,7 @@ def fuse(
     r = _load(recipe, overrides)
     if smoke:
         r.output.dir, r.output.overwrite, r.train.progress = str(r.run_dir()) + "-smoke", True, False
-    summary = run_fuse(r, resume=resume, smoke=smoke)
+    summary = run_fuse(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     test = summary.get("test", {})
     out.print(f"done in {summary['train_time_s']:.1f} s · test " + ", ".join(
         f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
@@ -644,12 +677,13 @@ def drop(
     repeats: Annotated[int, typer.Option(help="timed passes per state (median)", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
     from peftcli.commands.drop import drop_run
 
     rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
-                   repeats=repeats, device=device, force=force)
+                   repeats=repeats, device=device, force=force, trust_remote_code=trust_remote_code)
     if rep["attention"]:
         names = list(next(iter(rep["attention"].values())))
         att = Table(title="mean fusion attention per layer (before pruning); sources: "

@@ -96,8 +96,8 @@ class _Run:
     meta: dict[str, Any]
 
 
-def _read_run(folder: Path) -> _Run:
-    from peftcli.runs.load import check_adapter_matches
+def _read_run(folder: Path, trust_remote_code: bool = False) -> _Run:
+    from peftcli.runs.load import check_adapter_matches, untrusted
     from peftcli.runs.peft_format import is_peft_folder
 
     folder = Path(folder)
@@ -107,7 +107,7 @@ def _read_run(folder: Path) -> _Run:
             raise CombineError(f"{folder} is an HF PEFT adapter folder; turn it into a run first: "
                                f"peftcli import-peft {folder} RUN")
         raise CombineError(f"{folder}: not a run folder (no recipe.yaml); pass folders written by `peftcli train`")
-    recipe = load_recipe(recipe_file)
+    recipe = untrusted(load_recipe(recipe_file), trust_remote_code)
     spec = get_method(recipe.method_name)
     if spec.combine is None:  # before any weights are read
         reason = spec.combine_refusal or "it has no rule for combining its adapters"
@@ -223,6 +223,30 @@ def _check_shapes(recipe: Recipe, label_names: list[str] | None, state: dict[str
         raise CombineError(f"internal: the combined adapter lacks {missing[0]}")
 
 
+def _shown(weights: Sequence[float]) -> str:
+    return "--weights " + ",".join(f"{w:g}" for w in weights)
+
+
+def _check_finite_inputs(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], runs: Sequence[str]) -> None:
+    """Refuse before any rule runs when a run's tensors, scaled by its weight, leave float32's
+    range: every rule would write NaN/inf (and an SVD would fail on them with linalg's own error)."""
+    for state, w, run in zip(states, weights, runs, strict=True):
+        for k, t in state.items():
+            if not bool(torch.isfinite(t.float() * w).all()):
+                raise CombineError(
+                    f"{_shown(weights)}: {run}'s {k} times {w:g} is not a finite number (beyond float32's range, "
+                    "or the adapter already holds NaN/inf); nothing was written. Use smaller weights")
+
+
+def _check_finite_result(state: dict[str, torch.Tensor], weights: Sequence[float]) -> None:
+    """A combined adapter with a non-finite tensor is never written: it would load, and then
+    generate nothing (or score NaN) without a word."""
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CombineError(f"{_shown(weights)}: the combined adapter's {bad} is not finite (the weighted sum leaves "
+                           "float32's range); nothing was written. Use smaller weights")
+
+
 def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
     a, b = dataclasses.asdict(before), dataclasses.asdict(after)
     return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
@@ -254,7 +278,7 @@ def _combined_meta(head_meta: dict, name: str, state: dict[str, torch.Tensor], p
 
 
 def _write_combined(dest: Path, state: dict[str, torch.Tensor], name: str, meta: dict, recipe: Recipe,
-                    label_names: list[str] | None) -> None:
+                    label_names: list[str] | None, trust_remote_code: bool = False) -> None:
     """Write the combined run; it must rebuild (or, for a 4-bit base without CUDA, fit shape for
     shape) before it replaces DEST."""
     from safetensors.torch import save_file
@@ -271,7 +295,8 @@ def _write_combined(dest: Path, state: dict[str, torch.Tensor], name: str, meta:
         (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
         _check_shapes(recipe, label_names, state)
         if recipe.model.quantization != "nf4" or torch.cuda.is_available():
-            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"))
+            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"),
+                     trust_remote_code=trust_remote_code)
 
 
 def combine_runs(
@@ -286,8 +311,10 @@ def combine_runs(
     seed: int | None = None,
     head_from: str | Path | None = None,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report."""
+    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report.
+    `trust_remote_code` is the command line's flag (the runs' recipes are never trusted to run code)."""
     from peftcli.runs.folder import check_destination, local_inputs
 
     if not runs:
@@ -295,7 +322,7 @@ def combine_runs(
     if len(weights) != len(runs):
         raise CombineError(f"{len(weights)} weight(s) for {len(runs)} run(s); give one per run")
     _check_options(how, density, majority_sign, rank, seed)
-    read = [_read_run(Path(r)) for r in runs]
+    read = [_read_run(Path(r), trust_remote_code) for r in runs]
     spec, name = _same_target(read)
     if how is None or how not in spec.combine_hows:
         given = "no --how" if how is None else f"--how {how}"
@@ -316,10 +343,12 @@ def combine_runs(
         generator=torch.Generator().manual_seed(0 if seed is None else seed) if is_random(how) else None,
         base_weight=_base_weights(head.recipe, label_names),
     )
+    _check_finite_inputs(states, list(weights), [str(r.folder) for r in read])
     result = spec.combine(req)
 
     head_state = {k: v for k, v in head.state.items() if k.startswith(heads)}
     state = {k: v.contiguous() for k, v in {**result.state, **head_state}.items()}
+    _check_finite_result(state, list(weights))
     recipe = dataclasses.replace(head.recipe, method=result.config, init_from=None, source=None)
     recipe.output = dataclasses.replace(recipe.output, dir=str(dest))
     record = {
@@ -331,7 +360,7 @@ def combine_runs(
     }
     params = int(sum(v.numel() for v in state.values()))
     meta = _combined_meta(head.meta, name, state, params, record)
-    _write_combined(dest, state, name, meta, recipe, label_names)
+    _write_combined(dest, state, name, meta, recipe, label_names, trust_remote_code)
 
     return {
         "dest": str(dest), "method": name, "how": how, "runs": record["runs"], "weights": list(weights),

@@ -100,15 +100,17 @@ def drop_run(
     repeats: int = 1,
     device: str = "cpu",
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run."""
+    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run.
+    `trust_remote_code` is the command line's flag (the run's recipe is never trusted to run code)."""
     if layers is None and lowest is None and prune_fusion is None:
         raise DropError("say what to drop: --layers 0-4, --lowest N, or --prune-fusion K")
     if layers is not None and lowest is not None:
         raise DropError("--layers and --lowest both choose layers; give one")
     run = Path(run)
     dev = pick_device(device)
-    built, meta = load_run(run, dev)
+    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
     model, arch, rec = built.model, built.arch, built.recipe
     chosen = _chosen_layers(layers, lowest, arch.num_layers)
     if prune_fusion is not None:
@@ -145,7 +147,8 @@ def drop_run(
         "after": result["after"], "attention": attention, "device": str(dev), "repeats": repeats,
     }
     new_meta = {**meta, "disabled_modules": off, "drop": drop_info}
-    report["reload_max_diff"] = _write_dropped_run(run, dest, new_meta, rec, report, model, examples[:32], collate, dev)
+    report["reload_max_diff"] = _write_dropped_run(run, dest, new_meta, rec, report, model, examples[:32], collate, dev,
+                                                  trust_remote_code)
     return report
 
 
@@ -192,7 +195,7 @@ def _switch_off(model: nn.Module, arch: Arch, rec: Recipe, chosen: list[int], pr
 
 
 def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, report: dict, model: nn.Module,
-                       check: list[dict], collate, dev: torch.device) -> float:
+                       check: list[dict], collate, dev: torch.device, trust_remote_code: bool = False) -> float:
     """Write the dropped run to DEST; returns the largest logit difference of the run reloaded
     from it on the `check` examples, which must rebuild the dropped model."""
     from peftcli.runs.folder import replacing
@@ -210,7 +213,7 @@ def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, repor
         (tmp / "drop.json").write_text(json.dumps(report, indent=2))
 
         # The written run must rebuild the dropped model: same outputs on a few examples.
-        reloaded, _ = load_run(tmp, dev)
+        reloaded, _ = load_run(tmp, dev, trust_remote_code=trust_remote_code)
         with torch.no_grad():
             b = collate(check)
             b = {k: v.to(dev) for k, v in b.items() if k != "labels"}

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.core.errors import UsageError
+from peftcli.core.files import atomic_file_write
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.inference.multi import evaluate_runs, load_runs
 from peftcli.methods.attach import pick_device
-from peftcli.runs.checkpoint import atomic_file_write
 from peftcli.runs.load import collator, load_run, prepare_data
 
 
@@ -36,10 +36,10 @@ class RunScore:
     samples: list[dict]  # generated answers to show (causal_lm with prompts), at most eval.generate_samples
 
 
-def evaluate_run(run: Path, split: str, limit: int | None, device: str) -> RunScore:
+def evaluate_run(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> RunScore:
     """Score one run on `split` (its first `limit` examples) and save the metrics in the run folder."""
     dev = pick_device(device)
-    built, meta = load_run(run, dev)
+    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
     rec = built.recipe
     examples = split_examples(rec, built.tokenizer, split)
     if limit:
@@ -59,11 +59,12 @@ def evaluate_run(run: Path, split: str, limit: int | None, device: str) -> RunSc
     return RunScore(m, len(examples), shown)
 
 
-def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: str) -> tuple[str, dict[str, dict]]:
+def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: str,
+                  trust_remote_code: bool = False) -> tuple[str, dict[str, dict]]:
     """Score several runs of one base model in shared batches; returns the base model's name and
     each run's metrics, also saved in each run folder."""
     dev = pick_device(device)
-    multi = load_runs(runs, dev)
+    multi = load_runs(runs, dev, trust_remote_code=trust_remote_code)
     examples: dict[str, list[dict]] = {}
     for name, a in multi.adapters.items():
         rec = a.recipe

@@ -30,14 +30,15 @@ def _meta_model(recipe, label_names: list[str] | None) -> nn.Module:
     """The base model's structure without its weights."""
     from peftcli.models.loading import auto_class, load_config
 
-    config = load_config(recipe.model.name)
+    trust = recipe.model.trust_remote_code  # from the command line's flag (`runs.load.untrusted`)
+    config = load_config(recipe.model.name, trust_remote_code=trust)
     if recipe.model.task == "classification":
         config.num_labels = len(label_names) if label_names else (recipe.model.num_labels or 2)
     config._attn_implementation = recipe.model.attn_implementation
     from peftcli.core.quiet import quiet_libraries
 
     with torch.device("meta"), quiet_libraries():
-        return auto_class(recipe.model.task).from_config(config)
+        return auto_class(recipe.model.task).from_config(config, **({"trust_remote_code": True} if trust else {}))
 
 
 def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Path, recipe_path: Path) -> None:
@@ -53,14 +54,15 @@ def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Pa
             )
 
 
-def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
-    """`peftcli export RUN --to peft DEST`."""
+def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code: bool = False) -> Layout:
+    """`peftcli export RUN --to peft DEST`; `trust_remote_code` is the command line's flag."""
     from peftcli.runs.folder import check_destination, local_inputs, replacing
+    from peftcli.runs.load import untrusted
 
     run, dest = Path(run), Path(dest)
     if not (run / "recipe.yaml").exists():
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-    recipe = load_recipe(run / "recipe.yaml")
+    recipe = untrusted(load_recipe(run / "recipe.yaml"), trust_remote_code)
     peft_type_for(recipe.method_name)  # refuse before any work
     check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
     from peftcli.runs.load import check_adapter_matches
@@ -79,25 +81,29 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
 
 
 def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
-                overrides: list[str] | None = None, force: bool = False) -> Path:
-    """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work)."""
+                overrides: list[str] | None = None, force: bool = False, trust_remote_code: bool = False) -> Path:
+    """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work).
+    The base model named by the folder (or recipe) runs its own code only with `trust_remote_code`,
+    the command line's flag."""
     from peftcli import __version__
     from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.core.files import atomic_file_write
     from peftcli.methods.attach import pick_device, trainable_summary
-    from peftcli.runs.checkpoint import atomic_file_write, save_adapter
+    from peftcli.runs.checkpoint import save_adapter
     from peftcli.runs.folder import check_destination, check_paths, local_inputs, replacing
-    from peftcli.runs.load import build
+    from peftcli.runs.load import build, untrusted
 
     src, run_dir = Path(src), Path(run_dir)
     check_destination(run_dir, what="import destination", sources=[src, recipe_path], replace=force)
     config, sd = read_peft_folder(src)
-    recipe = load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides)
+    recipe = untrusted(load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides),
+                       trust_remote_code)
     check_paths(run_dir, what="import destination", sources=local_inputs(recipe))
     label_names = recipe.data.label_names
     if recipe.model.task == "classification" and not recipe.model.num_labels and not label_names:
         recipe.model.num_labels = head_rows(sd)
     recipe.init_from = str(src)
-    built = build(recipe, pick_device("cpu"), label_names=label_names)
+    built = build(recipe, pick_device("cpu"), label_names=label_names, trust_remote_code=trust_remote_code)
     recipe.init_from = None
     recipe.output.dir = str(run_dir)
     budget = trainable_summary(built.model)
@@ -117,13 +123,13 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     return run_dir
 
 
-def temporary_run(src: Path, recipe_path: Path | None = None):
+def temporary_run(src: Path, recipe_path: Path | None = None, *, trust_remote_code: bool = False):
     """A context manager yielding a throw-away run folder imported from a PEFT folder."""
     import contextlib
 
     @contextlib.contextmanager
     def cm():
         with tempfile.TemporaryDirectory(prefix="peftcli-import-") as tmp:
-            yield import_peft(src, Path(tmp) / "run", recipe_path=recipe_path)
+            yield import_peft(src, Path(tmp) / "run", recipe_path=recipe_path, trust_remote_code=trust_remote_code)
 
     return cm()

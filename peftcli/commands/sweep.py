@@ -41,8 +41,8 @@ from rich.table import Table
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
 from peftcli.core.errors import BadInput
-from peftcli.runs.checkpoint import atomic_file_write
-from peftcli.runs.folder import UnsafePathError, check_paths, fsync_path, local_inputs
+from peftcli.core.files import atomic_file_write, fsync_path
+from peftcli.runs.folder import UnsafePathError, check_paths, local_inputs
 
 DEFINITION_FILE = "sweep.json"
 RECORDS_FILE = "sweep.jsonl"
@@ -706,6 +706,8 @@ def run_sweep(
         atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
         resume = (plan.run_dir(trial) / "last").is_dir()
         argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
+        if resume and trial.recipe.model.trust_remote_code:  # the user's recipe, given to this very sweep
+            argv.append("--trust-remote-code")
         env = {**os.environ, **worker_env(worker, gpus)}
         # The child must run this very peftcli, even when it was imported from a clone not on sys.path.
         pkg_parent = str(Path(__file__).resolve().parent.parent)

@@ -10,10 +10,10 @@ from peftcli.methods.attach import pick_device
 from peftcli.runs.load import collator, load_run, prepare_data
 
 
-def smoke_reload_loss(r: Recipe, test: dict[str, Any]) -> float:
+def smoke_reload_loss(r: Recipe, test: dict[str, Any], trust_remote_code: bool = False) -> float:
     """The eval loss of the saved run, reloaded on CPU, on 16 held-out rows; raises when it differs
     from the trained model's test loss, which means the run folder does not rebuild the model."""
-    built, _ = load_run(r.run_dir(), pick_device("cpu"))
+    built, _ = load_run(r.run_dir(), pick_device("cpu"), trust_remote_code=trust_remote_code)
     _, _, _, held = prepare_data(built.recipe, built.tokenizer)
     m = evaluate(built.model, held[:16], collator(built.recipe, built.tokenizer), task=built.recipe.model.task,
                  device=pick_device("cpu"), num_labels=len(built.label_names or []) or None)

@@ -30,7 +30,7 @@ class DataReport:
 
 def data_report(r: Recipe) -> DataReport:
     """Tokenize the recipe's data as training does and measure what the loss covers."""
-    tok = load_tokenizer(r.model.name)
+    tok = load_tokenizer(r.model.name, trust_remote_code=r.model.trust_remote_code)  # the user's own recipe
     splits, train_ex, val, test = prepare_data(r, tok)
     rep = DataReport(rows=(len(train_ex), len(val), len(test)),
                      kind=f"format {splits.format}" if splits.format else r.model.task,

@@ -295,14 +295,15 @@ def _share_base_tensors(model: nn.Module, shared: nn.Module) -> int:
     return tied
 
 
-def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
-    """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases."""
+def load_runs(runs: Sequence[str | Path], device: torch.device, *, trust_remote_code: bool = False) -> MultiAdapter:
+    """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases.
+    `trust_remote_code` is the command line's flag, never the runs' saved recipes (`load_run`)."""
     from peftcli.config.recipe import load_recipe
     from peftcli.core.errors import CheckpointError
     from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
     from peftcli.models.quant import float_dtype
     from peftcli.runs.checkpoint import find_run_adapter, read_adapter
-    from peftcli.runs.load import check_adapter_matches, load_run
+    from peftcli.runs.load import check_adapter_matches, load_run, untrusted
 
     named = parse_run_args(runs)
     if not named:
@@ -311,7 +312,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     for name, run in named:
         if not (run / "recipe.yaml").exists():
             raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-        recipe = load_recipe(run / "recipe.yaml", [])
+        recipe = untrusted(load_recipe(run / "recipe.yaml", []), trust_remote_code)
         recipe.init_from = None
         adapter_dir = find_run_adapter(run)
         sd, meta = read_adapter(adapter_dir)
@@ -326,7 +327,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
         from peftcli.methods.attach import check_qlora_possible
 
         check_qlora_possible(r0.method_name, device, r0.method)
-    tok = load_tokenizer(r0.model.name)
+    tok = load_tokenizer(r0.model.name, trust_remote_code=trust_remote_code)
     label_names = meta0.get("label_names")
     model = load_base_model(
         r0.model.name, r0.model.task, num_labels=r0.model.num_labels or (len(label_names) if label_names else None),
@@ -360,7 +361,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     for a in multi.adapters.values():
         if a.stacked:
             continue
-        built, _ = load_run(a.run, device)
+        built, _ = load_run(a.run, device, trust_remote_code=trust_remote_code)
         built.model.eval()
         _share_base_tensors(built.model, model)
         a.model = built.model

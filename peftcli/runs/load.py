@@ -40,16 +40,25 @@ class Built:
     label_names: list[str] | None
 
 
-def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None) -> Built:
-    """Base model with the recipe's method attached (fresh adapter weights), on `device`."""
+def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None,
+          trust_remote_code: bool | None = None) -> Built:
+    """Base model with the recipe's method attached (fresh adapter weights), on `device`.
+
+    `trust_remote_code` None takes the recipe's `model.trust_remote_code`: only for the user's own
+    recipe (`train`). Whatever reads a run or adapter folder passes the command line's
+    --trust-remote-code instead, so a saved recipe can never make peftcli run a model's code.
+    """
     from peftcli.methods import get_method
+    from peftcli.models.loading import FLAG_HINT, RECIPE_HINT
 
     spec = get_method(recipe.method_name)
     if recipe.model.quantization == "nf4":
         from peftcli.methods.attach import check_qlora_possible
 
         check_qlora_possible(recipe.method_name, device, recipe.method)
-    tok = load_tokenizer(recipe.model.name)
+    trust, hint = ((recipe.model.trust_remote_code, RECIPE_HINT) if trust_remote_code is None
+                   else (trust_remote_code, FLAG_HINT))
+    tok = load_tokenizer(recipe.model.name, trust_remote_code=trust, hint=hint)
     num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
     dtype = resolve_dtype(recipe.model.dtype, device)
     model = load_base_model(
@@ -60,8 +69,9 @@ def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None
         attn_implementation=recipe.model.attn_implementation,
         quantization=recipe.model.quantization,
         revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
+        trust_remote_code=trust,
         label_names=label_names,
+        hint=hint,
     )
     if recipe.model.quantization != "nf4":
         model.to(device)
@@ -170,22 +180,34 @@ def train_collator(recipe: Recipe, tokenizer) -> Collator | PackEachBatch:
     return PackEachBatch(base, recipe.data.max_length) if recipe.data.packing == "batch" else base
 
 
-def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None) -> tuple[Built, dict]:
-    """Rebuild a trained run: its recipe, base model, method, and saved adapter weights."""
+def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None, *,
+             trust_remote_code: bool = False) -> tuple[Built, dict]:
+    """Rebuild a trained run: its recipe, base model, method, and saved adapter weights.
+
+    The run's recipe.yaml is never trusted to run code: `trust_remote_code` is the command line's
+    --trust-remote-code, whatever the saved `model.trust_remote_code` says."""
     run = Path(run)
     recipe_path = run / "recipe.yaml"
     if not recipe_path.exists():
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = untrusted(load_recipe(recipe_path, overrides), trust_remote_code)
     recipe.init_from = None
     adapter_dir = find_run_adapter(run)
     sd, meta = read_adapter(adapter_dir)
     check_adapter_matches(recipe, meta, adapter_dir, str(recipe_path))
     label_names = meta.get("label_names")
-    built = build(recipe, device, label_names=label_names)
+    built = build(recipe, device, label_names=label_names, trust_remote_code=trust_remote_code)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, sd)
     apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
     return built, meta
+
+
+def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:
+    """A recipe read from a run or adapter folder, with `model.trust_remote_code` set to the
+    command line's flag: what a folder says is never consent to run code (and a folder written
+    from it, by combine or import-peft, records only what the user allowed)."""
+    recipe.model.trust_remote_code = bool(trust_remote_code)
+    return recipe
 
 
 def run_meta(run: Path) -> dict:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from peftcli.core.arch import Arch
+from peftcli.core.files import write_dir
 from peftcli.core.peft_layout import (
     Layout,
     PeftFormatError,
@@ -47,7 +48,7 @@ from peftcli.core.peft_layout import (
 )
 from peftcli.methods import all_methods
 from peftcli.methods.registry import MethodSpec, PeftTwin
-from peftcli.runs.checkpoint import atomic_dir_write, load_tensors
+from peftcli.runs.checkpoint import load_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -157,7 +158,7 @@ def write_peft_folder(dest: Path, tensors: dict[str, torch.Tensor], config: dict
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    atomic_dir_write(Path(dest), write)
+    write_dir(Path(dest), write)
 
 
 def export_model(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, sd: dict[str, torch.Tensor],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peftcli.core.files import atomic_write
+
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run) / "metrics.jsonl"
@@ -51,8 +53,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         ax_eval.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from peftcli.core.errors import BadInput, CheckpointError
-from peftcli.runs.checkpoint import atomic_file_write, load_tensors
+from peftcli.core.files import atomic_file_write
+from peftcli.runs.checkpoint import load_tensors
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"

@@ -32,13 +32,17 @@ ACT_BYTES_PER_HIDDEN = 34
 
 
 def meta_model(recipe: Recipe):
-    config = load_config(recipe.model.name)
+    """The recipe's model without weights. Code shipped with the model runs only when the recipe
+    allows it; a recipe read from a run folder has had that key set from the command line's flag
+    (`runs.load.untrusted`)."""
+    trust = recipe.model.trust_remote_code
+    config = load_config(recipe.model.name, trust_remote_code=trust)
     if recipe.model.task == "classification":
         config.num_labels = recipe.model.num_labels or 2
     from peftcli.core.quiet import quiet_libraries
 
     with torch.device("meta"), quiet_libraries():
-        model = auto_class(recipe.model.task).from_config(config)
+        model = auto_class(recipe.model.task).from_config(config, **({"trust_remote_code": True} if trust else {}))
     return model
 
 

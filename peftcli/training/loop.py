@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
 from peftcli.core.errors import BadInput
 from peftcli.core.faults import kill_point
+from peftcli.core.files import atomic_file_write, is_temp_name, parse_temp_name, pid_alive, remove
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.core.switch import random_drop, set_dropped_layers
 from peftcli.data.datasets import DataError, batches, length_group_size, malformed_summary, num_batches
@@ -37,7 +37,7 @@ from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_
 from peftcli.models.packed_attention import packed_rows
 from peftcli.models.trim import trim_unread_positions
 from peftcli.runs import folder as runfolder
-from peftcli.runs.checkpoint import atomic_file_write, recover_dir, save_adapter
+from peftcli.runs.checkpoint import recover_checkpoint, save_adapter
 from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
 from peftcli.runs.state import (
     Position,
@@ -142,9 +142,12 @@ def train(
     resume: bool = False,
     smoke: bool = False,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train a recipe; returns the run's summary. Writes everything under the run folder."""
-    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console)
+    """Train a recipe; returns the run's summary. Writes everything under the run folder.
+    `trust_remote_code` is the command line's --trust-remote-code (see `allowed_remote_code`)."""
+    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console,
+                              trust_remote_code=trust_remote_code)
     if finished is not None:
         return finished
     try:
@@ -208,8 +211,15 @@ def _examples_in(batch: dict[str, torch.Tensor]) -> int:
 # ------------------------------------------------------------------------------------------ set-up
 
 
+def allowed_remote_code(recipe: Recipe, resume: bool, flag: bool) -> bool:
+    """Whether code shipped with the model may run. A new run trusts the user's own recipe
+    (`model.trust_remote_code`) or the flag; `--resume` reads a run folder, whose recipe may be
+    the folder's own recipe.yaml, so there only the command line's flag counts."""
+    return bool(flag) or (not resume and recipe.model.trust_remote_code)
+
+
 def set_up(
-    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None
+    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None, trust_remote_code: bool = False
 ) -> tuple[Session, Position, dict | None]:
     """Check, load and build everything; restore a checkpoint. Returns (session, position, summary
     of an already finished run or None)."""
@@ -263,7 +273,11 @@ def set_up(
     # ---- data and model
     from peftcli.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model.name)
+    trust = allowed_remote_code(recipe, resume, trust_remote_code)
+    if trust:
+        console.print(f"[yellow]trust_remote_code: code shipped with {escape(recipe.model.name)} will run on this "
+                      "machine[/]")
+    tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=trust)
     splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer)
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
@@ -281,7 +295,7 @@ def set_up(
             f"{tcfg.batch_size * tcfg.grad_accum * world} rows; lower train.batch_size or train.grad_accum, "
             "or use more data (data.train_size / data.eval_fraction / data.val_fraction)"
         )
-    built = build(recipe, device, label_names=splits.label_names)
+    built = build(recipe, device, label_names=splits.label_names, trust_remote_code=trust)
     model, arch, spec = built.model, built.arch, built.spec
     if recipe.data.packing:
         from peftcli.models.packed_attention import check_packing, use_packed_attention
@@ -381,21 +395,13 @@ def _protected(recipe: Recipe) -> list[Path]:
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
     """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
     if not (run_dir / "recipe.yaml").exists():
-        # A kill before recipe.yaml was in place leaves at most the marker and peftcli's temp files.
-        leftovers = [p for p in run_dir.iterdir() if runfolder.is_temp_name(p.name)] if run_dir.is_dir() else []
-        others = [p for p in run_dir.iterdir() if p not in leftovers] if run_dir.is_dir() else []
-        if others and not runfolder.is_ours(run_dir):
-            raise RunExistsError(f"--resume: {run_dir} is not a peftcli run folder (no recipe.yaml); "
-                                 "check output.dir")
-        console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         if rank == 0:
-            for p in leftovers:
-                p.unlink() if p.is_file() else shutil.rmtree(p)
-            runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
+            _clear_unstarted_run(recipe, run_dir)
+        console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         return None, None, False
     if rank == 0:  # a kill inside a checkpoint swap leaves it half-renamed: finish or undo it first
         for name in ("last", "adapter"):
-            note = recover_dir(run_dir / name)
+            note = recover_checkpoint(run_dir / name)
             if note:
                 console.print(f"[yellow]{note}[/]")
     dist_utils.barrier()
@@ -409,6 +415,25 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     if saved is None:
         console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
     return saved, saved_recipe, True
+
+
+def _clear_unstarted_run(recipe: Recipe, run_dir: Path) -> None:
+    """--resume on a folder without recipe.yaml: a run killed before recipe.yaml was in place
+    leaves at most the marker and peftcli's temporary files. Every path check passes before
+    anything is deleted, and then only peftcli's temporary entries, of processes that died, in a
+    folder that is provably ours (its marker lists the rest, or it holds nothing else)."""
+    runfolder.check_paths(run_dir, what="output.dir", sources=_protected(recipe))
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)  # refuses
+    names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    leftovers = [n for n in names if is_temp_name(n)]
+    others = [n for n in names if n not in leftovers]
+    if others and not runfolder.is_ours(run_dir):
+        raise RunExistsError(f"--resume: {run_dir} is not a peftcli run folder (no recipe.yaml); check output.dir")
+    for n in leftovers:
+        if not pid_alive(parse_temp_name(n)[2]):
+            remove(run_dir / n)
+    runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
 
 
 def _restore(s: Session, saved: Saved) -> Position:
