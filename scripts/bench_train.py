@@ -409,10 +409,11 @@ def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict
     """One peftcli training run; tokens/s from its last metrics line (the training loop alone)."""
     from rich.console import Console
 
+    from peftcli.runs.metrics import read_metrics
     from peftcli.training.loop import train
 
     summary = train(sft_recipe(args, out, name, batch_size, **data), console=Console(stderr=True, quiet=True))
-    last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
+    last = [r for r in read_metrics(out / name).steps if "tokens_per_s" in r][-1]
     return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') is True else 'examples'}"
             + (" packed" if data.get("packing") == "batch" else ""),
             "steps": summary["steps"], "tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"],
