@@ -162,7 +162,7 @@ def make_batch(case: str, cfg: dict, vocab: int, device: torch.device, seed: int
 
 
 def autocast(device: torch.device, cfg: dict):
-    from peftcli.inference.evaluate import autocast_ctx
+    from peftcli.core.precision import autocast_ctx
 
     return autocast_ctx(device, "auto" if cfg["dtype"] == "bfloat16" else "fp32")
 

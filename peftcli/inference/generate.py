@@ -2,7 +2,8 @@
 
 Prompts are formatted exactly as the training data was (the tokenizer's chat template when the
 recipe uses it), so a run answers in the format it learned. Decoding is greedy with the KV cache,
-through `evaluate.generate_texts`, the same path that scores generated answers during training.
+through `decode.generate_texts`, the same path that scores generated answers during training
+and answers mixed-adapter batches.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
 from peftcli.data.datasets import format_prompt
-from peftcli.inference.evaluate import generate_texts
+from peftcli.inference.decode import generate_texts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run
 

@@ -31,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftcli.config.recipe import Recipe
 from peftcli.core.adapter import LayerAdapter
 from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
 from peftcli.core.errors import BadInput
+from peftcli.core.precision import autocast_ctx, forward_inputs
+from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
+from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method
 
 BASE = 0  # adapter index of "no adapter"
@@ -408,87 +410,6 @@ def _build_stacks(multi: MultiAdapter, stacked: list[tuple[Adapter, dict, dict]]
 # --------------------------------------------------------------------------------------- generation
 
 
-class _StepStreamer:
-    """generate()'s streamer interface: reports each decode step's new token of every row."""
-
-    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
-        self.on_step = on_step
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first pushes the prompt
-            self.prompt_seen = True
-            return
-        self.on_step(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-def eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
-
-
-@torch.no_grad()
-def greedy_ids(
-    model: nn.Module,
-    prompts: list[list[int]],
-    max_new: list[int],
-    *,
-    pad_id: int,
-    eos: set[int],
-    device: torch.device,
-    on_step: Callable[[list[int]], None] | None = None,
-    stop_row: Callable[[int], bool] | None = None,
-    logits: list[list[torch.Tensor]] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, left-padded into one batch (KV cache on).
-
-    Row i stops after max_new[i] tokens, at an end-of-sequence token, or once `stop_row(i)` says
-    so (a client that went away); the batch stops when every row has. Returned ids end before
-    the end-of-sequence token. `logits`, when given, receives each row's per-step logits.
-    """
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    limits = torch.tensor(max_new)
-
-    class _PerRow(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            done = (input_ids.shape[1] - width) >= limits
-            if stop_row is not None:
-                done = done | torch.tensor([stop_row(i) for i in range(len(prompts))])
-            return done.to(input_ids.device)
-
-    was_training = model.training
-    model.eval()
-    try:
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(max_new), do_sample=False,
-            pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([_PerRow()]),
-            streamer=_StepStreamer(on_step) if on_step else None,
-            return_dict_in_generate=True, output_logits=logits is not None,
-        )
-    finally:
-        model.train(was_training)
-    out = []
-    for i, row in enumerate(gen.sequences[:, width:].tolist()):
-        row = row[: max_new[i]]
-        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-        out.append(row[:cut])
-        if logits is not None:
-            logits.append([step[i].float().cpu() for step in gen.logits[: len(row)]])
-    return out
-
-
 def generate_mixed(
     multi: MultiAdapter,
     requests: Sequence[tuple[str, str]],
@@ -513,7 +434,7 @@ def generate_mixed(
         ids.append(tok(format_prompt(tok, p, use), add_special_tokens=False)["input_ids"])
     outs: list[list[int]] = [[] for _ in requests]
     row_logits: list[list[torch.Tensor]] = [[] for _ in requests]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     for model, pos, _ in multi.groups(names):
         eos = eos_ids(model, tok)
         for c in range(0, len(pos), batch_size):
@@ -585,15 +506,12 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
     The metrics are those `evaluate.evaluate` gives the run alone: per-example sums and counts
     gathered per run, so neither batch order nor batch company changes them.
     """
-    from peftcli.core.precision import autocast_ctx, forward_inputs
     from peftcli.data.datasets import Collator
-    from peftcli.inference.evaluate import _macro_f1
-    from peftcli.models.losses import causal_lm_loss_from_logits
 
     task = multi.recipe.model.task
     collate = Collator(multi.tokenizer.pad_token_id, task)
     tagged = [(n, e) for n, exs in examples.items() for e in exs]
-    stats = {n: {"loss": 0.0, "n": 0, "preds": [], "golds": []} for n in examples}
+    scores = {n: Scores(task) for n in examples}
     names_all = [n for n, _ in tagged]
     for model, pos, _ in multi.groups(names_all):
         pos = sorted(pos, key=lambda i: len(tagged[i][1]["input_ids"]))
@@ -604,32 +522,15 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
                     autocast_ctx(multi.device, multi.recipe.train.precision):
                 logits = model(**forward_inputs(batch, task)).logits.float()
             for j, i in enumerate(chunk):
-                st = stats[names_all[i]]
-                if task == "classification":
-                    lab = batch["labels"][j: j + 1]
-                    st["loss"] += float(F.cross_entropy(logits[j: j + 1], lab, reduction="sum"))
-                    st["n"] += 1
-                    st["preds"].append(int(logits[j].argmax(-1)))
-                    st["golds"].append(int(lab[0]))
-                else:
-                    loss, n = causal_lm_loss_from_logits(logits[j: j + 1], batch["labels"][j: j + 1])
-                    st["loss"] += float(loss) * n
-                    st["n"] += n
+                scores[names_all[i]].add(logits[j: j + 1], batch["labels"][j: j + 1])
     out: dict[str, dict] = {}
-    for name, st in stats.items():
-        m: dict[str, Any] = {"loss": st["loss"] / max(st["n"], 1), "examples": len(examples[name])}
-        if task == "classification":
-            golds, preds = st["golds"], st["preds"]
-            labels = multi.adapters[name].meta.get("label_names") if name in multi.adapters else None
-            m["accuracy"] = sum(p == g for p, g in zip(preds, golds, strict=True)) / max(len(golds), 1)
-            m["f1"] = _macro_f1(preds, golds, len(labels or []) or (max(golds + preds) + 1 if golds else 1))
-        else:
-            m["perplexity"] = math.exp(min(m["loss"], 50.0))
-        out[name] = m
+    for name, sc in scores.items():
+        labels = multi.adapters[name].meta.get("label_names") if name in multi.adapters else None
+        out[name] = sc.metrics(len(examples[name]), len(labels or []) or None)
     return out
 
 
 __all__ = [
     "Adapter", "MultiAdapter", "MultiAdapterError", "StackedLinear", "StackedLoraLinear", "evaluate_runs",
-    "generate_mixed", "greedy_ids", "load_runs", "parse_run_args", "read_prompts",
+    "generate_mixed", "load_runs", "parse_run_args", "read_prompts",
 ]
