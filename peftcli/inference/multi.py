@@ -38,9 +38,12 @@ from peftcli.core.adapter import LayerAdapter
 from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
 from peftcli.core.errors import BadInput
 from peftcli.core.precision import autocast_ctx, forward_inputs
+from peftcli.data.datasets import Collator, format_prompt
 from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
 from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method
+from peftcli.models.quant import float_dtype
+from peftcli.runs.load import SavedRun, base_model, load_run, open_run, same_model
 
 BASE = 0  # adapter index of "no adapter"
 
@@ -226,12 +229,10 @@ _SHARED_KEYS = ("name", "task", "revision", "dtype", "quantization", "trust_remo
 
 
 def _check_same_base(first: tuple[Path, Recipe], other: tuple[Path, Recipe]) -> None:
-    from peftcli.runs.load import _same_model
-
     (r0, a), (r1, b) = first, other
     for key in _SHARED_KEYS:
         va, vb = getattr(a.model, key), getattr(b.model, key)
-        same = _same_model(va, vb) if key == "name" else va == vb
+        same = same_model(va, vb) if key == "name" else va == vb
         if not same:
             raise MultiAdapterError(
                 f"{r1 / 'recipe.yaml'}: model.{key} is {vb!r}, but {r0 / 'recipe.yaml'} has {va!r}; runs served "
@@ -299,61 +300,33 @@ def _share_base_tensors(model: nn.Module, shared: nn.Module) -> int:
 
 def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases."""
-    from peftcli.config.recipe import load_recipe
-    from peftcli.core.errors import CheckpointError
-    from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
-    from peftcli.models.quant import float_dtype
-    from peftcli.runs.checkpoint import find_run_adapter, read_adapter
-    from peftcli.runs.load import check_adapter_matches, load_run
-
     named = parse_run_args(runs)
     if not named:
         raise MultiAdapterError("no runs given; pass one or more run folders written by `peftcli train`")
-    loaded: list[tuple[str, Path, Recipe, dict, dict]] = []
+    loaded: list[tuple[str, SavedRun]] = []
     for name, run in named:
-        if not (run / "recipe.yaml").exists():
-            raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-        recipe = load_recipe(run / "recipe.yaml", [])
-        recipe.init_from = None
-        adapter_dir = find_run_adapter(run)
-        sd, meta = read_adapter(adapter_dir)
-        check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
+        saved = open_run(run)
         if loaded:
-            _check_same_base((loaded[0][1], loaded[0][2]), (run, recipe))
-        loaded.append((name, run, recipe, sd, meta))
+            _check_same_base((loaded[0][1].folder, loaded[0][1].recipe), (run, saved.recipe))
+        loaded.append((name, saved))
 
-    first = next((x for x in loaded if _stacks(x[2])), loaded[0])
-    r0, meta0 = first[2], first[4]
-    if r0.model.quantization == "nf4":
-        from peftcli.methods.attach import check_qlora_possible
-
-        check_qlora_possible(r0.method_name, device, r0.method)
-    tok = load_tokenizer(r0.model.name)
-    label_names = meta0.get("label_names")
-    model = load_base_model(
-        r0.model.name, r0.model.task, num_labels=r0.model.num_labels or (len(label_names) if label_names else None),
-        dtype=resolve_dtype(r0.model.dtype, device), attn_implementation=r0.model.attn_implementation,
-        quantization=r0.model.quantization, revision=r0.model.revision, trust_remote_code=r0.model.trust_remote_code,
-        label_names=label_names,
-    )
-    if r0.model.quantization != "nf4":
-        model.to(device)
-    if model.config.pad_token_id is None and tok.pad_token_id is not None:
-        model.config.pad_token_id = tok.pad_token_id
+    first = next((s for _, s in loaded if _stacks(s.recipe)), loaded[0][1])
+    r0 = first.recipe
+    model, tok = base_model(r0, device, first.meta.get("label_names"))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
 
-    multi = MultiAdapter(model=model, tokenizer=tok, device=device, base_name=loaded[0][2].model.name, recipe=r0)
-    if multi.base_name in {n for n, *_ in loaded}:
+    multi = MultiAdapter(model=model, tokenizer=tok, device=device, base_name=loaded[0][1].recipe.model.name, recipe=r0)
+    if multi.base_name in {n for n, _ in loaded}:
         raise MultiAdapterError(f"a run is named {multi.base_name!r}, the base model's name; name it apart as NAME=RUN")
 
     stacked: list[tuple[Adapter, dict, dict]] = []
-    for name, run, recipe, sd, meta in loaded:
-        a = Adapter(name=name, run=run, recipe=recipe, meta=meta)
-        sites, rest = _lora_sites(sd) if _stacks(recipe) else ({}, {})
-        off = set(meta.get("disabled_modules") or [])
-        if _stackable(recipe, rest, model, sites):
+    for name, saved in loaded:
+        a = Adapter(name=name, run=saved.folder, recipe=saved.recipe, meta=saved.meta)
+        sites, rest = _lora_sites(saved.state) if _stacks(saved.recipe) else ({}, {})
+        off = set(saved.meta.get("disabled_modules") or [])
+        if _stackable(saved.recipe, rest, model, sites):
             a.index = len(stacked) + 1
             stacked.append((a, {p: ab for p, ab in sites.items() if p not in off}, rest))
         multi.adapters[name] = a
@@ -421,8 +394,6 @@ def generate_mixed(
 ) -> list[str]:
     """Greedy continuations of (adapter name, prompt) pairs, each prompt formatted as its run's
     training data was; the order of the answers is the order of the requests."""
-    from peftcli.data.datasets import format_prompt
-
     tok = multi.tokenizer
     names = [n for n, _ in requests]
     limits = [max_new_tokens] * len(requests) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -506,8 +477,6 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
     The metrics are those `evaluate.evaluate` gives the run alone: per-example sums and counts
     gathered per run, so neither batch order nor batch company changes them.
     """
-    from peftcli.data.datasets import Collator
-
     task = multi.recipe.model.task
     collate = Collator(multi.tokenizer.pad_token_id, task)
     tagged = [(n, e) for n, exs in examples.items() for e in exs]
