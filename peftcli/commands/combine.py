@@ -45,7 +45,7 @@ from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE
 from peftcli.runs.load import SavedRun, load_run, open_run, same_model
 from peftcli.runs.peft_format import is_peft_folder
 
-__all__ = ["CombineError", "combine_runs", "parse_weights"]
+__all__ = ["combine_runs", "parse_weights"]
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:

@@ -22,14 +22,10 @@ from torch import nn
 from peftcli.config.recipe import recipe_yaml
 from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.switch import (
-    adapter_modules,
-    apply_recorded,
     disable_layers,
     disabled_modules,
     dropped_layers,
     flags,
-    random_drop,
-    set_dropped_layers,
     set_flags,
 )
 from peftcli.inference.evaluate import evaluate
@@ -194,7 +190,4 @@ def drop_run(
     return report
 
 
-__all__ = [
-    "DropError", "adapter_modules", "apply_recorded", "compare", "disable_layers", "disabled_modules", "drop_run",
-    "dropped_layers", "flags", "random_drop", "set_dropped_layers", "set_flags", "timed_eval",
-]
+__all__ = ["DropError", "compare", "drop_run", "timed_eval"]

@@ -14,11 +14,11 @@ from torch import nn
 
 from peftcli.config.recipe import Recipe, load_recipe, recipe_yaml
 from peftcli.core.errors import CheckpointError
+from peftcli.core.peft_layout import Layout
 from peftcli.methods.attach import attach_method, pick_device, trainable_summary
 from peftcli.models.meta import meta_model, misfits
 from peftcli.runs.load import build, open_run
 from peftcli.runs.peft_format import (
-    Layout,
     export_model,
     head_rows,
     peft_type_for,

@@ -37,12 +37,11 @@ from peftcli.config.recipe import Recipe
 from peftcli.core.adapter import LayerAdapter
 from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
 from peftcli.core.errors import BadInput
-from peftcli.core.precision import autocast_ctx, forward_inputs
+from peftcli.core.precision import autocast_ctx, float_dtype, forward_inputs
 from peftcli.data.datasets import Collator, format_prompt
 from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
 from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method
-from peftcli.models.quant import float_dtype
 from peftcli.runs.load import SavedRun, base_model, load_run, open_run, same_model
 
 BASE = 0  # adapter index of "no adapter"

@@ -14,6 +14,7 @@ from torch import nn
 from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError
+from peftcli.core.precision import resolve_dtype
 from peftcli.core.switch import apply_recorded
 from peftcli.data.datasets import (
     Collator,
@@ -28,7 +29,7 @@ from peftcli.data.datasets import (
 from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
-from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
+from peftcli.models.loading import load_base_model, load_tokenizer
 from peftcli.runs.checkpoint import find_run_adapter, load_adapter_state, read_adapter
 
 

@@ -43,7 +43,6 @@ from peftcli.core.arch import Arch
 from peftcli.core.peft_layout import (
     Layout,
     PeftFormatError,
-    shortest_suffixes,
 )
 from peftcli.methods import all_methods
 from peftcli.methods.registry import MethodSpec, PeftTwin
@@ -374,7 +373,6 @@ def is_peft_folder(path: Path) -> bool:
 
 
 __all__ = [
-    "Layout", "PeftFormatError", "export_model", "export_refusal", "is_peft_folder",
-    "layout", "load_peft_weights", "method_from_peft", "read_peft_folder", "recipe_from_peft",
-    "shortest_suffixes",
+    "export_model", "export_refusal", "is_peft_folder", "layout", "load_peft_weights", "method_from_peft",
+    "read_peft_folder", "recipe_from_peft",
 ]
