@@ -38,7 +38,7 @@ from peftcli.core.adapter_merging import (
     uses_svd,
 )
 from peftcli.methods import get_method
-from peftcli.methods.attach import attach_method
+from peftcli.methods.attach import attach_method, pick_device
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.meta import meta_model, misfits
 from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE
@@ -233,7 +233,6 @@ def combine_runs(
     from safetensors.torch import save_file
 
     from peftcli import __version__
-    from peftcli.methods.attach import pick_device
     from peftcli.runs.folder import check_destination, local_inputs, replacing
 
     if not runs:

@@ -46,7 +46,7 @@ from peftcli.core.peft_layout import (
 )
 from peftcli.methods import all_methods
 from peftcli.methods.registry import MethodSpec, PeftTwin
-from peftcli.runs.checkpoint import atomic_dir_write, load_tensors
+from peftcli.runs.checkpoint import atomic_dir_write, load_adapter_state, load_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -319,8 +319,6 @@ def _module_of(peft_key: str) -> str | None:
 
 def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path) -> None:
     """Load an HF PEFT adapter folder into a model built from `recipe` (its `init_from:`)."""
-    from peftcli.runs.checkpoint import load_adapter_state
-
     src = Path(src)
     config, peft_sd = read_peft_folder(src)
     _check_settings(src, config, recipe)

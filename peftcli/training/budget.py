@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from peftcli.config.recipe import Recipe
-from peftcli.methods.attach import attach_method, per_module_table, trainable_summary
+from peftcli.methods.attach import attach_method, dense_base_refusal, per_module_table, trainable_summary
 from peftcli.models.meta import meta_model
 
 GIB = 1024**3
@@ -56,7 +56,6 @@ def memory_estimate(
     the trainable ones).
     """
     at_once = trainable if trained_at_once is None else trained_at_once
-    from peftcli.methods.attach import dense_base_refusal
 
     frozen = total - trainable
     rows = []
