@@ -2,7 +2,7 @@
 
 The switch itself (AdapterDrop, Rücklé et al. 2021) is `core.switch`; this module is the command
 above it. A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off
-modules (`disabled_modules`); `pipeline.load_run` switches them off again after loading, so
+modules (`disabled_modules`); `runs.load.load_run` switches them off again after loading, so
 `peftcli eval` and a further `peftcli drop` see the dropped model. The adapter file is copied
 unchanged.
 """
