@@ -162,7 +162,7 @@ def make_batch(case: str, cfg: dict, vocab: int, device: torch.device, seed: int
 
 
 def autocast(device: torch.device, cfg: dict):
-    from peftcli.inference.evaluate import autocast_ctx
+    from peftcli.core.precision import autocast_ctx
 
     return autocast_ctx(device, "auto" if cfg["dtype"] == "bfloat16" else "fp32")
 
@@ -410,10 +410,11 @@ def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict
     """One peftcli training run; tokens/s from its last metrics line (the training loop alone)."""
     from rich.console import Console
 
+    from peftcli.runs.metrics import read_metrics
     from peftcli.training.loop import train
 
     summary = train(sft_recipe(args, out, name, batch_size, **data), console=Console(stderr=True, quiet=True))
-    last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
+    last = [r for r in read_metrics(out / name).steps if "tokens_per_s" in r][-1]
     return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') is True else 'examples'}"
             + (" packed" if data.get("packing") == "batch" else ""),
             "steps": summary["steps"], "tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"],

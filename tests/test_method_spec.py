@@ -183,7 +183,8 @@ def test_toy_method_budget(toy, tmp_path):
 def test_toy_method_export_and_merge_are_refused_with_its_reasons(toy, tmp_path):
     from peftcli.commands.merge import MergeRefused, merge_run
     from peftcli.commands.peft import export_run
-    from peftcli.runs.peft_format import PeftFormatError, export_refusal
+    from peftcli.core.peft_layout import PeftFormatError
+    from peftcli.runs.peft_format import export_refusal
 
     assert export_refusal("toy_scale") == "cannot export method 'toy_scale' to HF PEFT: HF PEFT has no toy toy_scale scales"
     assert "HF PEFT has no method computing the same function" in export_refusal("toy_dense")

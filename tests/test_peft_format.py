@@ -19,16 +19,15 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.config.recipe import recipe_from_dict
+from peftcli.core.peft_layout import PeftFormatError, shortest_suffixes
 from peftcli.methods import all_methods
 from peftcli.methods.attach import attach_method
 from peftcli.runs.checkpoint import adapter_state
 from peftcli.runs.peft_format import (
-    PeftFormatError,
     export_model,
     export_refusal,
     load_peft_weights,
     read_peft_folder,
-    shortest_suffixes,
 )
 
 peft = pytest.importorskip("peft")

@@ -23,14 +23,10 @@ from peftcli.config.recipe import Recipe, recipe_yaml
 from peftcli.core.arch import Arch
 from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.switch import (
-    adapter_modules,
-    apply_recorded,
     disable_layers,
     disabled_modules,
     dropped_layers,
     flags,
-    random_drop,
-    set_dropped_layers,
     set_flags,
 )
 from peftcli.inference.evaluate import evaluate
@@ -225,7 +221,4 @@ def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, repor
     return diff
 
 
-__all__ = [
-    "DropError", "adapter_modules", "apply_recorded", "compare", "disable_layers", "disabled_modules", "drop_run",
-    "dropped_layers", "flags", "random_drop", "set_dropped_layers", "set_flags", "timed_eval",
-]
+__all__ = ["DropError", "compare", "drop_run", "timed_eval"]

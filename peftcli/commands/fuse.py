@@ -21,7 +21,14 @@ from rich.console import Console
 
 from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.errors import CheckpointError
-from peftcli.methods.fusion import FusionConfig, FusionError, Source, read_sources
+from peftcli.methods.fusion import (
+    FusionConfig,
+    FusionError,
+    Source,
+    attention_table,
+    read_sources,
+    record_attention,
+)
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.folder import check_paths, local_inputs
 
@@ -59,7 +66,6 @@ def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu",
     on up to `limit` held-out examples: per site, and averaged over sites."""
     from peftcli.commands.drop import timed_eval
     from peftcli.methods.attach import pick_device
-    from peftcli.methods.fusion import attention_table, record_attention
     from peftcli.runs.load import collator, load_run, prepare_data
 
     dev = pick_device(device)

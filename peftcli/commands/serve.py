@@ -6,7 +6,7 @@ raw text, `/v1/chat/completions` applies the chat template as the run's training
 `stream: true` sends server-sent events.
 
 Requests arriving within a few milliseconds of each other, for any mix of adapters, become one
-batch of `multi.greedy_ids` (one base pass per batch, each row with its own adapter; see
+batch of `decode.greedy_ids` (one base pass per batch, each row with its own adapter; see
 peftcli/inference/multi.py). Model work runs in one worker thread, so the event loop keeps accepting
 requests, and tokenizing and detokenizing stay on the event loop (a fast tokenizer is not safe to
 share between threads). Decoding is greedy; a request stops at its `max_tokens` or at the end of
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftcli.core.errors import BadInput
-from peftcli.inference.multi import MultiAdapter, MultiAdapterError, eos_ids, greedy_ids
+from peftcli.inference.decode import eos_ids, greedy_ids
+from peftcli.inference.multi import MultiAdapter, MultiAdapterError
 
 
 class ServeUnavailable(BadInput, RuntimeError):

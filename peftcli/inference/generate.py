@@ -2,7 +2,7 @@
 
 Prompts are formatted exactly as the training data was (the tokenizer's chat template when the
 recipe uses it), so a run answers in the format it learned. Decoding is greedy with the KV cache,
-through `evaluate.generate_texts`, the same path that scores generated answers during training;
+through `decode.generate_texts`, the same path that scores generated answers during training;
 several runs of one base model answer a prompts file in mixed batches (`multi.generate_mixed`).
 """
 
@@ -17,7 +17,7 @@ import torch
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
 from peftcli.data.datasets import format_prompt
-from peftcli.inference.evaluate import generate_texts
+from peftcli.inference.decode import generate_texts
 from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run, untrusted

@@ -219,8 +219,6 @@ def check_dense(model: nn.Module, paths: list[str]) -> None:
             raise ValueError(f"DoRA needs floating-point base weights to take row norms; {p} is quantized")
 
 
-__all__ = ["DoraLinear", "check_dense"]
-
 
 def attach(model: nn.Module, arch: Arch, cfg: LoraConfig) -> None:
     layers = parse_layers(cfg.layers, arch.num_layers)
@@ -440,4 +438,4 @@ register(
     ),
 )(attach)
 
-__all__ = ["LoraConfig", "LoraLinear", "attach", "merge", "merge_into_base", "wrap_linears", "dense_weight"]
+__all__ = ["DoraLinear", "LoraConfig", "LoraLinear", "attach", "check_dense", "merge", "merge_into_base", "wrap_linears"]

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from peftcli.core.errors import BadInput
-from peftcli.core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
 from peftcli.core.quiet import quiet_libraries
 
 # hub id -> (package, how to find the model inside it)

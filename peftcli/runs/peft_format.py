@@ -44,11 +44,10 @@ from peftcli.core.files import write_dir
 from peftcli.core.peft_layout import (
     Layout,
     PeftFormatError,
-    shortest_suffixes,
 )
 from peftcli.methods import all_methods
 from peftcli.methods.registry import MethodSpec, PeftTwin
-from peftcli.runs.checkpoint import load_tensors
+from peftcli.runs.checkpoint import load_adapter_state, load_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -321,8 +320,6 @@ def _module_of(peft_key: str) -> str | None:
 
 def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path) -> None:
     """Load an HF PEFT adapter folder into a model built from `recipe` (its `init_from:`)."""
-    from peftcli.runs.checkpoint import load_adapter_state
-
     src = Path(src)
     config, peft_sd = read_peft_folder(src)
     _check_settings(src, config, recipe)
@@ -375,7 +372,6 @@ def is_peft_folder(path: Path) -> bool:
 
 
 __all__ = [
-    "Layout", "PeftFormatError", "export_model", "export_refusal", "is_peft_folder",
-    "layout", "load_peft_weights", "method_from_peft", "read_peft_folder", "recipe_from_peft",
-    "shortest_suffixes",
+    "export_model", "export_refusal", "is_peft_folder", "layout", "load_peft_weights", "method_from_peft",
+    "read_peft_folder", "recipe_from_peft",
 ]

@@ -30,7 +30,7 @@ from torch import nn
 
 from peftcli.core.errors import BadInput
 from peftcli.core.faults import raise_point
-from peftcli.runs.checkpoint import read_adapter
+from peftcli.runs.checkpoint import adapter_state, load_adapter_state, read_adapter
 
 
 class DistributedSetupError(RuntimeError):
@@ -221,8 +221,6 @@ def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Ten
     its own export_state may compute across modules, so the whole model is unsharded around it.
     """
     if not is_fsdp(model):
-        from peftcli.runs.checkpoint import adapter_state
-
         return adapter_state(model, spec, arch, cfg)
     _reshard(model)
     if spec.export_state is None:
@@ -330,8 +328,6 @@ def load_resume_weights(last: Path, model, spec, arch, recipe):
 def load_kept_weights(folder: Path, model, spec, arch, recipe) -> None:
     """All ranks: load a saved adapter into the model (plain, wrapped or sharded) in place: a
     resumed run's weights, or the adapter validation chose, to score the test rows with."""
-    from peftcli.runs.checkpoint import load_adapter_state
-
     _reshard(model)
     sd, _ = read_adapter(folder)
     load_adapter_state(model, spec, arch, recipe.method, sd)
