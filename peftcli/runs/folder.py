@@ -13,6 +13,8 @@ Every command that writes a folder goes through here, so that three promises hol
 
 Sibling names are `.NAME.peftcli-tmp-PID` (being written) and `.NAME.peftcli-old-PID` (the old
 folder, moved aside during the swap); `recover_stale` tidies those of processes that died.
+`.NAME.peftcli-lock` is the lock of the one process writing NAME (peftcli.runs.lock): beside the
+folder, so that it stays put while the folder is swapped, and never one of its entries.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "sum
 _EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
 # peftcli's dot-temp names: checkpoint.atomic_*_write (.X.tmp-PID, .X.old-PID) and ours.
 _TEMP = re.compile(r"\..+\.(?:peftcli-)?(?:tmp|old)-\d+")
+LOCK_SUFFIX = ".peftcli-lock"
 
 
 class UnsafePathError(BadInput, ValueError):
@@ -52,6 +55,19 @@ class UnsafePathError(BadInput, ValueError):
 def is_temp_name(name: str) -> bool:
     """A name peftcli gives its temporary and moved-aside files and folders (never a user's)."""
     return _TEMP.fullmatch(name) is not None
+
+
+def is_lock_name(name: str) -> bool:
+    """A writer's lock file (peftcli.runs.lock), beside the folder it locks: ours, never deleted
+    as a leftover (a live writer may hold it)."""
+    return name.startswith(".") and name.endswith(LOCK_SUFFIX) and len(name) > len(LOCK_SUFFIX) + 1
+
+
+def lock_path(dest: Path) -> Path:
+    """Where the lock of the writer of `dest` lives: beside it, under its real (symlink-free) name,
+    so that every spelling of one folder meets the same lock."""
+    real = Path(os.path.realpath(str(dest)))
+    return real.with_name(f".{real.name}{LOCK_SUFFIX}")
 
 
 def _is_run_entry(name: str) -> bool:
@@ -81,10 +97,11 @@ def foreign_entries(path: Path) -> list[str]:
     if marker is not None:
         listed = set(marker["entries"]) | {MARKER}
         run_like = marker["kind"] in RUN_KINDS
-        return [n for n in names if not (n in listed or is_temp_name(n) or (run_like and _is_run_entry(n)))]
+        return [n for n in names if not (n in listed or is_temp_name(n) or is_lock_name(n)
+                                         or (run_like and _is_run_entry(n)))]
     if "recipe.yaml" not in names:
         return names
-    return [n for n in names if not (_is_run_entry(n) or is_temp_name(n))]
+    return [n for n in names if not (_is_run_entry(n) or is_temp_name(n) or is_lock_name(n))]
 
 
 def is_ours(path: Path) -> bool:
@@ -109,7 +126,7 @@ def write_marker(folder: Path, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")
     folder = Path(folder)
-    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n))
+    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n) and not is_lock_name(n))
     tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
     fsync_path(tmp)
@@ -361,6 +378,6 @@ def recover_stale(dest: Path) -> list[Path]:
 
 __all__ = [
     "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
-    "foreign_entries", "is_ours", "local_inputs", "move_aside", "read_marker", "recover_stale", "replacing",
+    "foreign_entries", "is_lock_name", "is_ours", "lock_path", "local_inputs", "move_aside", "read_marker", "recover_stale", "replacing",
     "restore_aside", "write_marker", "fsync_path", "fsync_tree", "is_temp_name",
 ]

@@ -13,7 +13,9 @@ import json
 import math
 import random
 import shutil
+import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
+from peftcli.core import signals
 from peftcli.core.errors import BadInput
 from peftcli.core.faults import kill_point
 from peftcli.core.precision import autocast_ctx, forward_inputs
@@ -38,6 +41,7 @@ from peftcli.models.packed_attention import packed_rows
 from peftcli.runs import folder as runfolder
 from peftcli.runs.checkpoint import atomic_file_write, recover_dir, save_adapter
 from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
+from peftcli.runs.lock import folder_lock
 from peftcli.runs.state import (
     Position,
     Saved,
@@ -143,59 +147,87 @@ def train(
     smoke: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Train a recipe; returns the run's summary. Writes everything under the run folder."""
-    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console)
-    if finished is not None:
-        return finished
-    try:
-        s.train_model.train()  # dropout on: models come back from loading in evaluation mode
-        with _progress(s) as (bar, update):
-            update(bar, pos, None)
-            while pos.step < s.total_steps:
-                steps_at_start = pos.step
-                epoch_from_start = pos.micro == 0
-                group: list[dict] = []
-                for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
-                                     seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
-                                     start=pos.micro, length_group=length_group_size(s.recipe.train, s.world)):
-                    group.append(batch)
-                    if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
-                        continue
-                    losses = train_step(s, group, pos)
-                    pos.micro += len(group)
-                    pos.step += 1
-                    pos.window_loss += sum(losses)
-                    pos.window_n += len(losses)
-                    s.seen += sum(_examples_in(b) for b in group) * s.world
-                    s.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
-                    group = []
-                    kill_point("step")
-                    if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
-                        log_train(s, pos)
-                    update(bar, pos, losses[-1])
-                    if pos.step % s.eval_every == 0 or pos.step == s.total_steps:
-                        evaluate_and_save(s, pos)
-                    if pos.step >= s.total_steps:
-                        break
-                else:
-                    if epoch_from_start and pos.step == steps_at_start:  # never spin without progress
-                        raise TrainingError(f"epoch {pos.epoch} made no optimizer step; nothing left to train on")
-                    pos.epoch, pos.micro = pos.epoch + 1, 0
-    except NonFiniteError as e:
-        log(s, {"step": pos.step, "error": "non-finite", "detail": str(e)})
-        _close_trackers(s)
-        _restore_replaced(s)
-        dist_utils.shutdown()
-        raise TrainingError(
-            f"{e}; stopped. The last good checkpoint is in {s.run_dir / 'last'}"
-            + " (none was written yet)" * (not (s.run_dir / "last").exists())
-            + ". Try a lower train.lr or train.max_grad_norm."
-        ) from None
-    except BaseException:
-        _close_trackers(s)
-        _restore_replaced(s)
-        raise
-    return finish(s, pos)
+    """Train a recipe; returns the run's summary. Writes everything under the run folder.
+
+    One process writes a run folder at a time (the lock, taken by set_up, is released here). A
+    SIGTERM or Ctrl-C while steps are taken stops at the end of the step, with a checkpoint that
+    `--resume` continues exactly; a second one, or one during set-up or the final scoring, stops
+    at once (peftcli.core.signals)."""
+    with ExitStack() as held, signals.stop_signals():
+        s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console, held=held)
+        if finished is not None:
+            return finished
+        try:
+            with signals.deferred():
+                _take_steps(s, pos)
+        except NonFiniteError as e:
+            log(s, {"step": pos.step, "error": "non-finite", "detail": str(e)})
+            _close_trackers(s)
+            _restore_replaced(s)
+            dist_utils.shutdown()
+            raise TrainingError(
+                f"{e}; stopped. The last good checkpoint is in {s.run_dir / 'last'}"
+                + " (none was written yet)" * (not (s.run_dir / "last").exists())
+                + ". Try a lower train.lr or train.max_grad_norm."
+            ) from None
+        except BaseException:
+            _close_trackers(s)
+            _restore_replaced(s)
+            raise
+        return finish(s, pos)
+
+
+def _take_steps(s: Session, pos: Position) -> None:
+    """Optimizer steps from `pos` to the last one, evaluating and saving on the way."""
+    s.train_model.train()  # dropout on: models come back from loading in evaluation mode
+    with _progress(s) as (bar, update):
+        update(bar, pos, None)
+        while pos.step < s.total_steps:
+            steps_at_start = pos.step
+            epoch_from_start = pos.micro == 0
+            group: list[dict] = []
+            for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
+                                 seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
+                                 start=pos.micro, length_group=length_group_size(s.recipe.train, s.world)):
+                group.append(batch)
+                if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
+                    continue
+                losses = train_step(s, group, pos)
+                pos.micro += len(group)
+                pos.step += 1
+                pos.window_loss += sum(losses)
+                pos.window_n += len(losses)
+                s.seen += sum(_examples_in(b) for b in group) * s.world
+                s.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
+                group = []
+                kill_point("step")
+                if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
+                    log_train(s, pos)
+                update(bar, pos, losses[-1])
+                saved = pos.step % s.eval_every == 0 or pos.step == s.total_steps
+                if saved:
+                    evaluate_and_save(s, pos)
+                _stop_if_asked(s, pos, saved=saved)
+                if pos.step >= s.total_steps:
+                    break
+            else:
+                if epoch_from_start and pos.step == steps_at_start:  # never spin without progress
+                    raise TrainingError(f"epoch {pos.epoch} made no optimizer step; nothing left to train on")
+                pos.epoch, pos.micro = pos.epoch + 1, 0
+
+
+def _stop_if_asked(s: Session, pos: Position, *, saved: bool) -> None:
+    """At a step boundary: on a stop signal (on any rank), checkpoint this step and stop."""
+    signum = signals.requested() or 0
+    if s.world > 1:  # every rank stops at the same step, or one would wait in a collective alone
+        signum = dist_utils.max_across_ranks(signum)
+    if not signum:
+        return
+    if not saved:
+        _save_last(s, pos)
+    s.console.print(f"[yellow]stopped by {signal.Signals(signum).name} after step {pos.step}; the checkpoint in "
+                    f"{s.run_dir / 'last'} continues with `peftcli train RECIPE --resume`[/]")
+    raise signals.Stopped(signum)
 
 
 def _examples_in(batch: dict[str, torch.Tensor]) -> int:
@@ -209,10 +241,11 @@ def _examples_in(batch: dict[str, torch.Tensor]) -> int:
 
 
 def set_up(
-    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None
+    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None, held: ExitStack | None = None
 ) -> tuple[Session, Position, dict | None]:
     """Check, load and build everything; restore a checkpoint. Returns (session, position, summary
-    of an already finished run or None)."""
+    of an already finished run or None). With `held`, rank 0 takes the run folder's one-writer
+    lock into it before the folder is looked at, after the checks that need no folder."""
     rank, world = dist_utils.init_from_env(recipe.train.device)
     console = console or Console(stderr=True, quiet=rank != 0, soft_wrap=True)
     tcfg = recipe.train
@@ -222,6 +255,8 @@ def set_up(
     dist_mode = _refuse_what_this_run_cannot_do(recipe, device, world, rank, console)
     seed_everything(tcfg.seed)
     run_dir = recipe.run_dir()
+    if held is not None and rank == 0:
+        held.enter_context(folder_lock(run_dir, what="output.dir", sources=_protected(recipe)))
     saved, saved_recipe, resume = _check_run_folder(recipe, run_dir, resume=resume, world=world, rank=rank,
                                                     console=console)
     dist_utils.barrier()
@@ -614,6 +649,11 @@ def evaluate_and_save(s: Session, pos: Position) -> None:
         if metric in m and dist_utils.rank0_decides(better(metric, m[metric], pos.best)):
             pos.best, pos.best_step, pos.best_eval = m[metric], pos.step, m
             save_checkpoint(s, "adapter", None)
+    _save_last(s, pos)
+
+
+def _save_last(s: Session, pos: Position) -> None:
+    """The `last` checkpoint, that `--resume` continues; the first one retires a replaced run."""
     save_checkpoint(s, "last", pos)
     if s.aside is not None and s.is_main:
         runfolder.discard_aside(s.aside)
