@@ -40,6 +40,7 @@ from peftcli.core.adapter_merging import (
 from peftcli.methods import get_method
 from peftcli.methods.registry import MethodSpec
 from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE, find_run_adapter, read_adapter
+from peftcli.runs.lock import hold, writes_folders
 
 __all__ = ["CombineError", "combine_runs", "parse_weights"]
 
@@ -228,6 +229,7 @@ def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
 
 
+@writes_folders
 def combine_runs(
     runs: Sequence[str | Path],
     dest: str | Path,
@@ -270,6 +272,8 @@ def combine_runs(
         h = found[0]
     head = read[h]
     dest = Path(dest)
+    hold(dest, what="combine destination",
+         sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
     check_destination(dest, what="combine destination", replace=force,
                       sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
 

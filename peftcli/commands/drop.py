@@ -38,6 +38,7 @@ from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_so
 from peftcli.methods.registry import parse_layers
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
+from peftcli.runs.lock import hold, writes_folders
 
 
 class DropError(BadInput, ValueError):
@@ -88,6 +89,7 @@ def _span(layers: list[int]) -> str:
     return "_".join(map(str, layers))
 
 
+@writes_folders
 def drop_run(
     run: str | Path,
     dest: str | Path | None = None,
@@ -130,6 +132,7 @@ def drop_run(
         raise DropError("the dropped run needs its own folder; choose another --out")
     from peftcli.runs.folder import check_destination, local_inputs, replacing
 
+    hold(dest, what="drop output", sources=[run, *local_inputs(rec)])
     check_destination(dest, what="drop output", sources=[run, *local_inputs(rec)], replace=force)
 
     # Measured on validation rows where the recipe has them: what is dropped or pruned is a choice.

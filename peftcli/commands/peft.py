@@ -16,6 +16,7 @@ from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import attach_method
 from peftcli.runs.checkpoint import find_run_adapter, read_adapter
+from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import (
     Layout,
     export_model,
@@ -53,6 +54,7 @@ def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Pa
             )
 
 
+@writes_folders
 def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
     """`peftcli export RUN --to peft DEST`."""
     from peftcli.runs.folder import check_destination, local_inputs, replacing
@@ -62,6 +64,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
     recipe = load_recipe(run / "recipe.yaml")
     peft_type_for(recipe.method_name)  # refuse before any work
+    hold(dest, what="export destination", sources=[run, *local_inputs(recipe)])
     check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
     from peftcli.runs.load import check_adapter_matches
 
@@ -78,6 +81,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False) -> Layout:
 # ------------------------------------------------------------------------------ import
 
 
+@writes_folders
 def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
                 overrides: list[str] | None = None, force: bool = False) -> Path:
     """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work)."""
@@ -89,6 +93,7 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     from peftcli.runs.load import build
 
     src, run_dir = Path(src), Path(run_dir)
+    hold(run_dir, what="import destination", sources=[src, recipe_path])
     check_destination(run_dir, what="import destination", sources=[src, recipe_path], replace=force)
     config, sd = read_peft_folder(src)
     recipe = load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides)

@@ -16,23 +16,33 @@ checks that the path still names the file it locked, and tries again otherwise.
 Under torchrun only rank 0 writes, so only rank 0 locks (the caller decides). The lock is
 re-entrant within a process: a command that calls another on the same folder (merge of a PEFT
 folder imports it first) does not refuse itself.
+
+A command function whose destination is known only part-way (drop names its folder after the
+layers it drops) is decorated `@writes_folders` and calls `hold(dest)` just before it checks
+the destination; what it holds is released when it returns or raises.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from peftcli.core.errors import BadInput
 from peftcli.runs.folder import UnsafePathError, check_paths, lock_path
 
 _held: dict[str, tuple[int, int]] = {}  # lock file -> (descriptor, depth) held by this process
 _guard = threading.Lock()
+_scope: ContextVar[ExitStack | None] = ContextVar("peftcli_lock_scope", default=None)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class FolderBusyError(BadInput, RuntimeError):
@@ -124,4 +134,27 @@ def folder_lock(dest: Path | str, *, what: str = "folder",
                 _release(path, fd)
 
 
-__all__ = ["FolderBusyError", "folder_lock"]
+def writes_folders(fn: Callable[P, R]) -> Callable[P, R]:
+    """The locks `fn` takes with `hold` are released when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with ExitStack() as stack:
+            token = _scope.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _scope.reset(token)
+
+    return wrapper
+
+
+def hold(dest: Path | str, *, what: str, sources: Iterable[Path | str | None] = ()) -> None:
+    """Take `folder_lock(dest)` until the enclosing `@writes_folders` function ends."""
+    stack = _scope.get()
+    if stack is None:
+        raise RuntimeError("hold() outside a @writes_folders function: the lock would never be released")
+    stack.enter_context(folder_lock(dest, what=what, sources=sources))
+
+
+__all__ = ["FolderBusyError", "folder_lock", "hold", "writes_folders"]
