@@ -700,6 +700,39 @@ def run_sweep(
             raise
 
 
+def _start_trial(plan: SweepPlan, trial: Trial, worker: int, gpus: Sequence[str],
+                 command: Callable[..., list[str]]) -> tuple[subprocess.Popen, tuple[float, int]]:
+    """Start one attempt at a trial, in a process group of its own, its output appended to its log
+    after a header line; returns the process and (start time, log offset of this attempt)."""
+    out = plan.out
+    trial_yaml = out / f"{trial.id}.yaml"
+    atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
+    resume = (plan.run_dir(trial) / "last").is_dir()
+    argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
+    env = {**os.environ, **worker_env(worker, gpus)}
+    # The child must run this very peftcli, even when it was imported from a clone not on sys.path.
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
+    pinned = worker_env(worker, gpus).get("CUDA_VISIBLE_DEVICES")
+    with open(out / f"{trial.id}.log", "ab") as log:
+        header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} · {shlex.join(argv)}" + (f" · GPU {pinned}" if pinned else "")
+        log.write((header + " ===\n").encode())
+        log.flush()
+        attempt = (time.perf_counter(), log.tell())
+        return signals.ProcessGroup(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env), attempt
+
+
+def _how_it_ended(rc: int, log_text: str, summary: Path, *, stopped: bool) -> tuple[str, str | None]:
+    """(status, error) of an attempt that exited with `rc`, from its log; `stopped`: by the sweep."""
+    if rc == 0 and summary.exists():
+        return "done", None
+    if stopped or rc in STOPPED_EXITS:  # resumable: the next invocation runs it again
+        return "interrupted", None
+    if DIVERGED_TEXT in " ".join(log_text.split()):
+        return "diverged", _last_error(log_text)
+    return "failed", _last_error(log_text) if rc != 0 else f"exited 0 without {summary}"
+
+
 def _run_trials(plan: SweepPlan, workers: int, gpus: Sequence[str], console: Console,
                 command: Callable[..., list[str]]) -> SweepResult:
     open_sweep_folder(plan)
@@ -732,21 +765,8 @@ def _run_trials(plan: SweepPlan, workers: int, gpus: Sequence[str], console: Con
         pending.append(t)
 
     def launch(trial: Trial, worker: int) -> subprocess.Popen:
-        trial_yaml = out / f"{trial.id}.yaml"
-        atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
-        resume = (plan.run_dir(trial) / "last").is_dir()
-        argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
-        env = {**os.environ, **worker_env(worker, gpus)}
-        # The child must run this very peftcli, even when it was imported from a clone not on sys.path.
-        pkg_parent = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
-        pinned = worker_env(worker, gpus).get("CUDA_VISIBLE_DEVICES")
-        with open(out / f"{trial.id}.log", "ab") as log:
-            header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} · {shlex.join(argv)}" + (f" · GPU {pinned}" if pinned else "")
-            log.write((header + " ===\n").encode())
-            log.flush()
-            attempts[trial.id] = (time.perf_counter(), log.tell())
-            return signals.ProcessGroup(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        proc, attempts[trial.id] = _start_trial(plan, trial, worker, gpus, command)
+        return proc
 
     board = _Board(plan, records)
     live = console.is_terminal
@@ -763,15 +783,8 @@ def _run_trials(plan: SweepPlan, workers: int, gpus: Sequence[str], console: Con
         with open(out / f"{trial.id}.log", "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
-        if rc == 0 and (plan.run_dir(trial) / "summary.json").exists():
-            rec = record(trial, "done", rc=rc, wall=wall, error=None)
-        elif stopped or rc in STOPPED_EXITS:  # resumable: the next invocation runs it again
-            rec = record(trial, "interrupted", rc=rc, wall=wall, error=None)
-        elif DIVERGED_TEXT in " ".join(text.split()):
-            rec = record(trial, "diverged", rc=rc, wall=wall, error=_last_error(text))
-        else:
-            error = _last_error(text) if rc != 0 else f"exited 0 without {plan.run_dir(trial) / 'summary.json'}"
-            rec = record(trial, "failed", rc=rc, wall=wall, error=error)
+        status, error = _how_it_ended(rc, text, plan.run_dir(trial) / "summary.json", stopped=stopped)
+        rec = record(trial, status, rc=rc, wall=wall, error=error)
         if not live:
             console.print(_line(plan, rec), highlight=False, markup=False, soft_wrap=True)
 
