@@ -9,14 +9,18 @@ can write a checkpoint or stop its children first; a second signal raises at onc
 
 `ProcessGroup` starts a child in a session of its own and signals its whole process group: a
 terminal's Ctrl-C then reaches the parent alone, which forwards the stop and waits, and nothing a
-child started outlives the stop.
+child started outlives the stop. On Linux the child is also sent SIGTERM when the parent dies,
+even by `kill -9`, so that it stops at its next safe point instead of running on as an orphan.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,11 +141,38 @@ def stop_and_wait(procs: Sequence[Stoppable]) -> None:
         raise
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Any:
+    """libc's prctl, looked up in the parent: nothing may be loaded between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _term_with_parent(prctl: Any, parent: int):
+    """The child's last step before exec: SIGTERM when the parent dies (and now, if it already has)."""
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 class ProcessGroup(subprocess.Popen):
-    """A child in a session (and process group) of its own, signalled as a group."""
+    """A child in a session (and process group) of its own, signalled as a group, and sent
+    SIGTERM if this process dies first (Linux)."""
 
     def __init__(self, args: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(args, start_new_session=True, **kwargs)
+        prctl = _prctl()
+        arm = _term_with_parent(prctl, os.getpid()) if prctl is not None else None
+        super().__init__(args, start_new_session=True, preexec_fn=arm, **kwargs)
 
     def send_signal(self, sig: int) -> None:
         self.poll()
