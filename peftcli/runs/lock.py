@@ -82,7 +82,8 @@ def _acquire(path: Path, dest: Path, what: str) -> int:
             os.close(fd)
             raise
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            on_disk, mine = os.stat(path), os.fstat(fd)
+            same = (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
         except FileNotFoundError:
             same = False
         if same:
