@@ -70,9 +70,9 @@ def handle_errors(fn):
         except (BadInput, FileNotFoundError) as e:
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(BAD_INPUT) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as peftcli.core.signals.Stopped (exit 143)
             err.print("[yellow]interrupted[/]; checkpoints already written are intact")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except Exception as e:  # noqa: BLE001
             if os.environ.get("PEFTCLI_DEBUG"):
                 raise

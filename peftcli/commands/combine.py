@@ -43,6 +43,7 @@ from peftcli.methods.registry import MethodSpec
 from peftcli.models.meta import meta_model, misfits
 from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE
 from peftcli.runs.load import SavedRun, load_run, open_run, same_model
+from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import is_peft_folder
 
 __all__ = ["combine_runs", "parse_weights"]
@@ -285,6 +286,7 @@ def _write_combined(dest: Path, state: dict[str, torch.Tensor], name: str, meta:
                      trust_remote_code=trust_remote_code)
 
 
+@writes_folders
 def combine_runs(
     runs: Sequence[str | Path],
     dest: str | Path,
@@ -316,6 +318,8 @@ def combine_runs(
                            + f" (e.g. --how {spec.combine_hows[0]})")
     head = read[_head_index(read, head_from)]
     dest = Path(dest)
+    hold(dest, what="combine destination",
+         sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
     check_destination(dest, what="combine destination", replace=force,
                       sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
 

@@ -35,6 +35,7 @@ from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_so
 from peftcli.methods.targets import parse_layers
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
+from peftcli.runs.lock import hold, writes_folders
 
 
 class DropError(BadInput, ValueError):
@@ -85,6 +86,7 @@ def _span(layers: list[int]) -> str:
     return "_".join(map(str, layers))
 
 
+@writes_folders
 def drop_run(
     run: str | Path,
     dest: str | Path | None = None,
@@ -117,6 +119,7 @@ def drop_run(
     dest = _destination(run, dest, chosen, prune_fusion)
     from peftcli.runs.folder import check_destination, local_inputs
 
+    hold(dest, what="drop output", sources=[run, *local_inputs(rec)])
     check_destination(dest, what="drop output", sources=[run, *local_inputs(rec)], replace=force)
 
     # Measured on validation rows where the recipe has them: what is dropped or pruned is a choice.

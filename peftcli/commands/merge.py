@@ -15,6 +15,7 @@ import torch
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import load_run
+from peftcli.runs.lock import hold, writes_folders
 
 
 class MergeRefused(CheckpointError):
@@ -22,6 +23,7 @@ class MergeRefused(CheckpointError):
 
 
 @torch.no_grad()
+@writes_folders
 def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu", recipe: Path | None = None,
               trust_remote_code: bool = False) -> float:
     """Merge, save, reload the saved folder, and return max |logit difference| on a sample batch.
@@ -34,6 +36,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     from peftcli.runs.peft_format import is_peft_folder
 
     dest, run = Path(dest), Path(run)
+    hold(dest, what="merge destination", sources=[run, recipe])
     check_destination(dest, what="merge destination", sources=[run, recipe], replace=force)
     if is_peft_folder(run) and not (run / "recipe.yaml").exists():
         with temporary_run(run, recipe, trust_remote_code=trust_remote_code) as tmp_run:

@@ -18,6 +18,7 @@ from peftcli.core.peft_layout import Layout
 from peftcli.methods.attach import attach_method, pick_device, trainable_summary
 from peftcli.models.meta import meta_model, misfits
 from peftcli.runs.load import build, open_run
+from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import (
     export_model,
     head_rows,
@@ -38,6 +39,7 @@ def _refuse_edited_recipe(model: nn.Module, sd: dict[str, torch.Tensor], adapter
             )
 
 
+@writes_folders
 def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code: bool = False) -> Layout:
     """`peftcli export RUN --to peft DEST`; `trust_remote_code` is the command line's flag."""
     from peftcli.runs.folder import check_destination, local_inputs, replacing
@@ -46,6 +48,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code:
 
     def writable(recipe: Recipe) -> None:  # refuse before any work
         peft_type_for(recipe.method_name)
+        hold(dest, what="export destination", sources=[run, *local_inputs(recipe)])
         check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
 
     saved = open_run(run, trust_remote_code=trust_remote_code, before_weights=writable)
@@ -61,6 +64,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code:
 # ------------------------------------------------------------------------------ import
 
 
+@writes_folders
 def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
                 overrides: list[str] | None = None, force: bool = False, trust_remote_code: bool = False) -> Path:
     """Turn a PEFT adapter folder into a peftcli run folder (then eval, merge, generate, export work).
@@ -73,6 +77,7 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     from peftcli.runs.load import untrusted
 
     src, run_dir = Path(src), Path(run_dir)
+    hold(run_dir, what="import destination", sources=[src, recipe_path])
     check_destination(run_dir, what="import destination", sources=[src, recipe_path], replace=force)
     config, sd = read_peft_folder(src)
     recipe = untrusted(load_recipe(recipe_path, overrides) if recipe_path else recipe_from_peft(src, overrides),

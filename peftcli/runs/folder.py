@@ -15,6 +15,8 @@ Every command that writes a folder goes through here, so that three promises hol
 The swap and its sibling names are core/files' (`.NAME.peftcli-tmp-PID` being written,
 `.NAME.peftcli-old-PID` the old folder moved aside); `recover_stale` tidies those of processes
 that died.
+`.NAME.peftcli-lock` is the lock of the one process writing NAME (peftcli.runs.lock): beside the
+folder, so that it stays put while the folder is swapped, and never one of its entries.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "sum
                          # train.report_to: what the trackers write into the run (peftcli/training/tracking.py)
                          "tensorboard", "wandb", "mlruns", "mlflow.db", "mlartifacts"})
 _EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
+LOCK_SUFFIX = ".peftcli-lock"
 
 
 class UnsafePathError(BadInput, ValueError):
@@ -56,6 +59,19 @@ class UnsafePathError(BadInput, ValueError):
 
 
 # ------------------------------------------------------------------------------ ownership
+
+
+def is_lock_name(name: str) -> bool:
+    """A writer's lock file (peftcli.runs.lock), beside the folder it locks: ours, never deleted
+    as a leftover (a live writer may hold it)."""
+    return name.startswith(".") and name.endswith(LOCK_SUFFIX) and len(name) > len(LOCK_SUFFIX) + 1
+
+
+def lock_path(dest: Path) -> Path:
+    """Where the lock of the writer of `dest` lives: beside it, under its real (symlink-free) name,
+    so that every spelling of one folder meets the same lock."""
+    real = Path(os.path.realpath(str(dest)))
+    return real.with_name(f".{real.name}{LOCK_SUFFIX}")
 
 
 def _is_run_entry(name: str) -> bool:
@@ -85,15 +101,16 @@ def foreign_entries(path: Path) -> list[str]:
     if marker is not None:
         listed = set(marker["entries"]) | {MARKER}
         run_like = marker["kind"] in RUN_KINDS
-        return [n for n in names if not (n in listed or is_temp_name(n) or (run_like and _is_run_entry(n)))]
+        return [n for n in names if not (n in listed or is_temp_name(n) or is_lock_name(n)
+                                         or (run_like and _is_run_entry(n)))]
     if "recipe.yaml" not in names:
         return names
-    foreign = [n for n in names if not (_is_run_entry(n) or is_temp_name(n))]
+    foreign = [n for n in names if not (_is_run_entry(n) or is_temp_name(n) or is_lock_name(n))]
     if foreign:
         return foreign
     # Names alone prove nothing (a user's folder may hold a recipe.yaml and a metrics.jsonl):
     # without a marker, the folder must also read as a run peftcli wrote.
-    return [] if _reads_as_run(path) else sorted(n for n in names if not is_temp_name(n))
+    return [] if _reads_as_run(path) else sorted(n for n in names if not (is_temp_name(n) or is_lock_name(n)))
 
 
 def _reads_as_run(path: Path) -> bool:
@@ -136,7 +153,7 @@ def write_marker(folder: Path, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")
     folder = Path(folder)
-    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n))
+    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n) and not is_lock_name(n))
     atomic_file_write(folder / MARKER,
                       json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
 
@@ -323,6 +340,6 @@ def _empty_dir(p: Path) -> bool:
 
 __all__ = [
     "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
-    "foreign_entries", "is_ours", "local_inputs", "move_aside", "read_marker", "recover_stale", "replacing",
-    "restore_aside", "write_marker",
+    "foreign_entries", "is_lock_name", "is_ours", "local_inputs", "lock_path", "move_aside", "read_marker",
+    "recover_stale", "replacing", "restore_aside", "write_marker",
 ]

@@ -148,6 +148,17 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return float(t) / dist.get_world_size()
 
 
+def max_across_ranks(value: int) -> int:
+    """All ranks: the largest of an integer over ranks (a stop signal seen by any rank stops every
+    rank at the same step)."""
+    if not is_dist():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def rank0_decides(flag: bool) -> bool:
     """All ranks: rank 0's answer, so that ranks never disagree on whether to enter a collective."""
     if not is_dist():

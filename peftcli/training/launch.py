@@ -9,13 +9,17 @@ the first one *it noticed*, not necessarily the first that failed. So each rank 
 its own exit code and the time into a folder the launcher passes in PEFTCLI_EXIT_DIR, and the
 launcher returns the code of the earliest failure: 2 when a rank refused bad input, 1 when one
 failed while running, whatever the ranks it took down with it reported afterwards.
+
+Stopping: torchrun runs in a session of its own, so a terminal's Ctrl-C reaches the launcher
+alone. On Ctrl-C or SIGTERM the launcher sends torchrun SIGTERM, which forwards it to every rank;
+the ranks agree on a step, write a checkpoint and exit (peftcli.training.loop), and the launcher
+exits 130 or 143 once torchrun has. Only rank 0 takes the run folder's one-writer lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftcli.core.files import atomic_file_write
+from peftcli.core.signals import ProcessGroup, Stopped, stop_and_wait, stop_signals
 
 EXIT_DIR_ENV = "PEFTCLI_EXIT_DIR"
 
@@ -118,8 +123,13 @@ def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: b
     collective_timeout()  # a malformed PEFTCLI_DIST_TIMEOUT is one message here, not N
     cmd = torchrun_command(recipe, overrides, nproc, mode=mode, resume=resume, smoke=smoke,
                            trust_remote_code=trust_remote_code)
-    with tempfile.TemporaryDirectory(prefix="peftcli-exits-") as exit_dir:
-        status = subprocess.call(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
+    with tempfile.TemporaryDirectory(prefix="peftcli-exits-") as exit_dir, stop_signals():
+        torchrun = ProcessGroup(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
+        try:
+            status = torchrun.wait()
+        except Stopped:
+            stop_and_wait([torchrun])
+            raise
         code, first = first_failure(status, read_rank_exits(Path(exit_dir)))
     if first is not None:
         from rich.console import Console
