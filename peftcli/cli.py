@@ -505,9 +505,11 @@ def validate(
 
 def _show_data(r) -> None:
     """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
-    from peftcli.data.datasets import batches, length_group_size, malformed_summary
+    from peftcli.data.batching import batches, length_group_size
+    from peftcli.data.packing import pack_for_training
+    from peftcli.data.splits import malformed_summary
     from peftcli.models.loading import load_tokenizer
-    from peftcli.runs.load import collator, pack_for_training, prepare_data, train_collator
+    from peftcli.runs.load import collator, prepare_data, train_collator
 
     tok = load_tokenizer(r.model.name)
     splits, train_ex, val, test = prepare_data(r, tok)

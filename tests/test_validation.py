@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.config.recipe import DataConfig, load_recipe
-from peftcli.data.datasets import DataError, load_splits
+from peftcli.data.errors import DataError
+from peftcli.data.splits import load_splits
 
 runner = CliRunner()
 

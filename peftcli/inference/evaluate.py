@@ -10,7 +10,7 @@ from torch import nn
 
 from peftcli.core.arch import Arch
 from peftcli.core.precision import autocast_ctx, forward_inputs
-from peftcli.data.datasets import Collator, batches
+from peftcli.data.batching import Collator, batches
 from peftcli.models.losses import causal_lm_loss_from_logits
 
 # autocast_ctx and forward_inputs live in core.precision; importing them from here keeps working

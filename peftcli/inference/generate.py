@@ -13,7 +13,7 @@ import torch
 
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
-from peftcli.data.datasets import format_prompt
+from peftcli.data.chat import format_prompt
 from peftcli.inference.evaluate import generate_texts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run

@@ -500,7 +500,7 @@ def generate_mixed(
 ) -> list[str]:
     """Greedy continuations of (adapter name, prompt) pairs, each prompt formatted as its run's
     training data was; the order of the answers is the order of the requests."""
-    from peftcli.data.datasets import format_prompt
+    from peftcli.data.chat import format_prompt
 
     tok = multi.tokenizer
     names = [n for n, _ in requests]
@@ -586,7 +586,7 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
     gathered per run, so neither batch order nor batch company changes them.
     """
     from peftcli.core.precision import autocast_ctx, forward_inputs
-    from peftcli.data.datasets import Collator
+    from peftcli.data.batching import Collator
     from peftcli.inference.evaluate import _macro_f1
     from peftcli.models.losses import causal_lm_loss_from_logits
 

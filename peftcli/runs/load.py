@@ -14,16 +14,11 @@ from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError
 from peftcli.core.switch import apply_recorded
-from peftcli.data.datasets import (
-    Collator,
-    DataError,
-    PackEachBatch,
-    Splits,
-    load_splits,
-    malformed_summary,
-    pack,
-    tokenize,
-)
+from peftcli.data.batching import Collator
+from peftcli.data.errors import DataError
+from peftcli.data.packing import PackEachBatch
+from peftcli.data.splits import Splits, load_splits, malformed_summary
+from peftcli.data.tokenize import tokenize
 from peftcli.methods.attach import attach_method
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
@@ -133,8 +128,8 @@ def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict], list[dict]]:
-    """Tokenized training, validation and held-out test examples (unpacked: `pack_for_training`
-    packs them).
+    """Tokenized training, validation and held-out test examples (unpacked:
+    `peftcli.data.packing.pack_for_training` packs them).
 
     Malformed rows are left out and listed in `splits.malformed`; with data.strict they are refused.
     """
@@ -151,13 +146,6 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[di
     if not train:
         raise DataError(f"data: no training rows left in {cfg.source} ({malformed_summary(splits.malformed)})")
     return splits, train, val, test
-
-
-def pack_for_training(recipe: Recipe, train: list[dict]) -> list[dict]:
-    """The training examples as the loop consumes them: packed rows with data.packing, else as they are."""
-    if recipe.data.packing is not True:  # false, or "batch": packed batch by batch (`train_collator`)
-        return train
-    return pack(train, recipe.data.max_length, recipe.train.seed)
 
 
 def collator(recipe: Recipe, tokenizer) -> Collator:

@@ -29,7 +29,10 @@ from peftcli.core.errors import BadInput
 from peftcli.core.faults import kill_point
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.core.switch import random_drop, set_dropped_layers
-from peftcli.data.datasets import DataError, batches, length_group_size, malformed_summary, num_batches
+from peftcli.data.batching import batches, length_group_size, num_batches
+from peftcli.data.errors import DataError
+from peftcli.data.packing import pack_for_training
+from peftcli.data.splits import malformed_summary
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.methods.attach import pick_device, trainable_summary
 from peftcli.methods.lora_kernel import compile_layers, trim_unread_positions
@@ -37,7 +40,7 @@ from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_
 from peftcli.models.packed_attention import packed_rows
 from peftcli.runs import folder as runfolder
 from peftcli.runs.checkpoint import atomic_file_write, recover_dir, save_adapter
-from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
+from peftcli.runs.load import build, collator, prepare_data, train_collator
 from peftcli.runs.state import (
     Position,
     Saved,
