@@ -518,6 +518,8 @@ def _show_data(r) -> None:
               soft_wrap=True)
     if splits.malformed:
         out.print(f"[yellow]{escape(malformed_summary(splits.malformed))}; --strict refuses them[/]", highlight=False, soft_wrap=True)
+    for note in splits.notes:
+        out.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if r.model.task != "causal_lm":
         return
     lengths = [len(e["input_ids"]) for e in train_ex]

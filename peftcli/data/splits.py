@@ -29,6 +29,9 @@ class Splits:
     # Rows left out as malformed: (split, data row number from 1, why); tokenize() adds the rows
     # the chat template could not render.
     malformed: list[tuple[str, int, str]] = field(default_factory=list)
+    # Lines a run prints about its examples: those left out because truncation kept no trained token.
+    notes: list[str] = field(default_factory=list)
+    val_from: str = ""  # where the validation rows come from, for the start-up line
 
 
 def _as_int(v: Any) -> int | None:
@@ -160,12 +163,14 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
         # split, so that derived tasks share the main task's train/held-out partition.
         label_names, ids = _label_names(in_use, cfg, col.label, num_labels, keep_missing=rows is not None)
         train, val, held = _partition(table, cfg)
+        val_from = _val_from(cfg, len(val))
         train, val, held = (_class_rows(part, cfg, col, label_names, ids) for part in (train, val, held))
         if not train:
             raise DataError(f"data: no training rows in {cfg.source}")
-        return Splits(train=train, eval=held, val=val, label_names=label_names)
+        return Splits(train=train, eval=held, val=val, label_names=label_names, val_from=val_from)
     fmt = _lm_format(in_use, cfg, col)
     train, val, held = _partition(table, cfg)
+    val_from = _val_from(cfg, len(val))
     malformed: list[tuple[str, int, str]] = []
     train = _lm_rows(train, cfg.train_split, fmt, cfg, col, malformed)
     held = _lm_rows(held, cfg.eval_split or cfg.train_split, fmt, cfg, col, malformed)
@@ -173,7 +178,8 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
     if not train:
         raise DataError(f"data: no training rows in {cfg.source}"
                         + (f" ({malformed_summary(malformed)})" if malformed else ""))
-    return Splits(train=train, eval=held, val=val, label_names=None, format=fmt, malformed=malformed)
+    return Splits(train=train, eval=held, val=val, label_names=None, format=fmt, malformed=malformed,
+                  val_from=val_from)
 
 
 def _splits_in_use(table: dict[str, list[dict]], cfg: DataConfig) -> dict[str, list[dict]]:
@@ -235,7 +241,7 @@ def _partition(table: dict[str, list[dict]], cfg: DataConfig) -> tuple[Numbered,
     if cfg.val_split is not None:
         val = list(enumerate(table[cfg.val_split]))[: cfg.val_size or None]
     else:
-        n_val = cfg.val_size or (max(1, int(len(train) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0)
+        n_val = val_count(len(train), cfg)
         if n_val >= len(train):
             raise DataError(
                 f"data.val_size: {n_val} validation rows leave no training rows of {len(train)}; "
@@ -247,6 +253,44 @@ def _partition(table: dict[str, list[dict]], cfg: DataConfig) -> tuple[Numbered,
     if cfg.train_size:
         train = train[: cfg.train_size]
     return train, val, held
+
+
+# Bounds of the default validation split when data.train_size is set: enough rows for a choice that
+# is not noise, few enough that scoring them stays a small part of a run.
+VAL_MIN, VAL_MAX = 32, 2000
+
+
+def val_count(pool: int, cfg: DataConfig) -> int:
+    """Validation rows to hold out from a training pool of `pool` rows (no data.val_split).
+
+    data.val_size, else data.val_fraction of the training rows: of data.train_size when it is set,
+    bounded to VAL_MIN..VAL_MAX, so that a small run is scored on a few rows rather than a tenth of
+    a large source; without train_size (training on the whole pool), of the pool. Never more than
+    val_fraction of the pool, so that recipes which train on most of a small source keep their rows.
+    """
+    if cfg.val_size:
+        return cfg.val_size
+    if cfg.val_fraction <= 0:
+        return 0
+    of_pool = max(1, int(pool * cfg.val_fraction))
+    if cfg.train_size is None:
+        return of_pool
+    return min(of_pool, max(VAL_MIN, min(VAL_MAX, int(cfg.train_size * cfg.val_fraction))))
+
+
+def _val_from(cfg: DataConfig, n: int) -> str:
+    """Where the validation rows come from, in words."""
+    if cfg.val_split is not None:
+        return f"split {cfg.val_split!r}" + (f", its first {cfg.val_size} rows" if cfg.val_size else "")
+    if not n:
+        return "none: data.val_fraction is 0"
+    if cfg.val_size:
+        return "data.val_size, held out from the training pool"
+    pct = f"{100 * cfg.val_fraction:g} %"
+    if cfg.train_size is None:
+        return f"{pct} of the training pool (data.val_fraction)"
+    return (f"{pct} of data.train_size within {VAL_MIN}-{VAL_MAX} rows, held out from the training pool "
+            "(data.val_size sets it)")
 
 
 def _class_rows(rows: Numbered, cfg: DataConfig, col: _Columns, label_names: list[str], ids: bool) -> list[dict]:

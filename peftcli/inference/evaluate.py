@@ -11,6 +11,7 @@ from torch import nn
 from peftcli.core.arch import Arch
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.data.batching import Collator, batches
+from peftcli.data.errors import DataError
 from peftcli.models.losses import causal_lm_loss_from_logits
 
 # autocast_ctx and forward_inputs live in core.precision; importing them from here keeps working
@@ -67,7 +68,11 @@ def evaluate(
             total_loss += float(loss) * n
             total_n += n
     model.train(was_training)
-    metrics: dict[str, Any] = {"loss": total_loss / max(total_n, 1), "examples": len(examples)}
+    if total_n == 0:  # a loss of 0 and a perplexity of 1 over nothing would read as a perfect score
+        raise DataError("nothing to score: no examples" if not examples else
+                        f"nothing to score: none of the {len(examples)} examples keeps a trained token (every label "
+                        "is ignored); raise data.max_length so that the responses fit, or score another split")
+    metrics: dict[str, Any] = {"loss": total_loss / total_n, "examples": len(examples)}
     if task == "classification":
         metrics["accuracy"] = sum(1 for p, g in zip(preds, golds, strict=True) if p == g) / max(len(golds), 1)
         metrics["f1"] = _macro_f1(preds, golds, num_labels or (max(golds + preds) + 1 if golds else 1))

@@ -270,6 +270,8 @@ def set_up(
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
                       "--strict refuses them[/]")
+    for note in splits.notes:
+        console.print(f"[yellow]{escape(note)}[/]")
     n_examples = len(train_ex)
     train_ex = pack_for_training(recipe, train_ex)
     if smoke:
@@ -342,7 +344,8 @@ def set_up(
         f"{budget['total']:,} ({budget['percent']:.3f} %) · "
         + (f"{n_examples} train in {len(train_ex)} packed rows" if recipe.data.packing is True
            else f"{len(train_ex)} train" + " (each batch packed)" * (recipe.data.packing == "batch"))
-        + f" / {len(val_ex)} val / {len(test_ex)} test · {device}"
+        + f" / {len(val_ex)} val" + (f" ({splits.val_from})" if splits.val_from else "")
+        + f" / {len(test_ex)} test · {device}"
         + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
     )
 
