@@ -103,33 +103,84 @@ BUILTIN_COLUMNS = {
 }
 
 
+FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# What a file of each type must hold, for the message when it cannot be read.
+FILE_SHAPES = {".csv": "comma-separated values under a header row", ".tsv": "tab-separated values under a header row",
+               ".json": "a JSON list of objects, or one JSON object per line", ".jsonl": "one JSON object per line",
+               ".parquet": "a parquet table"}
+
+
 def load_table(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
     """Splits of a hub dataset or a local file, as lists of rows."""
+    src = cfg.source
+    if why := missing_data_file(src):  # never ask the hub for a misspelt file name
+        raise DataError(why)
+    p = Path(src).expanduser()
+    return _load_file(p, src) if p.exists() else _load_hub(src, cfg.config_name)
+
+
+def _no_rows(src: str) -> DataError:
+    return DataError(f"data.source: {src} has no rows; add rows to it or point data.source at another file")
+
+
+def _first_line(e: BaseException) -> str:
+    """The reader's own complaint: `datasets` wraps a parse error in "An error occurred while
+    generating the dataset", which says nothing; the innermost cause says where."""
+    while (e.__cause__ or e.__context__) is not None and len(str(e)) < 200 and "generating the dataset" in str(e):
+        e = e.__cause__ or e.__context__
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _is_blank(p: Path) -> bool:
+    """Whether the file holds nothing but whitespace (read until the first other byte)."""
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _load_file(p: Path, src: str) -> dict[str, list[dict[str, Any]]]:
+    """A local csv / tsv / json / jsonl / parquet file as one split, `train`."""
     import datasets
 
     from peftcli.core.quiet import quiet_libraries
 
-    src = cfg.source
-    p = Path(src).expanduser()
-    if why := missing_data_file(src):  # never ask the hub for a misspelt file name
-        raise DataError(why)
+    suffix = p.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise DataError(f"data.source: {src}: unsupported file type {p.suffix!r}; use csv, json, jsonl or parquet")
+    if p.is_file() and _is_blank(p):
+        raise _no_rows(src)
+    kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
     try:
-        if p.exists():
-            ext = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}.get(p.suffix.lower())
-            if ext is None:
-                raise DataError(f"data.source: {src}: unsupported file type {p.suffix!r}; use csv, json, jsonl or parquet")
-            kw = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
-            with quiet_libraries():
-                ds = datasets.load_dataset(ext, data_files={"train": str(p)}, **kw)
-        else:
-            with quiet_libraries():
-                ds = datasets.load_dataset(src, cfg.config_name)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001  (network, missing dataset, bad file)
+        with quiet_libraries():
+            ds = datasets.load_dataset(FILE_TYPES[suffix], data_files={"train": str(p)}, **kw)
+    except Exception as e:  # noqa: BLE001  (a file the reader cannot parse)
+        first = _first_line(e)
+        if "corresponds to no data" in first:  # a header without rows, an empty JSON list
+            raise _no_rows(src) from None
+        raise DataError(f"data.source: could not read {src}: {first}\n"
+                        f"  fix: a {suffix[1:]} file must hold {FILE_SHAPES[suffix]}") from None
+    table = {name: [dict(r) for r in split] for name, split in ds.items()}
+    if not any(table.values()):
+        raise _no_rows(src)
+    return table
+
+
+def _load_hub(src: str, config_name: str | None) -> dict[str, list[dict[str, Any]]]:
+    """A hub dataset's splits."""
+    import datasets
+
+    from peftcli.core.quiet import quiet_libraries
+
+    try:
+        with quiet_libraries():
+            ds = datasets.load_dataset(src, config_name)
+    except Exception as e:  # noqa: BLE001  (network, missing dataset)
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DataError(
-            f"data.source: could not load {src!r}: {first}\n"
-            "  fix: without a network use a built-in source (tweets, ...) or a local csv/json/jsonl/parquet file"
+            f"data.source: could not load {src!r} from the hub: {first}\n"
+            "  fix: check the dataset id and data.config_name; without a network use a built-in source "
+            "(tweets, ...) or a local csv/json/jsonl/parquet file"
         ) from None
     return {name: [dict(r) for r in split] for name, split in ds.items()}
