@@ -126,8 +126,11 @@ def _no_rows(src: str) -> DataError:
 def _first_line(e: BaseException) -> str:
     """The reader's own complaint: `datasets` wraps a parse error in "An error occurred while
     generating the dataset", which says nothing; the innermost cause says where."""
-    while (e.__cause__ or e.__context__) is not None and len(str(e)) < 200 and "generating the dataset" in str(e):
-        e = e.__cause__ or e.__context__
+    for _ in range(8):  # a chain, not a loop: a few links at most
+        inner = e.__cause__ or e.__context__
+        if inner is None or "generating the dataset" not in str(e):
+            break
+        e = inner
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
