@@ -479,6 +479,8 @@ def _show_data(r) -> None:
               soft_wrap=True)
     if rep.malformed:
         out.print(f"[yellow]{escape(rep.malformed)}; --strict refuses them[/]", highlight=False, soft_wrap=True)
+    for note in rep.notes:
+        out.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if not rep.causal_lm:
         return
     lengths, trained, max_length = rep.lengths, rep.trained_tokens, r.data.max_length

@@ -428,7 +428,7 @@ def run_hf_trainer_sft(args, out: Path, batch_size: int, train_ex: list[dict], e
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from peftcli.data.datasets import Collator
+    from peftcli.data.batching import Collator
     from peftcli.inference.evaluate import evaluate
     from peftcli.methods.lora import LoraConfig
     from peftcli.models.loading import load_base_model, load_tokenizer

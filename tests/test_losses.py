@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.data.datasets import IGNORE
+from peftcli.data.tokenize import IGNORE
 from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, linear_cross_entropy_sum
 
 

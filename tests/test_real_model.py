@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not have_embedded_minilm(), reason="gt-all-minil
 
 def test_tweets_split_matches_reference():
     from peftcli.config.recipe import DataConfig
-    from peftcli.data.datasets import load_splits
+    from peftcli.data.splits import load_splits
 
     s = load_splits(DataConfig(source="tweets", train_size=8000, eval_size=2000), "classification")
     assert len(s.train) == 8000 and len(s.eval) == 2000
@@ -25,7 +25,7 @@ def test_tweets_split_matches_reference():
 
 def test_train_offset_keeps_source_rows_apart_from_target():
     from peftcli.config.recipe import DataConfig
-    from peftcli.data.datasets import load_splits
+    from peftcli.data.splits import load_splits
 
     target = load_splits(DataConfig(source="tweets", train_size=500, eval_size=2000), "classification")
     source = load_splits(

@@ -194,7 +194,7 @@ def build_app(multi: MultiAdapter, *, max_batch: int = 64, window_ms: float = 5.
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    from peftcli.data.datasets import format_prompt
+    from peftcli.data.chat import format_prompt
 
     engine = Engine(multi, max_batch=max_batch, window_s=window_ms / 1000)
     tok = multi.tokenizer

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftcli.config.recipe import Recipe
-from peftcli.data.datasets import batches, length_group_size, malformed_summary
+from peftcli.data.batching import batches, length_group_size
+from peftcli.data.packing import pack_for_training
+from peftcli.data.splits import malformed_summary
 from peftcli.models.loading import load_tokenizer
-from peftcli.runs.load import collator, pack_for_training, prepare_data, train_collator
+from peftcli.runs.load import collator, prepare_data, train_collator
 
 
 @dataclass
@@ -20,6 +22,7 @@ class DataReport:
     rows: tuple[int, int, int]  # train / val / test examples
     kind: str  # "format chat" etc. for causal_lm, else the task
     malformed: str = ""  # the malformed-rows summary, "" when none
+    notes: list[str] = field(default_factory=list)  # examples left out (no trained token after truncation)
     causal_lm: bool = False  # the rest is measured for causal_lm only
     lengths: list[int] = field(default_factory=list)  # tokens per training example
     trained_tokens: int = 0
@@ -34,7 +37,8 @@ def data_report(r: Recipe) -> DataReport:
     splits, train_ex, val, test = prepare_data(r, tok)
     rep = DataReport(rows=(len(train_ex), len(val), len(test)),
                      kind=f"format {splits.format}" if splits.format else r.model.task,
-                     malformed=malformed_summary(splits.malformed) if splits.malformed else "")
+                     malformed=malformed_summary(splits.malformed) if splits.malformed else "",
+                     notes=list(splits.notes))
     if r.model.task != "causal_lm":
         return rep
     rep.causal_lm = True

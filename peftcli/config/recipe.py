@@ -75,8 +75,9 @@ class DataConfig:
         None, "split whose rows choose the best checkpoint; null = carve val_size / val_fraction from the training rows"
     )
     val_fraction: float = opt(
-        0.1, "fraction of the training rows (after the shuffle, before train_offset) kept for validation; "
-        "0 = no validation: the last checkpoint is kept", min=0.0, max=0.9,
+        0.1, "fraction of the training rows kept for validation, taken from the end of the training pool: of "
+        "train_size when set (at least 32, at most 2000 rows), else of the whole pool; never more than this fraction "
+        "of the pool; 0 = no validation: the last checkpoint is kept", min=0.0, max=0.9,
     )
     val_size: int | None = opt(None, "validation rows (overrides val_fraction); the LAST rows of the training pool", min=1)
     train_offset: int = opt(

@@ -11,7 +11,8 @@ from torch import nn
 
 from peftcli.core.arch import Arch
 from peftcli.core.precision import autocast_ctx, forward_inputs
-from peftcli.data.datasets import Collator, batches
+from peftcli.data.batching import Collator, batches
+from peftcli.data.errors import DataError
 from peftcli.inference.decode import generate_texts
 from peftcli.models.losses import causal_lm_loss_from_logits
 
@@ -52,8 +53,14 @@ class Scores:
             self.n += n
 
     def metrics(self, examples: int, num_labels: int | None = None) -> dict[str, Any]:
-        """Loss and accuracy / macro-F1 (classification) or perplexity (causal LM)."""
-        metrics: dict[str, Any] = {"loss": self.loss / max(self.n, 1), "examples": examples}
+        """Loss and accuracy / macro-F1 (classification) or perplexity (causal LM). Refuses to
+        score nothing: a loss of 0 and a perplexity of 1 over zero tokens would read as a perfect
+        score (and a sweep would rank it first)."""
+        if self.n == 0:
+            raise DataError("nothing to score: no examples" if not examples else
+                            f"nothing to score: none of the {examples} examples keeps a trained token (every label "
+                            "is ignored); raise data.max_length so that the responses fit, or score another split")
+        metrics: dict[str, Any] = {"loss": self.loss / self.n, "examples": examples}
         if self.task == "classification":
             preds, golds = self.preds, self.golds
             metrics["accuracy"] = sum(1 for p, g in zip(preds, golds, strict=True) if p == g) / max(len(golds), 1)

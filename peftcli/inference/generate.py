@@ -16,7 +16,7 @@ import torch
 
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
-from peftcli.data.datasets import format_prompt
+from peftcli.data.chat import format_prompt
 from peftcli.inference.decode import generate_texts
 from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
 from peftcli.methods.attach import pick_device

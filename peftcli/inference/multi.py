@@ -38,7 +38,8 @@ from peftcli.core.adapter import LayerAdapter
 from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
 from peftcli.core.errors import BadInput
 from peftcli.core.precision import autocast_ctx, float_dtype, forward_inputs
-from peftcli.data.datasets import Collator, format_prompt
+from peftcli.data.batching import Collator
+from peftcli.data.chat import format_prompt
 from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
 from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method

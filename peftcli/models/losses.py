@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peftcli.core.precision import autocast_dtype
-from peftcli.data.datasets import IGNORE
+from peftcli.data.tokenize import IGNORE
 
 
 class _Passthrough(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftcli.core.precision import forward_inputs
-from peftcli.data.datasets import DataError
+from peftcli.data.errors import DataError
 
 # --------------------------------------------------------------- per-example attention on CPU
 #

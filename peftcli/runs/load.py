@@ -16,16 +16,11 @@ from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError
 from peftcli.core.precision import resolve_dtype
 from peftcli.core.switch import apply_recorded
-from peftcli.data.datasets import (
-    Collator,
-    DataError,
-    PackEachBatch,
-    Splits,
-    load_splits,
-    malformed_summary,
-    pack,
-    tokenize,
-)
+from peftcli.data.batching import Collator
+from peftcli.data.errors import DataError
+from peftcli.data.packing import PackEachBatch
+from peftcli.data.splits import Splits, load_splits, malformed_summary
+from peftcli.data.tokenize import Untrained, check_trained, tokenize
 from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
@@ -149,31 +144,31 @@ def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict], list[dict]]:
-    """Tokenized training, validation and held-out test examples (unpacked: `pack_for_training`
-    packs them).
+    """Tokenized training, validation and held-out test examples (unpacked:
+    `peftcli.data.packing.pack_for_training` packs them).
 
     Malformed rows are left out and listed in `splits.malformed`; with data.strict they are refused.
+    Examples that truncation leaves with no trained token are left out and counted in `splits.notes`;
+    a split left with none is refused.
     """
     cfg = recipe.data
     splits = load_splits(cfg, recipe.model.task, recipe.model.num_labels)
     task = recipe.model.task
-    train = tokenize(splits.train, tokenizer, task, cfg, split=cfg.train_split, malformed=splits.malformed)
-    val = tokenize(splits.val, tokenizer, task, cfg, split=cfg.val_split or cfg.train_split, malformed=splits.malformed)
-    test = tokenize(splits.eval, tokenizer, task, cfg, split=cfg.eval_split or cfg.train_split,
-                    malformed=splits.malformed)
+    parts = []
+    for role, rows, split in (("training", splits.train, cfg.train_split),
+                              ("validation", splits.val, cfg.val_split or cfg.train_split),
+                              ("test", splits.eval, cfg.eval_split or cfg.train_split)):
+        untrained: list[Untrained] = []
+        parts.append(tokenize(rows, tokenizer, task, cfg, split=split, malformed=splits.malformed, untrained=untrained))
+        if note := check_trained(role, parts[-1], untrained, cfg):
+            splits.notes.append(note)
+    train, val, test = parts
     if splits.malformed and cfg.strict:
         raise DataError(f"data.strict: {cfg.source}: {malformed_summary(splits.malformed).replace(' skipped', '')}; "
                         "fix or remove those rows, or set data.strict: false to skip them")
     if not train:
         raise DataError(f"data: no training rows left in {cfg.source} ({malformed_summary(splits.malformed)})")
     return splits, train, val, test
-
-
-def pack_for_training(recipe: Recipe, train: list[dict]) -> list[dict]:
-    """The training examples as the loop consumes them: packed rows with data.packing, else as they are."""
-    if recipe.data.packing is not True:  # false, or "batch": packed batch by batch (`train_collator`)
-        return train
-    return pack(train, recipe.data.max_length, recipe.train.seed)
 
 
 def collator(recipe: Recipe, tokenizer) -> Collator:

@@ -32,7 +32,10 @@ from peftcli.core.faults import kill_point
 from peftcli.core.files import atomic_file_write, is_temp_name, parse_temp_name, pid_alive, remove
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.core.switch import random_drop, set_dropped_layers
-from peftcli.data.datasets import DataError, batches, length_group_size, malformed_summary, num_batches
+from peftcli.data.batching import batches, length_group_size, num_batches
+from peftcli.data.errors import DataError
+from peftcli.data.packing import pack_for_training
+from peftcli.data.splits import malformed_summary
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.methods.attach import pick_device, trainable_summary
 from peftcli.models.compile import compile_layers
@@ -41,7 +44,7 @@ from peftcli.models.packed_attention import packed_rows
 from peftcli.models.trim import trim_unread_positions
 from peftcli.runs import folder as runfolder
 from peftcli.runs.checkpoint import recover_checkpoint, save_adapter
-from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
+from peftcli.runs.load import build, collator, prepare_data, train_collator
 from peftcli.runs.lock import folder_lock
 from peftcli.runs.state import (
     Position,
@@ -302,7 +305,7 @@ def set_up(
               **{k: budget[k] for k in ("trainable", "total")}},
         budget=budget, started=time.perf_counter(),
     )
-    _announce(s, n_examples)
+    _announce(s, n_examples, splits.val_from)
     if spec.calibrate is not None and saved is None and not recipe.init_from:
         # Every rank reads the same batches, so that every rank chooses the same weights to train.
         spec.calibrate(model, arch, recipe.method, _calibration_losses(s))
@@ -366,6 +369,8 @@ def _read_examples(recipe: Recipe, smoke: bool, world: int, console: Console, tr
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
                       "--strict refuses them[/]")
+    for note in splits.notes:
+        console.print(f"[yellow]{escape(note)}[/]")
     n_examples = len(train_ex)
     train_ex = pack_for_training(recipe, train_ex)
     if smoke:
@@ -426,15 +431,17 @@ def _loss_kind(recipe: Recipe, arch) -> str:
     return "chunked" if recipe.train.chunked_ce and arch.spec.lm_head else "logits"
 
 
-def _announce(s: Session, n_examples: int) -> None:
-    """The start-up line: method, model, trainable share, rows, device, ranks."""
+def _announce(s: Session, n_examples: int, val_from: str | None) -> None:
+    """The start-up line: method, model, trainable share, rows (and where the validation rows come
+    from), device, ranks."""
     recipe, budget = s.recipe, s.budget
     s.console.print(
         f"[bold]{s.spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
         f"{budget['total']:,} ({budget['percent']:.3f} %) · "
         + (f"{n_examples} train in {len(s.train_ex)} packed rows" if recipe.data.packing is True
            else f"{len(s.train_ex)} train" + " (each batch packed)" * (recipe.data.packing == "batch"))
-        + f" / {len(s.val_ex)} val / {len(s.test_ex)} test · {s.device}"
+        + f" / {len(s.val_ex)} val" + (f" ({val_from})" if val_from else "")
+        + f" / {len(s.test_ex)} test · {s.device}"
         + (f" · {s.world} ranks ({s.dist_mode})" if s.world > 1 else "")
     )
 

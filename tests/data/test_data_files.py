@@ -1,0 +1,51 @@
+"""Local data files: an empty one is "FILE has no rows" (exit 2), a file the reader cannot parse
+names the parser's complaint and the shape the file must have, and only a hub id gets the hint
+about the network."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_recipe
+from typer.testing import CliRunner
+
+from peftcli.cli import app
+from peftcli.config.recipe import DataConfig
+from peftcli.data.errors import DataError
+from peftcli.data.splits import load_splits
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name,text", [("e.jsonl", ""), ("ws.jsonl", "\n  \n"), ("e.csv", ""),
+                                       ("header.csv", "text,label\n"), ("e.json", "[]")])
+def test_an_empty_file_has_no_rows(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(DataError, match=f"data.source: {p} has no rows") as e:
+        load_splits(DataConfig(source=str(p)), "classification")
+    assert "network" not in str(e.value)
+
+
+def test_an_empty_jsonl_exits_2_in_validate_and_train(tmp_path, tiny_gpt2_dir):
+    p = tmp_path / "d.jsonl"
+    p.write_text("")
+    rec = write_recipe(tmp_path / "r.yaml", model={"name": str(tiny_gpt2_dir), "task": "causal_lm"},
+                       data={"source": str(p)}, output={"dir": str(tmp_path / "run")})
+    for cmd in (["validate", rec, "--data"], ["train", rec]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2, res.output
+        assert f"{p} has no rows" in " ".join(res.output.split()) and "StopIteration" not in res.output
+
+
+def test_a_file_that_does_not_parse_names_the_error_and_the_shape(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n{oops\n')
+    with pytest.raises(DataError, match=r"could not read .*bad\.jsonl: JSON parse error.*\n.*one JSON object per line"
+                       ) as e:
+        load_splits(DataConfig(source=str(p)), "classification")
+    assert "network" not in str(e.value) and "generating the dataset" not in str(e.value)
+
+
+def test_only_a_hub_id_gets_the_network_hint():
+    with pytest.raises(DataError, match=r"could not load 'someone/no-such-set' from the hub: .*\n.*without a network"):
+        load_splits(DataConfig(source="someone/no-such-set"), "classification")
