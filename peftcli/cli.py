@@ -718,10 +718,10 @@ def serve(
     from peftcli.inference.multi import load_runs
     from peftcli.methods.attach import pick_device
 
-    bind(host, port).close()  # a port in use is refused before minutes of loading
     if not api_key and not is_loopback_bind(host):
         err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                   "server; set --api-key KEY (or PEFTCLI_API_KEY)", highlight=False, markup=False, soft_wrap=True)
+    bind(host, port).close()  # a port in use is refused before minutes of loading
     multi = load_runs(runs, pick_device(device))
     if multi.recipe.model.task != "causal_lm":
         raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")

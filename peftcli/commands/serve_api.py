@@ -198,6 +198,8 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
     temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     seed = _integer(body, "seed")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ApiError(400, f"'seed' must fit in 64 bits, not {seed}", param="seed")
     if temperature == 0 and top_p < 1:
         raise ApiError(400, "'top_p' needs a 'temperature' above 0: at temperature 0 (the default here) decoding "
                             "is greedy and top_p would change nothing", param="top_p")

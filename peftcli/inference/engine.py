@@ -140,7 +140,7 @@ class Engine:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="peftcli-engine", daemon=True)
         self.batches: dict[int, _Batch] = {}
-        self.stats = {"requests": 0, "steps": 0, "largest_batch": 0, "active": 0}
+        self.stats = {"requests": 0, "steps": 0, "largest_batch": 0, "active": 0, "cancelled": 0}
         self._cache_arg: dict[int, str] = {}
         self._keep_last: dict[int, bool] = {}
 
@@ -209,6 +209,7 @@ class Engine:
                 time.sleep(self.window_s)  # let a burst arrive before the first step
             idle = False
             if req.cancelled:
+                self.stats["cancelled"] += 1
                 req.finish("done", "cancelled")
                 continue
             self.stats["requests"] += 1
@@ -285,7 +286,8 @@ class Engine:
     def _drop_finished(self, batch: _Batch) -> None:
         """Remove finished and cancelled rows, then the padding columns no remaining row needs."""
         for r in batch.rows:
-            if r.req.cancelled or self.stopping.is_set():
+            if (r.req.cancelled or self.stopping.is_set()) and not r.req.finished:
+                self.stats["cancelled"] += 1
                 r.req.finish("done", "cancelled")
         keep = [i for i, r in enumerate(batch.rows) if not r.req.finished]
         if len(keep) == len(batch.rows):
