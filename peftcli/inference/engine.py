@@ -179,7 +179,7 @@ class Engine:
             self._admit()
             for key in list(self.batches):
                 batch = self.batches[key]
-                self._drop_finished(batch)
+                self._guarded(batch, self._drop_finished)
                 if not batch.rows:
                     del self.batches[key]
                     continue
