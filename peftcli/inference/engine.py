@@ -97,8 +97,60 @@ class _Batch:
         return self.cache.layers[0].keys.shape[-2] - self.virt if self.cache is not None else 0
 
 
-def _kv_tensors(cache: Any) -> list[Any]:
-    return list(cache.layers)
+def _roomy_layer() -> Any:
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A cache layer whose keys and values are views into buffers with spare columns: a
+        decode step writes its column in place, where concatenating would copy every row's
+        whole cache on every step (a third of a step's time on a CPU)."""
+
+        _kbuf: torch.Tensor | None = None
+        _vbuf: torch.Tensor | None = None
+
+        def set_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            n = keys.shape[-2]
+            room = n + max(64, n // 4)
+            self._kbuf = keys.new_empty((*keys.shape[:2], room, keys.shape[-1]))
+            self._vbuf = values.new_empty((*values.shape[:2], room, values.shape[-1]))
+            self._kbuf[:, :, :n] = keys
+            self._vbuf[:, :, :n] = values
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+            self.is_initialized, self.device = True, keys.device
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized or self._kbuf is None:
+                self.set_kv(key_states, value_states)
+                return self.keys, self.values
+            n, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+            if end > self._kbuf.shape[-2]:
+                self.set_kv(torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2))
+                return self.keys, self.values
+            self._kbuf[:, :, n:end] = key_states
+            self._vbuf[:, :, n:end] = value_states
+            self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
+_ROOMY: list[Any] = []
+
+
+def new_cache() -> Any:
+    """An empty KV cache for one prefill, built of RoomyLayers."""
+    from transformers import DynamicCache
+
+    if not _ROOMY:
+        _ROOMY.append(_roomy_layer())
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _ROOMY[0]
+    return cache
+
+
+def _map_kv(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    for layer in cache.layers:
+        layer.set_kv(fn(layer.keys), fn(layer.values))
 
 
 def _pad_at(t: torch.Tensor, at: int, n: int) -> torch.Tensor:
@@ -177,6 +229,7 @@ class Engine:
     def _run(self) -> None:
         while not self.stopping.is_set():
             self._admit()
+            self.stats["active"] = self.active()
             for key in list(self.batches):
                 batch = self.batches[key]
                 self._guarded(batch, self._drop_finished)
@@ -241,12 +294,10 @@ class Engine:
 
     @torch.no_grad()
     def _prefill(self, req: GenRequest) -> None:
-        from transformers import DynamicCache
-
         batch = self._batch_for(req)
         dev = self.multi.device
         n = len(req.ids)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(
             batch.model, [req.adapter], input_ids=torch.tensor([req.ids], device=dev),
             attention_mask=torch.ones(1, n, dtype=torch.long, device=dev),
@@ -261,12 +312,10 @@ class Engine:
             return
         if virt != batch.virt:
             raise RuntimeError(f"the model put {virt} virtual tokens before this prompt, {batch.virt} before others")
-        grow = n - batch.width
-        for mine, new in zip(_kv_tensors(batch.cache), _kv_tensors(cache), strict=True):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(new, name)
-                a, b = _pad_at(a, batch.virt, grow), _pad_at(b, batch.virt, -grow)
-                setattr(mine, name, torch.cat([a, b], dim=0))
+        grow, at = n - batch.width, batch.virt
+        for mine, new in zip(batch.cache.layers, cache.layers, strict=True):
+            mine.set_kv(torch.cat([_pad_at(mine.keys, at, grow), _pad_at(new.keys, at, -grow)]),
+                        torch.cat([_pad_at(mine.values, at, grow), _pad_at(new.values, at, -grow)]))
         batch.rows.append(row)
 
     def _take(self, batch: _Batch, row: _Row, token: int) -> bool:
@@ -298,9 +347,7 @@ class Engine:
             return
         spare = batch.width - max(r.length for r in batch.rows)
         idx = torch.tensor(keep, device=batch.cache.layers[0].keys.device)
-        for layer in _kv_tensors(batch.cache):
-            for name in ("keys", "values"):
-                setattr(layer, name, _cut_at(getattr(layer, name).index_select(0, idx), batch.virt, spare))
+        _map_kv(batch.cache, lambda t: _cut_at(t.index_select(0, idx), batch.virt, spare))
 
     @torch.no_grad()
     def _step(self, batch: _Batch) -> None:
