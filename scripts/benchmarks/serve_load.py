@@ -197,7 +197,10 @@ def fairness(port: int, streams: int, samples: int, timeout: float, tokens: int)
             for _ in range(streams):
                 if not started.acquire(timeout=timeout) or stop.is_set():
                     raise SystemExit("the long streams did not start")
-            active = post(port, "GET", "/stats", None, timeout)[1]["active"]
+            deadline = time.monotonic() + 60
+            while (active := post(port, "GET", "/stats", None, timeout)[1]["active"]) < streams \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
             behind = short_latencies(port, samples, timeout)
             active_after = post(port, "GET", "/stats", None, timeout)[1]["active"]
         finally:
