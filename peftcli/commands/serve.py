@@ -89,12 +89,16 @@ class ServeOptions:
 
 
 def context_length(model: Any) -> int | None:
+    """The most tokens (prompt plus max_tokens) a request may hold. A model with sliding-window
+    attention is held to its window: the engine's KV cache keeps every token, which equals the
+    sliding window's attention only while a sequence fits in the window."""
     cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    ctx = next((v for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                if isinstance(v := getattr(cfg, key, None), int) and v > 0), None)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
+        ctx = window if ctx is None else min(ctx, window)
+    return ctx
 
 
 def error_response(e: ApiError):

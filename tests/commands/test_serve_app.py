@@ -135,3 +135,18 @@ def test_ok_request_and_models_in_process(base_only, tiny_gpt2_dir):
     assert s1 == 200 and json.loads(b1)["usage"]["completion_tokens"] <= 3
     assert s2 == 200 and str(tiny_gpt2_dir) not in b2.decode()
     assert s3 == 421 and json.loads(b3)["error"]["code"] == "misdirected_request"
+
+
+def test_context_length_keeps_to_a_sliding_window():
+    from types import SimpleNamespace
+
+    from peftcli.commands.serve import context_length
+
+    def model(**cfg):
+        return SimpleNamespace(config=SimpleNamespace(**cfg))
+
+    assert context_length(model(n_positions=128)) == 128
+    assert context_length(model(max_position_embeddings=32768, sliding_window=4096)) == 4096
+    assert context_length(model(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)) == 32768
+    assert context_length(model(max_position_embeddings=8192, sliding_window=None)) == 8192
+    assert context_length(model()) is None
