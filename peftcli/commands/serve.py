@@ -312,7 +312,8 @@ class ServeApp:
                                             len(tokens), job.chat))
 
     async def _stream(self, job: _Job, include_usage: bool):
-        """Server-sent events: text as it forms (a half multi-byte character waits for the rest)."""
+        """Server-sent events: text as it forms (a half multi-byte character waits for the rest,
+        unless the stream ends there: then the chunks add up to the non-stream text)."""
         sent, tokens = "", []
         try:
             if job.chat:
@@ -329,7 +330,7 @@ class ServeApp:
                 if kind == "token":
                     tokens.append(value)
                 text = await self.on_tok_thread(self._decode, list(tokens))
-                if len(text) > len(sent) and not text.endswith("\ufffd"):
+                if len(text) > len(sent) and (kind == "done" or not text.endswith("\ufffd")):
                     yield sse(chunk_body(job.rid, job.public, text[len(sent):], None, job.chat))
                     sent = text
                 if kind == "done":
