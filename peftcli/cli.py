@@ -1,4 +1,7 @@
-"""The `peftcli` command. Thin: parse, validate, call library functions, print.
+"""The `peftcli` command: parse the arguments, call the command's function, print its result.
+
+Each command's work is a function of peftcli.commands (or of the library below it), so a Python
+user can call it without the CLI; what stays here is the typer signatures and the printing.
 
 Exit codes: 0 success, 2 bad input (recipe, arguments, missing files), 1 failure while running.
 """
@@ -10,17 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from peftcli.core.errors import BadInput
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable  # Python 3.11+; annotations only
+from peftcli.core.errors import BadInput, UsageError
 
 app = typer.Typer(
     add_completion=True,
@@ -38,8 +38,11 @@ err = Console(stderr=True)
 BAD_INPUT, FAILURE = 2, 1
 
 
-class UsageError(BadInput):
-    """Bad command-line input that is not a recipe problem."""
+# Commands that read a run or adapter folder take consent to run a model's own code from here
+# only, never from a saved recipe (a shared run folder must not be able to run code).
+TrustFlag = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow the base model's own Python code (config.json auto_map / hub code) to run; "
+                                "a run folder's recipe is never trusted for this")]
 
 
 def _complete_methods(incomplete: str) -> list[str]:
@@ -50,7 +53,9 @@ def _complete_methods(incomplete: str) -> list[str]:
 
 
 def _complete_recipes(incomplete: str) -> list[str]:
-    return [name for name in _recipe_files() if name.startswith(incomplete)]
+    from peftcli.commands.recipes import shipped_recipes
+
+    return [name for name in shipped_recipes() if name.startswith(incomplete)]
 
 
 def handle_errors(fn):
@@ -65,9 +70,9 @@ def handle_errors(fn):
         except (BadInput, FileNotFoundError) as e:
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(BAD_INPUT) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as peftcli.core.signals.Stopped (exit 143)
             err.print("[yellow]interrupted[/]; checkpoints already written are intact")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except Exception as e:  # noqa: BLE001
             if os.environ.get("PEFTCLI_DEBUG"):
                 raise
@@ -101,15 +106,18 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed)")] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
-    """Train a recipe and save the adapter into its run folder."""
+    """Train a recipe and save the adapter into its run folder. The recipe's model.trust_remote_code
+    counts for a new run; with --resume only --trust-remote-code does."""
     r = _load(recipe, overrides)
     if strict:
         r.data.strict = True
     if nproc > 1 and not dry_run:
         from peftcli.training.launch import launch_torchrun
 
-        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke))
+        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke,
+                                         trust_remote_code=trust_remote_code))
     if dry_run:
         from peftcli.config.recipe import recipe_yaml
         from peftcli.training.budget import budget_from_recipe
@@ -126,37 +134,41 @@ def train(
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
-        _train(r, resume=resume, smoke=smoke)
+        _train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
 
 
-def _train(r, *, resume: bool, smoke: bool) -> None:
+def _train(r, *, resume: bool, smoke: bool, trust_remote_code: bool) -> None:
+    from peftcli.training.loop import allowed_remote_code
     from peftcli.training.loop import train as run_train
 
-    summary = run_train(r, resume=resume, smoke=smoke)
+    summary = run_train(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return
-    val, test = summary.get("val", {}), summary.get("test", {})
-    metric = r.eval.metric
-    kept = f"step {summary['best']['step']}" + (f", val {metric} {val[metric]:.4f}" if metric in val else
-                                               " (no validation rows: the last)")
-    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept}")
+    test = summary.get("test", {})
+    out.print(f"done in {summary['train_time_s']:.1f} s · kept the adapter of {kept_reason(summary, r.eval.metric)}",
+              highlight=False, soft_wrap=True)
     out.print(f"run saved to {r.run_dir()}")
     if "accuracy" in test:
         out.print(f"test accuracy: {100 * test['accuracy']:.2f} % ({summary['rows']['test']} held-out rows, scored once)")
     elif test:
         out.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     if smoke:
-        from peftcli.inference.evaluate import evaluate as run_eval
-        from peftcli.methods.attach import pick_device
-        from peftcli.runs.load import collator, load_run, prepare_data
+        from peftcli.commands.train import smoke_reload_loss
 
-        built, _ = load_run(r.run_dir(), pick_device("cpu"))
-        _, _, _, held = prepare_data(built.recipe, built.tokenizer)
-        m = run_eval(built.model, held[:16], collator(built.recipe, built.tokenizer), task=built.recipe.model.task,
-                     device=pick_device("cpu"), num_labels=len(built.label_names or []) or None)
-        if abs(m["loss"] - test.get("loss", m["loss"])) > 1e-3:
-            raise RuntimeError(f"smoke: reloaded adapter gives test loss {m['loss']:.5f}, trained model gave {test['loss']:.5f}")
-        out.print(f"smoke ok: reloaded adapter reproduces eval loss {m['loss']:.4f}")
+        out.print(f"smoke ok: reloaded adapter reproduces eval loss "
+                  f"{smoke_reload_loss(r, test, allowed_remote_code(r, resume, trust_remote_code)):.4f}")
+
+
+def kept_reason(summary: dict, metric: str) -> str:
+    """Which adapter the run kept and truly why: the best on validation, or the last one because
+    there were no validation rows, or because validation did not report eval.metric."""
+    step, val = summary["best"]["step"], summary.get("val") or {}
+    if metric in val:
+        return f"step {step} (best val {metric} {val[metric]:.4f})"
+    if not summary.get("rows", {}).get("val"):
+        return f"step {step} (no validation rows: the last)"
+    return (f"step {step} (the last: validation does not report eval.metric {metric}, so none was chosen; "
+            "set eval.metric to one it reports, e.g. loss)")
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -238,6 +250,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Evaluate a run's saved adapter on a split; prints and saves the metrics.
 
@@ -249,78 +262,36 @@ def eval_cmd(
     split = "test" if split == "eval" else split
     with quiet_command(verbose):
         if len(runs) > 1:
-            _eval_many(runs, split, limit, device)
+            _eval_many(runs, split, limit, device, trust_remote_code)
         else:
-            _eval(runs[0], split, limit, device)
+            _eval(runs[0], split, limit, device, trust_remote_code)
 
 
-def _split_examples(rec, tokenizer, split: str) -> list[dict]:
-    """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows."""
-    from peftcli.runs.load import prepare_data
+def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
+    from peftcli.commands.eval import evaluate_run
 
-    if split not in ("test", "val", "train"):
-        rec.data.eval_split = split
-    _, train_ex, val, test = prepare_data(rec, tokenizer)
-    if split == "val" and not val:
-        raise UsageError("--split val: the run's recipe has no validation rows (data.val_fraction is 0); "
-                         "use --split test")
-    return {"train": train_ex, "val": val}.get(split, test)
-
-
-def _eval(run: Path, split: str, limit: int | None, device: str) -> None:
-    from peftcli.inference.evaluate import evaluate, generation_eval
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.load import collator, load_run
-
-    dev = pick_device(device)
-    built, meta = load_run(run, dev)
-    rec = built.recipe
-    examples = _split_examples(rec, built.tokenizer, split)
-    if limit:
-        examples = examples[:limit]
-    m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
-                 batch_size=rec.eval.batch_size, precision=rec.train.precision,
-                 num_labels=len(built.label_names or []) or None)
-    if rec.model.task == "causal_lm" and examples and "prompt_len" in examples[0]:
-        g, samples = generation_eval(built.model, built.arch, built.tokenizer, examples, device=dev,
-                                     max_new_tokens=rec.eval.max_new_tokens,
-                                     limit=None if rec.eval.generate_accuracy else rec.eval.generate_samples)
-        if rec.eval.generate_accuracy:
-            m.update(g)
-        for s in samples[: rec.eval.generate_samples]:
-            out.print(f"[dim]sample[/] {s['generated']!r} (reference {s['reference']!r})")
-    table = Table(title=f"{run} · {split} · {len(examples)} examples")
+    score = evaluate_run(run, split, limit, device, trust_remote_code)
+    for smp in score.samples:
+        out.print(f"[dim]sample[/] {smp['generated']!r} (reference {smp['reference']!r})")
+    table = Table(title=f"{run} · {split} · {score.examples} examples")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in m.items():
+    for k, v in score.metrics.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
-    from peftcli.runs.checkpoint import atomic_file_write
-
-    atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
-def _eval_many(runs: list[Path], split: str, limit: int | None, device: str) -> None:
-    from peftcli.inference.multi import evaluate_runs, load_runs
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.checkpoint import atomic_file_write
+def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
+    from peftcli.commands.eval import evaluate_many
 
-    dev = pick_device(device)
-    multi = load_runs(runs, dev)
-    examples: dict[str, list[dict]] = {}
-    for name, a in multi.adapters.items():
-        rec = a.recipe
-        examples[name] = _split_examples(rec, multi.tokenizer, split)[: limit or None]
-    metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
-    table = Table(title=f"{len(runs)} runs on {multi.base_name} · {split}")
+    base_name, metrics = evaluate_many(runs, split, limit, device, trust_remote_code)
+    table = Table(title=f"{len(runs)} runs on {base_name} · {split}")
     table.add_column("metric")
     for name in metrics:
         table.add_column(name, justify="right")
     for k in next(iter(metrics.values())):
         table.add_row(k, *(f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]) for m in metrics.values()))
     out.print(table)
-    for name, m in metrics.items():
-        atomic_file_write(multi.adapters[name].run / f"eval_{split}.json", json.dumps(m, indent=2))
 
 
 # ---------------------------------------------------------------------------------------- count-params
@@ -342,20 +313,10 @@ def count_params(
     seq_len: Annotated[int, typer.Option(help="memory estimate: tokens per sequence")] = 1024,
 ) -> None:
     """Trainable / total parameters of a method on a model, built on the meta device (no weights read)."""
-    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.commands.count_params import recipe_to_count
     from peftcli.training.budget import budget, print_budget
 
-    if recipe is not None and recipe.suffix in (".yaml", ".yml"):
-        r = _load(recipe, overrides, check_files=False)  # counting parameters reads no data
-    else:
-        if recipe is not None:  # `count-params config.json --method lora`
-            overrides = [str(recipe), *(overrides or [])] if "=" in str(recipe) else overrides
-            model = model or (str(recipe) if "=" not in str(recipe) else None)
-        if model is None or method is None:
-            raise UsageError("count-params needs a recipe, or --model and --method (e.g. --model gpt2 --method lora)")
-        raw = {"model": {"name": model, "task": task, "num_labels": num_labels if task == "classification" else None},
-               "method": {"name": method}}
-        r = recipe_from_dict(raw, "count-params", overrides or [])
+    r = recipe_to_count(recipe, overrides, model=model, method=method, task=task, num_labels=num_labels)
     b = budget(r, depth=depth, batch_size=batch_size, seq_len=seq_len)
     print_budget(out, r, b)
 
@@ -373,6 +334,7 @@ def merge(
     recipe: Annotated[Path | None, typer.Option(
         help="HF PEFT folder only: recipe describing it (default: made from its adapter_config.json)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Bake a mergeable adapter (LoRA, rsLoRA, DoRA, IA³, KronA) into the base weights; write a plain HF
     model folder that runs as fast as the base model."""
@@ -380,7 +342,7 @@ def merge(
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
-        diff = merge_run(run, dest, force=force, recipe=recipe)
+        diff = merge_run(run, dest, force=force, recipe=recipe, trust_remote_code=trust_remote_code)
     out.print(f"merged model written to {dest}")
     out.print(f"max |logits(adapted) - logits(merged)| on a sample batch: {diff:.3e}")
 
@@ -409,6 +371,7 @@ def combine(
         "--head-from", help="classification: the run whose task head, labels and data the result keeps "
                             "(default: the first RUN)")] = None,
     force: Annotated[bool, typer.Option(help="replace DEST if peftcli wrote it")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Combine trained adapters of one method on one base model into a new run folder (eval, merge,
     export and generate take it like a trained run)."""
@@ -418,7 +381,8 @@ def combine(
         raise UsageError("give at least one RUN and then DEST, e.g. `peftcli combine runs/a runs/b --how cat runs/ab`")
     *runs, dest = runs_and_dest
     rep = combine_runs(runs, dest, weights=parse_weights(weights, len(runs)), how=how, density=density,
-                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force)
+                       majority_sign=majority_sign, rank=rank, seed=seed, head_from=head_from, force=force,
+                       trust_remote_code=trust_remote_code)
     shown = ""
     for i, (w, r) in enumerate(zip(rep["weights"], rep["runs"], strict=True)):
         sign = ("−" if w < 0 else "") if i == 0 else (" − " if w < 0 else " + ")
@@ -446,13 +410,14 @@ def export(
     dest: Annotated[Path, typer.Argument(help="folder to write the adapter to")],
     to: Annotated[str, typer.Option("--to", help="target format; 'peft' = HF PEFT adapter folder")] = "peft",
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
     if to != "peft":
         raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
     from peftcli.commands.peft import export_run
 
-    lay = export_run(run, dest, force=force)
+    lay = export_run(run, dest, force=force, trust_remote_code=trust_remote_code)
     out.print(f"wrote {lay.peft_type} adapter to {dest} (adapter_config.json + adapter_model.safetensors)")
     if lay.config.get("target_modules"):
         out.print(f"target_modules: {lay.config['target_modules']}", highlight=False)
@@ -471,11 +436,12 @@ def import_peft_cmd(
         help="recipe whose method matches the adapter (default: made from adapter_config.json)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides of that recipe")] = None,
     force: Annotated[bool, typer.Option(help="replace RUN if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Turn an HF PEFT adapter folder into a peftcli run folder (eval, merge, generate, export then work)."""
     from peftcli.commands.peft import import_peft
 
-    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force)
+    import_peft(src, run, recipe_path=recipe, overrides=overrides, force=force, trust_remote_code=trust_remote_code)
     out.print(f"imported {src} into run folder {run}")
 
 
@@ -505,50 +471,29 @@ def validate(
 
 def _show_data(r) -> None:
     """What the loss covers, on the first training example: the one thing a user cannot see in a recipe."""
-    from peftcli.data.datasets import batches, length_group_size, malformed_summary
-    from peftcli.models.loading import load_tokenizer
-    from peftcli.runs.load import collator, pack_for_training, prepare_data, train_collator
+    from peftcli.commands.validate import data_report
 
-    tok = load_tokenizer(r.model.name)
-    splits, train_ex, val, test = prepare_data(r, tok)
-    fmt = f"format {splits.format}" if splits.format else r.model.task
-    out.print(f"data: {len(train_ex)} train / {len(val)} val / {len(test)} test examples · {fmt}", highlight=False,
+    rep = data_report(r)
+    n_train, n_val, n_test = rep.rows
+    out.print(f"data: {n_train} train / {n_val} val / {n_test} test examples · {rep.kind}", highlight=False,
               soft_wrap=True)
-    if splits.malformed:
-        out.print(f"[yellow]{escape(malformed_summary(splits.malformed))}; --strict refuses them[/]", highlight=False, soft_wrap=True)
-    if r.model.task != "causal_lm":
+    if rep.malformed:
+        out.print(f"[yellow]{escape(rep.malformed)}; --strict refuses them[/]", highlight=False, soft_wrap=True)
+    if not rep.causal_lm:
         return
-    lengths = [len(e["input_ids"]) for e in train_ex]
-    trained = sum(sum(1 for y in e["labels"] if y != -100) for e in train_ex)
+    lengths, trained, max_length = rep.lengths, rep.trained_tokens, r.data.max_length
     out.print(f"tokens per example: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
-              f"(data.max_length {r.data.max_length}; {sum(n >= r.data.max_length for n in lengths)} cut) · "
+              f"(data.max_length {max_length}; {sum(n >= max_length for n in lengths)} cut) · "
               f"trained tokens {trained} of {sum(lengths)} ({100 * trained / max(sum(lengths), 1):.1f} %)",
               highlight=False, soft_wrap=True)
-    if r.data.packing is True:
-        rows = pack_for_training(r, train_ex)
-        fill = sum(lengths) / (len(rows) * r.data.max_length)
-        out.print(f"packing: {len(rows)} rows of {r.data.max_length} tokens, {100 * fill:.1f} % filled", highlight=False, soft_wrap=True)
-    elif r.data.packing == "batch":
-        # Epoch 0's batches as training reads them: slots (rows x length) padded, and packed batch by batch.
-        order = dict(shuffle=True, seed=r.train.seed, length_group=length_group_size(r.train, world=1))
-        slots = [sum(b["input_ids"].numel() for b in batches(train_ex, r.train.batch_size, c, **order))
-                 for c in (collator(r, tok), train_collator(r, tok))]
-        out.print(f"packing: each batch of {r.train.batch_size} examples packed into rows of {r.data.max_length} tokens: "
-                  f"{100 * sum(lengths) / slots[1]:.1f} % of the slots hold tokens ({100 * sum(lengths) / slots[0]:.1f} % "
-                  "padded)", highlight=False, soft_wrap=True)
-    e = train_ex[0]
+    if rep.packing:
+        out.print(rep.packing, highlight=False, soft_wrap=True)
     # Trained tokens in reverse video on a terminal; elsewhere (a pipe, a log) between ⟦ and ⟧.
     marks = ("[reverse green]", "[/]") if out.is_terminal else ("⟦", "⟧")
-    text, run, run_trained = [], [], False
-    for tid, y in [*zip(e["input_ids"], e["labels"], strict=True), (None, None)]:
-        is_trained = y is not None and y != -100
-        if tid is None or (is_trained != run_trained and run):
-            piece = escape(tok.decode(run))
-            text.append(f"{marks[0]}{piece}{marks[1]}" if run_trained and piece else piece)
-            run = []
-        if tid is not None:
-            run.append(tid)
-            run_trained = is_trained
+    text = []
+    for piece, is_trained in rep.pieces:
+        piece = escape(piece)
+        text.append(f"{marks[0]}{piece}{marks[1]}" if is_trained and piece else piece)
     legend = "highlighted" if out.is_terminal else "between ⟦ ⟧"
     out.print(f"first training example, rendered; the loss covers the tokens {legend}:", highlight=False, soft_wrap=True)
     out.print("".join(text), highlight=False, soft_wrap=True)
@@ -557,30 +502,12 @@ def _show_data(r) -> None:
 # ---------------------------------------------------------------------------------------- recipes
 
 
-def _recipe_files() -> dict[str, Traversable]:
-    """The shipped recipes by name, read as package data of `peftcli.recipes`.
-
-    That package is the clone's top-level recipes/ folder (peftcli/recipes links to it, and the
-    wheel carries it as peftcli/recipes/), so a clone, an editable install and a wheel install
-    list the same recipes. Nothing else is searched: a recipe missing here is a packaging bug
-    that should show, not be papered over by a second place to look.
-    """
-    from importlib.resources import files
-
-    try:
-        root = files("peftcli.recipes")
-    except ModuleNotFoundError:
-        return {}
-    found = [f for f in root.iterdir() if f.name.endswith(".yaml") and f.is_file()]
-    return {f.name.removesuffix(".yaml"): f for f in sorted(found, key=lambda f: f.name)}
-
-
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context) -> None:
     """List the shipped recipes, one line each."""
     if ctx.invoked_subcommand is not None:
         return
-    import yaml
+    from peftcli.commands.recipes import recipe_rows
 
     table = Table(show_header=True)
     table.add_column("name")
@@ -588,15 +515,11 @@ def recipes_list(ctx: typer.Context) -> None:
     table.add_column("model")
     table.add_column("data")
     table.add_column("description")
-    shipped = _recipe_files()
-    if not shipped:
+    rows = recipe_rows()
+    if not rows:
         err.print("[yellow]no recipes found in the peftcli.recipes package[/]; this installation lacks them")
-    for name, f in shipped.items():
-        text = f.read_text(encoding="utf-8")
-        desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
-        raw = yaml.safe_load(text) or {}
-        table.add_row(name, str((raw.get("method") or {}).get("name", "")), str((raw.get("model") or {}).get("name", "")),
-                      str((raw.get("data") or {}).get("source", "")), desc)
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -608,18 +531,9 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="file or folder to copy to")],
 ) -> None:
     """Copy a shipped recipe to edit."""
-    import difflib
+    from peftcli.commands.recipes import copy_recipe
 
-    names = _recipe_files()
-    key = name.removesuffix(".yaml")
-    if key not in names:
-        close = difflib.get_close_matches(key, list(names), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; `peftcli recipes` lists them"
-        raise UsageError(f"no shipped recipe named {name!r}{hint}")
-    target = dest / f"{key}.yaml" if dest.is_dir() else dest
-    if target.exists():
-        raise UsageError(f"{target} exists; choose another destination")
-    target.write_text(names[key].read_text(encoding="utf-8"), encoding="utf-8")
+    key, target = copy_recipe(name, dest)
     out.print(f"copied {key} to {target}")
 
 
@@ -654,28 +568,22 @@ def generate_cmd(
                           "printed as JSONL in the same order")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Greedy-generate continuations with a run's adapter, or with several runs' adapters in mixed
     batches (one base model pass per batch, each prompt with its own adapter; KV cache on)."""
-    from peftcli.inference.generate import generate
+    from peftcli.inference.generate import generate, generate_for_runs
 
     if prompts is not None:
-        from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
-        from peftcli.methods.attach import pick_device
-
-        multi = load_runs(args, pick_device(device))
-        if multi.recipe.model.task != "causal_lm":
-            raise UsageError(f"{args[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
-        reqs, limits = read_prompts(prompts, multi, max_new_tokens)
-        texts = generate_mixed(multi, reqs, max_new_tokens=limits)
-        for (name, prompt), text in zip(reqs, texts, strict=True):
-            out.print(json.dumps({"adapter": name, "prompt": prompt, "generated": text}, ensure_ascii=False),
-                      highlight=False, markup=False, soft_wrap=True)
+        for answer in generate_for_runs(args, prompts, max_new_tokens=max_new_tokens, device=device,
+                                        trust_remote_code=trust_remote_code):
+            out.print(json.dumps(answer, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
         return
     if len(args) != 2:
         raise UsageError(f"generate takes RUN PROMPT (got {len(args)} arguments); for several runs pass the prompts "
                          "as a file: --prompts prompts.jsonl, one {\"adapter\": NAME, \"prompt\": TEXT} per line")
-    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device)
+    texts = generate(args[0], [args[1]], max_new_tokens=max_new_tokens, device=device,
+                     trust_remote_code=trust_remote_code)
     out.print(texts[0], highlight=False, markup=False)
 
 
@@ -705,6 +613,7 @@ def serve(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
     batch_window_ms: Annotated[float, typer.Option(
         "--batch-window-ms", min=0.0, help="how long an idle server waits for more requests before decoding")] = 5.0,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models); `model` picks the adapter, requests join the running batch between decode steps.
@@ -722,7 +631,7 @@ def serve(
         err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                   "server; set --api-key KEY (or PEFTCLI_API_KEY)", highlight=False, markup=False, soft_wrap=True)
     bind(host, port).close()  # a port in use is refused before minutes of loading
-    multi = load_runs(runs, pick_device(device))
+    multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
     if multi.recipe.model.task != "causal_lm":
         raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
     opts = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch=max_batch,
@@ -751,6 +660,7 @@ def fuse(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """AdapterFusion stage 2: learn attention over trained adapters (method.adapters) on a target task."""
     from peftcli.commands.fuse import fuse as run_fuse
@@ -758,7 +668,7 @@ def fuse(
     r = _load(recipe, overrides)
     if smoke:
         r.output.dir, r.output.overwrite, r.train.progress = str(r.run_dir()) + "-smoke", True, False
-    summary = run_fuse(r, resume=resume, smoke=smoke)
+    summary = run_fuse(r, resume=resume, smoke=smoke, trust_remote_code=trust_remote_code)
     test = summary.get("test", {})
     out.print(f"done in {summary['train_time_s']:.1f} s · test " + ", ".join(
         f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
@@ -789,12 +699,13 @@ def drop(
     repeats: Annotated[int, typer.Option(help="timed passes per state (median)", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    trust_remote_code: TrustFlag = False,
 ) -> None:
     """AdapterDrop: switch adapters off in chosen layers; report eval metric and speed before and after."""
     from peftcli.commands.drop import drop_run
 
     rep = drop_run(run, out_dir, layers=layers, lowest=lowest, prune_fusion=prune_fusion, limit=limit,
-                   repeats=repeats, device=device, force=force)
+                   repeats=repeats, device=device, force=force, trust_remote_code=trust_remote_code)
     if rep["attention"]:
         names = list(next(iter(rep["attention"].values())))
         att = Table(title="mean fusion attention per layer (before pruning); sources: "

@@ -34,10 +34,11 @@ from torch import nn
 
 from peftcli.config.recipe import recipe_from_dict
 from peftcli.core.arch import resolve
-from peftcli.inference.multi import Adapter, MultiAdapter, _build_stacks, eos_ids, greedy_ids
+from peftcli.core.precision import float_dtype
+from peftcli.inference.decode import eos_ids, greedy_ids
+from peftcli.inference.multi import Adapter, MultiAdapter, _build_stacks
 from peftcli.methods.attach import attach_method
 from peftcli.methods.lora import LoraConfig
-from peftcli.models.quant import float_dtype
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -57,7 +58,7 @@ def base_model(tiny: bool) -> tuple[nn.Module, str]:
 
 def random_adapters(model: nn.Module, cfg: LoraConfig, n: int, seed: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """n adapters' (A, B) per target linear, B nonzero so that every adapter changes the output."""
-    from peftcli.methods.registry import select_linears
+    from peftcli.methods.targets import select_linears
 
     paths = select_linears(model, resolve(model), cfg.targets)
     g = torch.Generator().manual_seed(seed)

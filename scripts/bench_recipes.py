@@ -61,15 +61,13 @@ def _summary(folder: Path) -> dict | None:
 
 
 def row(name: str, out: Path) -> str:
+    from peftcli.runs.metrics import read_metrics
+
     s = _summary(run_dir(out, name))
     if s is None:
         return f"| {name} | – | – | – | – | – | not finished |"
     key = "accuracy" if "accuracy" in s["test"] else "generate_accuracy"  # causal LMs: generated labels
-    vals = [
-        json.loads(line)["val"][key]
-        for line in (run_dir(out, name) / "metrics.jsonl").read_text().splitlines()
-        if '"val"' in line
-    ]
+    vals = [e["eval"][key] for e in read_metrics(run_dir(out, name)).evals]
     per_epoch = " / ".join(f"{100 * a:.2f}" for a in vals)
     pct = 100 * s["trainable"] / s["total"]
     return (f"| {name} | {s['trainable']:,} | {pct:.3f} % | {100 * s['test'][key]:.2f} % | {per_epoch} | "

@@ -6,8 +6,8 @@ same learning rate, and the same autocast. What differs is what each library doe
 peftcli runs `peftcli.methods.attach.attach_method` and the loss code the training loop uses
 (`peftcli.models.losses`: hidden states out + chunked cross-entropy for causal LMs); PEFT runs
 `get_peft_model` and the model's own loss (`labels=`) for causal LMs, as its users do. The
-peftcli side also gets what its training loop is meant to call once: `fast.trim_unread_positions`
-(BERT-family classification; --no-trim turns it off) and, on CUDA, `fast.compile_layers`
+peftcli side also gets what its training loop is meant to call once: `models.trim.trim_unread_positions`
+(BERT-family classification; --no-trim turns it off) and, on CUDA, `models.compile.compile_layers`
 (--compile). "first loss" is each side's loss at initialisation with dropout off: equal
 values show that both sides train the same function.
 
@@ -162,7 +162,7 @@ def make_batch(case: str, cfg: dict, vocab: int, device: torch.device, seed: int
 
 
 def autocast(device: torch.device, cfg: dict):
-    from peftcli.inference.evaluate import autocast_ctx
+    from peftcli.core.precision import autocast_ctx
 
     return autocast_ctx(device, "auto" if cfg["dtype"] == "bfloat16" else "fp32")
 
@@ -188,7 +188,8 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         notes.append("grad-ckpt")
-    from peftcli.methods.lora_kernel import compile_layers, trim_unread_positions
+    from peftcli.models.compile import compile_layers
+    from peftcli.models.trim import trim_unread_positions
 
     if not args.no_trim and trim_unread_positions(model, arch, get_method("lora").positionwise, cfg["task"]):
         notes.append("last layer's query and post-attention part at the head's position only")
@@ -221,7 +222,7 @@ def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, au
     from peft import LoraConfig, get_peft_model
 
     from peftcli.core.arch import resolve
-    from peftcli.methods.registry import select_linears
+    from peftcli.methods.targets import select_linears
 
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
     arch = resolve(model)
@@ -409,10 +410,11 @@ def run_peftcli_sft(args, out: Path, name: str, batch_size: int, **data) -> dict
     """One peftcli training run; tokens/s from its last metrics line (the training loop alone)."""
     from rich.console import Console
 
+    from peftcli.runs.metrics import read_metrics
     from peftcli.training.loop import train
 
     summary = train(sft_recipe(args, out, name, batch_size, **data), console=Console(stderr=True, quiet=True))
-    last = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x][-1]
+    last = [r for r in read_metrics(out / name).steps if "tokens_per_s" in r][-1]
     return {"side": name, "batch": f"{batch_size} {'rows' if data.get('packing') is True else 'examples'}"
             + (" packed" if data.get("packing") == "batch" else ""),
             "steps": summary["steps"], "tokens_per_s": last["tokens_per_s"], "train_s": last["elapsed_s"],
@@ -563,13 +565,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of peftcli, peft, peft-bf16; auto = peftcli,peft (+ peft-bf16 for bf16 cases)")
     ap.add_argument("--threads", default=None,
                     help="torch intra-op threads for the whole process (both sides): a number, or auto = "
-                         "peftcli.methods.lora_kernel.idle_cpu_threads(); default: torch's own")
+                         "peftcli.core.threads.idle_cpu_threads(); default: torch's own")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel, both sides")
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="peftcli side: compile each layer (auto = on for CUDA)")
     ap.add_argument("--no-trim", action="store_true",
-                    help="peftcli side: keep every position in the last layer (see fast.trim_unread_positions)")
+                    help="peftcli side: keep every position in the last layer (see models.trim.trim_unread_positions)")
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on both sides")
     ap.add_argument("--no-memory", action="store_true", help="CPU: skip the two memory probe steps")
     ap.add_argument("--tiny", action="store_true",
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(cfg["device"])
     if args.threads == "auto":
-        from peftcli.methods.lora_kernel import idle_cpu_threads
+        from peftcli.core.threads import idle_cpu_threads
 
         torch.set_num_threads(idle_cpu_threads())
     elif args.threads:

@@ -158,7 +158,7 @@ class Attempt:
         return self.status == KILLED
 
 
-# train.py's first line once the model is built; a timer counts from it, because start-up
+# The training loop's first line once the model is built; a timer counts from it, because start-up
 # (imports, loading) is most of a tiny run and jitters by more than its whole training.
 STARTED = re.compile(r"trainable\s+of")
 
@@ -224,20 +224,15 @@ def make_reference(recipe: Path, run: Path) -> Reference:
 
 def _records(run: Path) -> tuple[list[dict], list[dict], list[dict]]:
     """(step records, validation records, test records) of metrics.jsonl, in file order, timings removed."""
+    from peftcli.runs.metrics import METRICS_FILE, kind, read_lines
+
     steps, evals, tests = [], [], []
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return steps, evals, tests
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
+    for line, r in read_lines(run / METRICS_FILE):
+        if r is None:  # a line cut short by a kill
             steps.append({"step": None, "torn": line[:40]})
             continue
         r = {k: v for k, v in r.items() if k not in TIMING_FIELDS}
-        (tests if "test" in r else evals if ("val" in r or "eval" in r) else steps).append(r)
+        {"test": tests, "val": evals}.get(kind(r), steps).append(r)
     return steps, evals, tests
 
 

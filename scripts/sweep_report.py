@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from peftcli.commands.sweep import as_override, pick_best, read_records
-from peftcli.runs.plot import read_metrics
+from peftcli.runs.metrics import read_metrics
 
 
 def figure(metric: str, value: float) -> str:
@@ -27,7 +27,7 @@ def figure(metric: str, value: float) -> str:
 
 def curve(run: Path, metric: str) -> str:
     """The validation figure at each evaluation of one run, in step order."""
-    _, evals = read_metrics(run)
+    evals = read_metrics(run).evals
     points = [f"{e['step']}: {figure(metric, e['eval'][metric])}" for e in evals if metric in e["eval"]]
     return " → ".join(points) or "–"
 

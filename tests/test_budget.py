@@ -181,9 +181,9 @@ def nf4_llama(tmp_path):
 
 
 def test_lora_on_4bit_base(nf4_llama):
+    from peftcli.core.precision import is_4bit
     from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig, LoraLinear
-    from peftcli.models.quant import is_4bit
 
     m = nf4_llama
     arch, _ = attach_method(m, "lora", LoraConfig(r=4, targets=["q", "k", "v", "o", "ffn_in", "ffn_out"]))
@@ -212,9 +212,10 @@ def test_lora_on_4bit_base(nf4_llama):
 def test_merge_dequantizes_to_a_plain_model(nf4_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from peftcli.core.precision import is_4bit
     from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig, LoraLinear, merge
-    from peftcli.models.quant import dequantize_model, is_4bit
+    from peftcli.models.quant import dequantize_model
 
     m = nf4_llama
     arch, _ = attach_method(m, "lora", LoraConfig(r=4, targets=["q", "v", "ffn_out"]))

@@ -320,6 +320,27 @@ def test_combined_run_is_an_ordinary_run(lora_runs, tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.parametrize("how", ["cat", "svd", "linear"])
+def test_weights_that_overflow_are_refused_and_nothing_is_written(lora_runs, tmp_path, how):
+    """1e308 is a finite float64 but not a float32: the scaled adapter would be inf. Exit 2 naming
+    the weights, for every rule (svd included: no raw linalg error), and no DEST."""
+    root, a, b = lora_runs
+    dest = tmp_path / "overflow"
+    res = invoke("combine", a, b, "--weights", "1e308,1e308", "--how", how, dest)
+    assert res.exit_code == 2, res.output
+    assert "--weights 1e+308,1e+308" in res.output and "not a finite number" in res.output
+    assert "linalg" not in res.output and "Traceback" not in res.output
+    assert not dest.exists() and not list(tmp_path.glob(".overflow*"))
+
+
+def test_a_non_finite_combined_tensor_is_never_written():
+    from peftcli.commands.combine import CombineError, _check_finite_result
+
+    _check_finite_result({"a": torch.ones(2), "labels": torch.tensor([1, 2])}, [0.5, 0.5])
+    with pytest.raises(CombineError, match="--weights 3e\\+38,3e\\+38: the combined adapter's a is not finite"):
+        _check_finite_result({"a": torch.tensor([1.0, float("inf")])}, [3e38, 3e38])
+
+
 def test_head_from_picks_the_head_and_the_task(lora_runs, tmp_path):
     root, a, b = lora_runs
     res = invoke("combine", a, b, "--how", "ties", "--density", "0.5", "--majority-sign", "frequency",

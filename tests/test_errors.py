@@ -23,9 +23,9 @@ def test_the_cli_maps_one_class_and_commands_do_not_rewrap():
 
 def test_every_error_class_a_user_can_fix_is_bad_input():
     import peftcli.cli  # noqa: F401  (imports every command module on use; load the library here)
-    from peftcli.commands import combine, drop, serve, sweep
+    from peftcli.commands import drop, serve, sweep
     from peftcli.config import recipe
-    from peftcli.core import arch, errors, faults
+    from peftcli.core import adapter_merging, arch, errors, faults
     from peftcli.data import datasets
     from peftcli.inference import generate, multi
     from peftcli.methods import fusion
@@ -37,7 +37,7 @@ def test_every_error_class_a_user_can_fix_is_bad_input():
                 loop.RunExistsError, folder.UnsafePathError, state.ResumeError, faults.InjectedBadInput,
                 distributed.DistributedEnvError, optim.OptimizerUnavailable, multi.MultiAdapterError,
                 sweep.SweepError, arch.UnsupportedArchitecture, quant.QuantizationUnavailable,
-                combine.CombineError, generate.GenerateError, serve.ServeUnavailable, serve.ServeAddressError,
+                adapter_merging.CombineError, generate.GenerateError, serve.ServeUnavailable, serve.ServeAddressError,
                 fusion.FusionError,
                 drop.DropError):
         assert issubclass(cls, BadInput), cls

@@ -72,8 +72,8 @@ def exact_identity(model) -> None:
 
 def test_fusion_site_is_the_formula():
     torch.manual_seed(0)
+    from peftcli.core.hf_call import SequenceMask
     from peftcli.methods.bottleneck import Bottleneck
-    from peftcli.methods.unipelt import SequenceMask
 
     adapters = {str(i): Bottleneck(12, 3, init="bert") for i in range(3)}
     site = FusionSite(12, adapters, FusionConfig(temperature=2.0), SequenceMask(), torch.device("cpu"), torch.float32)

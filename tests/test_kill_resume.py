@@ -95,7 +95,7 @@ def test_kill_at_twelve_points_then_resume_is_bit_identical(forkserver, tmp_path
         diff = fi.compare_adapters(ref, run) + fi.compare_metrics(ref, run)
         if not (run / "summary.json").exists():
             diff.append("no summary.json")
-        if list(run.glob(".*.tmp-*")) + list(run.glob(".*.old-*")):
+        if list(run.glob(".*-tmp-*")) + list(run.glob(".*-old-*")):
             diff.append("temporary checkpoint folders left behind")
         if diff:
             problems[f"{point}:{n}"] = diff

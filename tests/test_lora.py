@@ -11,7 +11,7 @@ from conftest import batch, tiny_model
 from peftcli.core.arch import resolve
 from peftcli.methods.attach import attach_method
 from peftcli.methods.lora import LoraConfig, LoraLinear
-from peftcli.methods.registry import parse_layers, select_linears
+from peftcli.methods.targets import parse_layers, select_linears
 
 
 def randomize_lora(model, seed=0):

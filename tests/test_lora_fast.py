@@ -10,7 +10,7 @@ from conftest import batch, tiny_model
 from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method
 from peftcli.methods.lora import LoraConfig, LoraLinear
-from peftcli.methods.lora_kernel import trim_unread_positions
+from peftcli.models.trim import trim_unread_positions
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -276,7 +276,7 @@ def test_trim_refuses_what_it_cannot_prove():
 def test_forward_matches_hf_peft():
     """Same A and B in both libraries: same logits and same adapter gradients."""
     peft = pytest.importorskip("peft")
-    from peftcli.methods.registry import select_linears
+    from peftcli.methods.targets import select_linears
 
     ours = tiny_model("llama", "causal_lm")
     arch, _ = attach_method(ours, "lora", LoraConfig(r=4, alpha=8, targets=["q", "v", "ffn_out"]))
@@ -308,7 +308,7 @@ def test_forward_matches_hf_peft():
 def test_idle_cpu_threads(monkeypatch):
     import os
 
-    from peftcli.methods.lora_kernel import idle_cpu_threads
+    from peftcli.core.threads import idle_cpu_threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))

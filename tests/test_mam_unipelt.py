@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import batch, tiny_model
 
+from peftcli.core.hf_call import SequenceMask
 from peftcli.core.switch import set_dropped_layers
 from peftcli.methods import get_method, mam, unipelt
 from peftcli.methods.attach import attach_method
 from peftcli.methods.prefix import LayerPrefix, PrefixConfig, find_store
-from peftcli.methods.unipelt import GatedBottleneck, GatedLayerPrefix, GatedLoraLinear, SequenceMask
+from peftcli.methods.unipelt import GatedBottleneck, GatedLayerPrefix, GatedLoraLinear
 from peftcli.runs.checkpoint import adapter_state, load_adapter_state
 
 KINDS = ["bert", "gpt2", "llama"]

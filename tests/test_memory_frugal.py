@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from peftcli.cli import app
 from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method
-from peftcli.methods.registry import parse_layers
+from peftcli.methods.targets import parse_layers
 from peftcli.training.optim import BNB_OPTIMIZERS, bnb_cpu_problem, state_bytes, state_bytes_estimate
 
 runner = CliRunner()

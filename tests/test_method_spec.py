@@ -128,7 +128,7 @@ def _run_folder(tmp_path: Path, method: str) -> Path:
 
 
 def test_toy_method_trim_follows_positionwise(toy):
-    from peftcli.methods.lora_kernel import trim_unread_positions
+    from peftcli.models.trim import trim_unread_positions
 
     for name, trims in (("toy_scale", True), ("toy_dense", False)):
         m = tiny_model("bert")
@@ -183,7 +183,8 @@ def test_toy_method_budget(toy, tmp_path):
 def test_toy_method_export_and_merge_are_refused_with_its_reasons(toy, tmp_path):
     from peftcli.commands.merge import MergeRefused, merge_run
     from peftcli.commands.peft import export_run
-    from peftcli.runs.peft_format import PeftFormatError, export_refusal
+    from peftcli.core.peft_layout import PeftFormatError
+    from peftcli.runs.peft_format import export_refusal
 
     assert export_refusal("toy_scale") == "cannot export method 'toy_scale' to HF PEFT: HF PEFT has no toy toy_scale scales"
     assert "HF PEFT has no method computing the same function" in export_refusal("toy_dense")
@@ -202,6 +203,28 @@ def test_toy_method_is_gone_after_unregistering(toy):
     assert "toy_scale" not in all_methods() and "toy_dense" not in all_methods()
 
 
+def test_register_takes_every_spec_field_and_builds_the_spec_from_them(toy):
+    """register() builds MethodSpec from its own parameters: they must be the spec's fields (but
+    `attach`, which it decorates), and every value given must land in the spec unchanged."""
+    import dataclasses
+    import inspect
+
+    from peftcli.methods.registry import MethodSpec, register
+
+    params = set(inspect.signature(register).parameters)
+    fields = {f.name for f in dataclasses.fields(MethodSpec)}
+    assert params == fields - {"attach"}
+    spec = get_method("toy_scale")
+    assert spec.attach is toy.attach and spec.config_cls is toy.ToyConfig and spec.budget is toy.budget
+    assert spec.positionwise is True and spec.merge_refusal == "toy scales stay apart from the weights"
+    assert spec.merge is None and spec.combine_hows == () and spec.optimizer_name == ""
+    with pytest.raises(ValueError, match="registered twice"):
+        register("toy_scale", toy.ToyConfig, summary="again")(toy.attach)
+    with pytest.raises(ValueError, match="together or not at all"):
+        register("toy_half", toy.ToyConfig, summary="half", combine_hows=("weighted",))(toy.attach)
+    assert "toy_half" not in all_methods()
+
+
 # ------------------------------------------------------------------------------- 2. no name lists
 
 # Methods built from others may name them.
@@ -218,7 +241,7 @@ ALLOWED = {
     ("lora", "methods/mam.py"): "`init: lora`, a bottleneck initialisation named after LoRA's",
     ("prompt", "data/datasets.py"): "the prompt column of instruction data",
     ("prompt", "inference/evaluate.py"): "the prompt column of instruction data",
-    ("prompt", "cli.py"): "the prompt key of generate's JSONL lines",
+    ("prompt", "inference/generate.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "inference/multi.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "commands/serve.py"): "the prompt field of an OpenAI completions request",
 }

@@ -30,7 +30,7 @@ def decoder_runs(tiny_gpt2_dir, tmp_path_factory):
 
 
 def _alone(run, tok, prompt: str, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    from peftcli.inference.multi import eos_ids, greedy_ids
+    from peftcli.inference.decode import eos_ids, greedy_ids
     from peftcli.runs.load import load_run
 
     built, _ = load_run(run, CPU)

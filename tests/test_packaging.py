@@ -32,9 +32,9 @@ def test_source_tree_package_lists_every_recipe():
 
 
 def test_cli_reads_the_package_only():
-    from peftcli.cli import _recipe_files
+    from peftcli.commands.recipes import shipped_recipes
 
-    assert sorted(f"{name}.yaml" for name in _recipe_files()) == RECIPES
+    assert sorted(f"{name}.yaml" for name in shipped_recipes()) == RECIPES
 
 
 @pytest.fixture(scope="module")

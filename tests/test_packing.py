@@ -22,6 +22,7 @@ from peftcli.methods.attach import attach_method
 from peftcli.methods.registry import get_method
 from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from peftcli.models.packed_attention import check_packing, packed_rows, use_packed_attention
+from peftcli.runs.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -174,8 +175,7 @@ def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", packing=None
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss": ' in x
-            and '"val"' not in x and '"test"' not in x]
+    return [r["loss"] for r in read_metrics(run).steps]
 
 
 @pytest.mark.parametrize("mode", ["packing", "group_by_length", "packing-batch"])

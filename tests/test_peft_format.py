@@ -19,16 +19,15 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.config.recipe import recipe_from_dict
+from peftcli.core.peft_layout import PeftFormatError, shortest_suffixes
 from peftcli.methods import all_methods
 from peftcli.methods.attach import attach_method
 from peftcli.runs.checkpoint import adapter_state
 from peftcli.runs.peft_format import (
-    PeftFormatError,
     export_model,
     export_refusal,
     load_peft_weights,
     read_peft_folder,
-    shortest_suffixes,
 )
 
 peft = pytest.importorskip("peft")
@@ -301,8 +300,9 @@ def make_run(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str 
              seed: int = 3) -> Path:
     """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""
     from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.core.files import atomic_file_write
     from peftcli.methods.attach import pick_device
-    from peftcli.runs.checkpoint import atomic_file_write, save_adapter
+    from peftcli.runs.checkpoint import save_adapter
     from peftcli.runs.load import build
 
     run = tmp / "run"

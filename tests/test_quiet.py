@@ -95,8 +95,8 @@ def test_quiet_block_never_raises_a_quieter_level(unusual_settings):
 
 
 def test_loading_models_and_data_leaves_settings_unchanged(unusual_settings, tiny_bert_dir, tiny_csv):
-    from peftcli.commands.peft import _meta_model
     from peftcli.config.recipe import recipe_from_dict
+    from peftcli.models.meta import meta_model
     from peftcli.runs.load import build, prepare_data
     from peftcli.training.budget import budget
 
@@ -109,7 +109,7 @@ def test_loading_models_and_data_leaves_settings_unchanged(unusual_settings, tin
     splits, train, _, held = prepare_data(r, built.tokenizer)
     assert train and held
     budget(r, depth=1)
-    _meta_model(r, None)
+    meta_model(r.model.name, r.model.task, num_labels=2)
     assert settings() == unusual_settings
 
 

@@ -113,11 +113,11 @@ def test_interrupted_checkpoint_swap_is_recovered(finished, tmp_path):
     # A kill between the two renames of a checkpoint swap: no last/, the new one whole in its
     # temp name and the old one moved aside. --resume finishes the swap.
     rec, run = _copy(finished, tmp_path)
-    (run / "last").rename(run / ".last.tmp-99999")
-    shutil.copytree(run / ".last.tmp-99999", run / ".last.old-99999")
+    (run / "last").rename(run / ".last.peftcli-tmp-99999")
+    shutil.copytree(run / ".last.peftcli-tmp-99999", run / ".last.peftcli-old-99999")
     res = invoke("train", rec, "train.epochs=3", "--resume")
     assert res.exit_code == 0, res.output
-    assert "interrupted checkpoint swap" in res.output
+    assert "interrupted swap" in res.output
     assert not list(run.glob(".last.*"))
 
 

@@ -426,7 +426,7 @@ def test_is_ours(tmp_path):
     assert not is_ours(tmp_path / "m")
     run = _ours(tmp_path / "r", "import", ("recipe.yaml",))
     (run / "eval_test.json").write_text("{}")
-    (run / ".summary.json.tmp-123").write_text("")
+    (run / ".summary.json.peftcli-tmp-123").write_text("")
     assert is_ours(run)  # eval output and a killed atomic write are a run's own
     exp = _ours(tmp_path / "x")
     (exp / "eval_test.json").write_text("{}")
@@ -434,10 +434,15 @@ def test_is_ours(tmp_path):
     legacy = tmp_path / "legacy"
     for d in ("adapter", "last"):
         (legacy / d).mkdir(parents=True)
-    for f in ("recipe.yaml", "metrics.jsonl", "summary.json", "curves.png", "eval_train.json"):
+    for f in ("metrics.jsonl", "summary.json", "curves.png", "eval_train.json"):
         (legacy / f).write_text("")
-    assert is_ours(legacy)
+    (legacy / "recipe.yaml").write_text("model:\n  name: gpt2\nmethod:\n  name: lora\n")
+    (legacy / "adapter" / "meta.json").write_text('{"method": "lora"}')
+    assert is_ours(legacy)  # without a marker: run names, a recipe that parses, a registered method
     (legacy / "data.csv").write_text("")
+    assert not is_ours(legacy)
+    (legacy / "data.csv").unlink()
+    (legacy / "adapter" / "meta.json").write_text('{"method": "not-a-method"}')
     assert not is_ours(legacy)
     plain = tmp_path / "plain"
     (plain / "adapter").mkdir(parents=True)
@@ -560,6 +565,36 @@ def test_aside_round_trip_and_stale_recovery(tmp_path):
     assert sorted(p.name for p in recover_stale(dest)) == sorted([stale_old.name, stale_tmp.name])
     assert is_ours(dest) and not stale_tmp.exists() and live_tmp.exists()
     live_tmp.rmdir()
+
+
+def test_a_user_folder_with_run_names_is_never_replaced(tmp_path):
+    """Names alone prove nothing: a user's folder holding a plain-text recipe.yaml, a
+    metrics.jsonl and tensorboard/ (all names a run writes) is refused, byte for byte kept."""
+    user = tmp_path / "experiments"
+    (user / "tensorboard").mkdir(parents=True)
+    (user / "tensorboard" / "events.out").write_text("mine")
+    (user / "recipe.yaml").write_text("my notes on what to try next, not YAML for peftcli\n")
+    (user / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    before = snapshot(user)
+    assert not is_ours(user)
+    with pytest.raises(UnsafePathError, match="not a folder peftcli wrote"):
+        check_destination(user, what="output.dir", replace=True)
+    (user / "adapter").mkdir()
+    (user / "adapter" / "meta.json").write_text('{"method": "lora"}')  # the recipe still does not parse
+    assert not is_ours(user)
+    (user / "adapter" / "meta.json").unlink()
+    (user / "adapter").rmdir()
+    assert snapshot(user) == before
+
+
+def test_temp_names_are_peftcli_tagged():
+    """Only names with peftcli's tag and a pid are peftcli's temporaries; a user's dot-backups are not."""
+    from peftcli.core.files import is_temp_name, parse_temp_name, temp_sibling
+
+    for user_name in (".zshrc.old-1", ".photos.old-2019", ".notes.tmp-3", ".x.peftcli-tmp-", "x.peftcli-tmp-1"):
+        assert not is_temp_name(user_name), user_name
+    t = temp_sibling(Path("/a/run"), "old", pid=42)
+    assert t == Path("/a/.run.peftcli-old-42") and parse_temp_name(t.name) == ("run", "old", 42)
 
 
 def test_unsafe_path_error_is_bad_input():

@@ -110,7 +110,7 @@ def test_missing_data_file_reported_by_validate(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rec = write_recipe(tmp_path / "r.yaml", data={"source": "data/toy.csv"}, method={"name": "lora"})
     refused(invoke("validate", rec), "r.yaml", "data.source: file not found: data/toy.csv", str(tmp_path))
-    # relative to the working directory, as data.py opens it
+    # relative to the working directory, as data/datasets.py opens it
     (tmp_path / "data").mkdir()
     write_csv(tmp_path / "data" / "toy.csv", ["text", "label"], labelled_rows([0, 1]))
     res = invoke("validate", rec)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from peftcli.cli import app
 from peftcli.config.recipe import DataConfig, load_recipe
 from peftcli.data.datasets import DataError, load_splits
+from peftcli.runs.metrics import read_metrics
 
 runner = CliRunner()
 
@@ -107,7 +108,7 @@ def test_without_validation_the_last_adapter_is_kept(tiny_bert_dir, tiny_csv, tm
     assert "no validation rows: the last" in res.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val"] == {} and summary["best"]["step"] == summary["steps"] == 6 and summary["test"]
-    assert not any('"val"' in x for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert not read_metrics(tmp_path / "run").evals
     res = runner.invoke(app, ["eval", str(tmp_path / "run"), "--split", "val"])
     assert res.exit_code == 2 and "no validation rows" in res.output
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from peftcli.config.recipe import Recipe, load_recipe, recipe_yaml
+from peftcli.config.recipe import Recipe, recipe_yaml
 from peftcli.core.adapter_merging import (
     CombineError,
     CombineRequest,
@@ -38,10 +38,15 @@ from peftcli.core.adapter_merging import (
     uses_svd,
 )
 from peftcli.methods import get_method
+from peftcli.methods.attach import attach_method, pick_device
 from peftcli.methods.registry import MethodSpec
-from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE, find_run_adapter, read_adapter
+from peftcli.models.meta import meta_model, misfits
+from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE
+from peftcli.runs.load import SavedRun, load_run, open_run, same_model
+from peftcli.runs.lock import hold, writes_folders
+from peftcli.runs.peft_format import is_peft_folder
 
-__all__ = ["CombineError", "combine_runs", "parse_weights"]
+__all__ = ["combine_runs", "parse_weights"]
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -88,43 +93,29 @@ def _check_options(how: str | None, density: float | None, majority_sign: str | 
         raise CombineError(f"--seed seeds the random masks of dare_linear and dare_ties, not --how {how}")
 
 
-@dataclasses.dataclass
-class _Run:
-    folder: Path
-    recipe: Recipe
-    state: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-
-
-def _read_run(folder: Path) -> _Run:
-    from peftcli.runs.load import check_adapter_matches
-    from peftcli.runs.peft_format import is_peft_folder
-
+def _read_run(folder: Path, trust_remote_code: bool = False) -> SavedRun:
     folder = Path(folder)
-    recipe_file = folder / "recipe.yaml"
-    if not recipe_file.exists():
-        if is_peft_folder(folder):
-            raise CombineError(f"{folder} is an HF PEFT adapter folder; turn it into a run first: "
-                               f"peftcli import-peft {folder} RUN")
+    if not (folder / "recipe.yaml").exists() and is_peft_folder(folder):
+        raise CombineError(f"{folder} is an HF PEFT adapter folder; turn it into a run first: "
+                           f"peftcli import-peft {folder} RUN")
+    if not (folder / "recipe.yaml").exists():
         raise CombineError(f"{folder}: not a run folder (no recipe.yaml); pass folders written by `peftcli train`")
-    recipe = load_recipe(recipe_file)
-    spec = get_method(recipe.method_name)
-    if spec.combine is None:  # before any weights are read
-        reason = spec.combine_refusal or "it has no rule for combining its adapters"
-        raise CombineError(f"{folder}: method {recipe.method_name!r} cannot be combined: {reason}")
-    adapter_dir = find_run_adapter(folder)
-    state, meta = read_adapter(adapter_dir)
-    check_adapter_matches(recipe, meta, adapter_dir, str(recipe_file))
-    if meta.get("disabled_modules"):
-        raise CombineError(f"{adapter_dir / META_FILE} lists switched-off adapters (a `peftcli drop` run); combine "
+
+    def combinable(recipe: Recipe) -> None:  # before any weights are read
+        spec = get_method(recipe.method_name)
+        if spec.combine is None:
+            reason = spec.combine_refusal or "it has no rule for combining its adapters"
+            raise CombineError(f"{folder}: method {recipe.method_name!r} cannot be combined: {reason}")
+
+    run = open_run(folder, trust_remote_code=trust_remote_code, before_weights=combinable)
+    if run.meta.get("disabled_modules"):
+        raise CombineError(f"{run.adapter_dir / META_FILE} lists switched-off adapters (a `peftcli drop` run); combine "
                            "the runs it was made from, then drop layers from the result")
-    return _Run(folder, recipe, state, meta)
+    return run
 
 
-def _same_target(runs: Sequence[_Run]) -> tuple[MethodSpec, str]:
+def _same_target(runs: Sequence[SavedRun]) -> tuple[MethodSpec, str]:
     """One method and one base model for all runs; returns the method's spec and its name."""
-    from peftcli.runs.load import _same_model
-
     first = runs[0]
     name = first.recipe.method_name
     for r in runs[1:]:
@@ -132,7 +123,7 @@ def _same_target(runs: Sequence[_Run]) -> tuple[MethodSpec, str]:
             raise CombineError(f"{r.folder} is a {r.recipe.method_name!r} run and {first.folder} a {name!r} run: "
                                "only adapters of one method combine")
         m, m0 = r.recipe.model, first.recipe.model
-        if not _same_model(m.name, m0.name) or m.revision != m0.revision:
+        if not same_model(m.name, m0.name) or m.revision != m0.revision:
             raise CombineError(
                 f"{r.folder}/recipe.yaml has model.name {m.name!r} (revision {m.revision}) but {first.folder} has "
                 f"{m0.name!r} (revision {m0.revision}): adapters of different base models do not combine"
@@ -143,15 +134,12 @@ def _same_target(runs: Sequence[_Run]) -> tuple[MethodSpec, str]:
     return get_method(name), name
 
 
-def _meta_model(recipe: Recipe, label_names: list[str] | None):
+def _method_on_meta(recipe: Recipe, label_names: list[str] | None):
     """The recipe's model with its method attached, on the meta device (no weights read), with
     as many classes as the run has labels."""
-    from peftcli.methods.attach import attach_method
-    from peftcli.training.budget import meta_model
-
-    if recipe.model.task == "classification" and not recipe.model.num_labels and label_names:
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_labels=len(label_names)))
-    model = meta_model(recipe)
+    m = recipe.model
+    model = meta_model(m.name, m.task, num_labels=m.num_labels or (len(label_names) if label_names else None),
+                       attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
     arch, _ = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     return model, arch
 
@@ -160,7 +148,7 @@ def _parameter_order(recipe: Recipe) -> tuple[list[str], tuple[str, ...]]:
     """The trainable parameter names of the method on the recipe's model, in the model's order,
     and the name prefixes of its task head. Order matters: a random rule draws its masks module
     by module, as HF PEFT does."""
-    model, arch = _meta_model(recipe, None)
+    model, arch = _method_on_meta(recipe, None)
     heads = [n for n, _ in arch.head_modules()]
     pooler = arch.pooler()
     if pooler is not None:
@@ -169,7 +157,7 @@ def _parameter_order(recipe: Recipe) -> tuple[list[str], tuple[str, ...]]:
     return order, tuple(f"{h}." for h in heads)
 
 
-def _method_tensors(runs: Sequence[_Run], head: _Run, order: list[str],
+def _method_tensors(runs: Sequence[SavedRun], head: SavedRun, order: list[str],
                     heads: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
     """Each run's tensors minus its task head, in the order of the head run's model; refuses runs
     that adapt other modules than the head run."""
@@ -209,18 +197,43 @@ def _base_weights(recipe: Recipe, label_names: list[str] | None) -> Callable[[st
     return get
 
 
-def _check_shapes(recipe: Recipe, label_names: list[str] | None, state: dict[str, torch.Tensor]) -> None:
+def _check_written(recipe: Recipe, label_names: list[str] | None, state: dict[str, torch.Tensor]) -> None:
     """The written tensors are exactly the trainable parameters the recipe builds, shape for shape,
     on a model built on the meta device: the check for a 4-bit base, which loads only on CUDA."""
-    model, _ = _meta_model(recipe, label_names)
+    model, _ = _method_on_meta(recipe, label_names)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for k, t in state.items():
-        if k not in params or tuple(params[k].shape) != tuple(t.shape):
-            want = "no such parameter" if k not in params else f"shape {tuple(params[k].shape)}"
-            raise CombineError(f"internal: combined tensor {k} {tuple(t.shape)} does not fit the recipe ({want})")
+    bad = misfits(params, state)
+    if bad:
+        k, shape, want = bad[0]
+        raise CombineError(f"internal: combined tensor {k} {shape} does not fit the recipe "
+                           f"({'no such parameter' if want is None else f'shape {want}'})")
     missing = [n for n in params if n not in state]
     if missing:
         raise CombineError(f"internal: the combined adapter lacks {missing[0]}")
+
+
+def _shown(weights: Sequence[float]) -> str:
+    return "--weights " + ",".join(f"{w:g}" for w in weights)
+
+
+def _check_finite_inputs(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float], runs: Sequence[str]) -> None:
+    """Refuse before any rule runs when a run's tensors, scaled by its weight, leave float32's
+    range: every rule would write NaN/inf (and an SVD would fail on them with linalg's own error)."""
+    for state, w, run in zip(states, weights, runs, strict=True):
+        for k, t in state.items():
+            if not bool(torch.isfinite(t.float() * w).all()):
+                raise CombineError(
+                    f"{_shown(weights)}: {run}'s {k} times {w:g} is not a finite number (beyond float32's range, "
+                    "or the adapter already holds NaN/inf); nothing was written. Use smaller weights")
+
+
+def _check_finite_result(state: dict[str, torch.Tensor], weights: Sequence[float]) -> None:
+    """A combined adapter with a non-finite tensor is never written: it would load, and then
+    generate nothing (or score NaN) without a word."""
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CombineError(f"{_shown(weights)}: the combined adapter's {bad} is not finite (the weighted sum leaves "
+                           "float32's range); nothing was written. Use smaller weights")
 
 
 def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
@@ -228,6 +241,52 @@ def _changed_options(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
 
 
+def _head_index(read: list[SavedRun], head_from: str | Path | None) -> int:
+    """Which of the runs gives the task head, labels and data section: --head-from, or the first."""
+    if head_from is None:
+        return 0
+    target = Path(head_from).resolve()
+    found = [i for i, r in enumerate(read) if r.folder.resolve() == target]
+    if not found:
+        raise CombineError(f"--head-from {head_from} is not one of the runs being combined; name one of them")
+    return found[0]
+
+
+def _combined_meta(head_meta: dict, name: str, state: dict[str, torch.Tensor], params: int,
+                   record: dict) -> dict[str, Any]:
+    """The head run's meta.json, less what described its own adapter, with the combined one's counts."""
+    from peftcli import __version__
+
+    meta = {k: v for k, v in head_meta.items() if k not in ("disabled_modules", "drop", "combine")}
+    meta.update({"method": name, "peftcli_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "tensors": len(state), "adapter_parameters": params, "combine": record})
+    if isinstance(meta.get("trainable"), int) and isinstance(meta.get("total"), int):
+        meta["total"] = meta["total"] - meta["trainable"] + params
+        meta["trainable"] = params
+    return meta
+
+
+def _write_combined(dest: Path, state: dict[str, torch.Tensor], name: str, meta: dict, recipe: Recipe,
+                    label_names: list[str] | None, trust_remote_code: bool = False) -> None:
+    """Write the combined run; it must rebuild (or, for a 4-bit base without CUDA, fit shape for
+    shape) before it replaces DEST."""
+    from safetensors.torch import save_file
+
+    from peftcli.runs.folder import replacing
+
+    # Written beside DEST and rebuilt there: a folder that does not load never replaces the old one.
+    with replacing(dest, kind="combine") as tmp:
+        (tmp / "adapter").mkdir()
+        save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata={"format": "pt", "method": name})
+        (tmp / "adapter" / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        _check_written(recipe, label_names, state)
+        if recipe.model.quantization != "nf4" or torch.cuda.is_available():
+            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"),
+                     trust_remote_code=trust_remote_code)
+
+
+@writes_folders
 def combine_runs(
     runs: Sequence[str | Path],
     dest: str | Path,
@@ -240,36 +299,27 @@ def combine_runs(
     seed: int | None = None,
     head_from: str | Path | None = None,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report."""
-    from safetensors.torch import save_file
-
-    from peftcli import __version__
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.folder import check_destination, local_inputs, replacing
-    from peftcli.runs.load import load_run
+    """Combine the adapters of `runs` and write the result as a run folder at `dest`; returns a report.
+    `trust_remote_code` is the command line's flag (the runs' recipes are never trusted to run code)."""
+    from peftcli.runs.folder import check_destination, local_inputs
 
     if not runs:
         raise CombineError("name at least one run to combine")
     if len(weights) != len(runs):
         raise CombineError(f"{len(weights)} weight(s) for {len(runs)} run(s); give one per run")
     _check_options(how, density, majority_sign, rank, seed)
-    read = [_read_run(Path(r)) for r in runs]
+    read = [_read_run(Path(r), trust_remote_code) for r in runs]
     spec, name = _same_target(read)
     if how is None or how not in spec.combine_hows:
         given = "no --how" if how is None else f"--how {how}"
         raise CombineError(f"{given}: {name} adapters combine by " + ", ".join(spec.combine_hows)
                            + f" (e.g. --how {spec.combine_hows[0]})")
-    if head_from is None:
-        h = 0
-    else:
-        target = Path(head_from).resolve()
-        found = [i for i, r in enumerate(read) if r.folder.resolve() == target]
-        if not found:
-            raise CombineError(f"--head-from {head_from} is not one of the runs being combined; name one of them")
-        h = found[0]
-    head = read[h]
+    head = read[_head_index(read, head_from)]
     dest = Path(dest)
+    hold(dest, what="combine destination",
+         sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
     check_destination(dest, what="combine destination", replace=force,
                       sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
 
@@ -283,10 +333,12 @@ def combine_runs(
         generator=torch.Generator().manual_seed(0 if seed is None else seed) if is_random(how) else None,
         base_weight=_base_weights(head.recipe, label_names),
     )
+    _check_finite_inputs(states, list(weights), [str(r.folder) for r in read])
     result = spec.combine(req)
 
     head_state = {k: v for k, v in head.state.items() if k.startswith(heads)}
     state = {k: v.contiguous() for k, v in {**result.state, **head_state}.items()}
+    _check_finite_result(state, list(weights))
     recipe = dataclasses.replace(head.recipe, method=result.config, init_from=None, source=None)
     recipe.output = dataclasses.replace(recipe.output, dir=str(dest))
     record = {
@@ -297,22 +349,8 @@ def combine_runs(
         "head_from": str(head.folder), "notes": result.notes,
     }
     params = int(sum(v.numel() for v in state.values()))
-    meta = {k: v for k, v in head.meta.items() if k not in ("disabled_modules", "drop", "combine")}
-    meta.update({"method": name, "peftcli_version": __version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "tensors": len(state), "adapter_parameters": params, "combine": record})
-    if isinstance(meta.get("trainable"), int) and isinstance(meta.get("total"), int):
-        meta["total"] = meta["total"] - meta["trainable"] + params
-        meta["trainable"] = params
-
-    # Written beside DEST and rebuilt there: a folder that does not load never replaces the old one.
-    with replacing(dest, kind="combine") as tmp:
-        (tmp / "adapter").mkdir()
-        save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata={"format": "pt", "method": name})
-        (tmp / "adapter" / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
-        _check_shapes(recipe, label_names, state)
-        if recipe.model.quantization != "nf4" or torch.cuda.is_available():
-            load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"))
+    meta = _combined_meta(head.meta, name, state, params, record)
+    _write_combined(dest, state, name, meta, recipe, label_names, trust_remote_code)
 
     return {
         "dest": str(dest), "method": name, "how": how, "runs": record["runs"], "weights": list(weights),

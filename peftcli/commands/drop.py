@@ -2,7 +2,7 @@
 
 The switch itself (AdapterDrop, Rücklé et al. 2021) is `core.switch`; this module is the command
 above it. A dropped run is an ordinary run folder whose adapter meta.json lists the switched-off
-modules (`disabled_modules`); `pipeline.load_run` switches them off again after loading, so
+modules (`disabled_modules`); `runs.load.load_run` switches them off again after loading, so
 `peftcli eval` and a further `peftcli drop` see the dropped model. The adapter file is copied
 unchanged.
 """
@@ -19,25 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.config.recipe import recipe_yaml
+from peftcli.config.recipe import Recipe, recipe_yaml
+from peftcli.core.arch import Arch
 from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.switch import (
-    adapter_modules,
-    apply_recorded,
     disable_layers,
     disabled_modules,
     dropped_layers,
     flags,
-    random_drop,
-    set_dropped_layers,
     set_flags,
 )
 from peftcli.inference.evaluate import evaluate
 from peftcli.methods.attach import pick_device
 from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
-from peftcli.methods.registry import parse_layers
+from peftcli.methods.targets import parse_layers
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
+from peftcli.runs.lock import hold, writes_folders
 
 
 class DropError(BadInput, ValueError):
@@ -88,6 +86,7 @@ def _span(layers: list[int]) -> str:
     return "_".join(map(str, layers))
 
 
+@writes_folders
 def drop_run(
     run: str | Path,
     dest: str | Path | None = None,
@@ -99,37 +98,28 @@ def drop_run(
     repeats: int = 1,
     device: str = "cpu",
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run."""
+    """Drop adapters from layers (and/or prune a fused run's sources), measure, write a new run.
+    `trust_remote_code` is the command line's flag (the run's recipe is never trusted to run code)."""
     if layers is None and lowest is None and prune_fusion is None:
         raise DropError("say what to drop: --layers 0-4, --lowest N, or --prune-fusion K")
     if layers is not None and lowest is not None:
         raise DropError("--layers and --lowest both choose layers; give one")
     run = Path(run)
     dev = pick_device(device)
-    built, meta = load_run(run, dev)
+    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
     model, arch, rec = built.model, built.arch, built.recipe
-    n = arch.num_layers
-    try:
-        chosen = parse_layers(layers, n) if layers is not None else []
-    except ValueError as e:
-        raise DropError(f"--layers: {e}") from None
-    if lowest is not None:
-        if not 0 <= lowest <= n:
-            raise DropError(f"--lowest {lowest}: the model has {n} layers")
-        chosen = list(range(lowest))
+    chosen = _chosen_layers(layers, lowest, arch.num_layers)
     if prune_fusion is not None:
         if not fusion_sites(model):
             raise DropError(f"--prune-fusion: {run} is a {built.spec.name} run, not a fused one")
         if prune_fusion < 1:
             raise DropError("--prune-fusion K keeps K sources per layer; K must be at least 1")
-    tag = "-".join(([f"layers{_span(chosen)}"] if chosen else [])
-                   + ([f"fusion{prune_fusion}"] if prune_fusion is not None else [])) or "none"
-    dest = Path(dest) if dest is not None else run.with_name(f"{run.name}-drop-{tag}")
-    if dest.resolve() == run.resolve():
-        raise DropError("the dropped run needs its own folder; choose another --out")
-    from peftcli.runs.folder import check_destination, local_inputs, replacing
+    dest = _destination(run, dest, chosen, prune_fusion)
+    from peftcli.runs.folder import check_destination, local_inputs
 
+    hold(dest, what="drop output", sources=[run, *local_inputs(rec)])
     check_destination(dest, what="drop output", sources=[run, *local_inputs(rec)], replace=force)
 
     # Measured on validation rows where the recipe has them: what is dropped or pruned is a choice.
@@ -143,6 +133,52 @@ def drop_run(
               num_labels=len(built.label_names or []) or None)
 
     before = flags(model)
+    switched, attention = _switch_off(model, arch, rec, chosen, prune_fusion, examples, collate, kw)
+    after = flags(model)
+    result = compare(model, {"before": before, "after": after}, examples, collate, repeats=repeats, **kw)
+    set_flags(model, after)
+
+    off = disabled_modules(model)
+    drop_info = {"layers": dropped_layers(model, arch), "prune_fusion": prune_fusion, "from": str(run)}
+    report = {
+        "run": str(run), "dest": str(dest), "examples": len(examples), "split": split, "layers_dropped": drop_info["layers"],
+        "modules_switched_off": switched, "disabled_modules": off, "before": result["before"],
+        "after": result["after"], "attention": attention, "device": str(dev), "repeats": repeats,
+    }
+    new_meta = {**meta, "disabled_modules": off, "drop": drop_info}
+    report["reload_max_diff"] = _write_dropped_run(run, dest, new_meta, rec, report, model, examples[:32], collate, dev,
+                                                  trust_remote_code)
+    return report
+
+
+def _chosen_layers(layers: str | None, lowest: int | None, n: int) -> list[int]:
+    """The layers `--layers` or `--lowest` names, for a model of `n` layers."""
+    try:
+        chosen = parse_layers(layers, n) if layers is not None else []
+    except ValueError as e:
+        raise DropError(f"--layers: {e}") from None
+    if lowest is not None:
+        if not 0 <= lowest <= n:
+            raise DropError(f"--lowest {lowest}: the model has {n} layers")
+        chosen = list(range(lowest))
+    return chosen
+
+
+def _destination(run: Path, dest: str | Path | None, chosen: list[int], prune_fusion: int | None) -> Path:
+    """--out, or a sibling of the run named for what was dropped (RUN-drop-layers0-3-fusion2)."""
+    tag = "-".join(([f"layers{_span(chosen)}"] if chosen else [])
+                   + ([f"fusion{prune_fusion}"] if prune_fusion is not None else [])) or "none"
+    dest = Path(dest) if dest is not None else run.with_name(f"{run.name}-drop-{tag}")
+    if dest.resolve() == run.resolve():
+        raise DropError("the dropped run needs its own folder; choose another --out")
+    return dest
+
+
+def _switch_off(model: nn.Module, arch: Arch, rec: Recipe, chosen: list[int], prune_fusion: int | None,
+                examples: list[dict], collate, kw: dict[str, Any]) -> tuple[int, dict | None]:
+    """Switch off the chosen layers' adapters and prune the fusion sources; returns the number of
+    modules switched off and, when pruning, the attention per layer measured before it."""
+    before = flags(model)
     attention = None
     switched = disable_layers(model, arch, chosen)
     if prune_fusion is not None:
@@ -154,34 +190,29 @@ def drop_run(
         attention = attention_table(model, names)
         disable_layers(model, arch, chosen)
         switched += len(prune(model, prune_fusion))
-    after = flags(model)
-    result = compare(model, {"before": before, "after": after}, examples, collate, repeats=repeats, **kw)
-    set_flags(model, after)
+    return switched, attention
+
+
+def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, report: dict, model: nn.Module,
+                       check: list[dict], collate, dev: torch.device, trust_remote_code: bool = False) -> float:
+    """Write the dropped run to DEST; returns the largest logit difference of the run reloaded
+    from it on the `check` examples, which must rebuild the dropped model."""
+    from peftcli.runs.folder import replacing
 
     src_adapter = find_run_adapter(run)
-    off = disabled_modules(model)
-    drop_info = {"layers": dropped_layers(model, arch), "prune_fusion": prune_fusion, "from": str(run)}
-
-    report = {
-        "run": str(run), "dest": str(dest), "examples": len(examples), "split": split, "layers_dropped": drop_info["layers"],
-        "modules_switched_off": switched, "disabled_modules": off, "before": result["before"],
-        "after": result["after"], "attention": attention, "device": str(dev), "repeats": repeats,
-    }
     # Written beside DEST and checked there: a run that does not rebuild never replaces the old one.
     with replacing(dest, kind="drop") as tmp:
         (tmp / "adapter").mkdir()
         for f in src_adapter.iterdir():
             if f.is_file() and f.name != "trainer_state.pt":
                 shutil.copy2(f, tmp / "adapter" / f.name)
-        new_meta = {**meta, "disabled_modules": off, "drop": drop_info}
         (tmp / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
         rec.output.dir = str(dest)
         (tmp / "recipe.yaml").write_text(recipe_yaml(rec))
         (tmp / "drop.json").write_text(json.dumps(report, indent=2))
 
         # The written run must rebuild the dropped model: same outputs on a few examples.
-        check = examples[: min(len(examples), 32)]
-        reloaded, _ = load_run(tmp, dev)
+        reloaded, _ = load_run(tmp, dev, trust_remote_code=trust_remote_code)
         with torch.no_grad():
             b = collate(check)
             b = {k: v.to(dev) for k, v in b.items() if k != "labels"}
@@ -190,11 +221,7 @@ def drop_run(
             diff = float((model(**b).logits.float() - reloaded.model(**b).logits.float()).abs().max())
         if diff > 1e-4:
             raise CheckpointError(f"{dest}: reloading the dropped run changes the outputs (max diff {diff:.2e})")
-    report["reload_max_diff"] = diff
-    return report
+    return diff
 
 
-__all__ = [
-    "DropError", "adapter_modules", "apply_recorded", "compare", "disable_layers", "disabled_modules", "drop_run",
-    "dropped_layers", "flags", "random_drop", "set_dropped_layers", "set_flags", "timed_eval",
-]
+__all__ = ["DropError", "compare", "drop_run", "timed_eval"]

@@ -21,7 +21,14 @@ from rich.console import Console
 
 from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.errors import CheckpointError
-from peftcli.methods.fusion import FusionConfig, FusionError, Source, read_sources
+from peftcli.methods.fusion import (
+    FusionConfig,
+    FusionError,
+    Source,
+    attention_table,
+    read_sources,
+    record_attention,
+)
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.folder import check_paths, local_inputs
 
@@ -53,16 +60,16 @@ def prepare(recipe: Recipe) -> list[Source]:
     return sources
 
 
-def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu") -> dict[str, Any]:
+def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu",
+                      trust_remote_code: bool = False) -> dict[str, Any]:
     """Reload the fused run from its folder and measure the mean attention each source receives
     on up to `limit` held-out examples: per site, and averaged over sites."""
     from peftcli.commands.drop import timed_eval
     from peftcli.methods.attach import pick_device
-    from peftcli.methods.fusion import attention_table, record_attention
     from peftcli.runs.load import collator, load_run, prepare_data
 
     dev = pick_device(device)
-    built, _ = load_run(run, dev)
+    built, _ = load_run(run, dev, trust_remote_code=trust_remote_code)
     rec = built.recipe
     _, _, _, held = prepare_data(rec, built.tokenizer)
     names = [s.name for s in read_sources(rec.method)]
@@ -76,17 +83,20 @@ def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu")
 
 
 def fuse(recipe: Recipe, *, resume: bool = False, smoke: bool = False, console: Console | None = None,
-         attention_examples: int = 256) -> dict[str, Any]:
+         attention_examples: int = 256, trust_remote_code: bool = False) -> dict[str, Any]:
     """Train the fusion described by `recipe`; returns the training summary plus the sources'
-    mean attention measured on the reloaded run."""
-    from peftcli.training.loop import train
+    mean attention measured on the reloaded run. `trust_remote_code` (the command line's flag)
+    counts with --resume, as in `train`."""
+    from peftcli.training.loop import allowed_remote_code, train
 
     sources = prepare(recipe)
-    summary = train(recipe, resume=resume, smoke=smoke, console=console)
+    summary = train(recipe, resume=resume, smoke=smoke, console=console, trust_remote_code=trust_remote_code)
     summary["sources"] = [s.run for s in sources]
     if attention_examples:
         with torch.no_grad():
-            summary["attention"] = attention_summary(recipe.run_dir(), limit=attention_examples)
+            summary["attention"] = attention_summary(
+                recipe.run_dir(), limit=attention_examples,
+                trust_remote_code=allowed_remote_code(recipe, resume, trust_remote_code))
     return summary
 
 

@@ -15,6 +15,7 @@ import torch
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import load_run
+from peftcli.runs.lock import hold, writes_folders
 
 
 class MergeRefused(CheckpointError):
@@ -22,7 +23,9 @@ class MergeRefused(CheckpointError):
 
 
 @torch.no_grad()
-def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu", recipe: Path | None = None) -> float:
+@writes_folders
+def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu", recipe: Path | None = None,
+              trust_remote_code: bool = False) -> float:
     """Merge, save, reload the saved folder, and return max |logit difference| on a sample batch.
 
     `run` may also be an HF PEFT adapter folder: it is imported first (with `recipe`, or with a
@@ -33,10 +36,11 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     from peftcli.runs.peft_format import is_peft_folder
 
     dest, run = Path(dest), Path(run)
+    hold(dest, what="merge destination", sources=[run, recipe])
     check_destination(dest, what="merge destination", sources=[run, recipe], replace=force)
     if is_peft_folder(run) and not (run / "recipe.yaml").exists():
-        with temporary_run(run, recipe) as tmp_run:
-            return merge_run(tmp_run, dest, force=force, device=device)
+        with temporary_run(run, recipe, trust_remote_code=trust_remote_code) as tmp_run:
+            return merge_run(tmp_run, dest, force=force, device=device, trust_remote_code=trust_remote_code)
     refusal = _refusal_from_recipe(run)
     if refusal:
         raise MergeRefused(refusal)
@@ -47,7 +51,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     nf4 = _is_nf4_run(Path(run))
     # A 4-bit base only loads on CUDA; "auto" lets the QLoRA check explain when there is none.
     dev = pick_device("auto" if nf4 else device)
-    built, _ = load_run(run, dev)
+    built, _ = load_run(run, dev, trust_remote_code=trust_remote_code)
     spec = built.spec
     if spec.merge is None:
         raise MergeRefused(f"method {spec.name!r} cannot be merged: {spec.merge_refusal or 'it is not a weight delta'}")
@@ -75,7 +79,9 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     with replacing(dest, kind="merge") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        reloaded = auto_class(built.recipe.model.task).from_pretrained(str(tmp), dtype=next(model.parameters()).dtype)
+        trust = {"trust_remote_code": True} if trust_remote_code else {}
+        reloaded = auto_class(built.recipe.model.task).from_pretrained(str(tmp), dtype=next(model.parameters()).dtype,
+                                                                       **trust)
         reloaded.to(dev).eval()
         merged_names = [n for n, _ in model.named_parameters()]
         reloaded_names = [n for n, _ in reloaded.named_parameters()]

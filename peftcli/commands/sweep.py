@@ -5,7 +5,8 @@ out-of-memory or a NaN in one trial cannot take the sweep down, and each process
 its own GPU. The sweep folder holds everything needed to pick up where a killed sweep stopped:
 
     sweep.json         the definition (recipe hash, swept keys, trials, seed); a rerun must match it
-    sweep.jsonl        one line per trial that ended (done, failed or diverged), fsync'ed per line
+    sweep.jsonl        one line per trial that ended (done, failed or diverged) or was stopped with
+                       the sweep (interrupted: run again by the next invocation), fsync'ed per line
     trial-001.yaml     the trial's resolved recipe, output.dir pointing at trial-001/
     trial-001.log      the trial's stdout and stderr, every attempt appended
     trial-001/         the trial's run folder (trial-001-smoke/ under --smoke)
@@ -13,6 +14,11 @@ its own GPU. The sweep folder holds everything needed to pick up where a killed 
 
 The held-out test score a finished run may also report is never read: choosing on it would make
 it a second validation set and its number optimistic.
+
+One sweep at a time writes a sweep folder (peftcli.runs.lock), and each trial runs in a process
+group of its own: on SIGTERM or Ctrl-C the sweep forwards SIGTERM to its running trials, which
+stop at the end of a step with a checkpoint, waits for them, records them as interrupted and
+exits 143 or 130; the next invocation resumes them. A second signal kills the trials at once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -40,14 +47,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
+from peftcli.core import signals
 from peftcli.core.errors import BadInput
-from peftcli.runs.checkpoint import atomic_file_write
-from peftcli.runs.folder import UnsafePathError, check_paths, fsync_path, local_inputs
+from peftcli.core.files import atomic_file_write, fsync_path
+from peftcli.runs.folder import UnsafePathError, check_paths, local_inputs
+from peftcli.runs.lock import folder_lock
 
 DEFINITION_FILE = "sweep.json"
 RECORDS_FILE = "sweep.jsonl"
 BEST_FILE = "best.yaml"
 DIVERGED_TEXT = "NaN or infinite"  # what train.NonFiniteError says; the log is all a subprocess leaves
+# How a trial stopped by SIGINT / SIGTERM exits: 128 + signal from peftcli, minus the signal when it died of it.
+STOPPED_EXITS = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
 # Keys the sweep sets itself: a trial's folder is the sweep's to choose.
 RESERVED_KEYS = {
     "output.dir": "the sweep gives each trial its own folder; choose where with --out",
@@ -493,6 +504,8 @@ class ProcessLike(Protocol):
 
     def terminate(self) -> None: ...
 
+    def kill(self) -> None: ...
+
 
 T = TypeVar("T")
 
@@ -504,12 +517,15 @@ def schedule(
     on_done: Callable[[T, int, int], None] | None = None,
     *,
     on_start: Callable[[T, int], None] | None = None,
+    on_stopped: Callable[[T, int, int], None] | None = None,
     poll_s: float = 0.1,
 ) -> list[tuple[T, int, int]]:
     """Run `pending` in order on `workers` slots; returns (item, worker, exit code) as they end.
 
-    A worker index is held by one item at a time, which is what pins one trial to one GPU. On an
-    exception (Ctrl-C included) the running processes are stopped before it propagates.
+    A worker index is held by one item at a time, which is what pins one trial to one GPU. A stop
+    requested by a signal (peftcli.core.signals.deferred) starts nothing more. On it, or on any
+    exception, the running processes are sent SIGTERM and waited for (a second signal kills them),
+    `on_stopped` is told how each ended, and the stop or the exception propagates.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -519,6 +535,7 @@ def schedule(
     ended: list[tuple[T, int, int]] = []
     try:
         while queue or running:
+            signals.stop_if_requested()
             while queue and free:
                 item, w = queue.pop(0), free.pop(0)
                 running.append((item, w, launch(item, w)))
@@ -539,14 +556,13 @@ def schedule(
                 time.sleep(poll_s)
             running = still
     except BaseException:
-        for _, _, proc in running:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, _, proc in running:
-            try:
-                proc.wait(timeout=60)
-            except Exception:  # noqa: BLE001  (still stopping: the original error is the one to report)
-                pass
+        try:
+            signals.stop_and_wait([proc for _, _, proc in running])
+        finally:
+            for item, w, proc in running:
+                rc = proc.poll()
+                if on_stopped is not None and rc is not None:
+                    on_stopped(item, w, rc)
         raise
     return ended
 
@@ -633,7 +649,8 @@ class _Board:
         table.add_column("status")
         table.add_column(f"val {plan.metric} {arrow}", justify="right")
         table.add_column("time", justify="right")
-        colours = {"done": "green", "failed": "red", "diverged": "yellow", "running": "cyan", "pending": "dim"}
+        colours = {"done": "green", "failed": "red", "diverged": "yellow", "interrupted": "magenta", "running": "cyan",
+                   "pending": "dim"}
         for t in plan.trials:
             rec = self.records.get(t.id)
             if rec is not None:
@@ -669,14 +686,62 @@ def run_sweep(
 
     A trial that fails or diverges is recorded and the sweep goes on. Rerunning resumes: recorded
     trials are skipped, a trial with a `last/` checkpoint continues with `train --resume`, one
-    killed before any checkpoint starts again in its own folder.
+    killed before any checkpoint starts again in its own folder. One sweep writes a folder at a
+    time; a stop signal stops the running trials with it (see the module).
     """
     console = console or Console()
-    command = command or trial_command
+    sources = [plan.recipe_path, *local_inputs(plan.base)]
+    with folder_lock(plan.out, what="--out", sources=sources), signals.stop_signals(), signals.deferred():
+        try:
+            return _run_trials(plan, workers, gpus, console, command or trial_command)
+        except signals.Stopped:
+            console.print(f"sweep stopped; run the same command again to resume it ({plan.out})",
+                          highlight=False, markup=False, soft_wrap=True)
+            raise
+
+
+def _start_trial(plan: SweepPlan, trial: Trial, worker: int, gpus: Sequence[str],
+                 command: Callable[..., list[str]]) -> tuple[subprocess.Popen, tuple[float, int]]:
+    """Start one attempt at a trial, in a process group of its own, its output appended to its log
+    after a header line; returns the process and (start time, log offset of this attempt)."""
+    out = plan.out
+    trial_yaml = out / f"{trial.id}.yaml"
+    atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
+    resume = (plan.run_dir(trial) / "last").is_dir()
+    argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
+    if resume and trial.recipe.model.trust_remote_code:  # the user's recipe, given to this very sweep
+        argv.append("--trust-remote-code")
+    env = {**os.environ, **worker_env(worker, gpus)}
+    # The child must run this very peftcli, even when it was imported from a clone not on sys.path.
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
+    pinned = worker_env(worker, gpus).get("CUDA_VISIBLE_DEVICES")
+    with open(out / f"{trial.id}.log", "ab") as log:
+        header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} · {shlex.join(argv)}" + (f" · GPU {pinned}" if pinned else "")
+        log.write((header + " ===\n").encode())
+        log.flush()
+        attempt = (time.perf_counter(), log.tell())
+        return signals.ProcessGroup(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env), attempt
+
+
+def _how_it_ended(rc: int, log_text: str, summary: Path, *, stopped: bool) -> tuple[str, str | None]:
+    """(status, error) of an attempt that exited with `rc`, from its log; `stopped`: by the sweep."""
+    if rc == 0 and summary.exists():
+        return "done", None
+    if stopped or rc in STOPPED_EXITS:  # resumable: the next invocation runs it again
+        return "interrupted", None
+    if DIVERGED_TEXT in " ".join(log_text.split()):
+        return "diverged", _last_error(log_text)
+    return "failed", _last_error(log_text) if rc != 0 else f"exited 0 without {summary}"
+
+
+def _run_trials(plan: SweepPlan, workers: int, gpus: Sequence[str], console: Console,
+                command: Callable[..., list[str]]) -> SweepResult:
     open_sweep_folder(plan)
     out = plan.out
     known = {t.id for t in plan.trials}
     records = {r["trial"]: r for r in read_records(out) if r["trial"] in known}
+    records = {k: r for k, r in records.items() if r.get("status") != "interrupted"}  # those run again
     resumed = len(records)
     by_id = {t.id: t for t in plan.trials}
     attempts: dict[str, tuple[float, int]] = {}  # trial -> (start time, log offset of this attempt)
@@ -702,21 +767,8 @@ def run_sweep(
         pending.append(t)
 
     def launch(trial: Trial, worker: int) -> subprocess.Popen:
-        trial_yaml = out / f"{trial.id}.yaml"
-        atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
-        resume = (plan.run_dir(trial) / "last").is_dir()
-        argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
-        env = {**os.environ, **worker_env(worker, gpus)}
-        # The child must run this very peftcli, even when it was imported from a clone not on sys.path.
-        pkg_parent = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
-        pinned = worker_env(worker, gpus).get("CUDA_VISIBLE_DEVICES")
-        with open(out / f"{trial.id}.log", "ab") as log:
-            header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} · {shlex.join(argv)}" + (f" · GPU {pinned}" if pinned else "")
-            log.write((header + " ===\n").encode())
-            log.flush()
-            attempts[trial.id] = (time.perf_counter(), log.tell())
-            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        proc, attempts[trial.id] = _start_trial(plan, trial, worker, gpus, command)
+        return proc
 
     board = _Board(plan, records)
     live = console.is_terminal
@@ -724,19 +776,17 @@ def run_sweep(
     def on_start(trial: Trial, worker: int) -> None:
         board.started[trial.id] = time.perf_counter()
 
-    def on_done(trial: Trial, worker: int, rc: int) -> None:
+    def on_stopped(trial: Trial, worker: int, rc: int) -> None:
+        on_done(trial, worker, rc, stopped=True)
+
+    def on_done(trial: Trial, worker: int, rc: int, stopped: bool = False) -> None:
         start, offset = attempts[trial.id]
         wall = time.perf_counter() - start
         with open(out / f"{trial.id}.log", "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
-        if rc == 0 and (plan.run_dir(trial) / "summary.json").exists():
-            rec = record(trial, "done", rc=rc, wall=wall, error=None)
-        elif DIVERGED_TEXT in " ".join(text.split()):
-            rec = record(trial, "diverged", rc=rc, wall=wall, error=_last_error(text))
-        else:
-            error = _last_error(text) if rc != 0 else f"exited 0 without {plan.run_dir(trial) / 'summary.json'}"
-            rec = record(trial, "failed", rc=rc, wall=wall, error=error)
+        status, error = _how_it_ended(rc, text, plan.run_dir(trial) / "summary.json", stopped=stopped)
+        rec = record(trial, status, rc=rc, wall=wall, error=error)
         if not live:
             console.print(_line(plan, rec), highlight=False, markup=False, soft_wrap=True)
 
@@ -745,9 +795,9 @@ def run_sweep(
                       highlight=False, markup=False)
     if live:
         with Live(board, console=console, refresh_per_second=2):
-            schedule(pending, workers, launch, on_done, on_start=on_start)
+            schedule(pending, workers, launch, on_done, on_start=on_start, on_stopped=on_stopped)
     else:
-        schedule(pending, workers, launch, on_done, on_start=on_start)
+        schedule(pending, workers, launch, on_done, on_start=on_start, on_stopped=on_stopped)
 
     ordered = [records[t.id] for t in plan.trials if t.id in records]
     best = pick_best(ordered, plan.metric)

@@ -1,1 +1,1 @@
-"""config"""
+"""The recipe: its dataclasses, strict validation and `key=value` overrides (`recipe`)."""

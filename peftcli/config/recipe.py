@@ -232,7 +232,7 @@ def looks_like_local_file(source: str) -> bool:
 
 def missing_data_file(source: str) -> str | None:
     """Why a local `data.source` cannot be read, or None; relative paths count from the working directory,
-    as data.py opens them."""
+    as data/datasets.py opens them."""
     if not looks_like_local_file(source):
         return None
     p = Path(source).expanduser()
@@ -428,23 +428,10 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dic
     return raw
 
 
-def recipe_from_dict(
-    raw: Any, source: str = "<recipe>", overrides: list[str] | None = None, *, check_files: bool = False
-) -> Recipe:
-    """Validate a parsed recipe. `check_files` also requires a local `data.source` to exist: on for
-    commands that will read the data, off for a finished run's recipe.yaml, which must still load
-    for merge or export after its data file is gone."""
-    problems: list[str] = []
-    if not isinstance(raw, dict):
-        raise RecipeError(source, ["the recipe must be a YAML mapping with sections " + ", ".join(TOP_LEVEL)])
-    raw = apply_overrides(raw, overrides or [], problems)
-    for key in raw:
-        if key not in TOP_LEVEL:
-            problems.append(f"{key}: unknown section{_suggest(str(key), TOP_LEVEL)}")
-    sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()}
-
+def _method_section(mraw: Any, source: str, problems: list[str]) -> tuple[str, Any]:
+    """The method's name and its config dataclass; problems appended, LoRA standing in for a
+    missing or unknown name so that the rest of the recipe is still checked."""
     methods = all_methods()
-    mraw = raw.get("method")
     if mraw is None:
         mraw = {"name": "lora"}
     if not isinstance(mraw, dict):
@@ -464,6 +451,56 @@ def recipe_from_dict(
             f"note: {source}: method.leave_out is the old spelling; method.layers names the layers that get the "
             "method (e.g. layers: '2-5' or 'top:4'). leave_out still works and removes its layers from those\n"
         )
+    return mname, mcfg
+
+
+def _check_sections_agree(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, output: OutputConfig,
+                          problems: list[str], *, check_files: bool) -> None:
+    """Problems no one section shows: settings that contradict each other, a missing data file,
+    an output folder peftcli may not write."""
+    if model.task == "causal_lm" and (data.prompt_column is None) != (data.response_column is None):
+        problems.append("data.prompt_column / data.response_column: set both (instruction data) or neither (plain text)")
+    if model.task == "classification" and model.num_labels and data.label_names:
+        if len(data.label_names) != model.num_labels:
+            problems.append(
+                f"data.label_names: {len(data.label_names)} names but model.num_labels is {model.num_labels}; "
+                "make them agree or set model.num_labels: null"
+            )
+    if model.task == "classification" and data.packing:
+        problems.append("data.packing: causal_lm only (a classifier reads one pooled position per row); "
+                        "set data.packing: false")
+    if model.task == "classification" and data.format != "auto":
+        problems.append(f"data.format: {data.format!r} is for causal_lm; classification reads data.text_column "
+                        "and data.label_column: remove data.format")
+    if data.packing is True and train_cfg.group_by_length:
+        problems.append("train.group_by_length: rows packed from the whole training set are all max_length "
+                        "already; set either data.packing: true or train.group_by_length (data.packing: batch "
+                        "combines with it)")
+    if len(set(train_cfg.report_to)) != len(train_cfg.report_to):
+        problems.append(f"train.report_to: {train_cfg.report_to} names a tracker twice; list each once")
+    if check_files and (why := missing_data_file(data.source)):
+        problems.append(why)
+    if why := _output_dir_problem(output.dir):
+        problems.append(why)
+
+
+def recipe_from_dict(
+    raw: Any, source: str = "<recipe>", overrides: list[str] | None = None, *, check_files: bool = False
+) -> Recipe:
+    """Validate a parsed recipe. `check_files` also requires a local `data.source` to exist: on for
+    commands that will read the data, off for a finished run's recipe.yaml, which must still load
+    for merge or export after its data file is gone."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise RecipeError(source, ["the recipe must be a YAML mapping with sections " + ", ".join(TOP_LEVEL)])
+    raw = apply_overrides(raw, overrides or [], problems)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{key}: unknown section{_suggest(str(key), TOP_LEVEL)}")
+    sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()}
+
+    methods = all_methods()
+    mname, mcfg = _method_section(raw.get("method"), source, problems)
     train_cfg: TrainConfig = sections["train"]
     if train_cfg.lisa_layers and not methods[mname].trains_base:
         problems.append(
@@ -479,32 +516,8 @@ def recipe_from_dict(
 
     data: DataConfig = sections["data"]
     model: ModelConfig = sections["model"]
-    if model.task == "causal_lm" and (data.prompt_column is None) != (data.response_column is None):
-        problems.append("data.prompt_column / data.response_column: set both (instruction data) or neither (plain text)")
-    if model.task == "classification" and model.num_labels and data.label_names:
-        if len(data.label_names) != model.num_labels:
-            problems.append(
-                f"data.label_names: {len(data.label_names)} names but model.num_labels is {model.num_labels}; "
-                "make them agree or set model.num_labels: null"
-            )
-    if model.task == "classification" and data.packing:
-        problems.append("data.packing: causal_lm only (a classifier reads one pooled position per row); "
-                        "set data.packing: false")
-    if model.task == "classification" and data.format != "auto":
-        problems.append(f"data.format: {data.format!r} is for causal_lm; classification reads data.text_column "
-                        "and data.label_column: remove data.format")
-    train_cfg: TrainConfig = sections["train"]
-    if data.packing is True and train_cfg.group_by_length:
-        problems.append("train.group_by_length: rows packed from the whole training set are all max_length "
-                        "already; set either data.packing: true or train.group_by_length (data.packing: batch "
-                        "combines with it)")
-    if len(set(train_cfg.report_to)) != len(train_cfg.report_to):
-        problems.append(f"train.report_to: {train_cfg.report_to} names a tracker twice; list each once")
-    if check_files and (why := missing_data_file(data.source)):
-        problems.append(why)
     output: OutputConfig = sections["output"]
-    if why := _output_dir_problem(output.dir):
-        problems.append(why)
+    _check_sections_agree(model, data, sections["train"], output, problems, check_files=check_files)
     if problems:
         raise RecipeError(source, problems)
     return Recipe(

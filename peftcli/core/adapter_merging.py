@@ -8,6 +8,10 @@ rules of task arithmetic (Ilharco et al. 2023), TIES (Yadav et al. 2023), DARE (
 and magnitude pruning. The rules compute the same numbers as HF PEFT's merge utilities, random
 draws included: DARE draws one Bernoulli mask per task tensor, in the order the tensors are
 given, from the request's generator, which is seeded as torch's global generator would be.
+
+The command above it is `peftcli combine` (commands/combine.py). "Merging" here is the
+literature's word for these rules (HF PEFT's merge_utils); baking one adapter into the base
+weights, `peftcli merge`, is commands/merge.py and each method's `merge` hook.
 """
 
 from __future__ import annotations

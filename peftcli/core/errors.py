@@ -15,3 +15,7 @@ class BadInput(Exception):
 
 class CheckpointError(BadInput, RuntimeError):
     """An adapter or run file that is missing, malformed or not what the reader expects."""
+
+
+class UsageError(BadInput):
+    """Bad command-line input that is not a recipe problem (a flag, an argument count, a name)."""

@@ -5,6 +5,9 @@ point `save:renamed` (count defaults to 1). Points are placed where a real crash
 between the writes and renames of a checkpoint and after optimizer steps. Unset, each call is one
 dictionary lookup.
 
+`PEFTCLI_SLOW_AT="step:0.3"` makes every pass of the point sleep 0.3 s: a tiny run then lasts long
+enough for a test to send it a signal half-way through, from outside, as a user would.
+
 `PEFTCLI_RAISE_AT="dist:all-reduce:2:1"` makes rank 1 raise at the 2nd pass of `dist:all-reduce`
 (`name[:count[:rank]]`; count defaults to 1, no rank means every rank). It raises
 `InjectedFailure` (the command exits 1), or with `PEFTCLI_RAISE_AS=bad-input` `InjectedBadInput`
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from peftcli.core.errors import BadInput
 
@@ -32,7 +36,17 @@ class InjectedBadInput(BadInput, ValueError):
     """Bad input, on purpose (PEFTCLI_RAISE_AT with PEFTCLI_RAISE_AS=bad-input): exit 2."""
 
 
+def _slow_point(name: str) -> None:
+    spec = os.environ.get("PEFTCLI_SLOW_AT")
+    if not spec:
+        return
+    point, _, seconds = spec.rpartition(":")
+    if point == name:
+        time.sleep(float(seconds))
+
+
 def kill_point(name: str) -> None:
+    _slow_point(name)
     spec = os.environ.get("PEFTCLI_KILL_AT")
     if not spec:
         return

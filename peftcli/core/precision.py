@@ -50,7 +50,7 @@ def forward_inputs(batch: dict[str, torch.Tensor], task: str) -> dict[str, Any]:
 
     Causal LMs run without a KV cache: nothing continues from it, building one copies every
     layer's keys and values, and its per-layer state makes compiled layers recompile one by one.
-    Packed rows (`position_ids`, see data.pack) go without an attention mask: given restarting
+    Packed rows (`position_ids`, see data.datasets.pack) go without an attention mask: given restarting
     positions and no mask, transformers confines attention to each packed example (a block-
     diagonal causal mask, or the varlen kernel of flash attention).
     """

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.inference.multi import MultiAdapter, eos_ids
+from peftcli.inference.decode import eos_ids
+from peftcli.inference.multi import MultiAdapter
 
 EventSink = Callable[[str, Any], None]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,11 +12,8 @@ from torch import nn
 from peftcli.core.arch import Arch
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.data.datasets import Collator, batches
+from peftcli.inference.decode import generate_texts
 from peftcli.models.losses import causal_lm_loss_from_logits
-
-# autocast_ctx and forward_inputs live in core.precision; importing them from here keeps working
-# until every caller (train.py) imports them from there.
-__all__ = ["autocast_ctx", "evaluate", "forward_inputs", "generate_texts", "generation_eval", "label_match"]
 
 
 def _macro_f1(preds: list[int], golds: list[int], n: int) -> float:
@@ -28,6 +26,41 @@ def _macro_f1(preds: list[int], golds: list[int], n: int) -> float:
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / max(len(f1s), 1)
+
+
+@dataclass
+class Scores:
+    """Sums and counts over examples, so neither batch order nor batch company changes the
+    metrics: `evaluate` adds whole batches, `multi.evaluate_runs` one row at a time per run."""
+
+    task: str
+    loss: float = 0.0  # summed over examples (classification) or target tokens (causal LM)
+    n: int = 0
+    preds: list[int] = field(default_factory=list)
+    golds: list[int] = field(default_factory=list)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One forward pass's float logits and its labels."""
+        if self.task == "classification":
+            self.loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            self.n += len(labels)
+            self.preds += logits.argmax(-1).tolist()
+            self.golds += labels.tolist()
+        else:
+            loss, n = causal_lm_loss_from_logits(logits, labels)
+            self.loss += float(loss) * n
+            self.n += n
+
+    def metrics(self, examples: int, num_labels: int | None = None) -> dict[str, Any]:
+        """Loss and accuracy / macro-F1 (classification) or perplexity (causal LM)."""
+        metrics: dict[str, Any] = {"loss": self.loss / max(self.n, 1), "examples": examples}
+        if self.task == "classification":
+            preds, golds = self.preds, self.golds
+            metrics["accuracy"] = sum(1 for p, g in zip(preds, golds, strict=True) if p == g) / max(len(golds), 1)
+            metrics["f1"] = _macro_f1(preds, golds, num_labels or (max(golds + preds) + 1 if golds else 1))
+        else:
+            metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        return metrics
 
 
 @torch.no_grad()
@@ -44,9 +77,7 @@ def evaluate(
 ) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    total_loss, total_n = 0.0, 0
-    preds: list[int] = []
-    golds: list[int] = []
+    scores = Scores(task)
     # Every metric is a sum or count over examples, so their order is free: batches of similar
     # length carry little padding (tweets: about half the tokens of batches in file order).
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))
@@ -55,64 +86,9 @@ def evaluate(
         inputs = forward_inputs(batch, task)
         with autocast_ctx(device, precision):
             out = model(**inputs)
-        logits = out.logits.float()
-        if task == "classification":
-            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-            total_loss += float(loss)
-            total_n += len(batch["labels"])
-            preds += logits.argmax(-1).tolist()
-            golds += batch["labels"].tolist()
-        else:
-            loss, n = causal_lm_loss_from_logits(logits, batch["labels"])
-            total_loss += float(loss) * n
-            total_n += n
+        scores.add(out.logits.float(), batch["labels"])
     model.train(was_training)
-    metrics: dict[str, Any] = {"loss": total_loss / max(total_n, 1), "examples": len(examples)}
-    if task == "classification":
-        metrics["accuracy"] = sum(1 for p, g in zip(preds, golds, strict=True) if p == g) / max(len(golds), 1)
-        metrics["f1"] = _macro_f1(preds, golds, num_labels or (max(golds + preds) + 1 if golds else 1))
-    else:
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-    return metrics
-
-
-@torch.no_grad()
-def generate_texts(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[str],
-    *,
-    device: torch.device,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    add_special_tokens: bool = False,
-) -> list[str]:
-    """Greedy continuations of already-formatted prompts (left-padded batches, KV cache on)."""
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(
-                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-            ).to(device)
-            # Only ids and mask: word-piece tokenizers also emit token_type_ids, which Llama-like
-            # models' generate() rejects.
-            gen = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            outs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return outs
+    return scores.metrics(len(examples), num_labels)
 
 
 def label_match(generated: str, reference: str) -> bool:

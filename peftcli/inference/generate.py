@@ -2,29 +2,35 @@
 
 Prompts are formatted exactly as the training data was (the tokenizer's chat template when the
 recipe uses it), so a run answers in the format it learned. Decoding is greedy with the KV cache,
-through `evaluate.generate_texts`, the same path that scores generated answers during training.
+through `decode.generate_texts`, the same path that scores generated answers during training;
+several runs of one base model answer a prompts file in mixed batches (`multi.generate_mixed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
 from peftcli.data.datasets import format_prompt
-from peftcli.inference.evaluate import generate_texts
+from peftcli.inference.decode import generate_texts
+from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
 from peftcli.methods.attach import pick_device
-from peftcli.runs.load import Built, build, load_run
+from peftcli.runs.load import Built, build, load_run, untrusted
 
 
 class GenerateError(BadInput, ValueError):
     """The run or recipe cannot generate text (wrong task, not found)."""
 
 
-def load_for_generation(target: str | Path, device: torch.device, overrides: list[str] | None = None) -> Built:
-    """A run folder (its saved adapter) or a recipe file (a fresh adapter, or its `init_from`)."""
+def load_for_generation(target: str | Path, device: torch.device, overrides: list[str] | None = None, *,
+                        trust_remote_code: bool = False) -> Built:
+    """A run folder (its saved adapter) or a recipe file (a fresh adapter, or its `init_from`).
+    Either may be a run's own recipe.yaml, so code runs only with `trust_remote_code` (the flag)."""
     target = Path(target)
     if target.is_dir():
         recipe_file = target / "recipe.yaml"
@@ -39,9 +45,10 @@ def load_for_generation(target: str | Path, device: torch.device, overrides: lis
         if task != "causal_lm":
             raise GenerateError(f"{target}: model.task is {task!r}; generation needs a causal_lm run or recipe")
     if target.is_dir():
-        built, _ = load_run(target, device, overrides)
+        built, _ = load_run(target, device, overrides, trust_remote_code=trust_remote_code)
         return built
-    return build(load_recipe(target, overrides or []), device)
+    return build(untrusted(load_recipe(target, overrides or []), trust_remote_code), device,
+                 trust_remote_code=trust_remote_code)
 
 
 def generate(
@@ -52,12 +59,26 @@ def generate(
     device: str = "auto",
     overrides: list[str] | None = None,
     chat_template: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> list[str]:
     """Greedy continuations of `prompts`; `chat_template` None = as the recipe's data section says."""
     if max_new_tokens < 1:
         raise GenerateError("max_new_tokens must be at least 1")
     dev = pick_device(device)
-    built = load_for_generation(target, dev, overrides)
+    built = load_for_generation(target, dev, overrides, trust_remote_code=trust_remote_code)
     use_template = built.recipe.data.chat_template if chat_template is None else chat_template
     formatted = [format_prompt(built.tokenizer, p, use_template) for p in prompts]
     return generate_texts(built.model, built.tokenizer, formatted, device=dev, max_new_tokens=max_new_tokens)
+
+
+def generate_for_runs(runs: Sequence[str | Path], prompts: Path, *, max_new_tokens: int,
+                      device: str = "auto", trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """Answers to a JSONL prompts file, each prompt with the adapter its line names, several runs
+    of one base model sharing each batch; one {"adapter", "prompt", "generated"} per line, in order."""
+    multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
+    if multi.recipe.model.task != "causal_lm":
+        raise GenerateError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
+    reqs, limits = read_prompts(prompts, multi, max_new_tokens)
+    texts = generate_mixed(multi, reqs, max_new_tokens=limits)
+    return [{"adapter": name, "prompt": prompt, "generated": text}
+            for (name, prompt), text in zip(reqs, texts, strict=True)]

@@ -31,14 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftcli.config.recipe import Recipe
 from peftcli.core.adapter import LayerAdapter
 from peftcli.core.arch import dense_weight, is_conv1d, is_linear, linear_dims, set_module
 from peftcli.core.errors import BadInput
+from peftcli.core.precision import autocast_ctx, float_dtype, forward_inputs
+from peftcli.data.datasets import Collator, format_prompt
+from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
+from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method
+from peftcli.runs.load import SavedRun, base_model, load_run, open_run, same_model
 
 BASE = 0  # adapter index of "no adapter"
 
@@ -224,12 +228,10 @@ _SHARED_KEYS = ("name", "task", "revision", "dtype", "quantization", "trust_remo
 
 
 def _check_same_base(first: tuple[Path, Recipe], other: tuple[Path, Recipe]) -> None:
-    from peftcli.runs.load import _same_model
-
     (r0, a), (r1, b) = first, other
     for key in _SHARED_KEYS:
         va, vb = getattr(a.model, key), getattr(b.model, key)
-        same = _same_model(va, vb) if key == "name" else va == vb
+        same = same_model(va, vb) if key == "name" else va == vb
         if not same:
             raise MultiAdapterError(
                 f"{r1 / 'recipe.yaml'}: model.{key} is {vb!r}, but {r0 / 'recipe.yaml'} has {va!r}; runs served "
@@ -295,63 +297,36 @@ def _share_base_tensors(model: nn.Module, shared: nn.Module) -> int:
     return tied
 
 
-def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
-    """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases."""
-    from peftcli.config.recipe import load_recipe
-    from peftcli.core.errors import CheckpointError
-    from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
-    from peftcli.models.quant import float_dtype
-    from peftcli.runs.checkpoint import find_run_adapter, read_adapter
-    from peftcli.runs.load import check_adapter_matches, load_run
-
+def load_runs(runs: Sequence[str | Path], device: torch.device, *, trust_remote_code: bool = False) -> MultiAdapter:
+    """Several run folders (`RUN` or `NAME=RUN`) on one base model; refuses runs on different bases.
+    `trust_remote_code` is the command line's flag, never the runs' saved recipes (`open_run`)."""
     named = parse_run_args(runs)
     if not named:
         raise MultiAdapterError("no runs given; pass one or more run folders written by `peftcli train`")
-    loaded: list[tuple[str, Path, Recipe, dict, dict]] = []
+    loaded: list[tuple[str, SavedRun]] = []
     for name, run in named:
-        if not (run / "recipe.yaml").exists():
-            raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-        recipe = load_recipe(run / "recipe.yaml", [])
-        recipe.init_from = None
-        adapter_dir = find_run_adapter(run)
-        sd, meta = read_adapter(adapter_dir)
-        check_adapter_matches(recipe, meta, adapter_dir, str(run / "recipe.yaml"))
+        saved = open_run(run, trust_remote_code=trust_remote_code)
         if loaded:
-            _check_same_base((loaded[0][1], loaded[0][2]), (run, recipe))
-        loaded.append((name, run, recipe, sd, meta))
+            _check_same_base((loaded[0][1].folder, loaded[0][1].recipe), (run, saved.recipe))
+        loaded.append((name, saved))
 
-    first = next((x for x in loaded if _stacks(x[2])), loaded[0])
-    r0, meta0 = first[2], first[4]
-    if r0.model.quantization == "nf4":
-        from peftcli.methods.attach import check_qlora_possible
-
-        check_qlora_possible(r0.method_name, device, r0.method)
-    tok = load_tokenizer(r0.model.name)
-    label_names = meta0.get("label_names")
-    model = load_base_model(
-        r0.model.name, r0.model.task, num_labels=r0.model.num_labels or (len(label_names) if label_names else None),
-        dtype=resolve_dtype(r0.model.dtype, device), attn_implementation=r0.model.attn_implementation,
-        quantization=r0.model.quantization, revision=r0.model.revision, trust_remote_code=r0.model.trust_remote_code,
-        label_names=label_names,
-    )
-    if r0.model.quantization != "nf4":
-        model.to(device)
-    if model.config.pad_token_id is None and tok.pad_token_id is not None:
-        model.config.pad_token_id = tok.pad_token_id
+    first = next((s for _, s in loaded if _stacks(s.recipe)), loaded[0][1])
+    r0 = first.recipe
+    model, tok = base_model(r0, device, first.meta.get("label_names"), trust_remote_code)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
 
-    multi = MultiAdapter(model=model, tokenizer=tok, device=device, base_name=loaded[0][2].model.name, recipe=r0)
-    if multi.base_name in {n for n, *_ in loaded}:
+    multi = MultiAdapter(model=model, tokenizer=tok, device=device, base_name=loaded[0][1].recipe.model.name, recipe=r0)
+    if multi.base_name in {n for n, _ in loaded}:
         raise MultiAdapterError(f"a run is named {multi.base_name!r}, the base model's name; name it apart as NAME=RUN")
 
     stacked: list[tuple[Adapter, dict, dict]] = []
-    for name, run, recipe, sd, meta in loaded:
-        a = Adapter(name=name, run=run, recipe=recipe, meta=meta)
-        sites, rest = _lora_sites(sd) if _stacks(recipe) else ({}, {})
-        off = set(meta.get("disabled_modules") or [])
-        if _stackable(recipe, rest, model, sites):
+    for name, saved in loaded:
+        a = Adapter(name=name, run=saved.folder, recipe=saved.recipe, meta=saved.meta)
+        sites, rest = _lora_sites(saved.state) if _stacks(saved.recipe) else ({}, {})
+        off = set(saved.meta.get("disabled_modules") or [])
+        if _stackable(saved.recipe, rest, model, sites):
             a.index = len(stacked) + 1
             stacked.append((a, {p: ab for p, ab in sites.items() if p not in off}, rest))
         multi.adapters[name] = a
@@ -360,7 +335,7 @@ def load_runs(runs: Sequence[str | Path], device: torch.device) -> MultiAdapter:
     for a in multi.adapters.values():
         if a.stacked:
             continue
-        built, _ = load_run(a.run, device)
+        built, _ = load_run(a.run, device, trust_remote_code=trust_remote_code)
         built.model.eval()
         _share_base_tensors(built.model, model)
         a.model = built.model
@@ -408,87 +383,6 @@ def _build_stacks(multi: MultiAdapter, stacked: list[tuple[Adapter, dict, dict]]
 # --------------------------------------------------------------------------------------- generation
 
 
-class _StepStreamer:
-    """generate()'s streamer interface: reports each decode step's new token of every row."""
-
-    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
-        self.on_step = on_step
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first pushes the prompt
-            self.prompt_seen = True
-            return
-        self.on_step(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-def eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
-
-
-@torch.no_grad()
-def greedy_ids(
-    model: nn.Module,
-    prompts: list[list[int]],
-    max_new: list[int],
-    *,
-    pad_id: int,
-    eos: set[int],
-    device: torch.device,
-    on_step: Callable[[list[int]], None] | None = None,
-    stop_row: Callable[[int], bool] | None = None,
-    logits: list[list[torch.Tensor]] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, left-padded into one batch (KV cache on).
-
-    Row i stops after max_new[i] tokens, at an end-of-sequence token, or once `stop_row(i)` says
-    so (a client that went away); the batch stops when every row has. Returned ids end before
-    the end-of-sequence token. `logits`, when given, receives each row's per-step logits.
-    """
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    limits = torch.tensor(max_new)
-
-    class _PerRow(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            done = (input_ids.shape[1] - width) >= limits
-            if stop_row is not None:
-                done = done | torch.tensor([stop_row(i) for i in range(len(prompts))])
-            return done.to(input_ids.device)
-
-    was_training = model.training
-    model.eval()
-    try:
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(max_new), do_sample=False,
-            pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([_PerRow()]),
-            streamer=_StepStreamer(on_step) if on_step else None,
-            return_dict_in_generate=True, output_logits=logits is not None,
-        )
-    finally:
-        model.train(was_training)
-    out = []
-    for i, row in enumerate(gen.sequences[:, width:].tolist()):
-        row = row[: max_new[i]]
-        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-        out.append(row[:cut])
-        if logits is not None:
-            logits.append([step[i].float().cpu() for step in gen.logits[: len(row)]])
-    return out
-
-
 def generate_mixed(
     multi: MultiAdapter,
     requests: Sequence[tuple[str, str]],
@@ -500,8 +394,6 @@ def generate_mixed(
 ) -> list[str]:
     """Greedy continuations of (adapter name, prompt) pairs, each prompt formatted as its run's
     training data was; the order of the answers is the order of the requests."""
-    from peftcli.data.datasets import format_prompt
-
     tok = multi.tokenizer
     names = [n for n, _ in requests]
     limits = [max_new_tokens] * len(requests) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -513,7 +405,7 @@ def generate_mixed(
         ids.append(tok(format_prompt(tok, p, use), add_special_tokens=False)["input_ids"])
     outs: list[list[int]] = [[] for _ in requests]
     row_logits: list[list[torch.Tensor]] = [[] for _ in requests]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     for model, pos, _ in multi.groups(names):
         eos = eos_ids(model, tok)
         for c in range(0, len(pos), batch_size):
@@ -585,15 +477,10 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
     The metrics are those `evaluate.evaluate` gives the run alone: per-example sums and counts
     gathered per run, so neither batch order nor batch company changes them.
     """
-    from peftcli.core.precision import autocast_ctx, forward_inputs
-    from peftcli.data.datasets import Collator
-    from peftcli.inference.evaluate import _macro_f1
-    from peftcli.models.losses import causal_lm_loss_from_logits
-
     task = multi.recipe.model.task
     collate = Collator(multi.tokenizer.pad_token_id, task)
     tagged = [(n, e) for n, exs in examples.items() for e in exs]
-    stats = {n: {"loss": 0.0, "n": 0, "preds": [], "golds": []} for n in examples}
+    scores = {n: Scores(task) for n in examples}
     names_all = [n for n, _ in tagged]
     for model, pos, _ in multi.groups(names_all):
         pos = sorted(pos, key=lambda i: len(tagged[i][1]["input_ids"]))
@@ -604,32 +491,15 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
                     autocast_ctx(multi.device, multi.recipe.train.precision):
                 logits = model(**forward_inputs(batch, task)).logits.float()
             for j, i in enumerate(chunk):
-                st = stats[names_all[i]]
-                if task == "classification":
-                    lab = batch["labels"][j: j + 1]
-                    st["loss"] += float(F.cross_entropy(logits[j: j + 1], lab, reduction="sum"))
-                    st["n"] += 1
-                    st["preds"].append(int(logits[j].argmax(-1)))
-                    st["golds"].append(int(lab[0]))
-                else:
-                    loss, n = causal_lm_loss_from_logits(logits[j: j + 1], batch["labels"][j: j + 1])
-                    st["loss"] += float(loss) * n
-                    st["n"] += n
+                scores[names_all[i]].add(logits[j: j + 1], batch["labels"][j: j + 1])
     out: dict[str, dict] = {}
-    for name, st in stats.items():
-        m: dict[str, Any] = {"loss": st["loss"] / max(st["n"], 1), "examples": len(examples[name])}
-        if task == "classification":
-            golds, preds = st["golds"], st["preds"]
-            labels = multi.adapters[name].meta.get("label_names") if name in multi.adapters else None
-            m["accuracy"] = sum(p == g for p, g in zip(preds, golds, strict=True)) / max(len(golds), 1)
-            m["f1"] = _macro_f1(preds, golds, len(labels or []) or (max(golds + preds) + 1 if golds else 1))
-        else:
-            m["perplexity"] = math.exp(min(m["loss"], 50.0))
-        out[name] = m
+    for name, sc in scores.items():
+        labels = multi.adapters[name].meta.get("label_names") if name in multi.adapters else None
+        out[name] = sc.metrics(len(examples[name]), len(labels or []) or None)
     return out
 
 
 __all__ = [
     "Adapter", "MultiAdapter", "MultiAdapterError", "StackedLinear", "StackedLoraLinear", "evaluate_runs",
-    "generate_mixed", "greedy_ids", "load_runs", "parse_run_args", "read_prompts",
+    "generate_mixed", "load_runs", "parse_run_args", "read_prompts",
 ]

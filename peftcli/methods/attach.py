@@ -10,7 +10,7 @@ from torch import nn
 
 from peftcli.core.arch import Arch, UnsupportedArchitecture, resolve
 from peftcli.methods import all_methods, get_method
-from peftcli.methods.registry import MethodSpec, count_trainable, freeze
+from peftcli.methods.registry import MethodSpec
 from peftcli.models.quant import QuantizationUnavailable
 
 
@@ -39,6 +39,17 @@ def attach_method(
             for p in head.parameters():
                 p.requires_grad_(True)
     return arch, spec
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
 
 
 def trainable_summary(model: nn.Module) -> dict:

@@ -33,7 +33,7 @@ from peftcli.core.adapter import AdapterModule, is_adapter_module
 from peftcli.core.adapter_merging import WEIGHTED, averaging
 from peftcli.core.arch import Arch
 from peftcli.core.hf_call import Capture
-from peftcli.methods.registry import LAYERS_HELP, method_layers
+from peftcli.methods.targets import LAYERS_HELP, method_layers
 
 NonLinearity = Literal["relu", "gelu", "silu", "swish", "tanh"]
 AdapterInit = Literal["near_identity", "bert", "lora"]
@@ -109,7 +109,7 @@ def bottleneck_dim(hidden: int, cfg: BottleneckOptions) -> int:
 
 
 def adapted_layers(arch: Arch, cfg: Any) -> list[int]:
-    """The layers that get adapters: `layers`, less the old `leave_out` spelling's (registry)."""
+    """The layers that get adapters: `layers`, less the old `leave_out` spelling's (methods/targets.method_layers)."""
     return method_layers(cfg, arch.num_layers)
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peftcli.core.arch import Arch
-from peftcli.methods.registry import LAYERS_HELP, method_layers, register
+from peftcli.methods.registry import register
+from peftcli.methods.targets import LAYERS_HELP, method_layers
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch import nn
 
 from peftcli.core.adapter import AdapterModule
 from peftcli.core.arch import Arch
-from peftcli.core.errors import BadInput
+from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.hf_call import SequenceMask, sequence_mask
 from peftcli.methods.bottleneck import (
     adapted_layers,
@@ -46,7 +46,7 @@ from peftcli.methods.bottleneck import (
     factory_kwargs,
     get_role,
 )
-from peftcli.methods.registry import register
+from peftcli.methods.registry import get_method, register
 
 # Source methods that can be fused, and the sites each one adapts.
 SITES = {"pfeiffer": ("ffn",), "houlsby": ("attn", "ffn")}
@@ -85,8 +85,6 @@ class Source:
         return Path(self.run).name or self.run
 
     def config(self) -> Any:
-        from peftcli.methods.registry import get_method
-
         return get_method(self.method).config_cls(**self.options)
 
     def to_json(self) -> str:
@@ -286,7 +284,6 @@ def attach(model: nn.Module, arch: Arch, cfg: FusionConfig) -> None:
 
 def _load_source_weights(model: nn.Module, arch: Arch, sources: list[Source]) -> None:
     """Copy each source run's adapter into the sites, when the runs are there."""
-    from peftcli.core.errors import CheckpointError
     from peftcli.runs.checkpoint import find_run_adapter, read_adapter
 
     files = {}
@@ -326,7 +323,6 @@ def export_state(model: nn.Module, arch: Arch, cfg: FusionConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: FusionConfig, sd: dict[str, torch.Tensor]) -> None:
-    from peftcli.core.errors import CheckpointError
     from peftcli.runs.checkpoint import copy_into_params
 
     params = dict(model.named_parameters())

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from peftcli.core.arch import Arch
-from peftcli.methods.registry import LAYERS_HELP, method_layers, register, select_linears
+from peftcli.methods.registry import register
+from peftcli.methods.targets import LAYERS_HELP, method_layers, select_linears
 
 
 @dataclass

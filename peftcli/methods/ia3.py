@@ -22,7 +22,8 @@ from peftcli.core import peft_layout as fmt
 from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
 from peftcli.core.adapter_merging import WEIGHTED, averaging
 from peftcli.core.arch import QKV, Arch, is_conv1d, linear_dims, set_module
-from peftcli.methods.registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
+from peftcli.methods.registry import PeftTwin, register
+from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
 
 
 @dataclass

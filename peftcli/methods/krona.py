@@ -23,7 +23,8 @@ from peftcli.core.adapter_merging import WEIGHTED, averaging
 from peftcli.core.arch import Arch, linear_dims, set_module
 from peftcli.methods.bottleneck import adapted_layers, factory_kwargs
 from peftcli.methods.lora import merge_into_base
-from peftcli.methods.registry import LAYERS_HELP, register, select_linears
+from peftcli.methods.registry import register
+from peftcli.methods.targets import LAYERS_HELP, select_linears
 
 
 @dataclass

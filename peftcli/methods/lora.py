@@ -33,7 +33,8 @@ from peftcli.core.adapter_merging import (
 from peftcli.core.arch import Arch, dense_weight, is_conv1d, linear_dims, set_module
 from peftcli.core.precision import float_dtype
 from peftcli.methods.lora_kernel import lora_linear
-from peftcli.methods.registry import LAYERS_HELP, PeftTwin, parse_layers, register, select_linears
+from peftcli.methods.registry import PeftTwin, register
+from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
 
 
 @dataclass
@@ -57,14 +58,16 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 class LoraLinear(LayerAdapter):
     """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D) with a low-rank update.
 
-    The one low-rank linear of peftcli: DoRA (`dora.DoraLinear`) and UniPELT's gated LoRA subclass
-    it, so that they build, initialise, name and count A and B exactly as LoRA does, and change
-    only what the forward does with B A x (and, for DoRA, how it merges).
+    The one low-rank linear of peftcli: DoRA (`DoraLinear`, below) and UniPELT's gated LoRA
+    (`methods.unipelt.GatedLoraLinear`) subclass it, so that they build, initialise, name and
+    count A and B exactly as LoRA does, and change only what the forward does with B A x (and,
+    for DoRA, how it merges).
 
-    The forward goes through `peftcli.methods.lora_kernel.lora_linear` (one autograd node with a hand-written
-    backward) whenever the base is a plain nn.Linear or Conv1D; anything else (quantized bases,
-    hooked modules, mixed dtypes outside autocast) takes the plain formula. Both compute the same
-    numbers; `fast_path = False` on an instance or the class forces the plain one.
+    The forward goes through `methods.lora_kernel.lora_linear` (one autograd node with a
+    hand-written backward) whenever the base is a plain nn.Linear or Conv1D; anything else
+    (quantized bases, hooked modules, mixed dtypes outside autocast) takes the plain formula.
+    Both compute the same numbers; `fast_path = False` on an instance or the class forces the
+    plain one.
     """
 
     fast_path: bool = True
@@ -216,8 +219,6 @@ def check_dense(model: nn.Module, paths: list[str]) -> None:
             raise ValueError(f"DoRA needs floating-point base weights to take row norms; {p} is quantized")
 
 
-__all__ = ["DoraLinear", "check_dense"]
-
 
 def attach(model: nn.Module, arch: Arch, cfg: LoraConfig) -> None:
     layers = parse_layers(cfg.layers, arch.num_layers)
@@ -357,31 +358,8 @@ def combine(req: CombineRequest) -> Combined:
         new_rank = ranks[0]
     out: dict[str, torch.Tensor] = {}
     for m in modules:
-        a_s = [sd[m + _A].float() for sd in req.states]
-        b_s = [sd[m + _B].float() for sd in req.states]
         dtype = req.states[0][m + _A].dtype
-        if how == "cat":
-            a = torch.cat([t * w * s for t, w, s in zip(a_s, req.weights, scalings, strict=True)], dim=0)
-            b = torch.cat(b_s, dim=1)
-        elif uses_svd(how):
-            limit = min(b_s[0].shape[0], a_s[0].shape[1])
-            if new_rank > limit:
-                raise CombineError(f"--rank {new_rank} exceeds what {m} can hold ({b_s[0].shape[0]} × "
-                                   f"{a_s[0].shape[1]}: rank at most {limit}); choose --rank {limit} or less")
-            deltas = [(b @ a) * s for a, b, s in zip(a_s, b_s, scalings, strict=True)]
-            merged = merge_tensors(rule, deltas, torch.tensor(req.weights), density=req.density,
-                                   majority_sign=req.majority_sign, generator=req.generator)
-            # Full matrices, as PEFT: the reduced SVD spans the same directions but rounds differently.
-            u, sv, vh = torch.linalg.svd(merged, full_matrices=True)
-            b = u[:, :new_rank] @ torch.diag(sv[:new_rank])
-            a = vh[:new_rank, :]
-        else:
-            ws = [w * s for w, s in zip(req.weights, scalings, strict=True)]
-            wa = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws])
-            wb = torch.tensor([math.sqrt(abs(x)) for x in ws])
-            kw = dict(density=req.density, majority_sign=req.majority_sign, generator=req.generator)
-            a = merge_tensors(rule, a_s, wa, **kw)
-            b = merge_tensors(rule, b_s, wb, **kw)
+        a, b = _combine_factors(req, m, rule, new_rank, scalings)
         out[m + _A], out[m + _B] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         if cfgs[0].use_dora:
             out[m + _M] = _combine_magnitude(req, m)
@@ -394,6 +372,37 @@ def combine(req: CombineRequest) -> Combined:
                      "cat (exact) or svd (exact up to the rank kept) combine the updates themselves")
     new_cfg = dataclasses.replace(cfgs[0], r=new_rank, alpha=float(new_rank), rslora=False)
     return Combined({k: out[k] for k in req.states[0] if k in out}, new_cfg, notes)
+
+
+def _combine_factors(req: CombineRequest, m: str, rule: str, new_rank: int,
+                     scalings: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined A and B of module `m`, in float32, by the request's `how`."""
+    how = req.how
+    a_s = [sd[m + _A].float() for sd in req.states]
+    b_s = [sd[m + _B].float() for sd in req.states]
+    if how == "cat":
+        a = torch.cat([t * w * s for t, w, s in zip(a_s, req.weights, scalings, strict=True)], dim=0)
+        b = torch.cat(b_s, dim=1)
+    elif uses_svd(how):
+        limit = min(b_s[0].shape[0], a_s[0].shape[1])
+        if new_rank > limit:
+            raise CombineError(f"--rank {new_rank} exceeds what {m} can hold ({b_s[0].shape[0]} × "
+                               f"{a_s[0].shape[1]}: rank at most {limit}); choose --rank {limit} or less")
+        deltas = [(b @ a) * s for a, b, s in zip(a_s, b_s, scalings, strict=True)]
+        merged = merge_tensors(rule, deltas, torch.tensor(req.weights), density=req.density,
+                               majority_sign=req.majority_sign, generator=req.generator)
+        # Full matrices, as PEFT: the reduced SVD spans the same directions but rounds differently.
+        u, sv, vh = torch.linalg.svd(merged, full_matrices=True)
+        b = u[:, :new_rank] @ torch.diag(sv[:new_rank])
+        a = vh[:new_rank, :]
+    else:
+        ws = [w * s for w, s in zip(req.weights, scalings, strict=True)]
+        wa = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws])
+        wb = torch.tensor([math.sqrt(abs(x)) for x in ws])
+        kw = dict(density=req.density, majority_sign=req.majority_sign, generator=req.generator)
+        a = merge_tensors(rule, a_s, wa, **kw)
+        b = merge_tensors(rule, b_s, wb, **kw)
+    return a, b
 
 
 def _combine_magnitude(req: CombineRequest, module: str) -> torch.Tensor:
@@ -429,4 +438,4 @@ register(
     ),
 )(attach)
 
-__all__ = ["LoraConfig", "LoraLinear", "attach", "merge", "merge_into_base", "wrap_linears", "dense_weight"]
+__all__ = ["DoraLinear", "LoraConfig", "LoraLinear", "attach", "check_dense", "merge", "merge_into_base", "wrap_linears"]

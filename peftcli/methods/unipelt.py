@@ -41,7 +41,8 @@ from peftcli.core.hf_call import Capture, SequenceMask, sequence_mask
 from peftcli.methods import prefix as prefix_method
 from peftcli.methods.bottleneck import Bottleneck, NonLinearity, factory_kwargs, get_role, place_sequential
 from peftcli.methods.lora import LoraLinear, wrap_linears
-from peftcli.methods.registry import register, select_linears
+from peftcli.methods.registry import register
+from peftcli.methods.targets import select_linears
 
 
 @dataclass

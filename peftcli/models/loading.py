@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from peftcli.core.errors import BadInput
-from peftcli.core.precision import resolve_dtype  # noqa: F401  (moved there; importers of it from here keep working)
 from peftcli.core.quiet import quiet_libraries
 
 # hub id -> (package, how to find the model inside it)
@@ -28,6 +27,49 @@ EMBEDDED: dict[str, tuple[str, str]] = {
 
 class ModelLoadError(BadInput, RuntimeError):
     pass
+
+
+class RemoteCodeRefused(ModelLoadError):
+    """A model whose loading would run code shipped with it, without the user's say-so."""
+
+
+# Where the refusal says the consent comes from: a flag for commands that read a run or adapter
+# folder (whose saved recipe is never trusted), the recipe key for `train` on the user's own recipe.
+FLAG_HINT = "pass --trust-remote-code on the command line if you trust that code"
+RECIPE_HINT = "set model.trust_remote_code: true in your recipe if you trust that code"
+
+
+def _remote_code_refusal(name: str, why: str, hint: str) -> RemoteCodeRefused:
+    return RemoteCodeRefused(f"model {name!r} {why}, and peftcli runs no code from a model, run or adapter "
+                             f"folder unless told to: {hint}")
+
+
+def needs_remote_code(name: str) -> bool:
+    """True when a local model folder can only be loaded with its own Python files: its
+    config.json has an `auto_map` and a `model_type` transformers does not know. (A hub id is
+    judged by transformers itself, which refuses such a model unless trust_remote_code is passed.)"""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    src = resolve_source(name)
+    cfg = Path(src.path) / "config.json"
+    if src.gguf_file or not cfg.is_file():
+        return False
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers reports an unreadable config when it loads it
+    if not isinstance(d, dict) or not d.get("auto_map"):
+        return False
+    return d.get("model_type") not in CONFIG_MAPPING
+
+
+def check_remote_code(name: str, trust_remote_code: bool, hint: str = FLAG_HINT) -> None:
+    """Refuse, before transformers reads anything, a local model that needs its own code when
+    the user has not allowed it."""
+    if not trust_remote_code and needs_remote_code(name):
+        raise _remote_code_refusal(name, "needs the Python files in its folder (config.json has an auto_map)", hint)
 
 
 @dataclass
@@ -66,7 +108,9 @@ def resolve_source(name: str) -> ModelSource:
     return ModelSource(name)
 
 
-def _offline_hint(name: str, err: Exception) -> ModelLoadError:
+def _offline_hint(name: str, err: Exception, hint: str = FLAG_HINT) -> ModelLoadError:
+    if "trust_remote_code" in str(err):  # transformers' own refusal of a hub model that ships code
+        return _remote_code_refusal(name, "needs code from its repository to load", hint)
     msg = f"could not load model {name!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     if name in EMBEDDED:
         pkg = EMBEDDED[name][0].replace("_", "-")
@@ -76,17 +120,18 @@ def _offline_hint(name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(msg)
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, hint: str = FLAG_HINT):
     from transformers import AutoTokenizer
 
+    check_remote_code(name, trust_remote_code, hint)
     src = resolve_source(name)
     try:
         if src.gguf_file:
             tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-        else:
-            tok = AutoTokenizer.from_pretrained(src.path)
+        else:  # False said outright: transformers may otherwise ask on a terminal
+            tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=bool(trust_remote_code))
     except Exception as e:  # noqa: BLE001  (hub errors come in many types)
-        raise _offline_hint(name, e) from None
+        raise _offline_hint(name, e, hint) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -96,7 +141,7 @@ def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
     """De-quantizing a GGUF takes tens of seconds; do it once and keep float32 safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftcli.runs.checkpoint import atomic_dir_write
+    from peftcli.core.files import write_dir
 
     out = cache_dir() / "models" / name.replace("/", "--")
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
@@ -110,7 +155,7 @@ def _convert_gguf(name: str, src: ModelSource) -> ModelSource:
         tok.save_pretrained(tmp)
 
     # The same swap as a checkpoint's: a kill leaves the old copy or the new one, never half of one.
-    atomic_dir_write(out, write)
+    write_dir(out, write)
     return ModelSource(str(out), embedded=True)
 
 
@@ -131,15 +176,18 @@ def load_base_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     label_names: list[str] | None = None,
+    hint: str = FLAG_HINT,
 ) -> nn.Module:
+    """The base model; one that needs its own code loads only with `trust_remote_code` (else
+    RemoteCodeRefused, whose message ends with `hint`: where the user's consent comes from)."""
+    check_remote_code(name, trust_remote_code, hint)
     src = resolve_source(name)
     if src.gguf_file:
         src = _convert_gguf(name, src)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation)
     if revision:
         kwargs["revision"] = revision
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    kwargs["trust_remote_code"] = bool(trust_remote_code)  # False said outright: never a prompt on a terminal
     if task == "classification":
         kwargs["num_labels"] = num_labels or 2
         if label_names:
@@ -155,7 +203,7 @@ def load_base_model(
         with quiet_libraries():
             model = cls.from_pretrained(src.path, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise _offline_hint(name, e) from None
+        raise _offline_hint(name, e, hint) from None
     if task == "classification" and model.config.pad_token_id is None:
         # Decoder classifiers pool the last non-pad token and need to know the pad id.
         tok_eos = getattr(model.config, "eos_token_id", None)
@@ -172,7 +220,7 @@ def model_from_config(config: Any, task: str, num_labels: int = 2) -> nn.Module:
     return auto_class(task).from_config(config)
 
 
-def load_config(name_or_path: str):
+def load_config(name_or_path: str, *, trust_remote_code: bool = False, hint: str = FLAG_HINT):
     """A model config from a hub id, a folder, a config.json, or an embedded package."""
     from transformers import AutoConfig
 
@@ -185,10 +233,11 @@ def load_config(name_or_path: str):
         if mt is None:
             raise ModelLoadError(f"{p}: config.json has no model_type")
         return AutoConfig.for_model(mt, **d)
+    check_remote_code(name_or_path, trust_remote_code, hint)
     src = resolve_source(name_or_path)
     try:
         if src.gguf_file:
             return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
-        return AutoConfig.from_pretrained(src.path)
+        return AutoConfig.from_pretrained(src.path, trust_remote_code=bool(trust_remote_code))
     except Exception as e:  # noqa: BLE001
-        raise _offline_hint(name_or_path, e) from None
+        raise _offline_hint(name_or_path, e, hint) from None

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from peftcli.core.errors import BadInput
-from peftcli.core.precision import float_dtype, is_4bit  # noqa: F401  (re-exported; methods import them from core)
+from peftcli.core.precision import is_4bit
 
 
 class QuantizationUnavailable(BadInput, RuntimeError):

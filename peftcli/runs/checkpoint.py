@@ -6,17 +6,15 @@ A run folder holds:
     last/                    latest checkpoint + trainer state (JSON + safetensors) for --resume
     metrics.jsonl, curves.png
 
-Writes go to a temporary sibling folder that is renamed into place, so a crash mid-save leaves the
-previous good checkpoint intact.
+Writes go to a temporary sibling folder that is renamed into place (`core/files.write_dir`), so a
+crash mid-save leaves the previous good checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -30,8 +28,7 @@ from torch import nn
 
 from peftcli import __version__
 from peftcli.core.errors import CheckpointError
-from peftcli.core.faults import kill_point
-from peftcli.runs.folder import fsync_path, fsync_tree
+from peftcli.core.files import recover_dir, write_dir
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "meta.json"
@@ -77,77 +74,11 @@ def copy_into_params(params: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
             p.copy_(v.to(p.dtype))
 
 
-def _tmp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-
-
-def _old_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.old-{os.getpid()}")
-
-
-def atomic_dir_write(dest: Path, write) -> None:
-    """Call write(tmp_dir), then swap tmp_dir into dest.
-
-    A kill at any point leaves either the previous folder, or the new one complete in its temp
-    name with the previous one moved aside; `recover_dir` turns either state back into `dest`.
-    """
-    dest = Path(dest)
-    tmp = _tmp_name(dest)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    kill_point("save:tmp-written")
-    old = _old_name(dest)
-    if dest.exists():
-        dest.rename(old)
-    kill_point("save:old-moved")
-    tmp.rename(dest)
-    fsync_path(dest.parent)
-    kill_point("save:renamed")
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(dest: Path) -> str | None:
-    """Bring a checkpoint folder back after a kill inside `atomic_dir_write`; say what was done.
-
-    Temp folders are complete once they reach the rename (they are written and synced first),
-    so when `dest` is missing the newest temp folder is the checkpoint, else the moved-aside one.
-    When `dest` exists, leftovers of an unfinished swap are removed. Only folders named as
-    atomic_dir_write names them are touched.
-    """
-    dest = Path(dest)
-    tmps = sorted(dest.parent.glob(f".{dest.name}.tmp-*"), key=lambda p: p.stat().st_mtime)
-    olds = sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    done = None
-    if not dest.exists():
-        complete = [t for t in tmps if (t / META_FILE).exists()]
-        if complete and olds:  # killed between the two renames: the new folder is whole
-            complete[-1].rename(dest)
-            done = f"finished an interrupted checkpoint swap of {dest}"
-        elif olds:
-            olds[-1].rename(dest)
-            done = f"restored {dest} from its moved-aside copy"
-    for p in [*tmps, *olds]:
-        if p.exists():
-            shutil.rmtree(p, ignore_errors=True)
-    return done
-
-
-def atomic_file_write(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def recover_checkpoint(dest: Path) -> str | None:
+    """Bring a checkpoint folder (`adapter/`, `last/`) back after a kill inside its swap; say what
+    was done. A temporary folder is whole once it holds meta.json (written last), so it may finish
+    the swap. Run only by the one process that owns the run folder, so siblings are never in use."""
+    return recover_dir(dest, complete=lambda p: (p / META_FILE).exists(), skip_live=False)
 
 
 def save_adapter(
@@ -175,10 +106,10 @@ def save_adapter(
         save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "method": spec.name})
         if extra is not None:
             extra(tmp)
-        # Written last: a folder with meta.json is complete (recover_dir relies on it).
+        # Written last: a folder with meta.json is complete (recover_checkpoint relies on it).
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
 
-    atomic_dir_write(Path(dest), write)
+    write_dir(Path(dest), write)
 
 
 def _check_meta(path: Path) -> dict:

@@ -6,13 +6,17 @@ Every command that writes a folder goes through here, so that three promises hol
   the data, the base model, a PEFT folder) is refused before any work, and so are '', '.', '/',
   the home folder and the current folder with its parents: one typo must not cost a user's files.
 - Replacing (`--force`, `output.overwrite`) deletes only a folder peftcli wrote: one whose MARKER
-  lists everything in it, or a run folder from before the marker existed whose entries are all
-  names a run writes. Anything else in the way is refused and left byte-identical.
+  lists everything in it, or a run folder without the marker whose entries are all names a run
+  writes, whose recipe.yaml parses as a peftcli recipe and whose adapter/meta.json names a
+  registered method. Anything else in the way is refused and left byte-identical.
 - A new folder is written into a temporary sibling and renamed into place only once complete,
   so a failure (or a kill) leaves the previous folder as it was and nothing half-written at DEST.
 
-Sibling names are `.NAME.peftcli-tmp-PID` (being written) and `.NAME.peftcli-old-PID` (the old
-folder, moved aside during the swap); `recover_stale` tidies those of processes that died.
+The swap and its sibling names are core/files' (`.NAME.peftcli-tmp-PID` being written,
+`.NAME.peftcli-old-PID` the old folder moved aside); `recover_stale` tidies those of processes
+that died.
+`.NAME.peftcli-lock` is the lock of the one process writing NAME (peftcli.runs.lock): beside the
+folder, so that it stays put while the folder is swapped, and never one of its entries.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.core.errors import BadInput
+from peftcli.core.files import (
+    atomic_file_write,
+    fsync_tree,
+    is_temp_name,
+    recover_dir,
+    remove,
+    swap_into_place,
+    temp_sibling,
+)
 
 MARKER = ".peftcli.json"
 KINDS = ("run", "export", "merge", "import", "drop", "fuse", "combine")
@@ -38,8 +51,7 @@ RUN_ENTRIES = frozenset({"recipe.yaml", "adapter", "last", "metrics.jsonl", "sum
                          # train.report_to: what the trackers write into the run (peftcli/training/tracking.py)
                          "tensorboard", "wandb", "mlruns", "mlflow.db", "mlartifacts"})
 _EVAL_FILE = re.compile(r"eval_[\w.-]+\.json")
-# peftcli's dot-temp names: checkpoint.atomic_*_write (.X.tmp-PID, .X.old-PID) and ours.
-_TEMP = re.compile(r"\..+\.(?:peftcli-)?(?:tmp|old)-\d+")
+LOCK_SUFFIX = ".peftcli-lock"
 
 
 class UnsafePathError(BadInput, ValueError):
@@ -49,9 +61,17 @@ class UnsafePathError(BadInput, ValueError):
 # ------------------------------------------------------------------------------ ownership
 
 
-def is_temp_name(name: str) -> bool:
-    """A name peftcli gives its temporary and moved-aside files and folders (never a user's)."""
-    return _TEMP.fullmatch(name) is not None
+def is_lock_name(name: str) -> bool:
+    """A writer's lock file (peftcli.runs.lock), beside the folder it locks: ours, never deleted
+    as a leftover (a live writer may hold it)."""
+    return name.startswith(".") and name.endswith(LOCK_SUFFIX) and len(name) > len(LOCK_SUFFIX) + 1
+
+
+def lock_path(dest: Path) -> Path:
+    """Where the lock of the writer of `dest` lives: beside it, under its real (symlink-free) name,
+    so that every spelling of one folder meets the same lock."""
+    real = Path(os.path.realpath(str(dest)))
+    return real.with_name(f".{real.name}{LOCK_SUFFIX}")
 
 
 def _is_run_entry(name: str) -> bool:
@@ -81,10 +101,34 @@ def foreign_entries(path: Path) -> list[str]:
     if marker is not None:
         listed = set(marker["entries"]) | {MARKER}
         run_like = marker["kind"] in RUN_KINDS
-        return [n for n in names if not (n in listed or is_temp_name(n) or (run_like and _is_run_entry(n)))]
+        return [n for n in names if not (n in listed or is_temp_name(n) or is_lock_name(n)
+                                         or (run_like and _is_run_entry(n)))]
     if "recipe.yaml" not in names:
         return names
-    return [n for n in names if not (_is_run_entry(n) or is_temp_name(n))]
+    foreign = [n for n in names if not (_is_run_entry(n) or is_temp_name(n) or is_lock_name(n))]
+    if foreign:
+        return foreign
+    # Names alone prove nothing (a user's folder may hold a recipe.yaml and a metrics.jsonl):
+    # without a marker, the folder must also read as a run peftcli wrote.
+    return [] if _reads_as_run(path) else sorted(n for n in names if not (is_temp_name(n) or is_lock_name(n)))
+
+
+def _reads_as_run(path: Path) -> bool:
+    """recipe.yaml parses as a peftcli recipe and adapter/meta.json names a registered method."""
+    import yaml
+
+    from peftcli.config.recipe import recipe_from_dict
+    from peftcli.methods import all_methods
+
+    try:
+        raw = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+        meta = json.loads((path / "adapter" / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(raw, dict) or not isinstance(meta, dict):
+            return False
+        recipe_from_dict(raw, str(path / "recipe.yaml"))
+    except Exception:  # noqa: BLE001  (anything that does not read as a recipe is not one of ours)
+        return False
+    return isinstance(meta.get("method"), str) and meta["method"] in all_methods()
 
 
 def is_ours(path: Path) -> bool:
@@ -109,11 +153,9 @@ def write_marker(folder: Path, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")
     folder = Path(folder)
-    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n))
-    tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, folder / MARKER)
+    entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n) and not is_lock_name(n))
+    atomic_file_write(folder / MARKER,
+                      json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------ refusing
@@ -204,39 +246,6 @@ def check_destination(dest: Path, *, what: str, sources: Sequence[Path | str | N
 # ------------------------------------------------------------------------------ swapping
 
 
-def _sibling(dest: Path, role: str, pid: int | None = None) -> Path:
-    return dest.with_name(f".{dest.name}.peftcli-{role}-{os.getpid() if pid is None else pid}")
-
-
-def fsync_path(path: Path) -> None:
-    """Flush one file or folder to disk; file systems that cannot fsync a folder are let be."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` (before it is renamed into place)."""
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 def _occupied(path: Path) -> bool:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         return True
@@ -254,9 +263,9 @@ def replacing(dest: Path, *, kind: str) -> Iterator[Path]:
     dest = Path(dest)
     check_paths(dest, what=f"{kind} destination")  # cheap, and a caller that skipped the check never moves cwd
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(dest, "tmp")
+    tmp = temp_sibling(dest)
     if tmp.exists() or tmp.is_symlink():  # our own name and pid: a leftover of this very process
-        _remove(tmp)
+        remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
@@ -264,17 +273,10 @@ def replacing(dest: Path, *, kind: str) -> Iterator[Path]:
         fsync_tree(tmp)
         if _occupied(dest) and not is_ours(dest):  # something moved in since the destination was checked
             raise UnsafePathError(f"{dest} now holds files peftcli did not write; refusing to replace it")
-        aside = move_aside(dest)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, dest)
-            raise
+        aside = swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_path(dest.parent)
     if aside is not None:
         discard_aside(aside)
 
@@ -286,7 +288,7 @@ def move_aside(dest: Path) -> Path | None:
     if not dest.exists() and not dest.is_symlink():
         return None
     check_paths(dest, what="folder to move aside")
-    aside = _sibling(dest, "old")
+    aside = temp_sibling(dest, "old")
     if aside.exists() or aside.is_symlink():
         discard_aside(aside)
     os.rename(dest, aside)
@@ -302,7 +304,7 @@ def restore_aside(aside: Path, dest: Path) -> None:
             raise UnsafePathError(
                 f"{dest} holds files peftcli did not write, so the previous folder was not put back; it is at {aside}"
             )
-        _remove(dest)
+        remove(dest)
     os.rename(aside, dest)
 
 
@@ -319,48 +321,25 @@ def discard_aside(aside: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_stale(dest: Path) -> list[Path]:
     """Tidy the siblings a killed peftcli left next to `dest`: its half-written temporary folder
     is removed; its aside folder (the old `dest`) is put back if `dest` is missing, otherwise
-    discarded when peftcli wrote it. Siblings of live processes are left alone. Returns what it handled."""
+    discarded only when peftcli wrote it. Siblings of live processes are left alone. Returns what
+    it handled."""
+    from peftcli.core.files import pid_alive, temp_siblings
+
     dest = Path(dest)
-    parent = dest.parent
-    if not parent.is_dir():
-        return []
-    # The optional wrapping is checkpoint.atomic_dir_write's own temp beside our temp folder.
-    pattern = re.compile(r"(\.?)" + re.escape(f".{dest.name}.peftcli-") + r"(tmp|old)-(\d+)((?:\.(?:tmp|old)-\d+)?)")
-    handled: list[Path] = []
-    for entry in sorted(parent.iterdir()):
-        m = pattern.fullmatch(entry.name)
-        if m is None or (m.group(1) and not m.group(4)) or _alive(int(m.group(3))):
-            continue  # (a leading dot alone would be the sibling of a folder named .NAME)
-        if m.group(2) == "tmp" or m.group(1) or m.group(4):
-            _remove(entry)
-        elif not dest.exists() and not dest.is_symlink():
-            os.rename(entry, dest)
-        else:
-            try:
-                discard_aside(entry)
-            except UnsafePathError:
-                continue
-        handled.append(entry)
-    return handled
+    before = [p for p, _, pid in temp_siblings(dest) if not pid_alive(pid)]
+    recover_dir(dest, discardable=lambda p: _empty_dir(p) or is_ours(p))
+    return [p for p in before if not (p.exists() or p.is_symlink())]
+
+
+def _empty_dir(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
 
 
 __all__ = [
     "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
-    "foreign_entries", "is_ours", "local_inputs", "move_aside", "read_marker", "recover_stale", "replacing",
-    "restore_aside", "write_marker", "fsync_path", "fsync_tree", "is_temp_name",
+    "foreign_entries", "is_lock_name", "is_ours", "local_inputs", "lock_path", "move_aside", "read_marker",
+    "recover_stale", "replacing", "restore_aside", "write_marker",
 ]

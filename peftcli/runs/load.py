@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError
+from peftcli.core.precision import resolve_dtype
 from peftcli.core.switch import apply_recorded
 from peftcli.data.datasets import (
     Collator,
@@ -24,9 +26,10 @@ from peftcli.data.datasets import (
     pack,
     tokenize,
 )
-from peftcli.methods.attach import attach_method
+from peftcli.methods import get_method
+from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
-from peftcli.models.loading import load_base_model, load_tokenizer, resolve_dtype
+from peftcli.models.loading import FLAG_HINT, RECIPE_HINT, load_base_model, load_tokenizer
 from peftcli.runs.checkpoint import find_run_adapter, load_adapter_state, read_adapter
 
 
@@ -40,16 +43,19 @@ class Built:
     label_names: list[str] | None
 
 
-def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None) -> Built:
-    """Base model with the recipe's method attached (fresh adapter weights), on `device`."""
-    from peftcli.methods import get_method
+def base_model(recipe: Recipe, device: torch.device, label_names: list[str] | None = None,
+               trust_remote_code: bool | None = None) -> tuple[nn.Module, Any]:
+    """The recipe's base model on `device` (nothing attached) and its tokenizer.
 
-    spec = get_method(recipe.method_name)
+    `trust_remote_code` None takes the recipe's `model.trust_remote_code`: only for the user's own
+    recipe (`train`). Whatever reads a run or adapter folder passes the command line's
+    --trust-remote-code instead, so a saved recipe can never make peftcli run a model's code.
+    """
     if recipe.model.quantization == "nf4":
-        from peftcli.methods.attach import check_qlora_possible
-
         check_qlora_possible(recipe.method_name, device, recipe.method)
-    tok = load_tokenizer(recipe.model.name)
+    trust, hint = ((recipe.model.trust_remote_code, RECIPE_HINT) if trust_remote_code is None
+                   else (trust_remote_code, FLAG_HINT))
+    tok = load_tokenizer(recipe.model.name, trust_remote_code=trust, hint=hint)
     num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
     dtype = resolve_dtype(recipe.model.dtype, device)
     model = load_base_model(
@@ -60,13 +66,23 @@ def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None
         attn_implementation=recipe.model.attn_implementation,
         quantization=recipe.model.quantization,
         revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
+        trust_remote_code=trust,
         label_names=label_names,
+        hint=hint,
     )
     if recipe.model.quantization != "nf4":
         model.to(device)
     if model.config.pad_token_id is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None,
+          trust_remote_code: bool | None = None) -> Built:
+    """Base model with the recipe's method attached (fresh adapter weights), on `device`;
+    `trust_remote_code` as for `base_model`."""
+    get_method(recipe.method_name)  # an unknown method is refused before the base model loads
+    model, tok = base_model(recipe, device, label_names, trust_remote_code)
     arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     # Adapter weights follow the base's device; their dtype is float32 on CPU and the base dtype
     # under CUDA autocast.
@@ -94,7 +110,7 @@ def load_initial_adapter(model: nn.Module, arch: Arch, spec: MethodSpec, recipe:
     load_adapter_state(model, spec, arch, recipe.method, sd)
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_model(a: str, b: str) -> bool:
     """The same hub id, or two spellings of one local folder."""
     if a.rstrip("/") == b.rstrip("/"):
         return True
@@ -115,7 +131,7 @@ def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_
     if saved_method is not None and saved_method != recipe.method_name:
         diffs.append(f"method {saved_method!r}, but {holder} has method.name {recipe.method_name!r}")
         fixes.append(f"method.name: {saved_method}")
-    if saved_base is not None and not _same_model(saved_base, recipe.model.name):
+    if saved_base is not None and not same_model(saved_base, recipe.model.name):
         diffs.append(f"base model {saved_base!r}, but {holder} has model.name {recipe.model.name!r}")
         fixes.append(f"model.name: {saved_base}")
     if not diffs:
@@ -170,22 +186,59 @@ def train_collator(recipe: Recipe, tokenizer) -> Collator | PackEachBatch:
     return PackEachBatch(base, recipe.data.max_length) if recipe.data.packing == "batch" else base
 
 
-def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None) -> tuple[Built, dict]:
-    """Rebuild a trained run: its recipe, base model, method, and saved adapter weights."""
+@dataclass
+class SavedRun:
+    """A run folder as written: its recipe and its kept adapter, checked to belong together."""
+
+    folder: Path
+    recipe_file: Path
+    recipe: Recipe
+    adapter_dir: Path
+    state: dict[str, torch.Tensor]
+    meta: dict
+
+
+def open_run(run: str | Path, overrides: list[str] | None = None, *, trust_remote_code: bool = False,
+             before_weights: Callable[[Recipe], None] | None = None) -> SavedRun:
+    """Read a run folder without building a model: every command that takes a run starts here.
+
+    The run's recipe.yaml is never trusted to run code: `trust_remote_code` is the command line's
+    --trust-remote-code, whatever the saved `model.trust_remote_code` says.
+
+    `before_weights` sees the recipe before any adapter file is read, to refuse early (a method
+    that cannot be combined, a destination that cannot be written).
+    """
     run = Path(run)
-    recipe_path = run / "recipe.yaml"
-    if not recipe_path.exists():
+    recipe_file = run / "recipe.yaml"
+    if not recipe_file.exists():
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
-    recipe = load_recipe(recipe_path, overrides)
-    recipe.init_from = None
+    recipe = untrusted(load_recipe(recipe_file, overrides), trust_remote_code)
+    if before_weights is not None:
+        before_weights(recipe)
+    recipe.init_from = None  # the saved adapter is the run's weights, not its starting point
     adapter_dir = find_run_adapter(run)
-    sd, meta = read_adapter(adapter_dir)
-    check_adapter_matches(recipe, meta, adapter_dir, str(recipe_path))
-    label_names = meta.get("label_names")
-    built = build(recipe, device, label_names=label_names)
-    load_adapter_state(built.model, built.spec, built.arch, recipe.method, sd)
+    state, meta = read_adapter(adapter_dir)
+    check_adapter_matches(recipe, meta, adapter_dir, str(recipe_file))
+    return SavedRun(run, recipe_file, recipe, adapter_dir, state, meta)
+
+
+def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None, *,
+             trust_remote_code: bool = False) -> tuple[Built, dict]:
+    """Rebuild a trained run: its recipe, base model, method, and saved adapter weights."""
+    saved = open_run(run, overrides, trust_remote_code=trust_remote_code)
+    recipe, meta = saved.recipe, saved.meta
+    built = build(recipe, device, label_names=meta.get("label_names"), trust_remote_code=trust_remote_code)
+    load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state)
     apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
     return built, meta
+
+
+def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:
+    """A recipe read from a run or adapter folder, with `model.trust_remote_code` set to the
+    command line's flag: what a folder says is never consent to run code (and a folder written
+    from it, by combine or import-peft, records only what the user allowed)."""
+    recipe.model.trust_remote_code = bool(trust_remote_code)
+    return recipe
 
 
 def run_meta(run: Path) -> dict:

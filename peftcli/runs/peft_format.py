@@ -40,14 +40,14 @@ import torch
 from torch import nn
 
 from peftcli.core.arch import Arch
+from peftcli.core.files import write_dir
 from peftcli.core.peft_layout import (
     Layout,
     PeftFormatError,
-    shortest_suffixes,
 )
 from peftcli.methods import all_methods
 from peftcli.methods.registry import MethodSpec, PeftTwin
-from peftcli.runs.checkpoint import atomic_dir_write, load_tensors
+from peftcli.runs.checkpoint import load_adapter_state, load_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -157,7 +157,7 @@ def write_peft_folder(dest: Path, tensors: dict[str, torch.Tensor], config: dict
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    atomic_dir_write(Path(dest), write)
+    write_dir(Path(dest), write)
 
 
 def export_model(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, sd: dict[str, torch.Tensor],
@@ -320,8 +320,6 @@ def _module_of(peft_key: str) -> str | None:
 
 def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path) -> None:
     """Load an HF PEFT adapter folder into a model built from `recipe` (its `init_from:`)."""
-    from peftcli.runs.checkpoint import load_adapter_state
-
     src = Path(src)
     config, peft_sd = read_peft_folder(src)
     _check_settings(src, config, recipe)
@@ -374,7 +372,6 @@ def is_peft_folder(path: Path) -> bool:
 
 
 __all__ = [
-    "Layout", "PeftFormatError", "export_model", "export_refusal", "is_peft_folder",
-    "layout", "load_peft_weights", "method_from_peft", "read_peft_folder", "recipe_from_peft",
-    "shortest_suffixes",
+    "export_model", "export_refusal", "is_peft_folder", "layout", "load_peft_weights", "method_from_peft",
+    "read_peft_folder", "recipe_from_peft",
 ]

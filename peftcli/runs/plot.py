@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{run}: no metrics.jsonl; is it a training run folder?")
-    train, evals = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if "val" in rec or "eval" in rec:  # "eval": runs written before the validation split
-            evals.append({**rec, "eval": rec.get("val", rec.get("eval"))})
-        elif "loss" in rec:
-            train.append(rec)
-    return train, evals
+from peftcli.core.files import atomic_write
+from peftcli.runs.metrics import read_metrics
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
@@ -31,7 +17,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     eval_key = None
     for run in runs:
-        train, evals = read_metrics(run)
+        m = read_metrics(run)
+        train, evals = m.steps, m.evals
         label = Path(run).name
         if train:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{label} train")
@@ -51,8 +38,8 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         ax_eval.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from peftcli.core.errors import BadInput, CheckpointError
-from peftcli.runs.checkpoint import atomic_file_write, load_tensors
+from peftcli.core.files import atomic_file_write
+from peftcli.runs.checkpoint import load_tensors
+from peftcli.runs.metrics import read_lines
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -238,17 +240,10 @@ def trim_metrics(path: Path, step: int) -> int:
     The resumed run writes them again, so the log stays one curve. A torn last line (a kill
     mid-write) is dropped too.
     """
-    if not path.exists():
-        return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            dropped += 1
-            continue
+    for line, rec in read_lines(path):
         # The test score is written after the last checkpoint, by the finish a resume repeats.
-        if (isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
+        if (rec is not None and isinstance(rec.get("step"), int) and rec["step"] <= step
                 and "error" not in rec and "test" not in rec):
             kept.append(line)
         else:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from peftcli.config.recipe import Recipe
-from peftcli.methods.attach import attach_method, per_module_table, trainable_summary
-from peftcli.models.loading import auto_class, load_config
+from peftcli.methods.attach import attach_method, dense_base_refusal, per_module_table, trainable_summary
+from peftcli.models.meta import meta_model
 
 GIB = 1024**3
 # Bits per NF4 weight with double quantization (Dettmers et al. 2023): 4 bits, plus one absmax
@@ -29,17 +28,6 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 # that an sdpa/flash kernel never stores). Training a frozen base still stores them: the adapter
 # gradient of layer i needs the activations of every layer above it.
 ACT_BYTES_PER_HIDDEN = 34
-
-
-def meta_model(recipe: Recipe):
-    config = load_config(recipe.model.name)
-    if recipe.model.task == "classification":
-        config.num_labels = recipe.model.num_labels or 2
-    from peftcli.core.quiet import quiet_libraries
-
-    with torch.device("meta"), quiet_libraries():
-        model = auto_class(recipe.model.task).from_config(config)
-    return model
 
 
 # name -> (frozen dense weight bytes, trainable weight bytes, gradient bytes, AdamW bytes) per param.
@@ -68,7 +56,6 @@ def memory_estimate(
     the trainable ones).
     """
     at_once = trainable if trained_at_once is None else trained_at_once
-    from peftcli.methods.attach import dense_base_refusal
 
     frozen = total - trainable
     rows = []
@@ -95,7 +82,9 @@ def memory_estimate(
 def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
     from peftcli.models.quant import quantized_names
 
-    model = meta_model(recipe)
+    m = recipe.model
+    model = meta_model(m.name, m.task, num_labels=m.num_labels, attn_implementation=m.attn_implementation,
+                       trust_remote_code=m.trust_remote_code)  # a run folder's recipe: set from the flag (untrusted)
     arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     s = trainable_summary(model)
     # The method's own closed form for what it adds (None where it has none): a cross-check of the count.
@@ -120,7 +109,7 @@ def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[
     LISA trains everything outside the layer stack plus `train.lisa_layers` layers at a time, and
     keeps optimizer state only for those; the largest layers are counted, to be safe.
     """
-    from peftcli.methods.registry import method_layers
+    from peftcli.methods.targets import method_layers
     from peftcli.training.optim import shared_state_bytes, state_bytes_estimate
 
     tcfg = recipe.train

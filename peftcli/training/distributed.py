@@ -30,7 +30,7 @@ from torch import nn
 
 from peftcli.core.errors import BadInput
 from peftcli.core.faults import raise_point
-from peftcli.runs.checkpoint import read_adapter
+from peftcli.runs.checkpoint import adapter_state, load_adapter_state, read_adapter
 
 
 class DistributedSetupError(RuntimeError):
@@ -148,6 +148,17 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return float(t) / dist.get_world_size()
 
 
+def max_across_ranks(value: int) -> int:
+    """All ranks: the largest of an integer over ranks (a stop signal seen by any rank stops every
+    rank at the same step)."""
+    if not is_dist():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def rank0_decides(flag: bool) -> bool:
     """All ranks: rank 0's answer, so that ranks never disagree on whether to enter a collective."""
     if not is_dist():
@@ -221,8 +232,6 @@ def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Ten
     its own export_state may compute across modules, so the whole model is unsharded around it.
     """
     if not is_fsdp(model):
-        from peftcli.runs.checkpoint import adapter_state
-
         return adapter_state(model, spec, arch, cfg)
     _reshard(model)
     if spec.export_state is None:
@@ -330,8 +339,6 @@ def load_resume_weights(last: Path, model, spec, arch, recipe):
 def load_kept_weights(folder: Path, model, spec, arch, recipe) -> None:
     """All ranks: load a saved adapter into the model (plain, wrapped or sharded) in place: a
     resumed run's weights, or the adapter validation chose, to score the test rows with."""
-    from peftcli.runs.checkpoint import load_adapter_state
-
     _reshard(model)
     sd, _ = read_adapter(folder)
     load_adapter_state(model, spec, arch, recipe.method, sd)

@@ -9,18 +9,25 @@ the first one *it noticed*, not necessarily the first that failed. So each rank 
 its own exit code and the time into a folder the launcher passes in PEFTCLI_EXIT_DIR, and the
 launcher returns the code of the earliest failure: 2 when a rank refused bad input, 1 when one
 failed while running, whatever the ranks it took down with it reported afterwards.
+
+Stopping: torchrun runs in a session of its own, so a terminal's Ctrl-C reaches the launcher
+alone. On Ctrl-C or SIGTERM the launcher sends torchrun SIGTERM, which forwards it to every rank;
+the ranks agree on a step, write a checkpoint and exit (peftcli.training.loop), and the launcher
+exits 130 or 143 once torchrun has. Only rank 0 takes the run folder's one-writer lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from peftcli.core.files import atomic_file_write
+from peftcli.core.signals import ProcessGroup, Stopped, stop_and_wait, stop_signals
 
 EXIT_DIR_ENV = "PEFTCLI_EXIT_DIR"
 
@@ -39,10 +46,8 @@ def record_rank_exit(code: int) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     try:
-        path = Path(folder) / f"rank{rank}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": rank, "code": code, "time": time.time()}))
-        os.replace(tmp, path)  # the launcher never reads half a record
+        # Atomic: the launcher never reads half a record.
+        atomic_file_write(Path(folder) / f"rank{rank}.json", json.dumps({"rank": rank, "code": code, "time": time.time()}))
     except OSError:
         pass
 
@@ -74,7 +79,8 @@ def first_failure(torchrun_status: int, exits: list[RankExit]) -> tuple[int, Ran
 
 
 def torchrun_command(
-    recipe: Path, overrides: list[str], nproc: int, *, mode: str, resume: bool, smoke: bool
+    recipe: Path, overrides: list[str], nproc: int, *, mode: str, resume: bool, smoke: bool,
+    trust_remote_code: bool = False,
 ) -> list[str]:
     # Every rank's output is shown so that an error on any rank is seen; training itself prints
     # from rank 0 only.
@@ -86,10 +92,13 @@ def torchrun_command(
         cmd.append("--resume")
     if smoke:
         cmd.append("--smoke")
+    if trust_remote_code:
+        cmd.append("--trust-remote-code")
     return cmd
 
 
-def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: bool, smoke: bool) -> int:
+def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: bool, smoke: bool,
+                    trust_remote_code: bool = False) -> int:
     from peftcli.config.recipe import load_recipe
     from peftcli.methods.attach import pick_device
 
@@ -112,9 +121,15 @@ def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: b
                 f"--nproc {nproc} but only {torch.cuda.device_count()} CUDA device(s) visible; one process per GPU"
             )
     collective_timeout()  # a malformed PEFTCLI_DIST_TIMEOUT is one message here, not N
-    cmd = torchrun_command(recipe, overrides, nproc, mode=mode, resume=resume, smoke=smoke)
-    with tempfile.TemporaryDirectory(prefix="peftcli-exits-") as exit_dir:
-        status = subprocess.call(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
+    cmd = torchrun_command(recipe, overrides, nproc, mode=mode, resume=resume, smoke=smoke,
+                           trust_remote_code=trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="peftcli-exits-") as exit_dir, stop_signals():
+        torchrun = ProcessGroup(cmd, env={**os.environ, EXIT_DIR_ENV: exit_dir})
+        try:
+            status = torchrun.wait()
+        except Stopped:
+            stop_and_wait([torchrun])
+            raise
         code, first = first_failure(status, read_rank_exits(Path(exit_dir)))
     if first is not None:
         from rich.console import Console

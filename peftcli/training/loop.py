@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
+import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,23 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
+from peftcli.core import signals
 from peftcli.core.errors import BadInput
 from peftcli.core.faults import kill_point
+from peftcli.core.files import atomic_file_write, is_temp_name, parse_temp_name, pid_alive, remove
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.core.switch import random_drop, set_dropped_layers
 from peftcli.data.datasets import DataError, batches, length_group_size, malformed_summary, num_batches
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.methods.attach import pick_device, trainable_summary
-from peftcli.methods.lora_kernel import compile_layers, trim_unread_positions
+from peftcli.models.compile import compile_layers
 from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
 from peftcli.models.packed_attention import packed_rows
+from peftcli.models.trim import trim_unread_positions
 from peftcli.runs import folder as runfolder
-from peftcli.runs.checkpoint import atomic_file_write, recover_dir, save_adapter
+from peftcli.runs.checkpoint import recover_checkpoint, save_adapter
 from peftcli.runs.load import build, collator, pack_for_training, prepare_data, train_collator
+from peftcli.runs.lock import folder_lock
 from peftcli.runs.state import (
     Position,
     Saved,
@@ -49,6 +54,7 @@ from peftcli.runs.state import (
     write_trainer_state,
 )
 from peftcli.training import distributed as dist_utils
+from peftcli.training import lisa
 from peftcli.training.optim import build_optimizer
 
 
@@ -141,60 +147,91 @@ def train(
     resume: bool = False,
     smoke: bool = False,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train a recipe; returns the run's summary. Writes everything under the run folder."""
-    s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console)
-    if finished is not None:
-        return finished
-    try:
-        s.train_model.train()  # dropout on: models come back from loading in evaluation mode
-        with _progress(s) as (bar, update):
-            update(bar, pos, None)
-            while pos.step < s.total_steps:
-                steps_at_start = pos.step
-                epoch_from_start = pos.micro == 0
-                group: list[dict] = []
-                for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
-                                     seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
-                                     start=pos.micro, length_group=length_group_size(s.recipe.train, s.world)):
-                    group.append(batch)
-                    if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
-                        continue
-                    losses = train_step(s, group, pos)
-                    pos.micro += len(group)
-                    pos.step += 1
-                    pos.window_loss += sum(losses)
-                    pos.window_n += len(losses)
-                    s.seen += sum(_examples_in(b) for b in group) * s.world
-                    s.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
-                    group = []
-                    kill_point("step")
-                    if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
-                        log_train(s, pos)
-                    update(bar, pos, losses[-1])
-                    if pos.step % s.eval_every == 0 or pos.step == s.total_steps:
-                        evaluate_and_save(s, pos)
-                    if pos.step >= s.total_steps:
-                        break
-                else:
-                    if epoch_from_start and pos.step == steps_at_start:  # never spin without progress
-                        raise TrainingError(f"epoch {pos.epoch} made no optimizer step; nothing left to train on")
-                    pos.epoch, pos.micro = pos.epoch + 1, 0
-    except NonFiniteError as e:
-        log(s, {"step": pos.step, "error": "non-finite", "detail": str(e)})
-        _close_trackers(s)
-        _restore_replaced(s)
-        dist_utils.shutdown()
-        raise TrainingError(
-            f"{e}; stopped. The last good checkpoint is in {s.run_dir / 'last'}"
-            + " (none was written yet)" * (not (s.run_dir / "last").exists())
-            + ". Try a lower train.lr or train.max_grad_norm."
-        ) from None
-    except BaseException:
-        _close_trackers(s)
-        _restore_replaced(s)
-        raise
-    return finish(s, pos)
+    """Train a recipe; returns the run's summary. Writes everything under the run folder.
+    `trust_remote_code` is the command line's --trust-remote-code (see `allowed_remote_code`).
+
+    One process writes a run folder at a time (the lock, taken by set_up, is released here). A
+    SIGTERM or Ctrl-C while steps are taken stops at the end of the step, with a checkpoint that
+    `--resume` continues exactly; a second one, or one during set-up or the final scoring, stops
+    at once (peftcli.core.signals)."""
+    with ExitStack() as held, signals.stop_signals():
+        s, pos, finished = set_up(recipe, resume=resume, smoke=smoke, console=console, held=held,
+                                  trust_remote_code=trust_remote_code)
+        if finished is not None:
+            return finished
+        try:
+            with signals.deferred():
+                _take_steps(s, pos)
+        except NonFiniteError as e:
+            log(s, {"step": pos.step, "error": "non-finite", "detail": str(e)})
+            _close_trackers(s)
+            _restore_replaced(s)
+            dist_utils.shutdown()
+            raise TrainingError(
+                f"{e}; stopped. The last good checkpoint is in {s.run_dir / 'last'}"
+                + " (none was written yet)" * (not (s.run_dir / "last").exists())
+                + ". Try a lower train.lr or train.max_grad_norm."
+            ) from None
+        except BaseException:
+            _close_trackers(s)
+            _restore_replaced(s)
+            raise
+        return finish(s, pos)
+
+
+def _take_steps(s: Session, pos: Position) -> None:
+    """Optimizer steps from `pos` to the last one, evaluating and saving on the way."""
+    s.train_model.train()  # dropout on: models come back from loading in evaluation mode
+    with _progress(s) as (bar, update):
+        update(bar, pos, None)
+        while pos.step < s.total_steps:
+            steps_at_start = pos.step
+            epoch_from_start = pos.micro == 0
+            group: list[dict] = []
+            for batch in batches(s.train_ex, s.recipe.train.batch_size, s.train_collate, shuffle=True,
+                                 seed=s.recipe.train.seed, epoch=pos.epoch, rank=s.rank, world=s.world,
+                                 start=pos.micro, length_group=length_group_size(s.recipe.train, s.world)):
+                group.append(batch)
+                if len(group) < s.recipe.train.grad_accum and pos.micro + len(group) < s.micro_per_epoch:
+                    continue
+                losses = train_step(s, group, pos)
+                pos.micro += len(group)
+                pos.step += 1
+                pos.window_loss += sum(losses)
+                pos.window_n += len(losses)
+                s.seen += sum(_examples_in(b) for b in group) * s.world
+                s.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
+                group = []
+                kill_point("step")
+                if pos.step % s.recipe.train.log_every == 0 or pos.step == s.total_steps:
+                    log_train(s, pos)
+                update(bar, pos, losses[-1])
+                saved = pos.step % s.eval_every == 0 or pos.step == s.total_steps
+                if saved:
+                    evaluate_and_save(s, pos)
+                _stop_if_asked(s, pos, saved=saved)
+                if pos.step >= s.total_steps:
+                    break
+            else:
+                if epoch_from_start and pos.step == steps_at_start:  # never spin without progress
+                    raise TrainingError(f"epoch {pos.epoch} made no optimizer step; nothing left to train on")
+                pos.epoch, pos.micro = pos.epoch + 1, 0
+
+
+def _stop_if_asked(s: Session, pos: Position, *, saved: bool) -> None:
+    """At a step boundary: on a stop signal (on any rank), checkpoint this step and stop."""
+    signum = signals.requested() or 0
+    if s.world > 1:  # every rank stops at the same step, or one would wait in a collective alone
+        signum = dist_utils.max_across_ranks(signum)
+    if not signum:
+        return
+    if not saved:
+        _save_last(s, pos)
+    s.console.print(f"[yellow]stopped by {signal.Signals(signum).name} after step {pos.step}; the checkpoint in "
+                    f"{s.run_dir / 'last'} continues with `peftcli train RECIPE --resume`[/]")
+    raise signals.Stopped(signum)
 
 
 def _examples_in(batch: dict[str, torch.Tensor]) -> int:
@@ -207,18 +244,76 @@ def _examples_in(batch: dict[str, torch.Tensor]) -> int:
 # ------------------------------------------------------------------------------------------ set-up
 
 
+def allowed_remote_code(recipe: Recipe, resume: bool, flag: bool) -> bool:
+    """Whether code shipped with the model may run. A new run trusts the user's own recipe
+    (`model.trust_remote_code`) or the flag; `--resume` reads a run folder, whose recipe may be
+    the folder's own recipe.yaml, so there only the command line's flag counts."""
+    return bool(flag) or (not resume and recipe.model.trust_remote_code)
+
+
 def set_up(
-    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None
+    recipe: Recipe, *, resume: bool, smoke: bool, console: Console | None, held: ExitStack | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Session, Position, dict | None]:
     """Check, load and build everything; restore a checkpoint. Returns (session, position, summary
-    of an already finished run or None)."""
+    of an already finished run or None). With `held`, rank 0 takes the run folder's one-writer
+    lock into it before the folder is looked at, after the checks that need no folder."""
     rank, world = dist_utils.init_from_env(recipe.train.device)
     console = console or Console(stderr=True, quiet=rank != 0, soft_wrap=True)
-    tcfg, task = recipe.train, recipe.model.task
+    tcfg = recipe.train
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     device = dist_utils.device_for_rank(pick_device(tcfg.device), rank)
-    # Refuse what this machine or this launch cannot do before any file is written or loaded.
+    dist_mode = _refuse_what_this_run_cannot_do(recipe, device, world, rank, console)
+    seed_everything(tcfg.seed)
+    run_dir = recipe.run_dir()
+    if held is not None and rank == 0:
+        held.enter_context(folder_lock(run_dir, what="output.dir", sources=_protected(recipe)))
+    trust = allowed_remote_code(recipe, resume, trust_remote_code)
+    saved, saved_recipe, resume = _check_run_folder(recipe, run_dir, resume=resume, world=world, rank=rank,
+                                                    console=console)
+    dist_utils.barrier()
+    if trust:
+        console.print(f"[yellow]trust_remote_code: code shipped with {escape(recipe.model.name)} will run on this "
+                      "machine[/]")
+    tokenizer, splits, (train_ex, val_ex, test_ex), n_examples = _read_examples(recipe, smoke, world, console, trust)
+    micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
+    model, train_model, arch, spec, budget = _build_model(recipe, device, splits.label_names, dist_mode, world,
+                                                          resume_from=run_dir / "last" if saved is not None else None,
+                                                          trust_remote_code=trust)
+    # FSDP replaces every parameter by a sharded one: clip and optimize those.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    steps_per_epoch = -(-micro_per_epoch // tcfg.grad_accum)
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    if smoke:
+        total_steps = min(total_steps, 4)
+    lisa.check_layers(recipe, arch)
+    optimizer, scheduler, scaler = _build_optimizer(recipe, model, train_model, spec, arch, device, total_steps)
+    s = Session(
+        recipe=recipe, run_dir=run_dir, console=console, rank=rank, world=world, dist_mode=dist_mode, device=device,
+        tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, val_ex=val_ex,
+        test_ex=test_ex,
+        collate=collator(recipe, tokenizer), train_collate=train_collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
+        trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, drop_rng=random.Random(tcfg.seed),
+        lisa_active=None,
+        loss_kind=_loss_kind(recipe, arch), micro_per_epoch=micro_per_epoch, total_steps=total_steps,
+        eval_every=total_steps if smoke else (tcfg.eval_every or steps_per_epoch),
+        meta={"base_model": recipe.model.name, "task": recipe.model.task, "label_names": splits.label_names,
+              **{k: budget[k] for k in ("trainable", "total")}},
+        budget=budget, started=time.perf_counter(),
+    )
+    _announce(s, n_examples)
+    if spec.calibrate is not None and saved is None and not recipe.init_from:
+        # Every rank reads the same batches, so that every rank chooses the same weights to train.
+        spec.calibrate(model, arch, recipe.method, _calibration_losses(s))
+    return _take_position(s, saved, saved_recipe, resumed=resume)
+
+
+def _refuse_what_this_run_cannot_do(recipe: Recipe, device: torch.device, world: int, rank: int,
+                                    console: Console) -> str:
+    """Refuse what this machine or this launch cannot do before any file is written or loaded;
+    returns the distributed mode."""
+    tcfg = recipe.train
     dist_mode = dist_utils.check_setup(tcfg.distributed, world, recipe.model.quantization)
     if recipe.model.quantization == "nf4":
         from peftcli.methods.attach import check_qlora_possible
@@ -235,34 +330,38 @@ def set_up(
         raise RecipeError(recipe.source or "recipe", [
             f"train.distributed: fsdp shards each weight across ranks, but method {recipe.method_name}'s optimizer "
             "needs whole gradients (an SVD per weight); use train.distributed: ddp"])
-    if tcfg.lisa_layers and world > 1:
-        raise RecipeError(recipe.source or "recipe", [
-            f"train.lisa_layers: LISA runs in one process ({world} ranks here: the layers it switches off would leave "
-            "DDP/FSDP waiting for their gradients); launch without --nproc or set train.lisa_layers: 0"])
+    lisa.check_one_process(recipe, world)
     if tcfg.report_to and rank == 0:
         from peftcli.training.tracking import check_trackers
 
         check_trackers(recipe)
     if tcfg.precision == "fp16" and device.type != "cuda":
         console.print("[yellow]train.precision fp16 autocasts on CUDA only; training in fp32 here[/]")
-    seed_everything(tcfg.seed)
+    return dist_mode
 
-    run_dir = recipe.run_dir()
-    saved, saved_recipe = None, None
+
+def _check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world: int, rank: int,
+                      console: Console) -> tuple[Saved | None, dict | None, bool]:
+    """(trainer state, saved recipe dict, resume?): the run folder may be used as asked. Nothing
+    is written yet; rank 0 checks a new run's destination."""
     if resume:
-        saved, saved_recipe, resume = _resume_target(recipe, run_dir, world, rank, console)
-    elif rank == 0:
+        return _resume_target(recipe, run_dir, world, rank, console)
+    if rank == 0:
         if not recipe.output.overwrite and (run_dir / "recipe.yaml").exists():
             raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                                  "set output.overwrite=true to replace it, or choose output.dir")
         runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe),
                                     replace=recipe.output.overwrite)
-    dist_utils.barrier()
+    return None, None, False
 
-    # ---- data and model
+
+def _read_examples(recipe: Recipe, smoke: bool, world: int, console: Console, trust_remote_code: bool):
+    """(tokenizer, splits, (train, val, test) rows, training examples before packing). Refuses
+    too few rows for one optimizer step."""
     from peftcli.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model.name)
+    tcfg = recipe.train
+    tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=trust_remote_code)
     splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer)
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
@@ -271,7 +370,6 @@ def set_up(
     train_ex = pack_for_training(recipe, train_ex)
     if smoke:
         train_ex, val_ex, test_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], val_ex[:16], test_ex[:16]
-    micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
     # Rows for one whole global batch also give every rank at least grad_accum micro-batches.
     if len(train_ex) < tcfg.batch_size * tcfg.grad_accum * world:
         raise DataError(
@@ -280,7 +378,15 @@ def set_up(
             f"{tcfg.batch_size * tcfg.grad_accum * world} rows; lower train.batch_size or train.grad_accum, "
             "or use more data (data.train_size / data.eval_fraction / data.val_fraction)"
         )
-    built = build(recipe, device, label_names=splits.label_names)
+    return tokenizer, splits, (train_ex, val_ex, test_ex), n_examples
+
+
+def _build_model(recipe: Recipe, device: torch.device, label_names: list[str] | None, dist_mode: str, world: int,
+                 *, resume_from: Path | None, trust_remote_code: bool = False):
+    """(model, the model as trained (its DDP/FSDP wrapper under several ranks), arch, method spec,
+    parameter counts), with a resumed run's adapter weights in place."""
+    tcfg = recipe.train
+    built = build(recipe, device, label_names=label_names, trust_remote_code=trust_remote_code)
     model, arch, spec = built.model, built.arch, built.spec
     if recipe.data.packing:
         from peftcli.models.packed_attention import check_packing, use_packed_attention
@@ -288,87 +394,76 @@ def set_up(
         what = f"{model.config.model_type} ({recipe.model.name}) with method {spec.name}"
         if not use_packed_attention(model, device, what):
             check_packing(model, device, what)
-    # Speed-ups that leave results unchanged (see peftcli/methods/lora_kernel.py for why each is exact).
-    trim_unread_positions(model, arch, spec.positionwise, task)
+    # Speed-ups that leave results unchanged (models/trim.py and models/compile.py say why each is exact).
+    trim_unread_positions(model, arch, spec.positionwise, recipe.model.task)
     if tcfg.compile and device.type == "cuda":
         compile_layers(model, arch)
     budget = trainable_summary(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError(f"method {spec.name} left nothing trainable in {recipe.model.name}")
-    if saved is not None:
+    if resume_from is not None:
         # Adapter weights of a resumed run go in before wrapping: FSDP then shards them like the rest.
-        dist_utils.load_resume_weights(run_dir / "last", model, spec, arch, recipe)
+        dist_utils.load_resume_weights(resume_from, model, spec, arch, recipe)
     train_model = dist_utils.wrap(model, arch, dist_mode, device, find_unused=tcfg.drop_layers > 0) if world > 1 else model
-    # FSDP replaces every parameter by a sharded one: clip and optimize those.
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, train_model, arch, spec, budget
 
-    # ---- optimizer and schedule
-    steps_per_epoch = -(-micro_per_epoch // tcfg.grad_accum)
-    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    if smoke:
-        total_steps = min(total_steps, 4)
+
+def _build_optimizer(recipe: Recipe, model, train_model, spec, arch, device: torch.device, total_steps: int):
+    """(optimizer, learning-rate schedule, fp16 loss scaler)."""
+    tcfg = recipe.train
     warmup = int(tcfg.warmup_ratio * total_steps)
-    if tcfg.lisa_layers > len(_lisa_pool(recipe, arch)):
-        raise RecipeError(recipe.source or "recipe", [
-            f"train.lisa_layers: {tcfg.lisa_layers} is more than the {len(_lisa_pool(recipe, arch))} layers method full "
-            f"trains in {recipe.model.name}; set it to 1-{len(_lisa_pool(recipe, arch))}"])
     optimizer = build_optimizer(model, train_model, spec, arch, recipe.method, tcfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: lr_factor(st, total_steps, warmup, tcfg.scheduler))
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and tcfg.precision == "fp16")
-    if task == "classification":
-        loss_kind = "classification"
-    else:
-        loss_kind = "chunked" if tcfg.chunked_ce and arch.spec.lm_head else "logits"
+    return optimizer, scheduler, scaler
 
-    s = Session(
-        recipe=recipe, run_dir=run_dir, console=console, rank=rank, world=world, dist_mode=dist_mode, device=device,
-        tokenizer=tokenizer, label_names=splits.label_names, train_ex=train_ex, val_ex=val_ex,
-        test_ex=test_ex,
-        collate=collator(recipe, tokenizer), train_collate=train_collator(recipe, tokenizer), model=model, train_model=train_model, arch=arch, spec=spec,
-        trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, drop_rng=random.Random(tcfg.seed),
-        lisa_active=None,
-        loss_kind=loss_kind, micro_per_epoch=micro_per_epoch, total_steps=total_steps,
-        eval_every=total_steps if smoke else (tcfg.eval_every or steps_per_epoch),
-        meta={"base_model": recipe.model.name, "task": task, "label_names": splits.label_names,
-              **{k: budget[k] for k in ("trainable", "total")}},
-        budget=budget, started=time.perf_counter(),
-    )
-    console.print(
-        f"[bold]{spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
+
+def _loss_kind(recipe: Recipe, arch) -> str:
+    """How `compute_loss` computes: chosen once, see there."""
+    if recipe.model.task == "classification":
+        return "classification"
+    return "chunked" if recipe.train.chunked_ce and arch.spec.lm_head else "logits"
+
+
+def _announce(s: Session, n_examples: int) -> None:
+    """The start-up line: method, model, trainable share, rows, device, ranks."""
+    recipe, budget = s.recipe, s.budget
+    s.console.print(
+        f"[bold]{s.spec.name}[/] on {recipe.model.name}: {budget['trainable']:,} trainable of "
         f"{budget['total']:,} ({budget['percent']:.3f} %) · "
-        + (f"{n_examples} train in {len(train_ex)} packed rows" if recipe.data.packing is True
-           else f"{len(train_ex)} train" + " (each batch packed)" * (recipe.data.packing == "batch"))
-        + f" / {len(val_ex)} val / {len(test_ex)} test · {device}"
-        + (f" · {world} ranks ({dist_mode})" if world > 1 else "")
+        + (f"{n_examples} train in {len(s.train_ex)} packed rows" if recipe.data.packing is True
+           else f"{len(s.train_ex)} train" + " (each batch packed)" * (recipe.data.packing == "batch"))
+        + f" / {len(s.val_ex)} val / {len(s.test_ex)} test · {s.device}"
+        + (f" · {s.world} ranks ({s.dist_mode})" if s.world > 1 else "")
     )
 
-    if spec.calibrate is not None and saved is None and not recipe.init_from:
-        # Every rank reads the same batches, so that every rank chooses the same weights to train.
-        spec.calibrate(model, arch, recipe.method, _calibration_losses(s))
 
-    # ---- the position: a fresh run, or the checkpoint's
+def _take_position(s: Session, saved: Saved | None, saved_recipe: dict | None, *,
+                   resumed: bool) -> tuple[Session, Position, dict | None]:
+    """Where training starts: step 0, or the checkpoint's position with its optimizer, schedule
+    and RNG back. Opens the run folder (rank 0), unless the resumed run had already finished."""
     pos = Position()
     if saved is not None:
         pos = _restore(s, saved)
-    if saved is not None and pos.step >= total_steps and (run_dir / "summary.json").exists():
-        console.print(f"{run_dir} already finished at step {pos.step}; raise train.epochs or "
-                      "train.max_steps to train further")
+    if saved is not None and pos.step >= s.total_steps and (s.run_dir / "summary.json").exists():
+        s.console.print(f"{s.run_dir} already finished at step {pos.step}; raise train.epochs or "
+                        "train.max_steps to train further")
         dist_utils.shutdown()
-        return s, pos, json.loads((run_dir / "summary.json").read_text())
+        return s, pos, json.loads((s.run_dir / "summary.json").read_text())
     if s.is_main:
-        _open_run_folder(s, pos, resumed=resume, saved_recipe=saved_recipe)
-        if tcfg.report_to:
+        _open_run_folder(s, pos, resumed=resumed, saved_recipe=saved_recipe)
+        if s.recipe.train.report_to:
             from peftcli.training.tracking import Trackers
 
-            s.trackers = Trackers(run_dir, recipe)
-            console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
+            s.trackers = Trackers(s.run_dir, s.recipe)
+            s.console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
     dist_utils.barrier()
-    if tcfg.lisa_layers:
-        lisa_draw(s, pos.step)
+    if s.recipe.train.lisa_layers:
+        s.lisa_active = lisa.draw(s.recipe, s.arch, s.optimizer, pos.step)
     if saved is not None:
         restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
-        console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
+        s.console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
     return s, pos, None
 
 
@@ -380,21 +475,13 @@ def _protected(recipe: Recipe) -> list[Path]:
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
     """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
     if not (run_dir / "recipe.yaml").exists():
-        # A kill before recipe.yaml was in place leaves at most the marker and peftcli's temp files.
-        leftovers = [p for p in run_dir.iterdir() if runfolder.is_temp_name(p.name)] if run_dir.is_dir() else []
-        others = [p for p in run_dir.iterdir() if p not in leftovers] if run_dir.is_dir() else []
-        if others and not runfolder.is_ours(run_dir):
-            raise RunExistsError(f"--resume: {run_dir} is not a peftcli run folder (no recipe.yaml); "
-                                 "check output.dir")
-        console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         if rank == 0:
-            for p in leftovers:
-                p.unlink() if p.is_file() else shutil.rmtree(p)
-            runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
+            _clear_unstarted_run(recipe, run_dir)
+        console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         return None, None, False
     if rank == 0:  # a kill inside a checkpoint swap leaves it half-renamed: finish or undo it first
         for name in ("last", "adapter"):
-            note = recover_dir(run_dir / name)
+            note = recover_checkpoint(run_dir / name)
             if note:
                 console.print(f"[yellow]{note}[/]")
     dist_utils.barrier()
@@ -408,6 +495,25 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     if saved is None:
         console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
     return saved, saved_recipe, True
+
+
+def _clear_unstarted_run(recipe: Recipe, run_dir: Path) -> None:
+    """--resume on a folder without recipe.yaml: a run killed before recipe.yaml was in place
+    leaves at most the marker and peftcli's temporary files. Every path check passes before
+    anything is deleted, and then only peftcli's temporary entries, of processes that died, in a
+    folder that is provably ours (its marker lists the rest, or it holds nothing else)."""
+    runfolder.check_paths(run_dir, what="output.dir", sources=_protected(recipe))
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)  # refuses
+    names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    leftovers = [n for n in names if is_temp_name(n)]
+    others = [n for n in names if n not in leftovers]
+    if others and not runfolder.is_ours(run_dir):
+        raise RunExistsError(f"--resume: {run_dir} is not a peftcli run folder (no recipe.yaml); check output.dir")
+    for n in leftovers:
+        if not pid_alive(parse_temp_name(n)[2]):
+            remove(run_dir / n)
+    runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
 
 
 def _restore(s: Session, saved: Saved) -> Position:
@@ -469,7 +575,7 @@ def compute_loss(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
     """One optimizer step over a group of micro-batches; returns each micro-batch's loss."""
     if s.recipe.train.lisa_layers and pos.step % s.recipe.train.lisa_interval == 0:
-        lisa_draw(s, pos.step)
+        s.lisa_active = lisa.draw(s.recipe, s.arch, s.optimizer, pos.step)
     losses = []
     for batch in group:
         batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
@@ -507,54 +613,6 @@ def _calibration_losses(s: Session):
             yield compute_loss(plain, {k: v.to(s.device) for k, v in batch.items()})
     finally:
         s.model.train(was_training)
-
-
-def lisa_draw(s: Session, step: int) -> None:
-    """LISA (Pan et al. 2024): the γ layers that train from `step` until the next draw.
-
-    The draw is a function of the seed and the draw's number only, so a resumed run draws what the
-    uninterrupted run drew. Layers switched off lose their optimizer state (a layer drawn again
-    starts its moments afresh, like the re-created optimizer of the paper) and compute no gradient;
-    embeddings, final norm and head stay trained throughout.
-    """
-    tcfg = s.recipe.train
-    draw = step // tcfg.lisa_interval
-    rng = random.Random(tcfg.seed * 1_000_003 + draw)
-    active = sorted(rng.sample(_lisa_pool(s.recipe, s.arch), tcfg.lisa_layers))
-    for i in _lisa_pool(s.recipe, s.arch):
-        on = i in active
-        for p in s.arch.layers[i].parameters():
-            if not on:
-                s.optimizer.state.pop(p, None)
-                p.grad = None
-            p.requires_grad_(on)
-    s.lisa_active = active
-
-
-def _lisa_pool(recipe: Recipe, arch) -> list[int]:
-    """The layers LISA draws from: those `method.layers` gives full fine-tuning (all by default)."""
-    from peftcli.methods.registry import method_layers
-
-    return method_layers(recipe.method, arch.num_layers)
-
-
-class _lisa_whole:
-    """Every layer trainable while a checkpoint is written: full fine-tuning saves what trains, and
-    under LISA every layer has trained or will."""
-
-    def __init__(self, s: Session) -> None:
-        self.s = s
-
-    def __enter__(self) -> None:
-        if self.s.lisa_active is not None:
-            for i in _lisa_pool(self.s.recipe, self.s.arch):
-                self.s.arch.layers[i].requires_grad_(True)
-
-    def __exit__(self, *exc) -> None:
-        if self.s.lisa_active is not None:
-            active = set(self.s.lisa_active)
-            for i in _lisa_pool(self.s.recipe, self.s.arch):
-                self.s.arch.layers[i].requires_grad_(i in active)
 
 
 # ------------------------------------------------------------------------------------------ evaluate and save
@@ -619,6 +677,11 @@ def evaluate_and_save(s: Session, pos: Position) -> None:
         if metric in m and dist_utils.rank0_decides(better(metric, m[metric], pos.best)):
             pos.best, pos.best_step, pos.best_eval = m[metric], pos.step, m
             save_checkpoint(s, "adapter", None)
+    _save_last(s, pos)
+
+
+def _save_last(s: Session, pos: Position) -> None:
+    """The `last` checkpoint, that `--resume` continues; the first one retires a replaced run."""
     save_checkpoint(s, "last", pos)
     if s.aside is not None and s.is_main:
         runfolder.discard_aside(s.aside)
@@ -627,7 +690,7 @@ def evaluate_and_save(s: Session, pos: Position) -> None:
 
 def save_checkpoint(s: Session, dest: str, pos: Position | None) -> None:
     """All ranks: build the state (under FSDP gathering a tensor is a collective); rank 0 writes."""
-    with _lisa_whole(s):
+    with lisa.every_layer_trainable(s.recipe, s.arch, s.lisa_active):
         sd = dist_utils.full_adapter_state(s.model, s.spec, s.arch, s.recipe.method)
     extra = None
     if pos is not None:
@@ -657,7 +720,7 @@ def finish(s: Session, pos: Position) -> dict[str, Any]:
     kept = pos.best_step if pos.best_step is not None else pos.step  # None: a checkpoint from before best_step
     if kept != pos.step:
         # The kept adapter is an earlier one: score it, not the last weights.
-        with _lisa_whole(s):
+        with lisa.every_layer_trainable(s.recipe, s.arch, s.lisa_active):
             dist_utils.load_kept_weights(s.run_dir / "adapter", s.model, s.spec, s.arch, s.recipe)
     test = run_eval(s, s.test_ex) if s.test_ex else {}
     if test:

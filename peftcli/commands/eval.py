@@ -1,0 +1,75 @@
+"""`peftcli eval`: a run's saved adapter scored on a split, or several runs of one base model in
+shared batches (each on its own recipe's split); each run's metrics saved in its folder as
+eval_<split>.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftcli.core.errors import UsageError
+from peftcli.core.files import atomic_file_write
+from peftcli.inference.evaluate import evaluate, generation_eval
+from peftcli.inference.multi import evaluate_runs, load_runs
+from peftcli.methods.attach import pick_device
+from peftcli.runs.load import collator, load_run, prepare_data
+
+
+def split_examples(rec, tokenizer, split: str) -> list[dict]:
+    """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows."""
+    if split not in ("test", "val", "train"):
+        rec.data.eval_split = split
+    _, train_ex, val, test = prepare_data(rec, tokenizer)
+    if split == "val" and not val:
+        raise UsageError("--split val: the run's recipe has no validation rows (data.val_fraction is 0); "
+                         "use --split test")
+    return {"train": train_ex, "val": val}.get(split, test)
+
+
+@dataclass
+class RunScore:
+    metrics: dict[str, Any]
+    examples: int
+    samples: list[dict]  # generated answers to show (causal_lm with prompts), at most eval.generate_samples
+
+
+def evaluate_run(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> RunScore:
+    """Score one run on `split` (its first `limit` examples) and save the metrics in the run folder."""
+    dev = pick_device(device)
+    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
+    rec = built.recipe
+    examples = split_examples(rec, built.tokenizer, split)
+    if limit:
+        examples = examples[:limit]
+    m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
+                 batch_size=rec.eval.batch_size, precision=rec.train.precision,
+                 num_labels=len(built.label_names or []) or None)
+    shown: list[dict] = []
+    if rec.model.task == "causal_lm" and examples and "prompt_len" in examples[0]:
+        g, samples = generation_eval(built.model, built.arch, built.tokenizer, examples, device=dev,
+                                     max_new_tokens=rec.eval.max_new_tokens,
+                                     limit=None if rec.eval.generate_accuracy else rec.eval.generate_samples)
+        if rec.eval.generate_accuracy:
+            m.update(g)
+        shown = samples[: rec.eval.generate_samples]
+    atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
+    return RunScore(m, len(examples), shown)
+
+
+def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: str,
+                  trust_remote_code: bool = False) -> tuple[str, dict[str, dict]]:
+    """Score several runs of one base model in shared batches; returns the base model's name and
+    each run's metrics, also saved in each run folder."""
+    dev = pick_device(device)
+    multi = load_runs(runs, dev, trust_remote_code=trust_remote_code)
+    examples: dict[str, list[dict]] = {}
+    for name, a in multi.adapters.items():
+        rec = a.recipe
+        examples[name] = split_examples(rec, multi.tokenizer, split)[: limit or None]
+    metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
+    for name, m in metrics.items():
+        atomic_file_write(multi.adapters[name].run / f"eval_{split}.json", json.dumps(m, indent=2))
+    return multi.base_name, metrics

@@ -1,0 +1,96 @@
+"""Where a method goes: recipe `targets` resolved to linear modules, and `layers` to layer indices.
+
+Every method that adapts chosen linears or chosen layers reads its options through these, so a
+role name, a module pattern or a layer string means the same in every method.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from peftcli.core.arch import ROLES, Arch, is_linear
+
+
+def select_linears(
+    model: nn.Module, arch: Arch, targets: list[str], layers: list[int] | None = None
+) -> list[str]:
+    """Resolve recipe `targets` to full paths of linear modules.
+
+    Each entry is an architecture role (q, k, v, o, ffn_in, ffn_out), "all-linear" (every linear
+    layer inside the transformer layers), or a module-name pattern: a regular expression matched
+    against the full path when it contains regex characters, otherwise a dotted suffix.
+    """
+    layer_ids = list(range(arch.num_layers)) if layers is None else list(layers)
+    out: dict[str, None] = {}
+    for t in targets:
+        if t in ROLES:
+            for p in arch.role_paths([t], layer_ids):
+                out[p] = None
+            continue
+        in_layers = [f"{arch.layers_path}.{i}." for i in layer_ids]
+        for name, mod in model.named_modules():
+            if not is_linear(mod) or not any(name.startswith(p) for p in in_layers):
+                continue
+            if t == "all-linear":
+                hit = True
+            elif any(c in t for c in "*+?[]()|^$\\"):
+                hit = re.fullmatch(t, name) is not None
+            else:
+                hit = name == t or name.endswith("." + t)
+            if hit:
+                out[name] = None
+    return list(out)
+
+
+LAYERS_HELP = (
+    "transformer layers that get the method: null = all; a list [0, 3], a string '0-5,8' (negative counts "
+    "from the top), or 'top:k' / 'bottom:k' for the k layers nearest the output / the input"
+)
+
+
+def parse_layers(spec: Any, num_layers: int) -> list[int] | None:
+    """The one reading of a `layers` option: `None` (all), an int, a list of ints, or a string of
+    comma-separated parts, each an index, a range "a-b", "top:k" (the k layers nearest the output)
+    or "bottom:k" (the k nearest the input). Negative indices count from the top."""
+    if spec is None:
+        return None
+    items: list[int] = []
+    if isinstance(spec, int):
+        spec = [spec]
+    if isinstance(spec, str):
+        for part in spec.split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            m = re.fullmatch(r"(top|bottom):\s*(\d+)", part)
+            if m:
+                k = int(m.group(2))
+                if not 1 <= k <= num_layers:
+                    raise ValueError(f"layers {part!r}: k must be 1 to {num_layers}, the model's number of layers")
+                items.extend(range(num_layers - k, num_layers) if m.group(1) == "top" else range(k))
+            elif "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-")[0], part[1:].split("-", 1)[1])
+                items.extend(range(int(a), int(b) + 1))
+            else:
+                try:
+                    items.append(int(part))
+                except ValueError:
+                    raise ValueError(f"layers {spec!r}: cannot read {part!r}; write e.g. '0-5,8', 'top:4' or 'bottom:2'") from None
+    else:
+        items = [int(x) for x in spec]
+    norm = sorted({i % num_layers if i < 0 else i for i in items})
+    bad = [i for i in norm if i >= num_layers]
+    if bad:
+        raise ValueError(f"layer index {bad[0]} out of range: the model has {num_layers} layers (0-{num_layers - 1})")
+    return norm
+
+
+def method_layers(cfg: Any, num_layers: int) -> list[int]:
+    """The layers a method config chooses: its `layers`, less the old `leave_out` spelling's."""
+    chosen = parse_layers(getattr(cfg, "layers", None), num_layers)
+    layers = list(range(num_layers)) if chosen is None else chosen
+    skip = set(parse_layers(list(getattr(cfg, "leave_out", None) or []), num_layers) or [])
+    return [i for i in layers if i not in skip]
