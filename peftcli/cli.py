@@ -593,41 +593,63 @@ def generate_cmd(
 
 
 @app.command(epilog="Example: `peftcli serve runs/a runs/b --port 8000`, then "
-             "`curl localhost:8000/v1/completions -d '{\"model\": \"a\", \"prompt\": \"Hello\"}'`")
+             "`curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
+             "-d '{\"model\": \"a\", \"prompt\": \"Hello\"}'`")
 @handle_errors
 def serve(
     runs: Annotated[list[str], typer.Argument(help="run folders of one base model; NAME=RUN names one "
                                                    "(default: the folder name)", show_default=False)],
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
-    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface; then set --api-key)")]
+    = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="PEFTCLI_API_KEY", show_default=False,
+        help="require 'Authorization: Bearer KEY' on every request but /health (env PEFTCLI_API_KEY)")] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", min=1, help="largest max_tokens a request may ask for (also the chat default)")] = 512,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", min=0.001, help="seconds a request may take, waiting included (then 504)")] = 600.0,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", min=1, help="largest request body (then 413)")] = 1 << 20,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
     batch_window_ms: Annotated[float, typer.Option(
-        "--batch-window-ms", min=0.0, help="how long the first request of a batch waits for others")] = 5.0,
+        "--batch-window-ms", min=0.0, help="how long an idle server waits for more requests before decoding")] = 5.0,
     trust_remote_code: TrustFlag = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
-    /v1/models); `model` picks the adapter, concurrent requests share mixed batches. Ctrl-C stops it."""
+    /v1/models); `model` picks the adapter, requests join the running batch between decode steps.
+    Ctrl-C or SIGTERM stops it after the requests in flight."""
     from peftcli.commands.serve import require_stack
 
     require_stack()
+    from peftcli.commands.serve import ServeOptions, bind
     from peftcli.commands.serve import serve as run_server
+    from peftcli.commands.serve_api import is_loopback_bind
     from peftcli.inference.multi import load_runs
     from peftcli.methods.attach import pick_device
 
+    if not api_key and not is_loopback_bind(host):
+        err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+                  "server; set --api-key KEY (or PEFTCLI_API_KEY)", highlight=False, markup=False, soft_wrap=True)
+    bind(host, port).close()  # a port in use is refused before minutes of loading
     multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
     if multi.recipe.model.task != "causal_lm":
         raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
+    opts = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch=max_batch,
+                        window_ms=batch_window_ms, max_tokens=max_tokens, request_timeout_s=request_timeout,
+                        max_body_bytes=max_body_bytes)
 
     def ready() -> None:
-        err.print(f"serving {multi.base_name} with adapters {', '.join(multi.names)} on http://{host}:{port}/v1 "
+        shown = f"[{host}]" if ":" in host else host
+        err.print(f"serving {multi.base_name} with adapters {', '.join(multi.names)} on http://{shown}:{port}/v1 "
                   "(Ctrl-C stops)", highlight=False, markup=False, soft_wrap=True)
 
     try:
-        run_server(multi, host=host, port=port, max_batch=max_batch, window_ms=batch_window_ms, on_ready=ready)
-    except KeyboardInterrupt:  # uvicorn has already shut down cleanly and re-raises the Ctrl-C it caught
-        pass
-    err.print("server stopped", highlight=False)
+        stopped_by = run_server(multi, opts, on_ready=ready)
+    except KeyboardInterrupt:  # a second Ctrl-C while draining
+        stopped_by = "SIGINT"
+    err.print(f"server stopped{f' ({stopped_by})' if stopped_by else ''}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------- fuse

@@ -37,6 +37,7 @@ def test_every_error_class_a_user_can_fix_is_bad_input():
                 loop.RunExistsError, folder.UnsafePathError, state.ResumeError, faults.InjectedBadInput,
                 distributed.DistributedEnvError, optim.OptimizerUnavailable, multi.MultiAdapterError,
                 sweep.SweepError, arch.UnsupportedArchitecture, quant.QuantizationUnavailable,
-                adapter_merging.CombineError, generate.GenerateError, serve.ServeUnavailable, fusion.FusionError,
+                adapter_merging.CombineError, generate.GenerateError, serve.ServeUnavailable, serve.ServeAddressError,
+                fusion.FusionError,
                 drop.DropError):
         assert issubclass(cls, BadInput), cls

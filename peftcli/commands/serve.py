@@ -5,12 +5,12 @@ trained adapters unchanged: `model` names the adapter (or the base model), `/v1/
 raw text, `/v1/chat/completions` applies the chat template as the run's training data did, and
 `stream: true` sends server-sent events.
 
-Requests arriving within a few milliseconds of each other, for any mix of adapters, become one
-batch of `decode.greedy_ids` (one base pass per batch, each row with its own adapter; see
-peftcli/inference/multi.py). Model work runs in one worker thread, so the event loop keeps accepting
-requests, and tokenizing and detokenizing stay on the event loop (a fast tokenizer is not safe to
-share between threads). Decoding is greedy; a request stops at its `max_tokens` or at the end of
-sequence token. A client that goes away mid-stream has its row stopped at the next decode step.
+Decoding runs in one engine thread with continuous batching (peftcli/inference/engine.py):
+requests of any mix of adapters join the running batch between decode steps and leave it when
+done. Tokenizing and detokenizing run in one tokenizer thread (a fast tokenizer is not safe to
+share between threads), so the event loop only moves bytes. The request schema and every
+refusal live in serve_api.py; this module wires them to HTTP: the guard (Host header, API key),
+the body limit, time limits, and a client that goes away cancelling its row.
 
 Starlette + uvicorn are the `serve` extra: `pip install 'peftcli[serve]'`.
 """
@@ -18,21 +18,52 @@ Starlette + uvicorn are the `serve` extra: `pip install 'peftcli[serve]'`.
 from __future__ import annotations
 
 import asyncio
-import json
-import queue
-import threading
+import contextlib
+import errno
+import logging
+import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+from peftcli.commands.serve_api import (
+    ApiError,
+    Params,
+    body_too_large,
+    check_api_key,
+    check_body_size,
+    check_content_type,
+    check_host_header,
+    chunk_body,
+    completion_body,
+    finish_reason,
+    is_loopback_bind,
+    parse_common,
+    parse_json,
+    parse_messages,
+    parse_prompt,
+    public_model_ids,
+    resolve_max_tokens,
+    resolve_model,
+    sse,
+    usage,
+)
 from peftcli.core.errors import BadInput
-from peftcli.inference.decode import eos_ids, greedy_ids
-from peftcli.inference.multi import MultiAdapter, MultiAdapterError
+from peftcli.inference.engine import Engine, EngineStopped, GenRequest
+from peftcli.inference.multi import MultiAdapter
+
+log = logging.getLogger("peftcli.serve")
 
 
 class ServeUnavailable(BadInput, RuntimeError):
     pass
+
+
+class ServeAddressError(BadInput, OSError):
+    """The address cannot be listened on (a port in use, an address not on this machine)."""
 
 
 def require_stack() -> None:
@@ -45,362 +76,362 @@ def require_stack() -> None:
             "pip install 'peftcli[serve]'") from None
 
 
-class ApiError(Exception):
-    """A request the server refuses, answered as OpenAI's error object with a 4xx status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "not_found_error" if self.status == 404 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
 @dataclass
-class Job:
-    adapter: str
-    ids: list[int]
-    max_tokens: int
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    tokens: list[int] = field(default_factory=list)
-    finished: bool = False
-    cancelled: bool = False
-
-    def send(self, kind: str, value: Any) -> None:
-        """From the worker thread: hand an event to the request's coroutine."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
-            pass
-
-
-class Engine:
-    """The worker thread: collects concurrent requests into mixed batches and decodes them."""
-
-    def __init__(self, multi: MultiAdapter, *, max_batch: int = 64, window_s: float = 0.005) -> None:
-        self.multi = multi
-        self.max_batch = max_batch
-        self.window_s = window_s
-        self.inbox: queue.Queue[Job] = queue.Queue()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="peftcli-serve-engine", daemon=True)
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
-        tok = multi.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=10)
-        while True:  # requests still queued are told the server is going away
-            try:
-                self.inbox.get_nowait().send("error", "the server is shutting down")
-            except queue.Empty:
-                break
-
-    def submit(self, job: Job) -> None:
-        if self.stopping.is_set():
-            raise ApiError(503, "the server is shutting down")
-        self.inbox.put(job)
-
-    def _collect(self) -> list[Job]:
-        try:
-            first = self.inbox.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        jobs = [first]
-        deadline = time.monotonic() + self.window_s
-        while len(jobs) < self.max_batch:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                jobs.append(self.inbox.get(timeout=left))
-            except queue.Empty:
-                break
-        return [j for j in jobs if not j.cancelled]
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            jobs = self._collect()
-            if not jobs:
-                continue
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(jobs)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-            try:
-                self._decode(jobs)
-            except Exception as e:  # noqa: BLE001  (one failing batch must not stop the server)
-                for j in jobs:
-                    if not j.finished:
-                        j.finished = True
-                        j.send("error", f"generation failed: {type(e).__name__}: {e}")
-
-    def _decode(self, jobs: list[Job]) -> None:
-        multi = self.multi
-        names = [j.adapter for j in jobs]
-        for model, pos, _ in multi.groups(names):
-            group = [jobs[i] for i in pos]
-            eos = eos_ids(model, multi.tokenizer)
-
-            def on_step(tokens: list[int], group: list[Job] = group, eos: set[int] = eos) -> None:
-                for job, t in zip(group, tokens, strict=True):
-                    if job.finished:
-                        continue
-                    if t in eos:
-                        job.finished = True
-                        job.send("done", "stop")
-                        continue
-                    job.tokens.append(t)
-                    job.send("token", t)
-                    if len(job.tokens) >= job.max_tokens:
-                        job.finished = True
-                        job.send("done", "length")
-
-            with multi.routed(model, [j.adapter for j in group]):
-                greedy_ids(model, [j.ids for j in group], [j.max_tokens for j in group], pad_id=self.pad_id,
-                           eos=eos, device=multi.device, on_step=on_step,
-                           stop_row=lambda i, group=group: group[i].finished or group[i].cancelled
-                           or self.stopping.is_set())
-            for j in group:  # rows the batch left without an event (stopped before their first step)
-                if not j.finished:
-                    j.finished = True
-                    j.send("done", "length")
-
-
-# ------------------------------------------------------------------------------------- the HTTP API
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 64
+    window_ms: float = 5.0
+    max_tokens: int = 512
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 1 << 20
 
 
 def context_length(model: Any) -> int | None:
+    """The most tokens (prompt plus max_tokens) a request may hold. A model with sliding-window
+    attention is held to its window: the engine's KV cache keeps every token, which equals the
+    sliding window's attention only while a sequence fits in the window."""
     cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    ctx = next((v for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                if isinstance(v := getattr(cfg, key, None), int) and v > 0), None)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
+        ctx = window if ctx is None else min(ctx, window)
+    return ctx
 
 
-def build_app(multi: MultiAdapter, *, max_batch: int = 64, window_ms: float = 5.0):
-    """The Starlette application serving `multi` (started and stopped with its lifespan)."""
+def error_response(e: ApiError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class Guard:
+    """ASGI middleware run before routing: Host header on a loopback bind, then the API key.
+    `/health` stays open to probes; every other path, unknown ones included, needs the key."""
+
+    def __init__(self, app: Any, *, api_key: str | None, check_host: bool) -> None:
+        self.app, self.api_key, self.check_host = app, api_key, check_host
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            try:
+                if self.check_host:
+                    check_host_header(headers.get("host"))
+                if self.api_key and scope.get("path") != "/health":
+                    check_api_key(headers.get("authorization"), self.api_key)
+            except ApiError as e:
+                await error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def json_errors(handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    """Refusals as OpenAI error objects; an unexpected failure as a 500 of the same shape with
+    one log line (the client learns nothing of the server's insides)."""
+
+    async def wrapped(request: Any) -> Any:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001
+            log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
+            return error_response(ApiError(500, "internal server error"))
+
+    return wrapped
+
+
+class _Events:
+    """The engine thread's events for one request, delivered on the event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def __call__(self, kind: str, value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+    async def next(self, deadline: float) -> tuple[str, Any]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(self.queue.get(), timeout=left)
+
+
+@dataclass
+class _Job:
+    """One accepted request on its way through the engine."""
+
+    req: GenRequest
+    events: _Events
+    public: str
+    rid: str
+    chat: bool
+    deadline: float
+
+
+class ServeApp:
+    """The handlers of one server, around one engine and one tokenizer thread."""
+
+    def __init__(self, multi: MultiAdapter, opts: ServeOptions) -> None:
+        self.multi, self.opts = multi, opts
+        self.engine = Engine(multi, max_batch=opts.max_batch, window_s=opts.window_ms / 1000)
+        self.tok = multi.tokenizer
+        self.tok_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftcli-tokenizer")
+        self.ctx = context_length(multi.model)
+        self.ids = public_model_ids(multi.base_name, multi.names)
+        self.created = int(time.time())
+
+    async def on_tok_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.tok_thread, fn, *args)
+
+    async def read_json(self, request: Any) -> dict[str, Any]:
+        """The body as a JSON object, refused by type and size before it is all read."""
+        check_content_type(request.headers.get("content-type"))
+        limit = self.opts.max_body_bytes
+        check_body_size(request.headers.get("content-length"), limit)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise body_too_large(limit)
+            parts.append(part)
+        return parse_json(b"".join(parts))
+
+    # ------------------------------------------------------------------------------ endpoints
+
+    async def completions(self, request: Any) -> Any:
+        body = await self.read_json(request)
+        params = parse_common(body, chat=False)
+        prompt = parse_prompt(body)
+        resolve_model(params.model, self.ids, self.multi.base_name)
+        ids = await self.on_tok_thread(self._encode, prompt)
+        return await self._generate(request, params, ids, chat=False, param="prompt")
+
+    async def chat_completions(self, request: Any) -> Any:
+        body = await self.read_json(request)
+        params = parse_common(body, chat=True)
+        msgs = parse_messages(body)
+        _, name = resolve_model(params.model, self.ids, self.multi.base_name)
+        ids = await self.on_tok_thread(self._encode_chat, name, msgs)
+        return await self._generate(request, params, ids, chat=True, param="messages")
+
+    async def models(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        base = next(k for k, v in self.ids.items() if v == self.multi.base_name)
+        data = [{"id": base, "object": "model", "created": self.created, "owned_by": "peftcli"}]
+        data += [{"id": n, "object": "model", "created": self.created, "owned_by": "peftcli", "parent": base,
+                  "method": a.recipe.method_name} for n, a in self.multi.adapters.items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def stats(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({**self.engine.stats, "waiting": self.engine.inbox.qsize()})
+
+    async def health(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok"})
+
+    # ------------------------------------------------------------------------------ tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _encode_chat(self, name: str, msgs: list[dict[str, str]]) -> list[int]:
+        """As the run's training data was formatted: its chat template, or the plain prompt format."""
+        from peftcli.data.chat import format_prompt
+
+        if self.multi.recipe_of(name).data.chat_template and getattr(self.tok, "chat_template", None):
+            try:
+                text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # noqa: BLE001  (the template refuses these messages, e.g. a role it lacks)
+                raise ApiError(400, f"the chat template refuses these messages: {e}", param="messages") from None
+        else:
+            text = format_prompt(self.tok, "\n".join(m["content"] for m in msgs), False)
+        return self._encode(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------ generation
+
+    async def _generate(self, request: Any, params: Params, ids: list[int], *, chat: bool, param: str) -> Any:
+        public, name = resolve_model(params.model, self.ids, self.multi.base_name)
+        n = resolve_max_tokens(params, len(ids), context=self.ctx, cap=self.opts.max_tokens, chat=chat, param=param)
+        events = _Events()
+        req = GenRequest(adapter=name, ids=ids, max_tokens=n, on_event=events, sampling=params.sampling)
+        try:
+            self.engine.submit(req)
+        except EngineStopped as e:
+            raise ApiError(503, str(e)) from None
+        job = _Job(req=req, events=events, public=public, rid=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                   chat=chat, deadline=time.monotonic() + self.opts.request_timeout_s)
+        if params.stream:
+            from starlette.responses import StreamingResponse
+
+            return StreamingResponse(self._stream(job, params.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._complete(request, job)
+
+    def _timeout_error(self) -> ApiError:
+        return ApiError(504, f"the request ran longer than this server's limit of {self.opts.request_timeout_s:g} s "
+                             "(--request-timeout)", code="timeout")
+
+    async def _complete(self, request: Any, job: _Job) -> Any:
+        """Wait for the whole answer; a client that hangs up first cancels its row."""
+        from starlette.responses import JSONResponse
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.req.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while True:
+                kind, value = await job.events.next(job.deadline)
+                if kind == "error":
+                    raise ApiError(503, value)
+                if kind == "done":
+                    break
+        except TimeoutError:
+            raise self._timeout_error() from None
+        finally:
+            job.req.cancel()
+            watcher.cancel()
+        tokens = list(job.req.tokens)
+        text = await self.on_tok_thread(self._decode, tokens)
+        return JSONResponse(completion_body(job.rid, job.public, text, finish_reason(value), len(job.req.ids),
+                                            len(tokens), job.chat))
+
+    async def _stream(self, job: _Job, include_usage: bool):
+        """Server-sent events: text as it forms (a half multi-byte character waits for the rest,
+        unless the stream ends there: then the chunks add up to the non-stream text)."""
+        sent, tokens = "", []
+        try:
+            if job.chat:
+                yield sse(chunk_body(job.rid, job.public, None, None, True, role=True))
+            while True:
+                try:
+                    kind, value = await job.events.next(job.deadline)
+                except TimeoutError:
+                    yield sse(self._timeout_error().body())
+                    return
+                if kind == "error":
+                    yield sse(ApiError(503, value).body())
+                    return
+                if kind == "token":
+                    tokens.append(value)
+                text = await self.on_tok_thread(self._decode, list(tokens))
+                if len(text) > len(sent) and (kind == "done" or not text.endswith("\ufffd")):
+                    yield sse(chunk_body(job.rid, job.public, text[len(sent):], None, job.chat))
+                    sent = text
+                if kind == "done":
+                    yield sse(chunk_body(job.rid, job.public, None, finish_reason(value), job.chat))
+                    if include_usage:
+                        yield sse({"id": job.rid, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                                   "created": int(time.time()), "model": job.public, "choices": [],
+                                   "usage": usage(len(job.req.ids), len(tokens))})
+                    yield sse("[DONE]")
+                    return
+        finally:  # the client went away (the generator is closed) or the stream ended
+            job.req.cancel()
+
+
+def build_app(multi: MultiAdapter, opts: ServeOptions | None = None):
+    """The ASGI application serving `multi` (its engine started and stopped with its lifespan)."""
     require_stack()
-    import contextlib
-
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    from peftcli.data.chat import format_prompt
-
-    engine = Engine(multi, max_batch=max_batch, window_s=window_ms / 1000)
-    tok = multi.tokenizer
-    ctx = context_length(multi.model)
-    created = int(time.time())
+    opts = opts or ServeOptions()
+    app = ServeApp(multi, opts)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Any):
-        engine.start()
+    async def lifespan(_: Any):
+        app.engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            app.engine.stop()
+            app.tok_thread.shutdown(wait=False, cancel_futures=True)
 
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        msg = {404: f"no route {request.url.path}; this server answers /v1/completions, /v1/chat/completions, "
+                    "/v1/models and /health",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(ApiError(exc.status_code, msg))
 
-    async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def common(body: dict[str, Any]) -> tuple[str, int, bool]:
-        name = body.get("model")
-        if not isinstance(name, str):
-            raise ApiError(400, "'model' is required: the base model or an adapter name (GET /v1/models lists them)",
-                           param="model")
-        try:
-            multi.adapter(name)
-        except MultiAdapterError as e:
-            raise ApiError(404, str(e), param="model", code="model_not_found") from None
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = 16 if max_tokens is None else max_tokens
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ApiError(400, f"'max_tokens' must be a positive integer, not {max_tokens!r}", param="max_tokens")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "'n' must be 1: decoding is greedy, every choice would be the same", param="n")
-        if body.get("stop") is not None:
-            raise ApiError(400, "'stop' sequences are not supported; generation stops at max_tokens or the end of "
-                                "sequence token", param="stop")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be true or false", param="stream")
-        return name, max_tokens, stream
-
-    def check_length(ids: list[int], max_tokens: int, param: str) -> None:
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param=param)
-        if ctx is not None and len(ids) + max_tokens > ctx:
-            raise ApiError(
-                400, f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together more than the "
-                     f"model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
-                param=param, code="context_length_exceeded")
-
-    async def run_job(name: str, ids: list[int], max_tokens: int, stream: bool, chat: bool):
-        job = Job(adapter=name, ids=ids, max_tokens=max_tokens, loop=asyncio.get_running_loop())
-        engine.submit(job)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        obj = "chat.completion" if chat else "text_completion"
-
-        def usage() -> dict[str, int]:
-            return {"prompt_tokens": len(ids), "completion_tokens": len(job.tokens),
-                    "total_tokens": len(ids) + len(job.tokens)}
-
-        if not stream:
-            try:
-                while True:
-                    kind, value = await job.events.get()
-                    if kind == "error":
-                        return JSONResponse({"error": {"message": value, "type": "server_error", "param": None,
-                                                       "code": None}}, status_code=503)
-                    if kind == "done":
-                        break
-            finally:
-                job.cancelled = True
-            text = tok.decode(job.tokens, skip_special_tokens=True)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": value, "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": name,
-                                 "choices": [choice], "usage": usage()})
-
-        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                d: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
-                    {"content": delta} if delta is not None else {})
-                c: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-                o = "chat.completion.chunk"
-            else:
-                c = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-                o = "text_completion"
-            return "data: " + json.dumps({"id": rid, "object": o, "created": int(time.time()), "model": name,
-                                          "choices": [c]}) + "\n\n"
-
-        async def events():
-            sent = ""
-            try:
-                if chat:
-                    yield chunk(None, None, role=True)
-                while True:
-                    kind, value = await job.events.get()
-                    if kind == "error":
-                        yield "data: " + json.dumps({"error": {"message": value, "type": "server_error"}}) + "\n\n"
-                        return
-                    if kind == "token":
-                        text = tok.decode(job.tokens, skip_special_tokens=True)
-                        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                            continue
-                        if len(text) > len(sent):
-                            yield chunk(text[len(sent):], None)
-                            sent = text
-                        continue
-                    text = tok.decode(job.tokens, skip_special_tokens=True)
-                    if len(text) > len(sent):
-                        yield chunk(text[len(sent):], None)
-                    yield chunk(None, value)
-                    yield "data: [DONE]\n\n"
-                    return
-            finally:  # the client went away (the task is cancelled) or the stream ended
-                job.cancelled = True
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def completions(request: Request):
-        try:
-            body = await body_of(request)
-            name, max_tokens, stream = common(body)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise ApiError(400, "'prompt' must be one string (send several prompts as several requests: "
-                                    "concurrent requests are batched together)", param="prompt")
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            check_length(ids, max_tokens, "prompt")
-            return await run_job(name, ids, max_tokens, stream, chat=False)
-        except ApiError as e:
-            return error(e)
-
-    async def chat_completions(request: Request):
-        try:
-            body = await body_of(request)
-            name, max_tokens, stream = common(body)
-            msgs = body.get("messages")
-            if (not isinstance(msgs, list) or not msgs
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                               for m in msgs)):
-                raise ApiError(400, "'messages' must be a non-empty list of {\"role\": ..., \"content\": \"text\"}",
-                               param="messages")
-            use = multi.recipe_of(name).data.chat_template and getattr(tok, "chat_template", None)
-            if use:
-                text = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
-                                               tokenize=False, add_generation_prompt=True)
-            else:  # as the run's training data was formatted without a template
-                text = format_prompt(tok, "\n".join(m["content"] for m in msgs), False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            check_length(ids, max_tokens, "messages")
-            return await run_job(name, ids, max_tokens, stream, chat=True)
-        except ApiError as e:
-            return error(e)
-
-    async def models(request: Request):
-        data = [{"id": multi.base_name, "object": "model", "created": created, "owned_by": "peftcli"}]
-        data += [{"id": n, "object": "model", "created": created, "owned_by": "peftcli", "parent": multi.base_name,
-                  "method": a.recipe.method_name} for n, a in multi.adapters.items()]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def stats(request: Request):
-        return JSONResponse(dict(engine.stats))
-
-    return Starlette(routes=[
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/stats", stats, methods=["GET"]),
-    ], lifespan=lifespan)
+    star = Starlette(routes=[
+        Route("/v1/completions", json_errors(app.completions), methods=["POST"]),
+        Route("/v1/chat/completions", json_errors(app.chat_completions), methods=["POST"]),
+        Route("/v1/models", json_errors(app.models), methods=["GET"]),
+        Route("/stats", json_errors(app.stats), methods=["GET"]),
+        Route("/health", json_errors(app.health), methods=["GET"]),
+    ], lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    star.state.serve = app
+    return Guard(star, api_key=opts.api_key, check_host=is_loopback_bind(opts.host))
 
 
-def serve(multi: MultiAdapter, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
-          window_ms: float = 5.0, on_ready: Any = None) -> None:
-    """Run the server until Ctrl-C (SIGINT) or SIGTERM; uvicorn finishes open responses first."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts, so a port in use is one line and exit 2."""
+    addr = host.strip("[]")
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ServeAddressError(f"port {port} on {host} is in use (another server?); pick another with --port") from None
+        raise ServeAddressError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(multi: MultiAdapter, opts: ServeOptions, *, on_ready: Any = None) -> str | None:
+    """Run the server until SIGINT or SIGTERM; then it stops accepting, lets the requests in
+    flight finish (up to --request-timeout), and returns the name of the signal that stopped it."""
     require_stack()
+    import signal
+
     import uvicorn
 
-    app = build_app(multi, max_batch=max_batch, window_ms=window_ms)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            lifespan="on")
+    sock = bind(opts.host, opts.port)
+    app = build_app(multi, opts)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=max(int(opts.request_timeout_s) + 5, 5))
     server = uvicorn.Server(config)
-    if on_ready is not None:
-        orig = server.startup
+    signals: list[int] = []
+    orig_startup, orig_shutdown = server.startup, server.shutdown
 
-        async def startup(sockets: Any = None) -> None:
-            await orig(sockets=sockets)
-            if server.started:
-                on_ready()
+    async def startup(sockets: Any = None) -> None:
+        await orig_startup(sockets=sockets)
+        if server.started and on_ready is not None:
+            on_ready()
 
-        server.startup = startup  # type: ignore[method-assign]
-    server.run()
+    async def shutdown(sockets: Any = None) -> None:
+        await orig_shutdown(sockets=sockets)
+        caught = getattr(server, "_captured_signals", [])
+        signals.extend(caught)
+        caught.clear()  # drained already: uvicorn need not re-raise the signal and kill the process
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.shutdown = shutdown  # type: ignore[method-assign]
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return signal.Signals(signals[0]).name if signals else None
 
 
-__all__ = ["ApiError", "Engine", "ServeUnavailable", "build_app", "require_stack", "serve"]
+__all__ = ["ServeAddressError", "ServeOptions", "ServeUnavailable", "build_app", "require_stack", "serve"]
