@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -253,6 +254,9 @@ def set_up(
     if resume:
         saved, saved_recipe, resume = _resume_target(recipe, run_dir, world, rank, console)
     elif rank == 0:
+        # The run folder's one-writer lock (runs/lock.py, not in this tree yet) belongs here and in
+        # _resume_target, taken by global rank 0 alone: under torchrun, across machines too, rank 0 is
+        # the one writer, and the lock file sits beside the folder on the filesystem every node shares.
         if not recipe.output.overwrite and (run_dir / "recipe.yaml").exists():
             raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                                  "set output.overwrite=true to replace it, or choose output.dir")
@@ -365,12 +369,40 @@ def set_up(
             s.trackers = Trackers(run_dir, recipe)
             console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
     dist_utils.barrier()
+    _check_nodes_share(s)
     if tcfg.lisa_layers:
         lisa_draw(s, pos.step)
     if saved is not None:
         restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
         console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
     return s, pos, None
+
+
+def _check_nodes_share(s: Session) -> None:
+    """Across machines: every rank must see the run folder rank 0 has just opened, or the run would
+    fail only at its end, when every rank reads back the adapter validation kept."""
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) <= 1:  # one machine: one filesystem
+        return
+    import uuid
+
+    probe, token = s.run_dir / f".nodes.peftcli-tmp-{os.getpid()}", uuid.uuid4().hex
+    if s.is_main:
+        probe.write_text(token)
+    probe, token = dist_utils.from_rank0((probe, token))
+    try:
+        seen = "this run's folder" if probe.is_file() and probe.read_text() == token else "no such run folder"
+    except OSError:
+        seen = "no such run folder"
+    try:
+        dist_utils.check_folder_shared(s.run_dir, seen, what="output.dir")
+        dist_utils.barrier()  # every rank has read the probe
+    except BaseException:
+        if s.is_main:
+            probe.unlink(missing_ok=True)
+        _restore_replaced(s)  # train() restores only from its first step on
+        raise
+    if s.is_main:
+        probe.unlink(missing_ok=True)
 
 
 def _protected(recipe: Recipe) -> list[Path]:
@@ -380,6 +412,9 @@ def _protected(recipe: Recipe) -> list[Path]:
 
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
     """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
+    if world > 1:  # every rank takes the same branch below, or a node's folder is not the shared one
+        dist_utils.check_folder_shared(
+            run_dir, "a run" if (run_dir / "recipe.yaml").exists() else "no run (no recipe.yaml)", what="--resume")
     if not (run_dir / "recipe.yaml").exists():
         # A kill before recipe.yaml was in place leaves at most the marker and peftcli's temp files.
         leftovers = [p for p in run_dir.iterdir() if runfolder.is_temp_name(p.name)] if run_dir.is_dir() else []
@@ -405,6 +440,10 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     except yaml.YAMLError as e:
         raise RunExistsError(f"{saved_path}: not valid YAML ({e}); the run folder is damaged") from None
     saved = read_trainer_state(run_dir / "last")
+    if world > 1:
+        dist_utils.check_folder_shared(
+            run_dir, f"a checkpoint at step {saved.position.step}" if saved is not None else "no checkpoint",
+            what="--resume")
     check_resume(saved_recipe, recipe.to_dict(), saved, world=world, source=str(saved_path))
     if saved is None:
         console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
