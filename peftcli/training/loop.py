@@ -385,10 +385,11 @@ def _check_nodes_share(s: Session) -> None:
         return
     import uuid
 
-    probe, token = s.run_dir / f".nodes.peftcli-tmp-{os.getpid()}", uuid.uuid4().hex
+    name, token = f".nodes.peftcli-tmp-{os.getpid()}", uuid.uuid4().hex
     if s.is_main:
-        probe.write_text(token)
-    probe, token = dist_utils.from_rank0((probe, token))
+        (s.run_dir / name).write_text(token)
+    name, token = dist_utils.from_rank0((name, token))
+    probe = s.run_dir / name  # in this rank's own output.dir: the same folder only if the filesystem is shared
     try:
         seen = "this run's folder" if probe.is_file() and probe.read_text() == token else "no such run folder"
     except OSError:
@@ -399,7 +400,8 @@ def _check_nodes_share(s: Session) -> None:
     except BaseException:
         if s.is_main:
             probe.unlink(missing_ok=True)
-        _restore_replaced(s)  # train() restores only from its first step on
+        _close_trackers(s)  # train() closes and restores only from its first step on
+        _restore_replaced(s)
         raise
     if s.is_main:
         probe.unlink(missing_ok=True)

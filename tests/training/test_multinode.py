@@ -244,3 +244,17 @@ def test_cli_refuses_bad_node_flags_with_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--nnodes", "2", "--node-rank", "1"])
     assert res.exit_code == 2, res.output
     assert "--rdzv-endpoint" in res.output
+
+
+@pytest.mark.slow
+def test_a_fresh_run_refuses_a_node_that_does_not_see_the_run_folder(setup):
+    """Without --resume the refusal comes once rank 0 has opened the folder, not at the run's end."""
+    root, recipe = setup["root"], setup["recipe"]
+    run, elsewhere = root / "runs" / "fresh", root / "runs" / "fresh-node1"
+    res = _two_nodes(recipe, [f"output.dir={run}", "train.batch_size=4"],
+                     node_overrides=([], [f"output.dir={elsewhere}"]))
+    for n in res:
+        assert n["status"] == 2, n["text"][-5000:]
+        assert "finds no such run folder" in n["text"] and "every node shares" in n["text"], n["text"][-3000:]
+    assert "step 1:" not in res[0]["text"]  # refused before training
+    assert not [p.name for p in run.iterdir() if ".peftcli-tmp-" in p.name]  # rank 0 removed its probe
