@@ -3,15 +3,16 @@
 Building the real model on the meta device costs seconds before any counting: importing
 transformers and its modelling code (most of `count-params`' time on a 70B config). For the
 families of the architecture map whose parameters follow from a few config numbers in closed form
-— BERT (classification), GPT-2 and Llama/Mistral — this module builds a skeleton instead: plain
+— BERT (classification), GPT-2 and Llama/Mistral, from a local folder, a config.json or an
+embedded model's folder — this module builds a skeleton instead: plain
 torch modules on the meta device, named as transformers names them, with the shapes the config
 implies. Methods attach to it exactly as to the real model (they find layers through core.arch),
 so trainable and total counts, the per-module table and the memory estimate's inputs come out the
 same; tests/models/test_skeleton.py holds every family's names and shapes, and several methods'
 budgets, to the real meta-device model's.
 
-Anything else (a hub id, another model type, a config.json without one of the size fields) gets
-None, and the caller builds the real model. Defaults are filled only for switches whose default
+Anything else (a hub id, a GGUF file, another model type, a config.json without one of the size
+fields) gets None, and the caller builds the real model. Defaults are filled only for switches whose default
 transformers documents and that change no size field (biases, tied embeddings, eps).
 """
 
@@ -110,9 +111,16 @@ def _put(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def local_config(name: str) -> dict[str, Any] | None:
-    """The config.json of a local folder or file, or None (hub ids and embedded models are left to
-    transformers, which knows where they live)."""
+    """The config.json of a local folder or file, or of an embedded model shipped as a folder; None
+    for anything else (hub ids, GGUF files), which transformers knows how to find and read."""
     p = Path(name).expanduser()
+    if not p.exists():
+        from peftcli.models.loading import resolve_source
+
+        src = resolve_source(name)
+        if not src.embedded or src.gguf_file:
+            return None
+        p = Path(src.path)
     f = p / "config.json" if p.is_dir() else p if (p.is_file() and p.suffix == ".json") else None
     if f is None or not f.is_file():
         return None

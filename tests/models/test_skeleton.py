@@ -169,6 +169,17 @@ def test_count_params_on_a_70b_config_imports_no_transformers(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_the_shipped_quickstart_recipe_counts_on_the_skeleton():
+    from peftcli.config.recipe import load_recipe
+    from peftcli.models.loading import resolve_source
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [], check_files=False)
+    if not resolve_source(recipe.model.name).embedded:
+        pytest.skip(f"{recipe.model.name} is not installed as an embedded package here")
+    b = _same_or_same_refusal(recipe)
+    assert b is not None and b["built_from"] == budget_mod.SKELETON
+
+
 def test_skipped_fills_leave_real_tensors_alone():
     with skip_meta_fills():
         t = torch.zeros(3)
