@@ -103,20 +103,28 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and budget, then exit")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in output.dir from its last checkpoint")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few batches end to end: train, eval, save, reload")] = False,
-    nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed)")] = 1,
+    nproc: Annotated[int, typer.Option("--nproc", help="launch N processes with torchrun (train.distributed), per node")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="machines in the launch: run the same command on each")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="this machine's number, 0 to nnodes-1 (0: the endpoint's host)")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT of node 0 for torchrun's c10d rendezvous (--nnodes > 1)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
     trust_remote_code: TrustFlag = False,
 ) -> None:
     """Train a recipe and save the adapter into its run folder. The recipe's model.trust_remote_code
     counts for a new run; with --resume only --trust-remote-code does."""
+    from peftcli.training.launch import check_nodes
+
+    nodes = check_nodes(nnodes, node_rank, rdzv_endpoint, nproc)
     r = _load(recipe, overrides)
     if strict:
         r.data.strict = True
-    if nproc > 1 and not dry_run:
+    if (nproc > 1 or nodes.count > 1) and not dry_run:
         from peftcli.training.launch import launch_torchrun
 
-        raise typer.Exit(launch_torchrun(recipe, overrides or [], nproc, resume=resume, smoke=smoke,
+        given = [*(overrides or []), *(["data.strict=true"] if strict else [])]  # the ranks read the recipe again
+        raise typer.Exit(launch_torchrun(recipe, given, nproc, resume=resume, smoke=smoke, nodes=nodes,
                                          trust_remote_code=trust_remote_code))
     if dry_run:
         from peftcli.config.recipe import recipe_yaml

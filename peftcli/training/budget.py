@@ -1,7 +1,10 @@
 """Budgeting a method on a model before training: parameters and training memory.
 
 The model is built on PyTorch's meta device: shapes exist, storage does not, so a 70B-sized config
-costs seconds and no memory. Memory is estimated in closed form for what does not depend on the
+costs no memory. For a local config.json of a family whose shapes follow from the config in
+closed form (peftcli.models.skeleton: BERT classification, GPT-2, Llama, Mistral) the model is a
+skeleton of plain torch modules, which spares importing transformers and its modelling code (most
+of the time otherwise); anything else is built by transformers. Memory is estimated in closed form for what does not depend on the
 batch (weights at their dtype, gradients and the optimizer state of the trainable weights: AdamW's
 moments, 8-bit or factored ones, or GaLore's projected ones), plus a
 rough figure for activations, so that a user can choose between full fine-tuning, LoRA on a
@@ -79,14 +82,46 @@ def memory_estimate(
     return rows
 
 
+SKELETON, META = "config.json in closed form", "transformers' model on the meta device"
+
+
+def count_model(recipe: Recipe):
+    """(model on the meta device, what it was built from) for counting: the closed-form skeleton
+    where one covers the model, else transformers' own class."""
+    from peftcli.models.skeleton import skeleton_model
+
+    skeleton = skeleton_model(recipe.model.name, recipe.model.task, recipe.model.num_labels or 2)
+    if skeleton is not None:
+        return skeleton, SKELETON
+    return _transformers_meta(recipe), META
+
+
+def _transformers_meta(recipe: Recipe):
+    """transformers' own model of the recipe on the meta device. Code shipped with the model runs
+    only when the recipe allows it; a recipe read from a run folder has had that key set from the
+    command line's flag (`runs.load.untrusted`)."""
+    m = recipe.model
+    return meta_model(m.name, m.task, num_labels=m.num_labels, attn_implementation=m.attn_implementation,
+                      trust_remote_code=m.trust_remote_code)
+
+
 def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
     from peftcli.models.quant import quantized_names
+    from peftcli.models.skeleton import skip_meta_fills
 
-    m = recipe.model
-    model = meta_model(m.name, m.task, num_labels=m.num_labels, attn_implementation=m.attn_implementation,
-                       trust_remote_code=m.trust_remote_code)  # a run folder's recipe: set from the flag (untrusted)
-    arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    with skip_meta_fills():
+        model, built_from = count_model(recipe)
+        try:
+            arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+        except Exception:
+            if built_from == META:
+                raise
+            # The method needs transformers' own modules (prefix tuning their attention functions,
+            # prompt tuning their forward): count on those; a real refusal comes again from there.
+            model, built_from = _transformers_meta(recipe), META
+            arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
     s = trainable_summary(model)
+    s["built_from"] = built_from
     # The method's own closed form for what it adds (None where it has none): a cross-check of the count.
     s["closed_form"] = spec.budget(model, arch, recipe.method) if spec.budget is not None else None
     s["table"] = per_module_table(model, depth=depth)
@@ -152,6 +187,8 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
     console.print(
         f"trainable: {b['trainable']:,} · total: {b['total']:,} · trainable %: {b['percent']:.4f}"
     )
+    if "built_from" in b:
+        console.print(f"[dim]counted from {b['built_from']}[/]")
     if b.get("trained_at_once", b["trainable"]) != b["trainable"]:
         console.print(f"trained at once (LISA): {b['trained_at_once']:,}; gradients and optimizer state are "
                       "counted for those")

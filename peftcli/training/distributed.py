@@ -41,6 +41,10 @@ class DistributedEnvError(BadInput, ValueError):
     """A malformed PEFTCLI_* environment setting for distributed runs: bad input (exit 2)."""
 
 
+class SharedFolderError(BadInput, RuntimeError):
+    """A rank sees the run folder unlike rank 0 does: it is not on a filesystem every node shares."""
+
+
 TIMEOUT_ENV = "PEFTCLI_DIST_TIMEOUT"
 # torch's own default is 30 minutes. A rank that dies is normally noticed at once (its peers see
 # the connection close, and torchrun stops the rest), so this only bounds a rank that is alive but
@@ -157,6 +161,52 @@ def max_across_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def from_every_rank(value: Any) -> list[Any]:
+    """All ranks: every rank's `value` (small and picklable), indexed by global rank."""
+    if not is_dist():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def node_name() -> str:
+    """This rank's machine, as a message names it: its host name and the launcher's --node-rank."""
+    import socket
+
+    node = os.environ.get("PEFTCLI_NODE_RANK")  # peftcli.training.launch.NODE_ENV
+    return f"{socket.gethostname()}" + (f" (node {node})" if node is not None else "")
+
+
+def check_folder_shared(run_dir: Path, seen: str, *, what: str) -> None:
+    """All ranks: refuse, on every rank alike, when a rank sees `run_dir` unlike rank 0 does.
+
+    Rank 0 alone writes the run folder and every rank reads it (a resumed checkpoint, the adapter
+    that validation kept), so a run across machines needs it on a filesystem every node shares. A
+    rank on a node with a folder of its own would otherwise train from other weights, or fail at
+    the end of the run; one gather at set-up says so at once. `seen` describes what this rank
+    finds; every rank raises the same message, so no rank is left waiting in a collective.
+    """
+    views = from_every_rank((seen, node_name()))
+    odd = [(r, v) for r, v in enumerate(views) if v[0] != views[0][0]]
+    if not odd:
+        return
+    r, (theirs, node) = odd[0]
+    raise SharedFolderError(
+        f"{what}: rank {r} on {node} finds {theirs} in {run_dir}, but rank 0 on {views[0][1]} finds {views[0][0]}; "
+        f"the run folder (output.dir) must be on a filesystem every node shares (NFS, Lustre, ...), at the same "
+        "path on every node")
+
+
+def from_rank0(value: Any) -> Any:
+    """All ranks: rank 0's `value` (small and picklable)."""
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rank0_decides(flag: bool) -> bool:

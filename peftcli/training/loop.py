@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -466,12 +467,42 @@ def _take_position(s: Session, saved: Saved | None, saved_recipe: dict | None, *
             s.trackers = Trackers(s.run_dir, s.recipe)
             s.console.print(f"[dim]tracking: {escape(s.trackers.where())}[/]")
     dist_utils.barrier()
+    _check_nodes_share(s)
     if s.recipe.train.lisa_layers:
         s.lisa_active = lisa.draw(s.recipe, s.arch, s.optimizer, pos.step)
     if saved is not None:
         restore_rng(saved, s.drop_rng)  # last: nothing after this may draw random numbers
         s.console.print(f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.micro})")
     return s, pos, None
+
+
+def _check_nodes_share(s: Session) -> None:
+    """Across machines: every rank must see the run folder rank 0 has just opened, or the run would
+    fail only at its end, when every rank reads back the adapter validation kept."""
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) <= 1:  # one machine: one filesystem
+        return
+    import uuid
+
+    name, token = f".nodes.peftcli-tmp-{os.getpid()}", uuid.uuid4().hex
+    if s.is_main:
+        (s.run_dir / name).write_text(token)
+    name, token = dist_utils.from_rank0((name, token))
+    probe = s.run_dir / name  # in this rank's own output.dir: the same folder only if the filesystem is shared
+    try:
+        seen = "this run's folder" if probe.is_file() and probe.read_text() == token else "no such run folder"
+    except OSError:
+        seen = "no such run folder"
+    try:
+        dist_utils.check_folder_shared(s.run_dir, seen, what="output.dir")
+        dist_utils.barrier()  # every rank has read the probe
+    except BaseException:
+        if s.is_main:
+            probe.unlink(missing_ok=True)
+        _close_trackers(s)  # train() closes and restores only from its first step on
+        _restore_replaced(s)
+        raise
+    if s.is_main:
+        probe.unlink(missing_ok=True)
 
 
 def _protected(recipe: Recipe) -> list[Path]:
@@ -481,6 +512,9 @@ def _protected(recipe: Recipe) -> list[Path]:
 
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
     """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
+    if world > 1:  # every rank takes the same branch below, or a node's folder is not the shared one
+        dist_utils.check_folder_shared(
+            run_dir, "a run" if (run_dir / "recipe.yaml").exists() else "no run (no recipe.yaml)", what="--resume")
     if not (run_dir / "recipe.yaml").exists():
         if rank == 0:
             _clear_unstarted_run(recipe, run_dir)
@@ -498,6 +532,10 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     except yaml.YAMLError as e:
         raise RunExistsError(f"{saved_path}: not valid YAML ({e}); the run folder is damaged") from None
     saved = read_trainer_state(run_dir / "last")
+    if world > 1:
+        dist_utils.check_folder_shared(
+            run_dir, f"a checkpoint at step {saved.position.step}" if saved is not None else "no checkpoint",
+            what="--resume")
     check_resume(saved_recipe, recipe.to_dict(), saved, world=world, source=str(saved_path))
     if saved is None:
         console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
