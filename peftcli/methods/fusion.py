@@ -387,7 +387,7 @@ register(
     merge_refusal="fusion mixes non-linear adapters with input-dependent weights; it cannot be folded into a weight",
     export_state=export_state,
     load_state=load_state,
-    # Not positionwise: not checked against the untrimmed model (tests/test_lora_fast.py).
+    # Not positionwise: not checked against the untrimmed model (tests/methods/test_lora_kernel.py).
     aux_loss=aux_loss,
     combine_refusal=("a fused run already mixes its sources with learned, input-dependent attention; combine "
                      "the source runs instead"),

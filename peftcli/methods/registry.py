@@ -64,7 +64,7 @@ class MethodSpec:
     load_state: Callable[[nn.Module, Arch, Any, dict], None] | None = None
     # Everything the method computes after the last layer's attention is position by position, so
     # that models.trim.trim_unread_positions (running that part of the last layer only where the head
-    # reads) changes no number; set it only with a case in tests/test_lora_fast.py proving it.
+    # reads) changes no number; set it only with a case in tests/methods/test_lora_kernel.py proving it.
     positionwise: bool = False
     # Why the method cannot train on a frozen 4-bit (QLoRA) base; "" when it can. A string always
     # applies and completes "method 'name' ..." (full: "trains the base weights"). A function of the

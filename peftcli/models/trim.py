@@ -70,7 +70,7 @@ def trim_unread_positions(model: nn.Module, arch: Any, positionwise: bool, task:
     up to float reordering), and so is every gradient; only dropout draws fewer random numbers.
     Returns the hook handles (remove them to undo); an empty list where the model, task or
     method is not one this is known to be exact for (`positionwise`: the method's spec says so,
-    each checked against the untrimmed model in tests/test_lora_fast.py).
+    each checked against the untrimmed model in tests/methods/test_lora_kernel.py).
     """
     pos = _HEAD_READS_POSITION.get(arch.spec.family)
     if (

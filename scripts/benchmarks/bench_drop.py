@@ -15,8 +15,8 @@ checked against running the model once per task with only that task's adapters (
 then timed: the settings are measured in turns, `--repeats` times, and the median is reported,
 because the machine may be shared with other processes.
 
-    python scripts/bench_drop.py                              # MiniLM (6 layers) + BERT-base shape (12)
-    python scripts/bench_drop.py --models minilm --tasks 8 --batch 2 --seq 64
+    python scripts/benchmarks/bench_drop.py                              # MiniLM (6 layers) + BERT-base shape (12)
+    python scripts/benchmarks/bench_drop.py --models minilm --tasks 8 --batch 2 --seq 64
 """
 
 from __future__ import annotations

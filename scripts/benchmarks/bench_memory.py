@@ -14,13 +14,13 @@ slow each other down). The figures:
   weights, gradients, optimizer state and activations. CPU only: a GPU run would read
   torch.cuda.max_memory_allocated instead.
 
-    python scripts/bench_memory.py smollm2          # SmolLM2-135M-Instruct on tweets_instruct
-    python scripts/bench_memory.py minilm           # all-MiniLM-L6-v2 on tweets
-    python scripts/bench_memory.py minilm --table-only
-    python scripts/bench_memory.py smollm2 --only full "full adamw_8bit" --check   # the 8-bit ratio
-    python scripts/bench_memory.py smollm2 --only full "full adamw_8bit" --check \\
+    python scripts/benchmarks/bench_memory.py smollm2          # SmolLM2-135M-Instruct on tweets_instruct
+    python scripts/benchmarks/bench_memory.py minilm           # all-MiniLM-L6-v2 on tweets
+    python scripts/benchmarks/bench_memory.py minilm --table-only
+    python scripts/benchmarks/bench_memory.py smollm2 --only full "full adamw_8bit" --check   # the 8-bit ratio
+    python scripts/benchmarks/bench_memory.py smollm2 --only full "full adamw_8bit" --check \\
         --set model.dtype=bfloat16 train.max_steps=1 --out runs/bench_memory_bf16  # bf16 weights
-    python scripts/bench_memory.py smollm2 --choose-lr    # GaLore's and LoRA's lr, chosen on validation
+    python scripts/benchmarks/bench_memory.py smollm2 --choose-lr    # GaLore's and LoRA's lr, chosen on validation
 
 `--choose-lr` runs `peftcli sweep` over the learning rate of GaLore r 128 and of LoRA all-linear
 r 16, both at the suite's step budget, choosing each on the recipes' 100 validation rows; only the
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 COMMON = ["train.num_threads=1", "train.progress=false", "output.plot=false", "output.overwrite=true",
           "train.seed=0"]
@@ -97,7 +97,7 @@ def choose_lr(out: Path, *, run: bool, only: list[str] | None = None) -> str:
                    str(ROOT / "recipes" / f"{recipe}.yaml"), f"train.lr={lrs}", *common, *SMOL, *extra,
                    "--out", str(folder)]
             print(" ".join(cmd[3:]), flush=True)
-            subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+            subprocess.call(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         recs = read_records(folder)
         best = pick_best(recs, "loss")
         cells = ", ".join(f"{r['settings']['train.lr']:g}: " + (f"{r['value']:.4f}" if r.get("status") == "done"
@@ -122,7 +122,7 @@ def run(suite: str, name: str, recipe: str, extra: list[str], out: Path, overrid
            *COMMON, *sizes, *extra, *overrides, f"output.dir={folder}"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     log = folder.parent / f"{slug(name)}.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)

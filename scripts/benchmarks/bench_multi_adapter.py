@@ -14,9 +14,9 @@ token). The times include swapping and merging. For each N the four modes are ti
 are checked against the single-adapter ones (same tokens) before timing. Targets (issue 19): at N = 16, mixed >= 0.7x single and
 >= 3x swap.
 
-    python scripts/bench_multi_adapter.py                     # the embedded SmolLM2-135M
-    python scripts/bench_multi_adapter.py --tiny              # random Llama-shaped model (4 layers, 256 wide)
-    python scripts/bench_multi_adapter.py --adapters 1 16 --requests 32 --new-tokens 8
+    python scripts/benchmarks/bench_multi_adapter.py                     # the embedded SmolLM2-135M
+    python scripts/benchmarks/bench_multi_adapter.py --tiny              # random Llama-shaped model (4 layers, 256 wide)
+    python scripts/benchmarks/bench_multi_adapter.py --adapters 1 16 --requests 32 --new-tokens 8
 """
 
 from __future__ import annotations

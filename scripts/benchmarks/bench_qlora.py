@@ -11,8 +11,8 @@ Each side runs in its own process, so `torch.cuda.max_memory_allocated` is that 
 footprint: weights, adapter, gradients, AdamW state and activations. Steps are timed between
 device synchronisations after warm-up; the figure is the median.
 
-    python scripts/bench_qlora.py                 # both sides, then the ratios
-    python scripts/bench_qlora.py --grad-ckpt     # with gradient checkpointing
+    python scripts/benchmarks/bench_qlora.py                 # both sides, then the ratios
+    python scripts/benchmarks/bench_qlora.py --grad-ckpt     # with gradient checkpointing
 
 On a machine without CUDA it says so and exits 0 (nothing to measure).
 """
@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LLAMA_32_1B = dict(
     hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -6,9 +6,9 @@ is trained once per `train.seed` (the data split, `data.seed`, stays put) and th
 mean and spread of the test accuracy beside the peers' reference figure. Finished runs are kept
 and not re-run, so an interrupted call picks up where it stopped.
 
-    python scripts/bench_recipes.py tweets_lora tweets_full tweets_bitfit
-    python scripts/bench_recipes.py --seeds 0,1,2 tweets_lora tweets_ia3
-    python scripts/bench_recipes.py --table-only --seeds 0,1,2 tweets_lora   # re-read finished runs
+    python scripts/benchmarks/bench_recipes.py tweets_lora tweets_full tweets_bitfit
+    python scripts/benchmarks/bench_recipes.py --seeds 0,1,2 tweets_lora tweets_ia3
+    python scripts/benchmarks/bench_recipes.py --table-only --seeds 0,1,2 tweets_lora   # re-read finished runs
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # Held-out accuracy the peers reach on the same rows (HF PEFT / AdapterHub, constant lr, 2 epochs):

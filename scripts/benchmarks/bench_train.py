@@ -11,11 +11,11 @@ peftcli side also gets what its training loop is meant to call once: `models.tri
 (--compile). "first loss" is each side's loss at initialisation with dropout off: equal
 values show that both sides train the same function.
 
-    python scripts/bench_train.py --case cpu-minilm --threads 1
-    python scripts/bench_train.py --case gpu-bert
-    python scripts/bench_train.py --case gpu-llama1b
-    python scripts/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
-    python scripts/bench_train.py --case cpu-sft                # whole SFT runs: padded, grouped, packed (2 ways), HF
+    python scripts/benchmarks/bench_train.py --case cpu-minilm --threads 1
+    python scripts/benchmarks/bench_train.py --case gpu-bert
+    python scripts/benchmarks/bench_train.py --case gpu-llama1b
+    python scripts/benchmarks/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
+    python scripts/benchmarks/bench_train.py --case cpu-sft                # whole SFT runs: padded, grouped, packed (2 ways), HF
 
 On a CPU shared with other processes, use --threads 1 (or auto): with torch's default of one
 thread per core, every op waits at a barrier for a descheduled thread, and step times swing by 2×
@@ -51,8 +51,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = {
     "cpu-minilm": dict(device="cpu", batch=32, seq=64, task="classification", targets=["q", "v"], r=8, alpha=16,

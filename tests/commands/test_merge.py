@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch, tiny_model
-from test_peft_format import make_run, randomize, text_batch
+from helpers.adapter_runs import make_run_on_data, randomize, run_logits, text_batch
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -94,7 +94,7 @@ def _safetensors_keys(folder) -> set[str]:
 def test_cli_merge_run_folder(method, tmp_path, tiny_bert_dir, tiny_csv):
     from transformers import AutoModelForSequenceClassification
 
-    run = make_run(tmp_path, tiny_bert_dir, MERGEABLE[method], tiny_csv)
+    run = make_run_on_data(tmp_path, tiny_bert_dir, MERGEABLE[method], tiny_csv)
     res = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
     diff = float(res.output.split("sample batch:")[1].split()[0])
@@ -105,7 +105,6 @@ def test_cli_merge_run_folder(method, tmp_path, tiny_bert_dir, tiny_csv):
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
     assert structure(merged) == structure(base)
     b = text_batch(tiny_bert_dir)
-    from test_peft_format import run_logits
 
     with torch.no_grad():
         assert (merged(**b).logits - run_logits(run, b)).abs().max() < 1e-5
@@ -117,7 +116,7 @@ def test_cli_merge_run_folder(method, tmp_path, tiny_bert_dir, tiny_csv):
 
 
 def test_cli_merge_causal_lm(tmp_path, tiny_gpt2_dir, tiny_csv):
-    run = make_run(tmp_path, tiny_gpt2_dir, MERGEABLE["dora"], tiny_csv, task="causal_lm")
+    run = make_run_on_data(tmp_path, tiny_gpt2_dir, MERGEABLE["dora"], tiny_csv, task="causal_lm")
     res = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
     assert float(res.output.split("sample batch:")[1].split()[0]) < 1e-5
@@ -129,7 +128,7 @@ def test_cli_merge_causal_lm(tmp_path, tiny_gpt2_dir, tiny_csv):
     {"name": "prefix", "num_virtual_tokens": 2}, {"name": "prompt", "num_virtual_tokens": 2},
 ])
 def test_cli_merge_refuses_with_reason(method, tmp_path, tiny_bert_dir, tiny_csv):
-    run = make_run(tmp_path, tiny_bert_dir, method, tiny_csv)
+    run = make_run_on_data(tmp_path, tiny_bert_dir, method, tiny_csv)
     res = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged")])
     assert res.exit_code == 2
     reason = all_methods()[method["name"]].merge_refusal

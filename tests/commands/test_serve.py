@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from multi_helpers import make_run
+from helpers.adapter_runs import make_run
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -88,7 +88,7 @@ def test_every_key_documented():
 def test_shipped_recipes_validate():
     from pathlib import Path
 
-    files = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    files = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
     assert files
     for f in files:
         load_recipe(f)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from peftcli.core.errors import BadInput
 
-PKG = Path(__file__).resolve().parent.parent / "peftcli"
+PKG = Path(__file__).resolve().parents[2] / "peftcli"
 
 
 def test_the_cli_maps_one_class_and_commands_do_not_rewrap():

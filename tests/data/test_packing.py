@@ -27,7 +27,7 @@ from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_
 from peftcli.models.packed_attention import check_packing, packed_rows, use_packed_attention
 from peftcli.runs.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

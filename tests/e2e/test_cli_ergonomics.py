@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from peftcli.cli import app
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def all_commands() -> list[tuple[str, ...]]:

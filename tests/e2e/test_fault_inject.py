@@ -1,16 +1,14 @@
-"""scripts/fault_inject.py's judgement, on hand-made run folders: no training, milliseconds.
+"""tests/harness/fault_inject.py's judgement, on hand-made run folders: no training, milliseconds.
 
-The script itself (kill, resume, compare) is run by hand: `python scripts/fault_inject.py`.
+The script itself (kill, resume, compare) is run by hand: `python tests/harness/fault_inject.py`.
 Here only what decides "identical" and "consistent" is checked, since a lenient comparison would
 report every resume as bit-identical.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,17 +16,12 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fault_inject.py"
-
 
 @pytest.fixture(scope="module")
 def fi():
-    spec = importlib.util.spec_from_file_location("fault_inject", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fault_inject"] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("fault_inject", None)
+    from harness import fault_inject
+
+    return fault_inject
 
 
 def _run(root: Path, name: str, records: list[dict | str], tensors: dict[str, torch.Tensor]) -> Path:

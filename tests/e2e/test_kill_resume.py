@@ -3,7 +3,7 @@ to an uninterrupted run's and metrics.jsonl holds one curve.
 
 Each run is the `peftcli` entry point in a process forked from a server that imported peftcli
 once (multiprocessing's forkserver), so a dozen kills cost seconds, not a dozen interpreter starts.
-The recipe is scripts/fault_inject.py's: dropout on, AdapterDrop's random layer drop, grad_accum 3
+The recipe is tests/harness/fault_inject.py's: dropout on, AdapterDrop's random layer drop, grad_accum 3
 across an epoch boundary, warm-up + linear decay, clipping, a checkpoint every 3 steps.
 """
 
@@ -14,19 +14,8 @@ import multiprocessing
 import os
 import signal
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _fault_inject():
-    spec = importlib.util.spec_from_file_location("fault_inject", REPO / "scripts" / "fault_inject.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fault_inject"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _installed(module: str) -> bool:
@@ -81,7 +70,8 @@ def _run(ctx, argv: list[str], env: dict[str, str]) -> int:
 
 
 def test_kill_at_twelve_points_then_resume_is_bit_identical(forkserver, tmp_path):
-    fi = _fault_inject()
+    from harness import fault_inject as fi
+
     recipe = fi.build_tiny_recipe(tmp_path)
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PEFTCLI_KILL_AT": ""}
     ref = tmp_path / "ref"

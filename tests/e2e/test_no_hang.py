@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import write_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _peftcli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:

@@ -72,6 +72,6 @@ def test_smoke_recipe_on_embedded_default(tmp_path):
 
     from peftcli.cli import app
 
-    res = CliRunner().invoke(app, ["train", str(Path(__file__).parent.parent / "recipes" / "tweets_lora.yaml"), "--smoke", f"output.dir={tmp_path}/run"])
+    res = CliRunner().invoke(app, ["train", str(Path(__file__).resolve().parents[2] / "recipes" / "tweets_lora.yaml"), "--smoke", f"output.dir={tmp_path}/run"])
     assert res.exit_code == 0, res.output
     assert "smoke ok" in res.output

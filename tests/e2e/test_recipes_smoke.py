@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 COMMAND_FOR_METHOD = {"fusion": "fuse"}  # methods trained by another command than `train`
 runner = CliRunner()

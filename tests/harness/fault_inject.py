@@ -19,9 +19,9 @@ layer drop, 28 micro-batches per epoch accumulated 3 at a time (so one micro-bat
 crosses into the next epoch), 2 epochs, warm-up then linear decay, clipping, and an evaluation and
 checkpoint every 3 steps. Every random draw, and every byte written, must survive the kill.
 
-    python scripts/fault_inject.py                          # 10 trials, kill points and timers
-    python scripts/fault_inject.py --trials 30 --seed 1 --mode timer
-    python scripts/fault_inject.py recipes/my.yaml --trials 3 --keep
+    python tests/harness/fault_inject.py                          # 10 trials, kill points and timers
+    python tests/harness/fault_inject.py --trials 30 --seed 1 --mode timer
+    python tests/harness/fault_inject.py recipes/my.yaml --trials 3 --keep
 
 Exit status: 0 when every trial matches the reference, 1 otherwise. From Python:
 `run_trials(workdir, trials=2)` returns one TrialResult per trial.
@@ -44,9 +44,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Points the training code passes through (peftcli.core.faults.kill_point), and what one pass counts:
 # the range of `count` drawn for a point is 1..(number of such events in the reference run).
@@ -132,8 +129,6 @@ def build_tiny_recipe(folder: Path) -> Path:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PEFTCLI_KILL_AT", "PEFTCLI_RAISE_AT", "PEFTCLI_RAISE_AS", "RANK", "WORLD_SIZE")}
-    # The children run this checkout's peftcli, as this script does.
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     # COLUMNS: rich then wraps no log line, so STARTED is found whatever the paths' lengths.
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", COLUMNS="1000")
     return env

@@ -11,8 +11,8 @@ Each row of the printed table is one command with its exit code and wall time.
 
 Two steps, because the tokenizer lives in an installed package that the GPU machine may lack:
 
-    python scripts/gpu_check.py prepare .gpucheck       # here: tiny models, tokenizer, toy csv
-    python scripts/gpu_check.py run .gpucheck           # on the CUDA machine
+    python tests/harness/gpu_check.py prepare .gpucheck       # here: tiny models, tokenizer, toy csv
+    python tests/harness/gpu_check.py run .gpucheck           # on the CUDA machine
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import traceback
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARCHS = ("bert", "gpt2", "llama")
 # Fusion needs trained source runs: it runs after the others, over two of them.

@@ -1,4 +1,6 @@
-"""Run folders made without training: a recipe, its method attached, every adapter tensor random."""
+"""Run folders made without training: a recipe, its method attached, every adapter tensor random.
+
+Shared by tests in several folders; tests/ is on the path (pyproject's `pythonpath`)."""
 
 from __future__ import annotations
 
@@ -36,3 +38,55 @@ def make_run(root: Path, name: str, model_dir: Path, task: str, method: dict, *,
     save_adapter(run / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
     (run / "recipe.yaml").write_text(recipe_yaml(recipe))
     return run
+
+
+def randomize(model: torch.nn.Module, seed: int = 3, scale: float = 0.15) -> None:
+    """Non-zero adapter weights, so that every tensor's name and layout matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_run_on_data(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str = "classification",
+             seed: int = 3) -> Path:
+    """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""
+    from peftcli.config.recipe import load_recipe, recipe_yaml
+    from peftcli.methods.attach import pick_device
+    from peftcli.core.files import atomic_file_write
+    from peftcli.runs.checkpoint import save_adapter
+    from peftcli.runs.load import build
+
+    run = tmp / "run"
+    data_cfg = {"source": str(data), "text_column": "sentence", "max_length": 32}
+    if task == "causal_lm":
+        data_cfg.update(prompt_column="prompt", response_column="response")
+    path = write_recipe(tmp / "recipe.yaml", model={"name": str(model_dir), "task": task}, data=data_cfg,
+                        method=method, output={"dir": str(run)})
+    r = load_recipe(path)
+    labels = ["negative", "positive"] if task == "classification" else None
+    built = build(r, pick_device("cpu"), label_names=labels)
+    randomize(built.model, seed=seed, scale=0.1)
+    run.mkdir(parents=True)
+    atomic_file_write(run / "recipe.yaml", recipe_yaml(r))
+    save_adapter(run / "adapter", built.model, built.spec, built.arch, r.method,
+                 {"base_model": str(model_dir), "task": task, "label_names": labels})
+    return run
+
+
+def run_logits(run: Path, b: dict) -> torch.Tensor:
+    from peftcli.runs.load import load_run
+
+    built, _ = load_run(run, torch.device("cpu"))
+    built.model.eval()
+    with torch.no_grad():
+        return built.model(**b).logits
+
+
+def text_batch(model_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    enc = tok(["the film was great today", "awful"], return_tensors="pt", padding=True)
+    return {k: enc[k] for k in ("input_ids", "attention_mask")}

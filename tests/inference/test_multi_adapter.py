@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from multi_helpers import make_run
+from helpers.adapter_runs import make_run
 from typer.testing import CliRunner
 
 from peftcli.cli import app

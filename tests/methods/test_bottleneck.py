@@ -23,7 +23,7 @@ from peftcli.methods.compacter import PHMLinear, PHMRule
 from peftcli.methods.krona import KronaLinear
 from peftcli.runs.checkpoint import adapter_state, load_adapter_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = ["houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter++"]
 ALL = [*ADAPTERS, "krona"]
 # Tiny models have hidden 32: Compacter's default m = 32 / 32 = 1 is not a multiple of phm_dim 4.

@@ -25,7 +25,7 @@ from peftcli.methods import all_methods, get_method
 from peftcli.methods.attach import attach_method
 from peftcli.methods.registry import unregister
 
-PKG = Path(__file__).resolve().parent.parent / "peftcli"
+PKG = Path(__file__).resolve().parents[2] / "peftcli"
 
 TOY_SOURCE = '''
 """A throw-away method: a learned scale on each layer's FFN output, y = s * (W x + b)."""
@@ -286,7 +286,7 @@ def test_name_check_sees_a_stray_name(tmp_path):
 
 
 def test_every_positionwise_method_has_an_exactness_case():
-    from test_lora_fast import TRIM_CASES
+    from test_lora_kernel import TRIM_CASES
 
     assert {m for m, _, _ in TRIM_CASES} == {n for n, s in all_methods().items() if s.positionwise}
 

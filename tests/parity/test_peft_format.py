@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import batch, skip_if_peft_refuses_prefix, tiny_model, write_recipe
+from helpers.adapter_runs import make_run_on_data, randomize, run_logits, text_batch
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -43,15 +44,6 @@ METHODS = {
 }
 SETTINGS = [("bert", "classification"), ("gpt2", "classification"), ("llama", "classification"),
             ("gpt2", "causal_lm"), ("llama", "causal_lm")]
-
-
-def randomize(model: torch.nn.Module, seed: int = 3, scale: float = 0.15) -> None:
-    """Non-zero adapter weights, so that every tensor's name and layout matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def recipe_for(task: str, method: dict, name: str = "tiny/model"):
@@ -296,55 +288,12 @@ def test_unsupported_peft_type(tmp_path, lora_folder):
 # ------------------------------------------------------------------------------ CLI, run folders
 
 
-def make_run(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str = "classification",
-             seed: int = 3) -> Path:
-    """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""
-    from peftcli.config.recipe import load_recipe, recipe_yaml
-    from peftcli.core.files import atomic_file_write
-    from peftcli.methods.attach import pick_device
-    from peftcli.runs.checkpoint import save_adapter
-    from peftcli.runs.load import build
-
-    run = tmp / "run"
-    data_cfg = {"source": str(data), "text_column": "sentence", "max_length": 32}
-    if task == "causal_lm":
-        data_cfg.update(prompt_column="prompt", response_column="response")
-    path = write_recipe(tmp / "recipe.yaml", model={"name": str(model_dir), "task": task}, data=data_cfg,
-                        method=method, output={"dir": str(run)})
-    r = load_recipe(path)
-    labels = ["negative", "positive"] if task == "classification" else None
-    built = build(r, pick_device("cpu"), label_names=labels)
-    randomize(built.model, seed=seed, scale=0.1)
-    run.mkdir(parents=True)
-    atomic_file_write(run / "recipe.yaml", recipe_yaml(r))
-    save_adapter(run / "adapter", built.model, built.spec, built.arch, r.method,
-                 {"base_model": str(model_dir), "task": task, "label_names": labels})
-    return run
-
-
-def run_logits(run: Path, b: dict) -> torch.Tensor:
-    from peftcli.runs.load import load_run
-
-    built, _ = load_run(run, torch.device("cpu"))
-    built.model.eval()
-    with torch.no_grad():
-        return built.model(**b).logits
-
-
-def text_batch(model_dir: Path) -> dict:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    enc = tok(["the film was great today", "awful"], return_tensors="pt", padding=True)
-    return {k: enc[k] for k in ("input_ids", "attention_mask")}
-
-
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
 def test_cli_export_then_peft_loads(method, tmp_path, tiny_bert_dir, tiny_csv):
     from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
     skip_if_peft_refuses_prefix(BertForSequenceClassification, "classification", method)
-    run = make_run(tmp_path, tiny_bert_dir, METHODS[method], tiny_csv)
+    run = make_run_on_data(tmp_path, tiny_bert_dir, METHODS[method], tiny_csv)
     res = runner.invoke(app, ["export", str(run), "--to", "peft", str(tmp_path / "peft")])
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -362,7 +311,7 @@ def test_cli_export_then_peft_loads(method, tmp_path, tiny_bert_dir, tiny_csv):
 
 @pytest.mark.parametrize("method", [{"name": "houlsby"}, {"name": "krona"}, {"name": "bitfit"}])
 def test_cli_export_refuses_methods_peft_lacks(method, tmp_path, tiny_bert_dir, tiny_csv):
-    run = make_run(tmp_path, tiny_bert_dir, method, tiny_csv)
+    run = make_run_on_data(tmp_path, tiny_bert_dir, method, tiny_csv)
     res = runner.invoke(app, ["export", str(run), "--to", "peft", str(tmp_path / "peft")])
     assert res.exit_code == 2
     assert f"cannot export method '{method['name']}' to HF PEFT" in res.output
@@ -447,7 +396,7 @@ def test_export_needs_no_weights_so_qlora_runs_export_anywhere(tmp_path, tiny_be
     import yaml
     from safetensors.torch import load_file
 
-    run = make_run(tmp_path, tiny_bert_dir, METHODS["lora"], tiny_csv)
+    run = make_run_on_data(tmp_path, tiny_bert_dir, METHODS["lora"], tiny_csv)
     res = runner.invoke(app, ["export", str(run), "--to", "peft", str(tmp_path / "plain")])
     assert res.exit_code == 0, res.output
     rec = yaml.safe_load((run / "recipe.yaml").read_text())

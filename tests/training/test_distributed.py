@@ -32,7 +32,7 @@ TOL = 1e-5
 GOOD = ["good", "great", "fine", "nice", "happy", "love"]
 BAD = ["bad", "awful", "sad", "hate", "poor", "ugly"]
 NEUTRAL = ["the", "a", "movie", "food", "day", "it", "was", "is", "this"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _make_model_and_data(root: Path) -> tuple[Path, Path]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from test_distributed import RECIPE, _make_model_and_data
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MARK = "PEFTCLI_TEST_LAUNCH"
 LIMIT_S = 150  # the whole launch
 PROMPT_S = 60  # from the failing rank's message to the launcher's exit
