@@ -138,3 +138,23 @@ def skip_if_peft_refuses_prefix(model, task: str, method: str) -> None:
         import transformers
 
         pytest.skip(f"PEFT {peft.__version__} prefix tuning refuses transformers {transformers.__version__}'s classifiers")
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> str:
+    """Forty-eight chat conversations of random words, a third of them two turns long (JSONL)."""
+    import json
+    import random
+
+    g = random.Random(0)
+    words = ["good", "bad", "rain", "sun", "film", "day", "night", "long", "short", "tea"]
+    rows = []
+    for i in range(48):
+        turns = [{"role": "user", "content": " ".join(g.choices(words, k=g.randint(2, 20)))},
+                 {"role": "assistant", "content": " ".join(g.choices(words, k=g.randint(1, 6)))}]
+        if i % 3 == 0:
+            turns += [{"role": "user", "content": "and then"}, {"role": "assistant", "content": "the end"}]
+        rows.append({"messages": turns})
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,41 @@ print("unchanged")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0 and "unchanged" in res.stdout, res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ the terminal
+
+
+@pytest.fixture(scope="module")
+def causal_run(tiny_gpt2_dir, chat_file, tmp_path_factory) -> Path:
+    from conftest import write_recipe
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    d = tmp_path_factory.mktemp("causal")
+    rec = write_recipe(d / "run.yaml", model={"name": str(tiny_gpt2_dir), "task": "causal_lm"},
+                       data={"source": chat_file, "eval_size": 8, "max_length": 96},
+                       method={"name": "lora", "r": 4}, train={"epochs": 1, "batch_size": 2, "progress": False},
+                       output={"dir": str(d / "run"), "plot": False})
+    res = CliRunner().invoke(app, ["train", rec])
+    assert res.exit_code == 0, res.output
+    return d / "run"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_eval_and_merge_print_only_peftcli_lines_unless_verbose(causal_run, tmp_path):
+    ev = _cli("eval", str(causal_run), "--limit", "4")
+    assert ev.returncode == 0, ev.stderr
+    assert ev.stderr == "" and "loss" in ev.stdout
+    quiet = _cli("merge", str(causal_run), str(tmp_path / "m1"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "" and "merged model written" in quiet.stdout
+    loud = _cli("merge", str(causal_run), str(tmp_path / "m2"), "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading weights" in loud.stderr

@@ -1,12 +1,9 @@
-"""Packing is exact, length grouping is seeded, both resume exactly; trackers; a clean terminal."""
+"""Packing is exact, length grouping is seeded, both resume exactly."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -151,22 +148,6 @@ def test_group_by_length_batches_are_similar_seeded_and_cover_every_example():
 # ----------------------------------------------------------------------------- training end to end
 
 
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> str:
-    g = random.Random(0)
-    words = ["good", "bad", "rain", "sun", "film", "day", "night", "long", "short", "tea"]
-    rows = []
-    for i in range(48):
-        turns = [{"role": "user", "content": " ".join(g.choices(words, k=g.randint(2, 20)))},
-                 {"role": "assistant", "content": " ".join(g.choices(words, k=g.randint(1, 6)))}]
-        if i % 3 == 0:
-            turns += [{"role": "user", "content": "and then"}, {"role": "assistant", "content": "the end"}]
-        rows.append({"messages": turns})
-    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", packing=None, dropout: float | None = None,
             **train) -> str:
     t = {"epochs": 2, "batch_size": 2, "lr": 5e-3, "progress": False, "log_every": 1, "eval_every": 2, **train}
@@ -276,55 +257,3 @@ def app_cli():
     from peftcli.cli import app
 
     return app
-
-
-@pytest.fixture(scope="module")
-def tracked_run(tiny_gpt2_dir, chat_file, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tracked")
-    rec = _recipe(d, tiny_gpt2_dir, chat_file, epochs=1, report_to=["tensorboard"])
-    res = runner.invoke(app_cli(), ["train", rec])
-    assert res.exit_code == 0, res.output
-    return d / "run"
-
-
-def test_tensorboard_gets_the_metrics_and_the_recipe(tracked_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tracked_run / "tensorboard"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity",
-            "test/loss"} <= tags
-    jsonl = [json.loads(x) for x in (tracked_run / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in jsonl if "loss" in r)
-    assert acc.Scalars("train/loss")[0].value == pytest.approx(first["loss"])
-    assert first["tokens_per_s"] > 0
-    assert "recipe" in acc.Tags()["tensors"] or "recipe/text_summary" in acc.Tags()["tensors"]
-
-
-@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
-def test_missing_tracker_package_is_exit_2_before_training(tiny_gpt2_dir, chat_file, tmp_path, monkeypatch, tracker):
-    monkeypatch.setitem(sys.modules, tracker, None)  # `import wandb` now raises ImportError
-    rec = _recipe(tmp_path, tiny_gpt2_dir, chat_file, report_to=["tensorboard", tracker])
-    res = runner.invoke(app_cli(), ["train", rec])
-    assert res.exit_code == 2, res.output
-    assert f"train.report_to: {tracker} needs the {tracker} package" in res.output
-    assert not (tmp_path / "run").exists()
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def test_eval_and_merge_print_only_peftcli_lines_unless_verbose(tracked_run, tmp_path):
-    ev = _cli("eval", str(tracked_run), "--limit", "4")
-    assert ev.returncode == 0, ev.stderr
-    assert ev.stderr == "" and "loss" in ev.stdout
-    quiet = _cli("merge", str(tracked_run), str(tmp_path / "m1"))
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr == "" and "merged model written" in quiet.stdout
-    loud = _cli("merge", str(tracked_run), str(tmp_path / "m2"), "--verbose")
-    assert loud.returncode == 0, loud.stderr
-    assert "Loading weights" in loud.stderr
