@@ -36,6 +36,7 @@ from peftcli.methods.targets import parse_layers
 from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
 from peftcli.runs.lock import hold, writes_folders
+from peftcli.runs.state import is_trainer_state
 
 
 class DropError(BadInput, ValueError):
@@ -204,7 +205,7 @@ def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, repor
     with replacing(dest, kind="drop") as tmp:
         (tmp / "adapter").mkdir()
         for f in src_adapter.iterdir():
-            if f.is_file() and f.name != "trainer_state.pt":
+            if f.is_file() and not is_trainer_state(f.name):
                 shutil.copy2(f, tmp / "adapter" / f.name)
         (tmp / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
         rec.output.dir = str(dest)

@@ -31,6 +31,12 @@ LEGACY_PICKLE = "trainer_state.pt"
 FORMAT = 2
 
 
+def is_trainer_state(name: str) -> bool:
+    """Whether a file of a checkpoint folder is trainer state rather than adapter: commands that copy
+    `last/` into a new run's `adapter/` (drop) leave these behind, since resuming belongs to the old run."""
+    return name in (STATE_JSON, STATE_TENSORS, LEGACY_PICKLE)
+
+
 @dataclass
 class Position:
     """Where a run is. Saved at every checkpoint; everything the loop needs to go on from there."""

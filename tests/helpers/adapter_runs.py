@@ -53,8 +53,8 @@ def make_run_on_data(tmp: Path, model_dir: Path, method: dict, data: Path, *, ta
              seed: int = 3) -> Path:
     """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""
     from peftcli.config.recipe import load_recipe, recipe_yaml
-    from peftcli.methods.attach import pick_device
     from peftcli.core.files import atomic_file_write
+    from peftcli.methods.attach import pick_device
     from peftcli.runs.checkpoint import save_adapter
     from peftcli.runs.load import build
 
