@@ -125,19 +125,26 @@ def write_recipe(path, **sections) -> str:
     return str(path)
 
 
-def skip_if_peft_refuses_prefix(model, task: str, method: str) -> None:
-    """PEFT 0.21's prefix tuning for classifiers looks for a `past_key_values` argument, which
-    transformers 5.24 renamed to `cache`; PEFT then refuses the model. Ours does not depend on the
-    name (test_prefix_prompt checks it against HF's own attention over a prefix cache)."""
+def cache_named_for_peft(model, task: str):
+    """PEFT 0.21's prefix tuning for classifiers hands its prefix to the model as `past_key_values`
+    and refuses a model whose forward has no argument of that name; transformers 5.24 renamed it
+    `cache`. For classifiers, the model's forward is wrapped to take the old name and pass it on
+    under the new one: the computation stays HF's own attention over PEFT's prefix cache.
+    Causal LMs take the old name through their keyword arguments and are left as they are."""
     import inspect
 
-    if method != "prefix" or task != "classification":
-        return
-    if "past_key_values" not in inspect.signature(model.forward).parameters:
-        import peft
-        import transformers
+    params = inspect.signature(model.forward).parameters
+    if task != "classification" or "past_key_values" in params:
+        return model
+    forward = model.forward
 
-        pytest.skip(f"PEFT {peft.__version__} prefix tuning refuses transformers {transformers.__version__}'s classifiers")
+    def named(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    model.forward = named
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch, skip_if_peft_refuses_prefix, tiny_model, write_recipe
+from conftest import batch, cache_named_for_peft, tiny_model, write_recipe
 from helpers.adapter_runs import make_run_on_data, randomize, run_logits, text_batch
 from typer.testing import CliRunner
 
@@ -79,7 +79,6 @@ def peft_load(base: torch.nn.Module, folder: Path):
 def test_export_loads_in_peft_with_same_logits(kind, task, method, tmp_path):
     r = recipe_for(task, METHODS[method])
     model = tiny_model(kind, task)
-    skip_if_peft_refuses_prefix(model, task, method)
     b = sample(kind, task, method)
     with torch.no_grad():
         plain = model(**b).logits
@@ -90,7 +89,7 @@ def test_export_loads_in_peft_with_same_logits(kind, task, method, tmp_path):
         ours = model(**b).logits
     assert (ours[..., :] - plain).abs().max() > 1e-3  # the adapter does something
     export_model(model, arch, spec, r, adapter_state(model, spec, arch, r.method), tmp_path)
-    pm = peft_load(tiny_model(kind, task), tmp_path)
+    pm = peft_load(cache_named_for_peft(tiny_model(kind, task), task), tmp_path)
     with torch.no_grad():
         theirs = pm(**b).logits
     assert compare(ours, theirs, b, task) < 1e-5
@@ -197,7 +196,7 @@ def make_peft_folder(kind: str, task: str, method: str, folder: Path):
     pc, ours = _peft_configs(kind, tt)[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(tiny_model(kind, task), pc)
+        pm = peft.get_peft_model(cache_named_for_peft(tiny_model(kind, task), task), pc)
     randomize(pm, seed=5)
     pm.eval()
     pm.save_pretrained(str(folder))
@@ -207,7 +206,6 @@ def make_peft_folder(kind: str, task: str, method: str, folder: Path):
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("kind,task", SETTINGS)
 def test_peft_adapter_loads_with_same_logits(kind, task, method, tmp_path):
-    skip_if_peft_refuses_prefix(tiny_model(kind, task), task, method)
     pm, block = make_peft_folder(kind, task, method, tmp_path)
     b = sample(kind, task, method)
     with torch.no_grad():
@@ -290,9 +288,8 @@ def test_unsupported_peft_type(tmp_path, lora_folder):
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
 def test_cli_export_then_peft_loads(method, tmp_path, tiny_bert_dir, tiny_csv):
-    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    skip_if_peft_refuses_prefix(BertForSequenceClassification, "classification", method)
     run = make_run_on_data(tmp_path, tiny_bert_dir, METHODS[method], tiny_csv)
     res = runner.invoke(app, ["export", str(run), "--to", "peft", str(tmp_path / "peft")])
     assert res.exit_code == 0, res.output
@@ -300,7 +297,8 @@ def test_cli_export_then_peft_loads(method, tmp_path, tiny_bert_dir, tiny_csv):
     assert cfg["base_model_name_or_path"] == str(tiny_bert_dir) and cfg["task_type"] == "SEQ_CLS"
     assert cfg["modules_to_save"] == ["classifier"]
     b = text_batch(tiny_bert_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    base = cache_named_for_peft(AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2),
+                                "classification")
     with torch.no_grad():
         theirs = peft_load(base, tmp_path / "peft")(**b).logits
     assert compare(run_logits(run, b), theirs, b, "classification") < 1e-5

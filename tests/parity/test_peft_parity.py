@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch, skip_if_peft_refuses_prefix, tiny_model
+from conftest import batch, cache_named_for_peft, tiny_model
 
 from peftcli.methods.attach import attach_method
 from peftcli.methods.ia3 import IA3Config
@@ -150,7 +150,7 @@ def test_ia3(kind, task):
 @pytest.mark.parametrize("kind,task", CASES)
 def test_prefix(kind, task):
     ours, ref = pair(kind, task)
-    skip_if_peft_refuses_prefix(ref, task, "prefix")
+    cache_named_for_peft(ref, task)
     attach_method(ours, "prefix", PrefixConfig(num_virtual_tokens=L))  # reparameterised: compare its output
     jiggle(ours, scale=0.1)
     theirs = peft.get_peft_model(ref, peft.PrefixTuningConfig(task_type=TASK_TYPE[task], num_virtual_tokens=L))
