@@ -283,6 +283,7 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone():
     names = sorted(package_modules())
     if hasattr(os, "fork"):

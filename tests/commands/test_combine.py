@@ -118,6 +118,7 @@ def options(how: str, sign: str) -> tuple[dict, dict]:
     return theirs, mine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_every_shared_rule_gives_peft_tensors_bit_for_bit(kind):
     """GPT-2's Conv1D layers store weights as (in, out), and PEFT draws the masks of dare_*_svd
@@ -202,6 +203,7 @@ def test_dora_factors_match_peft_and_magnitudes_combine_around_the_base_norm():
                 assert torch.equal(got.state[k], t), f"{how}: {k}"
 
 
+@pytest.mark.slow
 def test_one_adapter_with_weight_one_gives_the_same_model_back():
     """The identity combination reproduces the adapter's logits: LoRA, rsLoRA and DoRA alike."""
     from conftest import batch
@@ -299,6 +301,7 @@ def lora_runs(tiny_bert_dir, tiny_csv, tmp_path_factory):
     return root, a, sibling(a, root / "b", 1)
 
 
+@pytest.mark.slow
 def test_combined_run_is_an_ordinary_run(lora_runs, tmp_path):
     root, a, b = lora_runs
     dest = tmp_path / "ab"
@@ -384,6 +387,7 @@ def test_dare_is_reproducible_with_its_seed(lora_runs, tmp_path):
     assert any(not torch.equal(outs[0][k], outs[2][k]) for k in outs[0] if "lora_" in k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [
     {"name": "ia3"}, {"name": "pfeiffer", "reduction_factor": 8}, {"name": "krona"},
     {"name": "compacter", "bottleneck_size": 8},
@@ -474,6 +478,7 @@ def _edit_recipe(run: Path, **method) -> None:
     (run / "recipe.yaml").write_text(yaml.safe_dump(rec, sort_keys=False))
 
 
+@pytest.mark.slow
 def test_refusals_name_the_problem_and_write_nothing(lora_runs, tiny_bert_dir, tiny_csv, tmp_path):
     root, a, b = lora_runs
     dest = tmp_path / "out"

@@ -38,6 +38,7 @@ def structure(model: torch.nn.Module) -> tuple[list, list]:
     return params, modules
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(MERGEABLE))
 @pytest.mark.parametrize("kind,task", [("bert", "classification"), ("gpt2", "classification"),
                                        ("llama", "classification"), ("gpt2", "causal_lm"), ("llama", "causal_lm")])
@@ -90,6 +91,7 @@ def _safetensors_keys(folder) -> set[str]:
     return keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "krona"])
 def test_cli_merge_run_folder(method, tmp_path, tiny_bert_dir, tiny_csv):
     from transformers import AutoModelForSequenceClassification

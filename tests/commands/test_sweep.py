@@ -457,6 +457,7 @@ def _console():
 # ------------------------------------------------------------------------------ real training
 
 
+@pytest.mark.slow
 def test_real_grid_on_tiny_bert(tiny_bert_dir, tiny_csv, tmp_path):
     """Two real trials of `peftcli train` in subprocesses, ranked on the validation split.
 

@@ -114,6 +114,7 @@ def test_loading_models_and_data_leaves_settings_unchanged(unusual_settings, tin
     assert settings() == unusual_settings
 
 
+@pytest.mark.slow
 def test_importing_peftcli_changes_no_library_setting():
     """In a fresh interpreter: import every module of the package, compare before and after."""
     code = """
@@ -162,6 +163,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_eval_and_merge_print_only_peftcli_lines_unless_verbose(causal_run, tmp_path):
     ev = _cli("eval", str(causal_run), "--limit", "4")
     assert ev.returncode == 0, ev.stderr

@@ -21,6 +21,7 @@ def _texts(rows: list[dict]) -> list[str]:
     return [r["text"] for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not have_embedded_minilm(), reason="needs the embedded tweets corpus")
 def test_validation_comes_off_the_end_of_the_pool_and_leaves_train_and_test_alone():
     plain = load_splits(DataConfig(source="tweets", train_size=8000, eval_size=2000, val_fraction=0.0), "classification")
@@ -65,6 +66,7 @@ def _recipe(d, tiny_bert_dir, tiny_csv, **train) -> str:
     )
 
 
+@pytest.mark.slow
 def test_test_rows_are_scored_once_with_the_adapter_validation_chose(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
     """Only the first evaluation is 'better', so the kept adapter is step 2's while training goes
     on to step 15: the test score must be that adapter's, not the last weights'."""
@@ -102,6 +104,7 @@ def test_test_rows_are_scored_once_with_the_adapter_validation_chose(tiny_bert_d
     assert abs(last["loss"] - kept["loss"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_without_validation_the_last_adapter_is_kept(tiny_bert_dir, tiny_csv, tmp_path):
     recipe = _recipe(tmp_path, tiny_bert_dir, tiny_csv)
     res = runner.invoke(app, ["train", recipe, "data.val_size=null", "data.val_fraction=0", "train.epochs=1"])
@@ -114,6 +117,7 @@ def test_without_validation_the_last_adapter_is_kept(tiny_bert_dir, tiny_csv, tm
     assert res.exit_code == 2 and "no validation rows" in res.output
 
 
+@pytest.mark.slow
 def test_same_recipe_and_seed_give_identical_metrics_and_the_summary_says_what_ran(tiny_bert_dir, tiny_csv, tmp_path):
     import torch
     import transformers

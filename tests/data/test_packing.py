@@ -45,6 +45,7 @@ def _loss(model, batch: dict, head: str | None = None) -> torch.Tensor:
         return chunked_causal_lm_loss(model(**forward_inputs(batch, "causal_lm")).logits, h, batch["labels"])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_example", [False, True], ids=["masked", "per-example"])
 @pytest.mark.parametrize("kind,head", [("llama", "lm_head"), ("gpt2", "lm_head"), ("llama", None), ("gpt2", None)])
 def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(kind, head, per_example, monkeypatch):
@@ -161,6 +162,7 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run).steps]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["packing", "group_by_length", "packing-batch"])
 def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatch, mode):
     extra = {"group_by_length": True} if mode == "group_by_length" else {}
@@ -193,6 +195,7 @@ def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatc
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_packing_each_batch_takes_the_padded_runs_steps(kind, tiny_gpt2_dir, chat_file, tmp_path):
     """data.packing: batch trains on the padded run's batches, so without dropout (whose masks

@@ -60,6 +60,7 @@ def train_refused(tmp_path: Path, model_dir: Path, data: dict, *needles: str, ta
 # ------------------------------------------------------------------------------ 1. labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels,extra,needles", [
     ([0, 1, 2, 1] * 4, {"label_names": ["negative", "positive"]}, ["label 2 in", "outside 0..1", "data.label_names"]),
     ([0, 1, 5, 1] * 4, {}, ["label 5 in", "outside 0..1", "model.num_labels"]),
@@ -77,6 +78,7 @@ def test_bad_labels_refused_before_training(tiny_bert_dir, tmp_path, labels, ext
 # ------------------------------------------------------------------------------ 2. columns
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,key", [
     ({"text_column": "sentence", "label_column": "lable"}, "data.label_column"),
     ({}, "data.text_column"),  # default text_column 'text'
@@ -195,6 +197,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------ 8. meta.json
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit,needles", [
     (lambda m: "{not json", ["not valid JSON"]),
     (lambda m: json.dumps({k: v for k, v in m.items() if k != "method"}), ["key 'method' is missing"]),

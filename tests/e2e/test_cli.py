@@ -33,6 +33,7 @@ def trained_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
     return d, recipe, d / "run"
 
 
+@pytest.mark.slow
 def test_train_writes_run(trained_run):
     _, _, run = trained_run
     for f in ("recipe.yaml", "metrics.jsonl", "summary.json", "curves.png", "adapter/adapter.safetensors",
@@ -78,6 +79,7 @@ def test_merge_exact_and_loadable(trained_run, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues(trained_run, tmp_path):
     d, recipe, run = trained_run
     res = invoke("train", recipe, "train.epochs=4", f"output.dir={run}", "--resume")
@@ -155,6 +157,7 @@ def test_plot_several_runs(trained_run, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "c.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_bert_dir, tiny_csv, tmp_path):
     rec = write_recipe(
         tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
@@ -169,6 +172,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_bert_dir, tiny_csv, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_train_pooler_trains_saves_and_reloads(tiny_bert_dir, tiny_csv, tmp_path):
     from safetensors import safe_open
 

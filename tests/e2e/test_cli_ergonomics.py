@@ -72,6 +72,7 @@ def test_show_completion_prints_a_bash_script():
     assert "complete " in res.stdout and "_PEFTCLI_COMPLETE=complete_bash" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("words,cword,expect", [
     ("peftcli mer", 1, {"merge"}),
     ("peftcli merge --fo", 2, {"--force"}),
@@ -127,6 +128,7 @@ def test_exit_1_on_failure_while_running(monkeypatch):
     assert isinstance(res.exception, RuntimeError)  # the real traceback, for bug reports
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_codes():
     """`python -m peftcli.cli` returns the same codes to the shell as the console script."""
     ok = subprocess.run([sys.executable, "-m", "peftcli.cli", "validate", str(ROOT / "recipes" / "tweets_lora.yaml")],

@@ -69,6 +69,7 @@ def _run(ctx, argv: list[str], env: dict[str, str]) -> int:
     return p.exitcode
 
 
+@pytest.mark.slow
 def test_kill_at_twelve_points_then_resume_is_bit_identical(forkserver, tmp_path):
     from harness import fault_inject as fi
 

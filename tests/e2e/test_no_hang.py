@@ -32,6 +32,7 @@ def recipe(tiny_bert_dir, tiny_csv, tmp_path) -> str:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,words", [
     ("train.grad_accum=7", ["44 training rows", "grad_accum 7", "56 rows"]),
     ("train.epochs=0", ["train.epochs"]),
@@ -46,6 +47,7 @@ def test_a_recipe_that_cannot_step_is_refused(recipe, tmp_path, override, words)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_without_a_batch_is_refused_on_every_rank(recipe, tmp_path):
     # 44 rows, 2 ranks, batch 32: rank 1 would get no batch and wait forever for rank 0.
     res = _peftcli("train", recipe, "train.batch_size=32", "--nproc", "2", timeout=240)

@@ -58,6 +58,7 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+@pytest.mark.slow
 @pytest.mark.packaging
 def test_wheel_carries_every_recipe_as_package_data(wheel):
     with zipfile.ZipFile(wheel) as z:

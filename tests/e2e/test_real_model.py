@@ -23,6 +23,7 @@ def test_tweets_split_matches_reference():
     assert counts == {"negative": 850, "neutral": 799, "positive": 351}
 
 
+@pytest.mark.slow
 def test_train_offset_keeps_source_rows_apart_from_target():
     from peftcli.config.recipe import DataConfig
     from peftcli.data.splits import load_splits
@@ -41,6 +42,7 @@ def test_train_offset_keeps_source_rows_apart_from_target():
     assert [r["text"] for r in source.eval] == [r["text"] for r in target.eval]
 
 
+@pytest.mark.slow
 def test_minilm_lora_budget_and_short_training():
     from peftcli.methods.attach import attach_method, trainable_summary
     from peftcli.methods.lora import LoraConfig
@@ -67,6 +69,7 @@ def test_minilm_lora_budget_and_short_training():
     assert losses[-1] < losses[0] * 0.7
 
 
+@pytest.mark.slow
 def test_smoke_recipe_on_embedded_default(tmp_path):
     from typer.testing import CliRunner
 

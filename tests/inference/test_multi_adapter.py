@@ -41,6 +41,7 @@ def _alone(run, tok, prompt: str, steps: int) -> tuple[list[int], list[torch.Ten
     return out[0], got[0]
 
 
+@pytest.mark.slow
 def test_mixed_generate_rows_equal_single_adapter(decoder_runs, tiny_gpt2_dir):
     from peftcli.inference.generate import generate
     from peftcli.inference.multi import generate_mixed, load_runs
@@ -100,6 +101,7 @@ def encoder_runs(tiny_bert_dir, tiny_csv, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_mixed_encoder_rows_equal_single_adapter(encoder_runs):
     from peftcli.inference.multi import load_runs
     from peftcli.runs.load import load_run
@@ -124,6 +126,7 @@ def test_mixed_encoder_rows_equal_single_adapter(encoder_runs):
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_mixed_eval_equals_each_run_alone(encoder_runs):
     res = CliRunner().invoke(app, ["eval", *(str(r) for r in encoder_runs.values()), "--device", "cpu"])
     assert res.exit_code == 0, res.output
@@ -137,6 +140,7 @@ def test_mixed_eval_equals_each_run_alone(encoder_runs):
         assert abs(alone["loss"] - mixed[name]["loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_generate_cli_prompts_file(decoder_runs, tmp_path):
     from peftcli.inference.multi import generate_mixed, load_runs
 

@@ -108,6 +108,7 @@ def robust_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
     return d, d / "run", drawn
 
 
+@pytest.mark.slow
 def test_robust_training_drops_each_step_and_evaluates_the_whole_model(robust_run):
     _, run, drawn = robust_run
     assert len(drawn) == 12 and set(drawn) == {0, 1, 2}
@@ -120,6 +121,7 @@ def test_robust_training_drops_each_step_and_evaluates_the_whole_model(robust_ru
         assert abs(got["loss"] - summary[split]["loss"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_drop_command_writes_a_run_that_reloads_dropped(robust_run, tmp_path):
     _, run, _ = robust_run
     out = tmp_path / "dropped"

@@ -78,6 +78,7 @@ def logits(model, b):
 # --------------------------------------------------------------------------- 1. identity at step 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,task", [("bert", "classification"), ("gpt2", "classification"),
                                        ("llama", "classification"), ("gpt2", "causal_lm"), ("llama", "causal_lm")])
 def test_step0_equals_base(kind, task):
@@ -219,6 +220,7 @@ PRE_LN = {"gpt2": ("ln_1", "attn", "ln_2", "mlp"),
           "llama": ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_placement_matches_formula(arch_kind, name):
     base = tiny_model(arch_kind)
@@ -370,6 +372,7 @@ def test_minilm_counts():
 # --------------------------------------------------------------------------- 4. training and friends
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,task,name", [("llama", "causal_lm", n) for n in ALL]
                          + [("bert", "classification", n) for n in ("pfeiffer", "parallel", "compacter++")])
 def test_training_decreases_loss(kind, task, name):
@@ -394,6 +397,7 @@ def test_training_decreases_loss(kind, task, name):
     assert losses[-1] < losses[0] * (0.99 if task == "causal_lm" else 1.0), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,name", [("bert", "pfeiffer"), ("bert", "compacter"), ("llama", "scaled_parallel"),
                                        ("gpt2", "houlsby"), ("llama", "krona")])
 def test_gradient_checkpointing_same_gradients(kind, name):
@@ -421,6 +425,7 @@ def test_gradient_checkpointing_same_gradients(kind, name):
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_eager_and_sdpa_agree(arch_kind):
     b = batch()
     for name in ALL:
@@ -432,6 +437,7 @@ def test_eager_and_sdpa_agree(arch_kind):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_adapter_drop(arch_kind):
     """adapter_state -> fresh model + attach -> load_adapter_state gives identical logits; with
     every layer dropped (adapter_enabled False) the output is the base model's."""
@@ -456,6 +462,7 @@ def test_save_load_round_trip_and_adapter_drop(arch_kind):
         torch.testing.assert_close(logits(model, b), want, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["houlsby", "parallel", "compacter"])
 def test_deepcopy_rebinds_hooks(name):
     """A copied model's hooks must drive the copied adapters, not the original's."""
@@ -505,6 +512,7 @@ def test_merge_refused_for_bottlenecks():
 # --------------------------------------------------------------------------- 5. KronA merge
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,task", [("bert", "classification"), ("gpt2", "classification"),
                                        ("gpt2", "causal_lm"), ("llama", "causal_lm")])
 def test_krona_merge_exact(kind, task, tmp_path):

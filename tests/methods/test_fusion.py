@@ -264,6 +264,7 @@ def fused_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
     return d, recipe, d / "run", runs, len(calls)
 
 
+@pytest.mark.slow
 def test_fuse_trains_with_the_regulariser_and_saves_a_self_contained_run(fused_run):
     d, _, run, runs, calls = fused_run
     assert calls == 12  # 48 rows / batch 8 × 2 epochs: the loop added the V term at every step
@@ -289,6 +290,7 @@ def test_eval_on_a_fused_run_without_its_sources(fused_run, tmp_path):
     assert abs(m["accuracy"] - summary["test"]["accuracy"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_drop_prune_fusion_writes_a_run_that_eval_reloads(fused_run, tmp_path):
     _, _, run, _, _ = fused_run
     out = tmp_path / "pruned"

@@ -228,6 +228,7 @@ TRIM_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,attn,kw", TRIM_CASES, ids=[f"{m}-{a}-{i}" for i, (m, a, _) in enumerate(TRIM_CASES)])
 def test_trim_unread_positions_exact(method, attn, kw):
     m = tiny_model("bert", attn=attn)

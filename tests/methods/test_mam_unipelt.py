@@ -67,6 +67,7 @@ def test_mam_defaults_are_the_paper():
     assert not c.shift_positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_mam_step0(kind):
     b = batch()
@@ -143,6 +144,7 @@ def test_unipelt_defaults():
     assert (c.lora_r, c.lora_targets, c.num_virtual_tokens, c.adapter_size) == (8, ["q", "v"], 10, 48)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_unipelt_step0_and_drop(kind):
     b = batch()

@@ -62,6 +62,7 @@ def test_prefix_equals_keys_values_in_the_cache(kind, task, attn):
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", *DECODERS])
 def test_prefix_sdpa_equals_eager(kind):
     bt = right_padded()
@@ -70,6 +71,7 @@ def test_prefix_sdpa_equals_eager(kind):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_prefix_without_position_shift_and_adapter_drop():
     ref = tiny_model("llama", "causal_lm")
     m, arch, _ = with_method("llama", "causal_lm", "prefix", shift_positions=False)
@@ -97,6 +99,7 @@ def test_prefix_gqa_shapes():
 # ------------------------------------------------------------------ generation with the KV cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("name", ["prefix", "prompt"])
 def test_generate_with_cache_equals_without(kind, name):
@@ -124,6 +127,7 @@ def test_generate_with_cache_equals_without(kind, name):
 # ------------------------------------------------------------------ padding and output alignment
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", *DECODERS])
 @pytest.mark.parametrize("name", ["prefix", "prompt"])
 def test_right_padded_rows_equal_unpadded(kind, name):
@@ -135,6 +139,7 @@ def test_right_padded_rows_equal_unpadded(kind, name):
     torch.testing.assert_close(logits[-1:], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DECODERS)
 def test_prompt_logits_line_up_with_input(kind):
     from peftcli.models.losses import chunked_causal_lm_loss, hidden_states_out
@@ -207,6 +212,7 @@ def test_prompt_text_init_needs_text():
 # ------------------------------------------------------------------ reparameterisation, saving, loading
 
 
+@pytest.mark.slow
 def test_prefix_mlp_trains_and_gradient_checkpointing_agrees():
     m, _, _ = with_method("llama", "causal_lm", "prefix")
     m.train()
@@ -232,6 +238,7 @@ def test_prefix_table_cache_follows_weight_updates():
         torch.testing.assert_close(store.table(), t1 + 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_prefix_save_eject_and_resume(kind):
     from peftcli.core.errors import CheckpointError
@@ -301,6 +308,7 @@ def test_not_mergeable():
 # ------------------------------------------------------------------ train, evaluate by generating, `generate`
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["prompt", "prefix"])
 def test_train_generate_eval_and_generate_command(tmp_path, tiny_gpt2_dir, tiny_csv, name):
     from typer.testing import CliRunner
@@ -345,6 +353,7 @@ def test_generate_refuses_classification(tmp_path):
     assert res.exit_code == 2 and "causal_lm" in res.output
 
 
+@pytest.mark.slow
 def test_prefix_resume_keeps_training_the_mlp(tmp_path, tiny_gpt2_dir, tiny_csv):
     from peftcli.config.recipe import load_recipe
     from peftcli.training.loop import train

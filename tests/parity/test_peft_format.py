@@ -74,6 +74,7 @@ def peft_load(base: torch.nn.Module, folder: Path):
 # ------------------------------------------------------------------------------ export
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("kind,task", SETTINGS)
 def test_export_loads_in_peft_with_same_logits(kind, task, method, tmp_path):
@@ -203,6 +204,7 @@ def make_peft_folder(kind: str, task: str, method: str, folder: Path):
     return pm, ours
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("kind,task", SETTINGS)
 def test_peft_adapter_loads_with_same_logits(kind, task, method, tmp_path):
@@ -286,6 +288,7 @@ def test_unsupported_peft_type(tmp_path, lora_folder):
 # ------------------------------------------------------------------------------ CLI, run folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
 def test_cli_export_then_peft_loads(method, tmp_path, tiny_bert_dir, tiny_csv):
     from transformers import AutoModelForSequenceClassification
@@ -337,6 +340,7 @@ def _peft_folder_on(model_dir: Path, dest: Path, cfg, task: str = "classificatio
     return pm
 
 
+@pytest.mark.slow
 def test_cli_import_then_merge_and_continue_training(tmp_path, tiny_bert_dir, tiny_csv):
     """A PEFT folder -> run folder (no recipe needed) -> eval-ready; merge straight from the folder;
     init_from in a recipe trains on from the PEFT weights."""

@@ -118,6 +118,7 @@ def head_count(model) -> int:
     return sum(1 for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in ("classifier", "score"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,task", CASES)
 @pytest.mark.parametrize("dora", [False, True])
 def test_lora_and_dora(kind, task, dora):

@@ -151,6 +151,7 @@ def test_load_tensors_reads_plain_tensors_and_refuses_other_objects(tmp_path):
         load_tensors(tmp_path / "list.bin")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", ["eval", "export", "merge", "drop"])
 def test_planted_adapter_in_a_run_is_refused(run, tmp_path, marker, cmd):
     f = run / "adapter" / "adapter.safetensors"
@@ -353,6 +354,7 @@ def test_force_replaces_a_previous_export_and_marks_it(run, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_every_output_folder_is_marked(run, peft_dir, tmp_path):
     res = invoke("merge", run, tmp_path / "merged")
     assert res.exit_code == 0, res.output

@@ -50,6 +50,7 @@ def _copy(finished, tmp_path: Path) -> tuple[str, Path]:
     return str(tmp_path / "r.yaml"), run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key", [("train.lr=1e-2", "train.lr"), ("method.r=8", "method.r"),
                                           ("train.seed=3", "train.seed"), ("data.max_length=16", "data.max_length")])
 def test_resume_with_another_recipe_is_refused_and_touches_nothing(finished, tmp_path, override, key):
@@ -61,6 +62,7 @@ def test_resume_with_another_recipe_is_refused_and_touches_nothing(finished, tmp
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_resume_extends_epochs_and_keeps_one_curve(finished, tmp_path):
     rec, run = _copy(finished, tmp_path)
     res = invoke("train", rec, "train.epochs=3", "--resume")
@@ -109,6 +111,7 @@ def test_damaged_trainer_state_names_the_file(finished, tmp_path):
     assert "trainer_state.safetensors" in res.output
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_swap_is_recovered(finished, tmp_path):
     # A kill between the two renames of a checkpoint swap: no last/, the new one whole in its
     # temp name and the old one moved aside. --resume finishes the swap.
@@ -129,6 +132,7 @@ def test_grad_accum_larger_than_an_epoch_is_refused_with_the_numbers(tiny_bert_d
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_epoch_end_group_is_its_own_step(tiny_bert_dir, tiny_csv, tmp_path):
     # 44 rows / batch 8 = 6 micro-batches; grad_accum 4 -> steps of 4 and 2 micro-batches.
     rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, grad_accum=4, epochs=2, eval_every=100)
@@ -166,6 +170,7 @@ def test_non_finite_eval_loss_stops_the_run(tiny_bert_dir, tiny_csv, tmp_path, m
     assert not (tmp_path / "run" / "last").exists()  # never kept as a good checkpoint
 
 
+@pytest.mark.slow
 def test_resume_before_any_checkpoint_restarts_with_one_curve(finished, tmp_path):
     d, _ = finished
     rec, run = _copy(finished, tmp_path)
@@ -213,6 +218,7 @@ def test_export_and_merge_check_shapes_against_the_recipe(finished, tmp_path):
         assert "shape" in res.output and not Path(cmd[2]).exists()
 
 
+@pytest.mark.slow
 def test_training_steps_run_in_training_mode(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
     # Models load in evaluation mode; a loop that forgot train() would silently train without dropout.
     import peftcli.training.loop as train_mod

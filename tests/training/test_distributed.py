@@ -151,6 +151,7 @@ def _assert_curve(run: Path, setup: dict, steps: range) -> None:
         assert abs(ev[s] - setup["ref_eval"][s]) < TOL, (s, ev[s], setup["ref_eval"][s])
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_follow_one_rank_then_resume_on_one_rank(setup):
     root, recipe = setup["root"], setup["recipe"]
     run = root / "runs" / "ddp"
@@ -169,6 +170,7 @@ def test_ddp_two_ranks_follow_one_rank_then_resume_on_one_rank(setup):
     _assert_same_adapter(root / "runs" / "ref6" / "last", run / "last")
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_a_one_rank_run_on_two_ranks(setup):
     root, recipe = setup["root"], setup["recipe"]
     run = root / "runs" / "fsdp"

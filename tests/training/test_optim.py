@@ -111,6 +111,7 @@ RESUME_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label,method,train", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
 def test_resume_is_exact(label, method, train, tiny_bert_dir, tiny_csv, tmp_path):
     if train.get("optimizer") in BNB_OPTIMIZERS and not torch.cuda.is_available():

@@ -38,6 +38,7 @@ def tracked_run(tiny_gpt2_dir, chat_file, tmp_path_factory) -> Path:
     return d / "run"
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_metrics_and_the_recipe(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
