@@ -13,6 +13,10 @@ class BadInput(Exception):
     """Input the user can fix; the message says how. Exit code 2."""
 
 
+class DataError(BadInput, RuntimeError):
+    """Data that cannot be read or used as the recipe says (a file, a column, a label, packing)."""
+
+
 class CheckpointError(BadInput, RuntimeError):
     """An adapter or run file that is missing, malformed or not what the reader expects."""
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from peftcli.config.recipe import TrainConfig
-from peftcli.data.tokenize import IGNORE
+from peftcli.models.losses import IGNORE
 
 
 class Collator:

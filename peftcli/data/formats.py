@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from peftcli.config.recipe import DataConfig
-from peftcli.data.errors import DataError
+from peftcli.core.errors import DataError
 
 LM_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_response", "text")
 ROLES = ("system", "user", "assistant", "tool")

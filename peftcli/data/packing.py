@@ -14,7 +14,7 @@ import torch
 
 from peftcli.config.recipe import Recipe
 from peftcli.data.batching import Collator
-from peftcli.data.tokenize import IGNORE
+from peftcli.models.losses import IGNORE
 
 
 def pack_for_training(recipe: Recipe, train: list[dict]) -> list[dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.config.recipe import DataConfig, missing_data_file
-from peftcli.data.errors import DataError
+from peftcli.core.errors import DataError
 
 INSTRUCT_PROMPT = (
     "Classify the sentiment of this tweet as positive, negative or neutral. Answer with one word.\n\nTweet: {text}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftcli.config.recipe import DataConfig
-from peftcli.data.errors import DataError
+from peftcli.core.errors import DataError
 from peftcli.data.formats import detect_format, format_columns, is_missing, lm_row
 from peftcli.data.sources import BUILTIN_COLUMNS, builtin_rows, load_table
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftcli.config.recipe import DataConfig
+from peftcli.core.errors import DataError
 from peftcli.data.chat import ChatRenderError, chat_segments, chat_template_of, format_prompt
-from peftcli.data.errors import DataError
-
-IGNORE = -100
+from peftcli.models.losses import IGNORE
 
 
 @dataclass(frozen=True)

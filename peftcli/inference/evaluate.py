@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from peftcli.core.arch import Arch
+from peftcli.core.errors import DataError
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.data.batching import Collator, batches
-from peftcli.data.errors import DataError
 from peftcli.inference.decode import generate_texts
 from peftcli.models.losses import causal_lm_loss_from_logits
 

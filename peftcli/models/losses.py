@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peftcli.core.precision import autocast_dtype
-from peftcli.data.tokenize import IGNORE
+
+IGNORE = -100  # the label of a position no loss is taken on (prompt, padding): torch's ignore_index
 
 
 class _Passthrough(nn.Module):

@@ -17,8 +17,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from peftcli.core.errors import DataError
 from peftcli.core.precision import forward_inputs
-from peftcli.data.errors import DataError
 
 # --------------------------------------------------------------- per-example attention on CPU
 #

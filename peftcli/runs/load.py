@@ -13,11 +13,10 @@ from torch import nn
 
 from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.arch import Arch
-from peftcli.core.errors import CheckpointError
+from peftcli.core.errors import CheckpointError, DataError
 from peftcli.core.precision import resolve_dtype
 from peftcli.core.switch import apply_recorded
 from peftcli.data.batching import Collator
-from peftcli.data.errors import DataError
 from peftcli.data.packing import PackEachBatch
 from peftcli.data.splits import Splits, load_splits, malformed_summary
 from peftcli.data.tokenize import Untrained, check_trained, tokenize

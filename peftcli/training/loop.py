@@ -28,13 +28,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
 from peftcli.core import signals
-from peftcli.core.errors import BadInput
+from peftcli.core.errors import BadInput, DataError
 from peftcli.core.faults import kill_point
 from peftcli.core.files import atomic_file_write, is_temp_name, parse_temp_name, pid_alive, remove
 from peftcli.core.precision import autocast_ctx, forward_inputs
 from peftcli.core.switch import random_drop, set_dropped_layers
 from peftcli.data.batching import batches, length_group_size, num_batches
-from peftcli.data.errors import DataError
 from peftcli.data.packing import pack_for_training
 from peftcli.data.splits import malformed_summary
 from peftcli.inference.evaluate import evaluate, generation_eval

@@ -26,14 +26,13 @@ def test_every_error_class_a_user_can_fix_is_bad_input():
     from peftcli.commands import drop, serve, sweep
     from peftcli.config import recipe
     from peftcli.core import adapter_merging, arch, errors, faults
-    from peftcli.data import errors as data_errors
     from peftcli.inference import generate, multi
     from peftcli.methods import fusion
     from peftcli.models import loading, quant
     from peftcli.runs import folder, state
     from peftcli.training import distributed, loop, optim
 
-    for cls in (recipe.RecipeError, data_errors.DataError, loading.ModelLoadError, errors.CheckpointError,
+    for cls in (recipe.RecipeError, errors.DataError, loading.ModelLoadError, errors.CheckpointError,
                 loop.RunExistsError, folder.UnsafePathError, state.ResumeError, faults.InjectedBadInput,
                 distributed.DistributedEnvError, optim.OptimizerUnavailable, multi.MultiAdapterError,
                 sweep.SweepError, arch.UnsupportedArchitecture, quant.QuantizationUnavailable,

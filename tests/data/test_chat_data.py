@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.config.recipe import recipe_from_dict
+from peftcli.core.errors import DataError
 from peftcli.data.chat import chat_segments
-from peftcli.data.errors import DataError
 from peftcli.data.sources import tweets_chat_rows
-from peftcli.data.tokenize import IGNORE
 from peftcli.models.loading import load_tokenizer
+from peftcli.models.losses import IGNORE
 from peftcli.runs.load import prepare_data
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"

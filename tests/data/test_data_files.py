@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.config.recipe import DataConfig
-from peftcli.data.errors import DataError
+from peftcli.core.errors import DataError
 from peftcli.data.splits import load_splits
 
 runner = CliRunner()

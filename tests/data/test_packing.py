@@ -12,14 +12,18 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import peftcli.training.loop as train_mod
+from peftcli.core.errors import DataError
 from peftcli.core.precision import forward_inputs
 from peftcli.data.batching import Collator, batches
-from peftcli.data.errors import DataError
 from peftcli.data.packing import pack, pack_balanced
-from peftcli.data.tokenize import IGNORE
 from peftcli.methods.attach import attach_method
 from peftcli.methods.registry import get_method
-from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, hidden_states_out
+from peftcli.models.losses import (
+    IGNORE,
+    causal_lm_loss_from_logits,
+    chunked_causal_lm_loss,
+    hidden_states_out,
+)
 from peftcli.models.packed_attention import check_packing, packed_rows, use_packed_attention
 from peftcli.runs.metrics import read_metrics
 

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.config.recipe import recipe_from_dict
+from peftcli.core.errors import DataError
 from peftcli.data.batching import Collator
-from peftcli.data.errors import DataError
-from peftcli.data.tokenize import IGNORE
 from peftcli.inference.evaluate import evaluate
 from peftcli.models.loading import load_tokenizer
+from peftcli.models.losses import IGNORE
 from peftcli.runs.load import prepare_data
 
 runner = CliRunner()

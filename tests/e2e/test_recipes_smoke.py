@@ -43,7 +43,7 @@ def offline_model(name: str) -> bool:
 
 @cache
 def offline_data(source: str) -> bool:
-    from peftcli.data.errors import DataError
+    from peftcli.core.errors import DataError
     from peftcli.data.sources import builtin_rows
 
     if Path(source).expanduser().exists():

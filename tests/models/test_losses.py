@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.data.tokenize import IGNORE
-from peftcli.models.losses import causal_lm_loss_from_logits, chunked_causal_lm_loss, linear_cross_entropy_sum
+from peftcli.models.losses import (
+    IGNORE,
+    causal_lm_loss_from_logits,
+    chunked_causal_lm_loss,
+    linear_cross_entropy_sum,
+)
 
 
 @pytest.mark.parametrize("chunk", [4, 7, 64])
