@@ -221,10 +221,7 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
 
 
 # Known upward imports, each waiting for its move; the test fails once one is gone, so the entry goes too.
-PENDING = {
-    # the one folder swap moves to core/ (issue 29, item 2); then loading.py imports it from there
-    "peftcli.models.loading (models) imports peftcli.runs.checkpoint (runs)",
-}
+PENDING: set[str] = set()  # upward imports known and not yet moved: none
 
 
 def test_every_module_sits_in_a_layer():

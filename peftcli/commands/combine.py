@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from peftcli.config.recipe import Recipe, recipe_yaml
+from peftcli.core.adapter_files import ADAPTER_FILE, META_FILE
 from peftcli.core.adapter_merging import (
     CombineError,
     CombineRequest,
@@ -41,7 +42,6 @@ from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method, pick_device
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.meta import meta_model, misfits
-from peftcli.runs.checkpoint import ADAPTER_FILE, META_FILE
 from peftcli.runs.load import SavedRun, load_run, open_run, same_model
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import is_peft_folder

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import Recipe, recipe_yaml
+from peftcli.core.adapter_files import find_run_adapter
 from peftcli.core.arch import Arch
 from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.switch import (
@@ -33,7 +34,6 @@ from peftcli.inference.evaluate import evaluate
 from peftcli.methods.attach import pick_device
 from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
 from peftcli.methods.targets import parse_layers
-from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.load import collator, load_run, prepare_data
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.state import is_trainer_state

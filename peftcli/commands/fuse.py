@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 
 from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.core.adapter_files import find_run_adapter
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.fusion import (
     FusionConfig,
@@ -29,7 +30,6 @@ from peftcli.methods.fusion import (
     read_sources,
     record_attention,
 )
-from peftcli.runs.checkpoint import find_run_adapter
 from peftcli.runs.folder import check_paths, local_inputs
 
 

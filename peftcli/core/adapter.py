@@ -14,9 +14,11 @@ same three questions the same way:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from peftcli.core.arch import set_module
+from peftcli.core.errors import CheckpointError
 
 
 class AdapterModule(nn.Module):
@@ -51,3 +53,17 @@ def merge_layer_adapters(model: nn.Module, kind: type[LayerAdapter]) -> int:
     for name, mod in found:
         set_module(model, name, mod.merged_base())
     return len(found)
+
+
+def copy_into_params(params: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into named parameters, refusing any shape mismatch."""
+    with torch.no_grad():
+        for k, v in sd.items():
+            p = params[k]
+            if p.shape != v.shape:
+                raise CheckpointError(f"{k}: shape {tuple(v.shape)} in the file, {tuple(p.shape)} in the model")
+            if hasattr(p, "device_mesh"):  # an FSDP2 shard: cut the full tensor the same way
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
+            p.copy_(v.to(p.dtype))

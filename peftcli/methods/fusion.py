@@ -284,7 +284,7 @@ def attach(model: nn.Module, arch: Arch, cfg: FusionConfig) -> None:
 
 def _load_source_weights(model: nn.Module, arch: Arch, sources: list[Source]) -> None:
     """Copy each source run's adapter into the sites, when the runs are there."""
-    from peftcli.runs.checkpoint import find_run_adapter, read_adapter
+    from peftcli.core.adapter_files import find_run_adapter, read_adapter
 
     files = {}
     for s in sources:
@@ -323,7 +323,7 @@ def export_state(model: nn.Module, arch: Arch, cfg: FusionConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: FusionConfig, sd: dict[str, torch.Tensor]) -> None:
-    from peftcli.runs.checkpoint import copy_into_params
+    from peftcli.core.adapter import copy_into_params
 
     params = dict(model.named_parameters())
     unknown = [k for k in sd if k not in params]

@@ -253,8 +253,8 @@ def export_state(model: nn.Module, arch: Arch, cfg: PrefixConfig) -> dict[str, t
 
 
 def load_state(model: nn.Module, arch: Arch, cfg: PrefixConfig, sd: dict[str, torch.Tensor]) -> None:
+    from peftcli.core.adapter import copy_into_params
     from peftcli.core.errors import CheckpointError
-    from peftcli.runs.checkpoint import copy_into_params
 
     store = find_store(model)
     mlp_keys = _own_names(model) - {PROMPT_KEY}

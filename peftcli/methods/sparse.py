@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
+from peftcli.core.adapter import LayerAdapter, copy_into_params, merge_layer_adapters
 from peftcli.core.arch import Arch, set_module
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.registry import register
 from peftcli.methods.targets import LAYERS_HELP, method_layers, select_linears
-from peftcli.runs.checkpoint import copy_into_params
 
 INDEX = "sparse_index"
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.core.adapter_files import find_run_adapter, read_adapter
 from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError, DataError
 from peftcli.core.precision import resolve_dtype
@@ -24,7 +25,7 @@ from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.loading import FLAG_HINT, RECIPE_HINT, load_base_model, load_tokenizer
-from peftcli.runs.checkpoint import find_run_adapter, load_adapter_state, read_adapter
+from peftcli.runs.checkpoint import load_adapter_state
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.core.adapter_files import load_tensors
 from peftcli.core.arch import Arch
 from peftcli.core.files import write_dir
 from peftcli.core.peft_layout import (
@@ -47,7 +48,7 @@ from peftcli.core.peft_layout import (
 )
 from peftcli.methods import all_methods
 from peftcli.methods.registry import MethodSpec, PeftTwin
-from peftcli.runs.checkpoint import load_adapter_state, load_tensors
+from peftcli.runs.checkpoint import load_adapter_state
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

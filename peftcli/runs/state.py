@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from peftcli.core.adapter_files import load_tensors
 from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.files import atomic_file_write
-from peftcli.runs.checkpoint import load_tensors
 from peftcli.runs.metrics import read_lines
 
 STATE_JSON = "trainer_state.json"

@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from peftcli.core.adapter_files import read_adapter
 from peftcli.core.errors import BadInput
 from peftcli.core.faults import raise_point
-from peftcli.runs.checkpoint import adapter_state, load_adapter_state, read_adapter
+from peftcli.runs.checkpoint import adapter_state, load_adapter_state
 
 
 class DistributedSetupError(RuntimeError):

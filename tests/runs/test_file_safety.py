@@ -22,9 +22,9 @@ from conftest import tiny_model, write_recipe
 from typer.testing import CliRunner
 
 from peftcli.cli import app
+from peftcli.core.adapter_files import load_tensors
 from peftcli.core.errors import CheckpointError
 from peftcli.runs import folder as runfolder
-from peftcli.runs.checkpoint import load_tensors
 from peftcli.runs.folder import (
     MARKER,
     UnsafePathError,
