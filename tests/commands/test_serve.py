@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from helpers.adapter_runs import make_run
 
+pytestmark = pytest.mark.slow  # a real server process per module: the fast lane has test_serve_api and test_serve_app
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")

@@ -33,6 +33,7 @@ def _gone(pid: int, within: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_stop_signal_stops_each_running_trial_and_what_it_started(tmp_path: Path):
     started, stopped, ended = [], [], []
 

@@ -27,6 +27,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # trains, signals and resumes whole runs in subprocesses
+
 TIMING = {"elapsed_s", "samples_per_s", "tokens_per_s"}
 
 

@@ -93,6 +93,7 @@ def run_all(multi: MultiAdapter, jobs: list[tuple[str, list[int], int]], **engin
     return reqs
 
 
+@pytest.mark.slow
 def test_long_prompts_and_long_generations_at_once_all_fit(multi):
     """The bug: left padding to the longest prompt plus the largest max_tokens ran past GPT-2's
     128 positions. Each request here fits alone; together they must all succeed, as alone."""
@@ -172,6 +173,7 @@ def test_cancelled_row_leaves_the_batch(multi):
     assert ends in ([("done", "cancelled")], [("done", "stop")])
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(multi):
     ids = [1000, 2000, 3000]
     s = Sampling(temperature=1.5, top_p=0.95, seed=7)

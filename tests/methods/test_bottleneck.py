@@ -550,7 +550,7 @@ def test_recipes_validate_and_match_lora_benchmark(stem):
     assert model == lora["model"]
     for section in ("data", "eval"):
         assert raw[section] == lora[section]
-    # What scripts/tune_recipes.py chooses on validation (lr, schedule) or sets to the peers'
+    # What scripts/tools/tune_recipes.py chooses on validation (lr, schedule) or sets to the peers'
     # reference protocol may differ; the rest of the training is the benchmark's.
     tuned = {"lr", "scheduler", "weight_decay", "warmup_ratio", "max_grad_norm"}
     assert {k: v for k, v in raw["train"].items() if k not in tuned} == {

@@ -247,6 +247,7 @@ ALLOWED = {
     ("prompt", "inference/generate.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "inference/multi.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "commands/serve.py"): "the prompt field of an OpenAI completions request",
+    ("prompt", "commands/serve_api.py"): "the prompt field of an OpenAI completions request",
 }
 
 

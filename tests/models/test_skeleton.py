@@ -151,6 +151,7 @@ def test_what_the_skeleton_does_not_cover_is_built_by_transformers(folders, tmp_
     assert skeleton_model("some/hub-id", "causal_lm") is None
 
 
+@pytest.mark.slow
 def test_count_params_on_a_70b_config_imports_no_transformers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,

@@ -20,6 +20,8 @@ import uuid
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # two gloo ranks under torchrun
+
 MARK = "PEFTCLI_TEST_STOP"
 
 
