@@ -16,7 +16,6 @@ Cost: three launches of 2 processes on the tiny model of test_distributed.py, a 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers.processes import kill_tagged, tagged
 from test_distributed import RECIPE, _make_model_and_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,28 +33,8 @@ LIMIT_S = 150  # the whole launch
 PROMPT_S = 60  # from the failing rank's message to the launcher's exit
 
 
-def _tagged(tag: str) -> list[int]:
-    """Live processes whose environment carries MARK=tag."""
-    needle = f"{MARK}={tag}".encode() + b"\0"
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(name))
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return pids
 
 
-def _kill_tagged(tag: str) -> None:
-    for pid in _tagged(tag):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _launch(recipe: Path, overrides: list[str], env_extra: dict[str, str]) -> dict:
@@ -78,13 +58,13 @@ def _launch(recipe: Path, overrides: list[str], env_extra: dict[str, str]) -> di
     try:
         status = proc.wait(timeout=LIMIT_S)
     except subprocess.TimeoutExpired:
-        _kill_tagged(tag)
+        kill_tagged(MARK, tag)
         proc.wait()
         pytest.fail(f"still running after {LIMIT_S} s:\n" + "".join(line for _, line in lines)[-5000:])
     ended = time.monotonic()
     reader.join(timeout=10)
-    survivors = _tagged(tag)
-    _kill_tagged(tag)  # never leave them to the next test, even when the assertion below fails
+    survivors = tagged(MARK, tag)
+    kill_tagged(MARK, tag)  # never leave them to the next test, even when the assertion below fails
     return {"status": status, "ended": ended, "lines": lines, "survivors": survivors,
             "text": "".join(line for _, line in lines)}
 

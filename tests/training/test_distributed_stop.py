@@ -19,25 +19,13 @@ import uuid
 
 import pytest
 import yaml
+from helpers.processes import kill_tagged, tagged
 
 pytestmark = pytest.mark.slow  # two gloo ranks under torchrun
 
 MARK = "PEFTCLI_TEST_STOP"
 
 
-def _tagged(tag: str) -> list[int]:
-    needle = f"{MARK}={tag}".encode() + b"\0"
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -70,13 +58,12 @@ def test_sigterm_on_the_launcher_stops_both_ranks_at_one_step(tiny_bert_dir, tin
     finally:
         if launcher.poll() is None:
             launcher.kill()
-        for pid in _tagged(tag):
-            os.kill(pid, signal.SIGKILL)
+        kill_tagged(MARK, tag)
     assert launcher.returncode == 128 + signal.SIGTERM, out
     assert "stopped by SIGTERM" in out, out
     steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
     state = json.loads((run / "last" / "trainer_state.json").read_text())
     assert state["world"] == 2 and state["position"]["step"] == max(steps) < 10
     time.sleep(1)
-    assert _tagged(tag) == [], "a process of the launch outlived the stop"
+    assert tagged(MARK, tag) == [], "a process of the launch outlived the stop"
     assert not (tmp_path / ".run.peftcli-lock").exists()
