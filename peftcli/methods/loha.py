@@ -42,7 +42,8 @@ class LohaConfig:
     r: int = field(default=8, metadata={"min": 1, "help": "rank of each of the two factors W1a W1b and W2a W2b"})
     alpha: float = field(default=8.0, metadata={"min": 0.0, "help": "scaling numerator: ΔW is multiplied by alpha / r"})
     rank_dropout: float = field(
-        default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "training only: probability of zeroing each output row of ΔW"})
+        default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "training only: probability of zeroing each output row "
+                                                                "of ΔW (the kept rows are divided by their fraction)"})
     module_dropout: float = field(
         default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "training only: probability of skipping a layer's update"})
     targets: list[str] = field(default_factory=lambda: ["q", "v"], metadata={"help": TARGETS_HELP})
