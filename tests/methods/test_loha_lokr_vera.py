@@ -37,6 +37,7 @@ def attached(kind: str, method: str, **kw):
 
 
 @pytest.mark.parametrize("method", list(KINDS))
+@pytest.mark.parametrize("arch_kind", ["bert", "gpt2", "llama"])
 def test_starts_at_the_base_model_and_adds_delta_weight(arch_kind, method):
     base = tiny_model(arch_kind)
     b = batch()

@@ -48,8 +48,13 @@ def adapted(kind: str, task: str, method: str):
     return r, model.eval(), arch, spec
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("kind,task", SETTINGS)
+FAST = {("bert", "classification", "loha"), ("gpt2", "classification", "loha"), ("llama", "causal_lm", "lokr"),
+        ("llama", "classification", "lokr_both"), ("gpt2", "causal_lm", "vera"), ("bert", "classification", "vera_regenerated")}
+EXPORTS = [pytest.param(kind, task, method, marks=() if (kind, task, method) in FAST else pytest.mark.slow)
+           for kind, task in SETTINGS for method in METHODS]
+
+
+@pytest.mark.parametrize("kind,task,method", EXPORTS)
 def test_export_loads_in_peft_with_same_logits(kind, task, method, tmp_path):
     r, model, arch, spec = adapted(kind, task, method)
     sd = adapter_state(model, spec, arch, r.method)
@@ -100,7 +105,9 @@ def make_peft_folder(kind: str, task: str, method: str, folder):
 
 
 # PEFT's LoHa and LoKr refuse GPT-2's Conv1D, so PEFT makes no such folder on GPT-2.
-IMPORTS = [(kind, task, method) for kind, task in [("bert", "classification"), ("llama", "causal_lm"), ("gpt2", "causal_lm")]
+IMPORTS = [pytest.param(kind, task, method, marks=() if (kind, method) in {("bert", "loha"), ("llama", "lokr"),
+                                                                            ("gpt2", "vera")} else pytest.mark.slow)
+           for kind, task in [("bert", "classification"), ("llama", "causal_lm"), ("gpt2", "causal_lm")]
            for method in ("loha", "lokr", "vera", "vera_regenerated") if kind != "gpt2" or method not in LINEAR_ONLY]
 
 
