@@ -179,6 +179,7 @@ def lycoris_layout(model: nn.Module, kind: type, name: str, peft_type: str, lay:
             "or `peftcli merge` for a plain HF model"
         )
     fmt.linear_targets(model, lay, wrapped)
+    del lay.config["fan_in_fan_out"]  # not a LyCORIS option (always nn.Linear); PEFT warns about unknown keys
     for n, m in wrapped:
         for t, _ in m.named_parameters(recurse=False):
             lay.to_peft[f"{n}.{t}"] = f"base_model.model.{n}.{t}"

@@ -173,6 +173,7 @@ def peft_layout(model: nn.Module, arch: Arch, cfg: VeraConfig, lay: fmt.Layout) 
     """The vectors sit at our module paths; A and B, saved once, at `base_model.vera_A` / `vera_B`."""
     wrapped = fmt.adapted_linears(model, VeraLinear, "vera")
     fmt.linear_targets(model, lay, wrapped)
+    del lay.config["exclude_modules"]  # not a field of PEFT's VeraConfig, which warns about unknown keys
     for n, _ in wrapped:
         for t in ("vera_lambda_b", "vera_lambda_d"):
             lay.to_peft[f"{n}.{t}"] = f"base_model.model.{n}.{t}"

@@ -210,3 +210,18 @@ def test_cli_peft_folder_merges_and_trains_on(method, tmp_path, tiny_bert_dir, t
     res = runner.invoke(app, ["train", rec])
     assert res.exit_code == 0, res.output
     assert compare(run_logits(tmp_path / "cont", b), theirs, b, "classification") < 1e-5
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "vera"])
+def test_exported_config_is_pefts_own(method, tmp_path):
+    """Every adapter_config.json key is a field of PEFT's config class (PEFT warns about others)."""
+    import dataclasses
+
+    r, model, arch, spec = adapted("bert", "classification", method)
+    export_model(model, arch, spec, r, adapter_state(model, spec, arch, r.method), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cls = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig, "vera": peft.VeraConfig}[method]
+    assert set(cfg) <= {f.name for f in dataclasses.fields(cls)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.PeftConfig.from_pretrained(str(tmp_path))
