@@ -141,7 +141,8 @@ class LohaLinear(LycorisLinear):
         return _Hadamard.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling)
 
 
-def lycoris_paths(model: nn.Module, arch: Arch, cfg: Any) -> list[str]:
+def target_paths(model: nn.Module, arch: Arch, cfg: Any) -> list[str]:
+    """The linear layers `cfg.targets` and `cfg.layers` choose (LoHa, LoKr, VeRA); none is an error."""
     paths = select_linears(model, arch, cfg.targets, parse_layers(cfg.layers, arch.num_layers))
     if not paths:
         raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
@@ -149,7 +150,7 @@ def lycoris_paths(model: nn.Module, arch: Arch, cfg: Any) -> list[str]:
 
 
 def attach(model: nn.Module, arch: Arch, cfg: LohaConfig) -> None:
-    wrap_linears(model, lycoris_paths(model, arch, cfg),
+    wrap_linears(model, target_paths(model, arch, cfg),
                  lambda m: LohaLinear(m, cfg.r, cfg.alpha, cfg.rank_dropout, cfg.module_dropout))
 
 

@@ -34,8 +34,8 @@ from peftcli.methods.loha import (
     kaiming_,
     lycoris_import,
     lycoris_layout,
-    lycoris_paths,
     lycoris_settings,
+    target_paths,
 )
 from peftcli.methods.lora import wrap_linears
 from peftcli.methods.registry import PeftTwin, register
@@ -135,7 +135,7 @@ class LokrLinear(LycorisLinear):
 
 
 def attach(model: nn.Module, arch: Arch, cfg: LokrConfig) -> None:
-    wrap_linears(model, lycoris_paths(model, arch, cfg), lambda m: LokrLinear(m, cfg))
+    wrap_linears(model, target_paths(model, arch, cfg), lambda m: LokrLinear(m, cfg))
 
 
 def merge(model: nn.Module, arch: Arch, cfg: LokrConfig) -> None:

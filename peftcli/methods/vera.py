@@ -32,7 +32,7 @@ from peftcli.core.adapter import LayerAdapter, copy_into_params, merge_layer_ada
 from peftcli.core.arch import Arch, linear_dims
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.bottleneck import factory_kwargs
-from peftcli.methods.loha import COMBINE_REFUSAL, TARGETS_HELP, lycoris_paths
+from peftcli.methods.loha import COMBINE_REFUSAL, TARGETS_HELP, target_paths
 from peftcli.methods.lora import merge_into_base, wrap_linears
 from peftcli.methods.registry import PeftTwin, register
 from peftcli.methods.targets import LAYERS_HELP
@@ -124,7 +124,7 @@ def find_store(model: nn.Module) -> VeraProjection:
 
 
 def attach(model: nn.Module, arch: Arch, cfg: VeraConfig) -> None:
-    paths = lycoris_paths(model, arch, cfg)
+    paths = target_paths(model, arch, cfg)
     dims = [linear_dims(model.get_submodule(p)) for p in paths]
     store = VeraProjection(cfg.projection_prng_key, cfg.r, max(d[0] for d in dims), max(d[1] for d in dims),
                            factory_kwargs(model.get_submodule(paths[0])))
