@@ -12,6 +12,8 @@ from peftcli.methods import (  # noqa: F401  (importing a method registers it)
     houlsby,
     ia3,
     krona,
+    loha,
+    lokr,
     lora,
     mam,
     parallel,
@@ -20,6 +22,7 @@ from peftcli.methods import (  # noqa: F401  (importing a method registers it)
     prompt,
     sparse,
     unipelt,
+    vera,
 )
 from peftcli.methods.registry import all_methods, get_method  # noqa: E402  (after every method registered)
 

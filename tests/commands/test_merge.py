@@ -29,6 +29,9 @@ MERGEABLE = {
     "ia3": {"name": "ia3"},
     "ia3_v_only": {"name": "ia3", "targets": ["v", "ffn_in"], "feedforward": []},  # fused-qkv row subset on GPT-2
     "krona": {"name": "krona", "targets": ["q", "v", "ffn_in"]},
+    "loha": {"name": "loha", "r": 4, "alpha": 6, "targets": ["q", "v", "ffn_in"]},
+    "lokr": {"name": "lokr", "r": 2, "alpha": 4, "targets": ["q", "k", "ffn_out"]},
+    "vera": {"name": "vera", "r": 16, "targets": ["q", "v", "ffn_in", "ffn_out"]},
 }
 
 
@@ -92,7 +95,7 @@ def _safetensors_keys(folder) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "krona"])
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "krona", "loha", "lokr", "vera"])
 def test_cli_merge_run_folder(method, tmp_path, tiny_bert_dir, tiny_csv):
     from transformers import AutoModelForSequenceClassification
 

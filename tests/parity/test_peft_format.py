@@ -149,7 +149,7 @@ def test_shortest_suffixes_respect_peft_matching():
 @pytest.mark.parametrize("name", sorted(all_methods()))
 def test_export_refusals_name_a_reason(name):
     reason = export_refusal(name)
-    if name in ("lora", "ia3", "prefix", "prompt"):
+    if name in ("lora", "ia3", "prefix", "prompt", "loha", "lokr", "vera"):
         assert reason is None
     else:
         assert reason and "HF PEFT" in reason and name in reason and len(reason) > 60
@@ -279,9 +279,9 @@ def test_unsupported_peft_type(tmp_path, lora_folder):
 
     shutil.copytree(lora_folder, tmp_path / "x")
     cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
-    cfg["peft_type"] = "LOHA"
+    cfg["peft_type"] = "BOFT"
     (tmp_path / "x" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(PeftFormatError, match="'LOHA' has no peftcli counterpart"):
+    with pytest.raises(PeftFormatError, match="'BOFT' has no peftcli counterpart"):
         _load(tmp_path / "x", {"name": "lora", "r": 4, "alpha": 8, "targets": ["q", "v"]})
 
 
