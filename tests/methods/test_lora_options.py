@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import batch, tiny_model
+from helpers.adapter_runs import randomize, spread
 
 from peftcli.config.recipe import RecipeError, recipe_from_dict
 from peftcli.core.adapter_merging import CombineRequest
@@ -26,23 +27,6 @@ from peftcli.methods.lora import (
 )
 from peftcli.methods.lora_init import start_factors
 from peftcli.training.optim import OptimizerUnavailable, build_optimizer, lora_plus_groups
-
-
-def spread(model: torch.nn.Module, seed: int = 7) -> None:
-    """Weights at std 1/sqrt(fan-in), so that each weight has a spread of singular values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-def jiggle(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def logits(model, b):
@@ -162,7 +146,7 @@ def test_start_keeps_the_model_and_a_saved_run_rebuilds_its_residual_exactly(kin
     arch, _ = attach_method(model, "lora", cfg)
     take_starts(model, arch, cfg)
     torch.testing.assert_close(logits(model, b), before, atol=1e-5, rtol=0)
-    jiggle(model)
+    randomize(model)
     trained = logits(model, b)
     sd = {k: v.clone() for k, v in export_state(model, arch, cfg).items()}
     assert any(k.endswith(".lora_A0") for k in sd)
@@ -203,7 +187,7 @@ def test_a_file_without_the_start_gets_it_decomposed_from_this_base():
     cfg = LoraConfig(r=4, targets=["q", "v"], init="olora")
     arch, _ = attach_method(model, "lora", cfg)
     take_starts(model, arch, cfg)
-    jiggle(model)
+    randomize(model)
     sd = {k: v.clone() for k, v in export_state(model, arch, cfg).items() if not k.endswith(("A0", "B0"))}
     arch2, _ = attach_method(original, "lora", cfg)
     load_state(original, arch2, cfg, sd)
@@ -236,7 +220,7 @@ def test_cat_combines_pissa_runs_and_per_module_ranks_exactly():
         spread(model)
         arch, _ = attach_method(model, "lora", cfg)
         take_starts(model, arch, cfg)
-        jiggle(model, seed)
+        randomize(model, seed, 0.2)
         states.append({k: v for k, v in export_state(model, arch, cfg).items() if "classifier" not in k})
         cfgs.append(cfg)
         deltas.append({n: m.scaling * (m.lora_B.weight @ m.lora_A.weight - (m.lora_B0 @ m.lora_A0 if m.init == "pissa"
