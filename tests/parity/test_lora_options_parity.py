@@ -275,3 +275,51 @@ def test_lora_plus_step_equals_peft_create_loraplus_optimizer():
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5, msg=key)
         moved += mine.requires_grad
     assert moved == 2 * len(lora_modules(ours)) + 2
+
+
+# ------------------------------------------------------------------------------ the commands end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_cli_train_merge_export_import_a_moved_base_run(init, tmp_path, tiny_bert_dir, tiny_csv):
+    """train (the start taken before step 1) -> merge prints <= 1e-5 -> export loads in PEFT on the
+    untouched base with the run's logits -> import-peft of that folder gives the same logits."""
+    import re
+
+    from conftest import write_recipe
+    from helpers.adapter_runs import run_logits, text_batch
+    from transformers import AutoModelForSequenceClassification
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_bert_dir), "task": "classification"},
+        data={"source": str(tiny_csv), "text_column": "sentence", "max_length": 32},
+        method={"name": "lora", "r": 4, "alpha": 8, "init": init, "targets": ["q", "v"], "rank_pattern": {"v": 2}},
+        train={"max_steps": 3, "batch_size": 8, "lr": 1e-2, "lora_plus_ratio": 4, "progress": False},
+        output={"dir": str(run), "plot": False})
+    res = runner.invoke(app, ["train", recipe])
+    assert res.exit_code == 0, res.output
+    from peftcli.core.adapter_files import read_adapter
+
+    saved, _ = read_adapter(run / "adapter")
+    starts = [v for k, v in saved.items() if k.endswith(".lora_A0")]
+    assert len(starts) == 4 and all(bool(v.abs().sum() > 0) for v in starts)  # the start was taken
+    res = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    diff = float(re.search(r"merged\)\|.*?: ([0-9.e+-]+)", res.output).group(1))
+    assert diff <= 1e-5
+    res = runner.invoke(app, ["export", str(run), "--to", "peft", str(tmp_path / "peft")])
+    assert res.exit_code == 0, res.output
+    b = text_batch(tiny_bert_dir)
+    ours = run_logits(run, b)
+    untouched = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    theirs = logits(quiet(peft.PeftModel.from_pretrained, untouched, str(tmp_path / "peft")), b)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    res = runner.invoke(app, ["import-peft", str(tmp_path / "peft"), str(tmp_path / "imported")])
+    assert res.exit_code == 0, res.output
+    torch.testing.assert_close(run_logits(tmp_path / "imported", b), ours, atol=1e-5, rtol=1e-5)
