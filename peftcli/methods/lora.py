@@ -2,7 +2,9 @@
 
     y = W x + s · B A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-A is Kaiming-uniform(a=sqrt 5) and B is zero, so training starts exactly at the base model.
+A is Kaiming-uniform(a=sqrt 5) and B is zero, so training starts exactly at the base model; the
+other starts (`method.init`: gaussian, PiSSA, OLoRA) and per-module ranks (`rank_pattern`,
+`alpha_pattern`) are in methods/lora_init.py, LoRA-FA is `freeze_a` (A frozen at its start).
 Parameter names follow HF PEFT (`lora_A.weight` [r, in], `lora_B.weight` [out, r]) so that
 exporting to its format is a key rename.
 """
@@ -692,7 +694,8 @@ def _combine_magnitude(req: CombineRequest, module: str) -> torch.Tensor:
 register(
     "lora",
     LoraConfig,
-    summary="low-rank update B·A beside chosen linear layers (rsLoRA, DoRA as options); mergeable",
+    summary="low-rank update B·A beside chosen linear layers (rsLoRA, DoRA, PiSSA/OLoRA starts, LoRA-FA, per-module "
+            "ranks as options); mergeable",
     # DoRA's per-row norm does not stack, nor does a PiSSA/OLoRA run's moved base weight.
     stacks_rows=lambda cfg: not cfg.use_dora and not moves_base(cfg.init),
     merge=merge,

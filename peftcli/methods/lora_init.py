@@ -27,7 +27,7 @@ from torch import nn
 
 from peftcli.core.arch import ROLES, Arch
 
-INITS_HELP = ("starting point of A and B: default (Kaiming A, zero B), gaussian (A ~ N(0, 1/r)), pissa (top-r "
+INITS_HELP = ("starting point of A and B: default (Kaiming A, zero B), gaussian (A normal, std 1/r; zero B), pissa (top-r "
               "singular vectors of W, residual left in the frozen weight), pissa_niter_K (the same by a randomized "
               "SVD with K iterations), olora (QR of W)")
 _NITER = re.compile(r"pissa_niter_(\d+)")
