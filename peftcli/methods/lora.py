@@ -176,7 +176,13 @@ class LoraLinear(LayerAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled or self.merged:
-            return self.base(x)
+            y = self.base(x)
+            if self.base_moved and not self.merged:
+                # Switched off (AdapterDrop), a PiSSA/OLoRA layer is the original layer again: the start
+                # it moved out of the frozen weight goes back in, W x = (W − s·B0 A0) x + s·B0 A0 x.
+                start = F.linear(F.linear(x.to(self.lora_A0.dtype), self.lora_A0), self.lora_B0)
+                y = y + (start * self.scaling).to(y.dtype)
+            return y
         a = self.lora_A.weight
         b = self.lora_B.weight
         if self.fast_path:

@@ -158,6 +158,18 @@ def test_start_keeps_the_model_and_a_saved_run_rebuilds_its_residual_exactly(kin
         assert torch.equal(m.base.weight, m2.base.weight), n  # the residual, bit for bit
     assert torch.equal(logits(again, b), trained)
 
+    # switched off (AdapterDrop), a moved layer is the original layer again (under the trained head)
+    head = {n: p for n, p in again.named_parameters() if p.requires_grad and "lora_" not in n}
+    with torch.no_grad():
+        for n, p in original.named_parameters():
+            if n in head:
+                p.copy_(head[n])
+    for _, m in lora_modules(again):
+        m.adapter_enabled = False
+    torch.testing.assert_close(logits(again, b), logits(original, b), atol=1e-5, rtol=0)
+    for _, m in lora_modules(again):
+        m.adapter_enabled = True
+
     # merged: residual + s·B A = original + s·(B A − B0 A0)
     merge(again, arch2, cfg)
     assert not any(isinstance(m, LoraLinear) for m in again.modules())
