@@ -266,3 +266,13 @@ def test_lora_plus_groups_b_and_vectors_at_ratio_times_lr():
     attach_method(other, "ia3", recipe_from_dict({"method": {"name": "ia3"}}).method)
     with pytest.raises(OptimizerUnavailable, match="train.lora_plus_ratio"):
         lora_plus_groups(other, 1e-3, 16.0, 0.0, "ia3")
+
+
+def test_memory_estimate_has_no_qlora_row_for_a_start_that_needs_a_dense_weight():
+    from peftcli.training.budget import memory_estimate
+
+    def rows(cfg):
+        return [r["precision"] for r in memory_estimate(10, 100, 50, method="lora", method_cfg=cfg)]
+
+    assert "nf4 QLoRA" in rows(LoraConfig(init="gaussian", freeze_a=True))
+    assert "nf4 QLoRA" not in rows(LoraConfig(init="olora"))
