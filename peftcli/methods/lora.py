@@ -76,13 +76,14 @@ class LoraConfig:
         "help": "alpha per module, keyed like rank_pattern; other modules take method.alpha"})
 
     def __post_init__(self) -> None:
-        problem = (init_problem(self.init) or pattern_problem(self.rank_pattern, "rank_pattern", int)
-                   or pattern_problem(self.alpha_pattern, "alpha_pattern", float))
-        if problem is None and self.use_dora and moves_base(self.init):
-            problem = (f"method.init {self.init} with method.use_dora: DoRA's magnitude starts at the row norms of "
-                       "the weight that PiSSA/OLoRA change; use one of them (method.init: default, or use_dora: false)")
-        if problem is not None:
-            raise ValueError(problem)
+        problems = [p for p in (init_problem(self.init), pattern_problem(self.rank_pattern, "rank_pattern", int),
+                                pattern_problem(self.alpha_pattern, "alpha_pattern", float)) if p]
+        if not problems and self.use_dora and moves_base(self.init):
+            problems.append(f"method.init {self.init} with method.use_dora: DoRA's magnitude starts at the row norms "
+                            "of the weight that PiSSA/OLoRA change; use one of them (method.init: default, or "
+                            "use_dora: false)")
+        if problems:  # every one at once: the recipe loader shows them together
+            raise ValueError("; ".join(problems))
         self.alpha_pattern = {k: float(v) for k, v in self.alpha_pattern.items()}
 
 
