@@ -323,3 +323,29 @@ def test_cli_train_merge_export_import_a_moved_base_run(init, tmp_path, tiny_ber
     res = runner.invoke(app, ["import-peft", str(tmp_path / "peft"), str(tmp_path / "imported")])
     assert res.exit_code == 0, res.output
     torch.testing.assert_close(run_logits(tmp_path / "imported", b), ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_import_peft_of_an_unconverted_pissa_folder_stores_the_start(tmp_path, tiny_bert_dir):
+    """PEFT saved a PiSSA adapter as trained (init_lora_weights: pissa): import-peft decomposes the
+    named base as PEFT's from_pretrained does, keeps that start in the run, and eval-style loading
+    then rebuilds the same model."""
+    from helpers.adapter_runs import run_logits, text_batch
+    from transformers import AutoModelForSequenceClassification
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+    from peftcli.core.adapter_files import read_adapter
+
+    base_model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    pm = quiet(peft.get_peft_model, base_model, peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="pissa"))
+    randomize(pm, 3, 0.2)
+    quiet(pm.save_pretrained, str(tmp_path / "peft"))
+    b = text_batch(tiny_bert_dir)
+    want = logits(pm, b)
+    res = CliRunner().invoke(app, ["import-peft", str(tmp_path / "peft"), str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    saved, _ = read_adapter(tmp_path / "run" / "adapter")
+    assert sum(k.endswith(".lora_A0") for k in saved) == 4
+    torch.testing.assert_close(run_logits(tmp_path / "run", b), want, atol=1e-5, rtol=1e-5)
