@@ -281,8 +281,8 @@ def test_lora_plus_step_equals_peft_create_loraplus_optimizer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_cli_train_merge_export_import_a_moved_base_run(init, tmp_path, tiny_bert_dir, tiny_csv):
+@pytest.mark.parametrize("init,freeze_a", [("pissa", False), ("olora", True)])
+def test_cli_train_merge_export_import_a_moved_base_run(init, freeze_a, tmp_path, tiny_bert_dir, tiny_csv):
     """train (the start taken before step 1) -> merge prints <= 1e-5 -> export loads in PEFT on the
     untouched base with the run's logits -> import-peft of that folder gives the same logits."""
     import re
@@ -299,7 +299,8 @@ def test_cli_train_merge_export_import_a_moved_base_run(init, tmp_path, tiny_ber
     recipe = write_recipe(
         tmp_path / "r.yaml", model={"name": str(tiny_bert_dir), "task": "classification"},
         data={"source": str(tiny_csv), "text_column": "sentence", "max_length": 32},
-        method={"name": "lora", "r": 4, "alpha": 8, "init": init, "targets": ["q", "v"], "rank_pattern": {"v": 2}},
+        method={"name": "lora", "r": 4, "alpha": 8, "init": init, "targets": ["q", "v"], "rank_pattern": {"v": 2},
+                "freeze_a": freeze_a},
         train={"max_steps": 3, "batch_size": 8, "lr": 1e-2, "lora_plus_ratio": 4, "progress": False},
         output={"dir": str(run), "plot": False})
     res = runner.invoke(app, ["train", recipe])
