@@ -176,7 +176,8 @@ def _method_tensors(runs: Sequence[SavedRun], head: SavedRun, order: list[str],
             who, other, k = (r.folder, head.folder, extra[0]) if extra else (head.folder, r.folder, missing[0])
             raise CombineError(
                 f"{who} has tensor {k} and {other} does not: the runs adapt different modules (method targets, "
-                "layers or leave_out); combine runs that adapt the same modules"
+                "layers or leave_out) or keep different tensors per module (a LoRA run with a PiSSA/OLoRA start keeps "
+                "it, method.init); combine runs that adapt the same modules alike"
             )
         states.append({k: body[k] for k in sorted(body, key=place.__getitem__)})
     return states
