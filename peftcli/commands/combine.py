@@ -144,17 +144,21 @@ def _method_on_meta(recipe: Recipe, label_names: list[str] | None):
     return model, arch
 
 
-def _parameter_order(recipe: Recipe) -> tuple[list[str], tuple[str, ...]]:
-    """The trainable parameter names of the method on the recipe's model, in the model's order,
-    and the name prefixes of its task head. Order matters: a random rule draws its masks module
-    by module, as HF PEFT does."""
+def _parameter_order(recipe: Recipe) -> tuple[list[str], tuple[str, ...], Any]:
+    """The names of the tensors the method saves on the recipe's model, in the model's order, the
+    name prefixes of its task head, and the model's architecture map. Order matters: a random
+    rule draws its masks module by module, as HF PEFT does."""
     model, arch = _method_on_meta(recipe, None)
     heads = [n for n, _ in arch.head_modules()]
     pooler = arch.pooler()
     if pooler is not None:
         heads.append(pooler[0])
-    order = [n for n, p in model.named_parameters() if p.requires_grad]
-    return order, tuple(f"{h}." for h in heads)
+    spec = get_method(recipe.method_name)
+    if spec.export_state is not None:
+        order = list(spec.export_state(model, arch, recipe.method))
+    else:
+        order = [n for n, p in model.named_parameters() if p.requires_grad]
+    return order, tuple(f"{h}." for h in heads), arch
 
 
 def _method_tensors(runs: Sequence[SavedRun], head: SavedRun, order: list[str],
@@ -172,7 +176,8 @@ def _method_tensors(runs: Sequence[SavedRun], head: SavedRun, order: list[str],
             who, other, k = (r.folder, head.folder, extra[0]) if extra else (head.folder, r.folder, missing[0])
             raise CombineError(
                 f"{who} has tensor {k} and {other} does not: the runs adapt different modules (method targets, "
-                "layers or leave_out); combine runs that adapt the same modules"
+                "layers or leave_out) or keep different tensors per module (a LoRA run with a PiSSA/OLoRA start keeps "
+                "it, method.init); combine runs that adapt the same modules alike"
             )
         states.append({k: body[k] for k in sorted(body, key=place.__getitem__)})
     return states
@@ -323,7 +328,7 @@ def combine_runs(
     check_destination(dest, what="combine destination", replace=force,
                       sources=[*(r.folder for r in read), *(p for r in read for p in local_inputs(r.recipe))])
 
-    order, heads = _parameter_order(head.recipe)
+    order, heads, arch = _parameter_order(head.recipe)
     states = _method_tensors(read, head, order, heads)
     label_names = head.meta.get("label_names")
     req = CombineRequest(
@@ -331,7 +336,7 @@ def combine_runs(
         runs=[str(r.folder) for r in read], method=name, density=density,
         majority_sign=majority_sign or "total", rank=rank,
         generator=torch.Generator().manual_seed(0 if seed is None else seed) if is_random(how) else None,
-        base_weight=_base_weights(head.recipe, label_names),
+        base_weight=_base_weights(head.recipe, label_names), arch=arch,
     )
     _check_finite_inputs(states, list(weights), [str(r.folder) for r in read])
     result = spec.combine(req)

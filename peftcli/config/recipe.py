@@ -120,6 +120,11 @@ class TrainConfig:
         "bitsandbytes >= 0.50, where paged ones page nothing); adafactor (factored second moments); sgd"
     )
     momentum: float = opt(0.0, "train.optimizer sgd: momentum (0 keeps no state)", min=0.0, max=1.0)
+    lora_plus_ratio: float | None = opt(
+        None, "LoRA+: LoRA's B matrices (and, as in HF PEFT, every 1-D trained tensor) learn at this many times "
+        "train.lr, everything else at train.lr; null = off. HF PEFT's create_loraplus_optimizer groups", above=0.0,
+        fix="give a positive ratio (the LoRA+ paper uses 16), or null to turn LoRA+ off",
+    )
     lisa_layers: int = opt(
         0, "LISA (method full): train this many randomly drawn transformer layers at a time (plus embeddings and "
         "head); 0 = off", min=0,
@@ -508,6 +513,12 @@ def recipe_from_dict(
             f"train.lisa_layers: LISA switches whole layers of the base model on and off, which only a method "
             f"training the base weights does; method {mname!r} trains its own weights. Set train.lisa_layers: 0 "
             "or method.name: full"
+        )
+
+    if train_cfg.lora_plus_ratio is not None and methods[mname].optimizer is not None:
+        problems.append(
+            f"train.lora_plus_ratio: method {mname!r} brings its own optimizer ({methods[mname].optimizer_name}), "
+            "which sets each weight's learning rate itself; remove train.lora_plus_ratio"
         )
 
     init_from = raw.get("init_from")

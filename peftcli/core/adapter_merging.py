@@ -80,6 +80,9 @@ class CombineRequest:
     # The frozen base layer's weight as (out, in) float32, by module path; loads the base model
     # the first time it is called, so a hook that never needs it costs no model load.
     base_weight: Callable[[str], torch.Tensor] | None = None
+    # The architecture map of the head run's model (built on the meta device), for options that
+    # name modules by role (LoRA's rank_pattern / alpha_pattern).
+    arch: Any = None
 
 
 @dataclass

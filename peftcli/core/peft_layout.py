@@ -7,9 +7,11 @@ too. Nothing here knows a method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftcli.core.adapter import LayerAdapter, is_adapter_module
@@ -40,6 +42,9 @@ class Layout:
     heads: list[str] = field(default_factory=list)  # our names of trained task-head tensors
     notes: list[str] = field(default_factory=list)  # what a PEFT user should know about this export
     feedforward: set[str] = field(default_factory=set)  # our IA³ tensor names that scale their layer's input
+    # Rewrites our adapter tensors before they are renamed, when PEFT's adapter is another function of
+    # them (a PiSSA/OLoRA start folded into a plain LoRA relative to the original base); None: as saved.
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 def _plain_module_names(model: nn.Module) -> list[str]:

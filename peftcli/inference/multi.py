@@ -24,7 +24,6 @@ and the per-row products differ from the single-adapter ones only in summation o
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from peftcli.data.chat import format_prompt
 from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
 from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method
+from peftcli.methods.lora import site_scalings
 from peftcli.runs.load import SavedRun, base_model, load_run, open_run, same_model
 
 BASE = 0  # adapter index of "no adapter"
@@ -348,6 +348,8 @@ def _build_stacks(multi: MultiAdapter, stacked: list[tuple[Adapter, dict, dict]]
     model, route = multi.model, multi.route
     k = len(stacked) + 1
     paths = list(dict.fromkeys(p for _, sites, _ in stacked for p in sites))
+    # Each run's scaling at each site: its own rank and alpha there (rank_pattern / alpha_pattern).
+    scalings = {ad.index: site_scalings(model, ad.recipe.method, list(sites)) for ad, sites, _ in stacked}
     for path in paths:
         lin = model.get_submodule(path)
         in_f, out_f = linear_dims(lin)
@@ -363,8 +365,7 @@ def _build_stacks(multi: MultiAdapter, stacked: list[tuple[Adapter, dict, dict]]
             r = a.shape[0]
             a_all[ad.index, :r] = a.to(dt)
             b_all[ad.index, :, :r] = b.to(dt)
-            cfg = ad.recipe.method
-            s_all[ad.index] = cfg.alpha / math.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r
+            s_all[ad.index] = scalings[ad.index][path]
         set_module(model, path, StackedLoraLinear(lin, route, a_all, b_all, s_all))
     heads = list(dict.fromkeys(key.rpartition(".")[0] for _, _, rest in stacked for key in rest))
     for path in heads:

@@ -9,7 +9,8 @@ BLAS handles badly. One Function does the same arithmetic with:
 - the low-rank product added into the base output in place (one addmm, no extra full-size tensor);
 - saved for backward only x (shared with every other consumer of x), the r × N projection h and,
   with dropout, a 1-byte mask instead of the dropped-out copy of x;
-- no gradient for the frozen W or b, and dx = dy W + (s · dy B) A as one GEMM plus one addmm
+- no gradient for the frozen W or b, nor for A when LoRA-FA freezes it (`method.freeze_a`: autograd
+  asks for none, so dA's GEMM is skipped), and dx = dy W + (s · dy B) A as one GEMM plus one addmm
   into its output;
 - every skinny product in the operand layout BLAS is fast at (on a 2-core CPU, dL/dB from hᵀ dy
   costs about a ninth of dyᵀ h).

@@ -62,6 +62,10 @@ class MethodSpec:
     export_state: Callable[[nn.Module, Arch, Any], dict] | None = None
     # Loads what export_state wrote. None: load_state_dict on the trainable parameters.
     load_state: Callable[[nn.Module, Arch, Any, dict], None] | None = None
+    # export_state returns some of the model's own parameters and buffers as they are (LoRA's frozen A
+    # and its PiSSA start), computing nothing: a sharded (FSDP) model gathers each of them alone
+    # instead of unsharding the whole model around the call.
+    saves_own_tensors: bool = False
     # Everything the method computes after the last layer's attention is position by position, so
     # that models.trim.trim_unread_positions (running that part of the last layer only where the head
     # reads) changes no number; set it only with a case in tests/methods/test_lora_kernel.py proving it.
@@ -116,6 +120,7 @@ def register(
     merge_refusal: str = "",
     export_state: Callable | None = None,
     load_state: Callable | None = None,
+    saves_own_tensors: bool = False,
     positionwise: bool = False,
     needs_dense_base: str | Callable[[Any], str] = "",
     trains_base: bool = False,

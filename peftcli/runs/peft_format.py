@@ -129,6 +129,8 @@ def layout(model: nn.Module, arch: Arch, spec: MethodSpec, recipe) -> Layout:
 
 def to_peft_state(sd: dict[str, torch.Tensor], lay: Layout) -> dict[str, torch.Tensor]:
     """Our adapter tensors renamed (and IA³ row subsets widened) for PEFT. Refuses leftovers."""
+    if lay.transform is not None:
+        sd = lay.transform(sd)
     out: dict[str, torch.Tensor] = {}
     left = [k for k in sd if k not in lay.to_peft and k not in lay.ignored]
     if left:

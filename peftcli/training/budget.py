@@ -14,6 +14,7 @@ bf16 base and QLoRA before renting a GPU.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -45,14 +46,15 @@ PRECISIONS: dict[str, tuple[float, float, float, float]] = {
 
 
 def memory_estimate(
-    trainable: int, total: int, quantizable: int, *, method: str | None = None,
+    trainable: int, total: int, quantizable: int, *, method: str | None = None, method_cfg: Any = None,
     tokens: int = 0, hidden: int = 0, layers: int = 0,
     optimizer_bytes: Callable[[float], float] | None = None, trained_at_once: int | None = None,
 ) -> list[dict]:
     """Bytes for weights, gradients and optimizer state under each precision a user can pick.
 
     `quantizable` is the number of frozen linear weights an NF4 load turns into 4 bits; every
-    other frozen parameter (embeddings, norms, biases, heads) stays in bf16 under QLoRA.
+    other frozen parameter (embeddings, norms, biases, heads) stays in bf16 under QLoRA; the QLoRA
+    row is left out where `method` (with `method_cfg`'s options: DoRA, PiSSA) cannot take a 4-bit base.
     `tokens` (batch × sequence length), `hidden` and `layers` give the activation estimate.
     `optimizer_bytes(bytes per trainable weight)` is the optimizer's state (AdamW's two moments
     when None); `trained_at_once` the weights that have gradients at one time (LISA: fewer than
@@ -64,7 +66,7 @@ def memory_estimate(
     rows = []
     for name, (fb, tw, g, o) in PRECISIONS.items():
         if name == "nf4 QLoRA":
-            if (method is not None and dense_base_refusal(method) is not None) or frozen == 0:
+            if (method is not None and dense_base_refusal(method, method_cfg) is not None) or frozen == 0:
                 continue
             weights = quantizable * NF4_BITS / 8 + (frozen - quantizable) * fb + trainable * tw
         else:
@@ -131,7 +133,7 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
     s["optimizer"] = spec.optimizer_name or recipe.train.optimizer
     s["trained_at_once"] = at_once
     s["memory"] = memory_estimate(
-        s["trainable"], s["total"], s["quantizable"], method=recipe.method_name,
+        s["trainable"], s["total"], s["quantizable"], method=recipe.method_name, method_cfg=recipe.method,
         tokens=batch_size * seq_len, hidden=arch.hidden_size, layers=arch.num_layers,
         optimizer_bytes=state_of, trained_at_once=at_once,
     )

@@ -287,6 +287,8 @@ def full_adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Ten
     _reshard(model)
     if spec.export_state is None:
         sd = {n: _full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+    elif spec.saves_own_tensors:
+        sd = {k: _full(v.detach()) for k, v in spec.export_state(model, arch, cfg).items()}
     else:
         mods = fsdp_modules(model)
         for m in mods:

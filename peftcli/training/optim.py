@@ -138,6 +138,33 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def lora_plus_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float,
+                     method: str = "") -> list[dict]:
+    """LoRA+ (Hayou et al. 2024) parameter groups, as HF PEFT's `create_loraplus_optimizer` makes
+    them: B matrices (parameters named `lora_B`) and every 1-D trained tensor learn at ratio x lr,
+    everything else at lr. Weight decay goes to every group but the 1-D tensors of layer norms and
+    biases (PEFT's rule under LoRA+, where plain training here decays matrices only). peftcli puts
+    LoRA on linear layers only, so PEFT's separate embedding group is always empty."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+    a, b, b_no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_B" in name or p.ndim == 1:
+            (b_no_decay if id(p) in norms or "bias" in name else b).append(p)
+        else:
+            a.append(p)
+    if not any("lora_B" in n for n, p in model.named_parameters() if p.requires_grad):
+        raise OptimizerUnavailable(
+            f"train.lora_plus_ratio: method {method!r} trains no LoRA B matrix (a parameter named lora_B) for LoRA+ "
+            "to speed up; use it with method.name: lora (or unipelt), or remove train.lora_plus_ratio"
+        )
+    groups = [{"params": a, "weight_decay": weight_decay, "lr": lr},
+              {"params": b, "weight_decay": weight_decay, "lr": lr * ratio},
+              {"params": b_no_decay, "weight_decay": 0.0, "lr": lr * ratio}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(model: nn.Module, train_model: nn.Module, spec: Any, arch: Any, method_cfg: Any, tcfg: Any,
                     device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of a run: the method's own, or the one `train.optimizer` names.
@@ -148,7 +175,10 @@ def build_optimizer(model: nn.Module, train_model: nn.Module, spec: Any, arch: A
     check_optimizer(tcfg.optimizer, device, spec)
     if spec.optimizer is not None:
         return spec.optimizer(model, arch, method_cfg, tcfg)
-    groups = [g for g in decay_groups(train_model.parameters(), tcfg.weight_decay) if g["params"]]
+    if getattr(tcfg, "lora_plus_ratio", None) is not None:
+        groups = lora_plus_groups(train_model, tcfg.lr, tcfg.lora_plus_ratio, tcfg.weight_decay, spec.name)
+    else:
+        groups = [g for g in decay_groups(train_model.parameters(), tcfg.weight_decay) if g["params"]]
     name = tcfg.optimizer
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=tcfg.lr, fused=device.type == "cuda")

@@ -16,6 +16,12 @@ values show that both sides train the same function.
     python scripts/benchmarks/bench_train.py --case gpu-llama1b
     python scripts/benchmarks/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
     python scripts/benchmarks/bench_train.py --case cpu-sft                # whole SFT runs: padded, grouped, packed (2 ways), HF
+    python scripts/benchmarks/bench_train.py --case cpu-minilm --option pissa   # one LoRA option on both sides
+
+`--option` switches one of LoRA's options on, on both sides alike: `pissa` / `olora` (the start
+taken on both), `freeze_a` (LoRA-FA: A frozen on both), `rank_pattern` (twice the rank on v), or
+`lora_plus` (B at 16 x lr: peftcli's `train.lora_plus_ratio` groups against PEFT's
+`create_loraplus_optimizer`).
 
 On a CPU shared with other processes, use --threads 1 (or auto): with torch's default of one
 thread per core, every op waits at a barrier for a descheduled thread, and step times swing by 2×
@@ -51,6 +57,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# --option: (peftcli's LoraConfig options, PEFT's LoraConfig options); rank_pattern's are set per case (2r on v).
+OPTIONS = {
+    "none": ({}, {}),
+    "pissa": ({"init": "pissa"}, {"init_lora_weights": "pissa"}),
+    "olora": ({"init": "olora"}, {"init_lora_weights": "olora"}),
+    "freeze_a": ({"freeze_a": True}, {}),
+    "rank_pattern": ({}, {}),
+    "lora_plus": ({}, {}),
+}
+LORA_PLUS = 16.0
 
 CASES = {
     "cpu-minilm": dict(device="cpu", batch=32, seq=64, task="classification", targets=["q", "v"], r=8, alpha=16,
@@ -177,9 +194,13 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
     from peftcli.models.losses import chunked_causal_lm_loss, hidden_states_out
 
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
-    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=args.lora_dropout, targets=cfg["targets"])
+    extra = dict(OPTIONS[args.option][0])
+    if args.option == "rank_pattern":
+        extra["rank_pattern"] = {"v": 2 * cfg["r"]}
+    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=args.lora_dropout, targets=cfg["targets"], **extra)
     torch.manual_seed(args.seed + 1)
-    arch, _ = attach_method(model, "lora", lcfg)
+    arch, spec = attach_method(model, "lora", lcfg)
+    spec.calibrate(model, arch, lcfg, None)  # the PiSSA / OLoRA start, as a new run takes it
     model.to(device)
     notes = []
     if args.grad_ckpt:  # as peftcli.runs.load.build does for model.gradient_checkpointing
@@ -198,7 +219,13 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
             compile_layers(model, arch, mode=args.compile_mode)
         notes.append(f"compiled {args.compile_scope}" + (f" ({args.compile_mode})" if args.compile_mode else ""))
     model.train()
-    opt = optimizer_for(model, cfg["lr"], device)
+    if args.option == "lora_plus":
+        from peftcli.training.optim import lora_plus_groups
+
+        opt = torch.optim.AdamW(lora_plus_groups(model, cfg["lr"], LORA_PLUS, 0.0, "lora"), lr=cfg["lr"],
+                                fused=device.type == "cuda")
+    else:
+        opt = optimizer_for(model, cfg["lr"], device)
     head_path = arch.spec.lm_head
     cuda_graphs = args.compile_mode == "reduce-overhead"
 
@@ -226,15 +253,30 @@ def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, au
     arch = resolve(model)
     paths = select_linears(model, arch, cfg["targets"])  # the very modules peftcli adapts
     task_type = "SEQ_CLS" if cfg["task"] == "classification" else "CAUSAL_LM"
+    extra = dict(OPTIONS[args.option][1])
+    if args.option == "rank_pattern":  # the same modules as peftcli's role key, by escaped path
+        import re
+
+        extra["rank_pattern"] = {re.escape(p): 2 * cfg["r"] for p in select_linears(model, arch, ["v"])}
     pcfg = LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=args.lora_dropout,
-                      target_modules=paths, task_type=task_type)
+                      target_modules=paths, task_type=task_type, **extra)
     torch.manual_seed(args.seed + 1)
     model = get_peft_model(model, pcfg, autocast_adapter_dtype=autocast_adapter)
+    if args.option == "freeze_a":
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    opt = optimizer_for(model, cfg["lr"], device)
+    if args.option == "lora_plus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg["lr"], loraplus_lr_ratio=LORA_PLUS,
+                                        fused=device.type == "cuda")
+    else:
+        opt = optimizer_for(model, cfg["lr"], device)
 
     def loss() -> torch.Tensor:
         with autocast(device, cfg):
@@ -566,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                          "peftcli.core.threads.idle_cpu_threads(); default: torch's own")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel, both sides")
     ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--option", choices=sorted(OPTIONS), default="none",
+                    help="one of LoRA's options on both sides (rank_pattern: 2r on v, lora_plus: ratio 16)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="peftcli side: compile each layer (auto = on for CUDA)")
     ap.add_argument("--no-trim", action="store_true",

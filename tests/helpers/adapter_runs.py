@@ -49,6 +49,16 @@ def randomize(model: torch.nn.Module, seed: int = 3, scale: float = 0.15) -> Non
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def spread(model: torch.nn.Module, seed: int = 7) -> None:
+    """Base matrices redrawn at std 1/sqrt(fan-in): at HF's std 0.02 a tiny model's weights have
+    nearly equal singular values and flat attention, which hides a wrong start or a wrong key."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
 def make_run_on_data(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str = "classification",
              seed: int = 3) -> Path:
     """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""

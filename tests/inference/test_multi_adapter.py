@@ -25,6 +25,10 @@ def decoder_runs(tiny_gpt2_dir, tmp_path_factory):
         "d": {"name": "lora", "r": 3, "alpha": 5.0, "targets": ["o", "ffn_out"]},
         "e": {"name": "houlsby", "reduction_factor": 8},
         "f": {"name": "lora", "r": 2, "use_dora": True},
+        # per-module ranks and alphas stack, each site scaled by the run's own scaling there; a frozen A is saved
+        "g": {"name": "lora", "r": 2, "targets": ["q", "v", "ffn_out"], "rank_pattern": {"ffn_out": 5},
+              "alpha_pattern": {r"h\.1\.mlp\.c_proj": 9.0}, "freeze_a": True},
+        "h": {"name": "lora", "r": 2, "init": "olora"},  # a moved base: a sub-batch of its own
     }
     return {n: make_run(root, n, tiny_gpt2_dir, "causal_lm", m, seed=i + 1) for i, (n, m) in enumerate(specs.items())}
 
@@ -47,13 +51,14 @@ def test_mixed_generate_rows_equal_single_adapter(decoder_runs, tiny_gpt2_dir):
     from peftcli.inference.multi import generate_mixed, load_runs
 
     multi = load_runs(list(decoder_runs.values()), CPU)
-    assert [multi.adapters[n].stacked for n in "abcdef"] == [True] * 4 + [False] * 2
+    assert [multi.adapters[n].stacked for n in "abcdefgh"] == [True] * 4 + [False] * 2 + [True, False]
     # A grouped run's frozen base weights are the shared model's tensors, not a second copy.
     wte = multi.model.get_input_embeddings().weight
     assert multi.adapters["e"].model.get_input_embeddings().weight is wte
     base = str(tiny_gpt2_dir)
     reqs = [("a", "the film was great"), ("b", "hi"), ("c", "a much longer prompt with several more words"),
-            ("d", "x y z"), ("e", "what a day"), ("f", "short"), (base, "no adapter here"), ("b", "the film")]
+            ("d", "x y z"), ("e", "what a day"), ("f", "short"), (base, "no adapter here"), ("b", "the film"),
+            ("g", "the film was awful"), ("h", "a day")]
     logits: list = []
     texts = generate_mixed(multi, reqs, max_new_tokens=6, logits=logits)
     for (name, prompt), text, row_logits in zip(reqs, texts, logits, strict=True):
