@@ -57,10 +57,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
         raise MergeRefused(f"method {spec.name!r} cannot be merged: {spec.merge_refusal or 'it is not a weight delta'}")
     model, tok = built.model, built.tokenizer
     model.eval()
-    sample = tok(
-        ["The movie was a delight from start to finish.", "I would not recommend this to anyone."],
-        return_tensors="pt", padding=True,
-    ).to(dev)
+    sample = sample_batch(tok, dev)
     before = model(**sample).logits.float()
     if nf4:
         # QLoRA: the update is added to the de-quantized weights the 4-bit matmul used, in bf16.
@@ -90,6 +87,13 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
             raise RuntimeError(f"the merged folder does not reload to the same parameters (e.g. {extra[:1]})")
         after = reloaded(**sample).logits.float()
     return float((before - after).abs().max())
+
+
+def sample_batch(tok, device: torch.device) -> dict[str, torch.Tensor]:
+    """Two sentences of different lengths, padded into one batch: the inputs on which merge and
+    export --as-lora compare the model they write with the adapter it came from."""
+    return tok(["The movie was a delight from start to finish.", "I would not recommend this to anyone."],
+               return_tensors="pt", padding=True).to(device)
 
 
 def check_plain(model: torch.nn.Module) -> None:

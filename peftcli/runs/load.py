@@ -221,11 +221,16 @@ def load_run(run: str | Path, device: torch.device, overrides: list[str] | None 
              trust_remote_code: bool = False) -> tuple[Built, dict]:
     """Rebuild a trained run: its recipe, base model, method, and saved adapter weights."""
     saved = open_run(run, overrides, trust_remote_code=trust_remote_code)
+    return build_saved(saved, device, trust_remote_code=trust_remote_code), saved.meta
+
+
+def build_saved(saved: SavedRun, device: torch.device, *, trust_remote_code: bool = False) -> Built:
+    """The model of a run `open_run` read (for a command that checked the recipe on the way)."""
     recipe, meta = saved.recipe, saved.meta
     built = build(recipe, device, label_names=meta.get("label_names"), trust_remote_code=trust_remote_code)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state)
     apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
-    return built, meta
+    return built
 
 
 def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:
