@@ -14,7 +14,7 @@ import torch
 
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
-from peftcli.runs.load import load_run
+from peftcli.runs.load import load_run, sample_batch
 from peftcli.runs.lock import hold, writes_folders
 
 
@@ -87,13 +87,6 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
             raise RuntimeError(f"the merged folder does not reload to the same parameters (e.g. {extra[:1]})")
         after = reloaded(**sample).logits.float()
     return float((before - after).abs().max())
-
-
-def sample_batch(tok, device: torch.device) -> dict[str, torch.Tensor]:
-    """Two sentences of different lengths, padded into one batch: the inputs on which merge and
-    export --as-lora compare the model they write with the adapter it came from."""
-    return tok(["The movie was a delight from start to finish.", "I would not recommend this to anyone."],
-               return_tensors="pt", padding=True).to(device)
 
 
 def check_plain(model: torch.nn.Module) -> None:

@@ -106,12 +106,11 @@ def export_as_lora(run: Path, dest: Path, *, rank: int | None = None, energy: fl
     """`peftcli export RUN --to peft --as-lora DEST`: the run's adapter as a plain PEFT LoRA, each layer's
     delta truncated to `rank` (or to the rank keeping `energy`), checked against the adapter on a
     sample batch and, with `evaluate`, on the recipe's held-out split."""
-    from peftcli.commands.merge import sample_batch
     from peftcli.core.peft_layout import PeftFormatError
     from peftcli.methods import all_methods
     from peftcli.runs.as_lora import apply_lora, as_lora_refusal, to_lora
     from peftcli.runs.folder import check_destination, local_inputs, replacing
-    from peftcli.runs.load import base_model, build_saved
+    from peftcli.runs.load import base_model, build_saved, sample_batch
     from peftcli.runs.peft_format import write_peft_folder
 
     run, dest = Path(run), Path(dest)

@@ -233,6 +233,13 @@ def build_saved(saved: SavedRun, device: torch.device, *, trust_remote_code: boo
     return built
 
 
+def sample_batch(tok, device: torch.device) -> dict[str, torch.Tensor]:
+    """Two sentences of different lengths, padded into one batch: the inputs on which merge and
+    export --as-lora compare the model they write with the adapter it came from."""
+    return tok(["The movie was a delight from start to finish.", "I would not recommend this to anyone."],
+               return_tensors="pt", padding=True).to(device)
+
+
 def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:
     """A recipe read from a run or adapter folder, with `model.trust_remote_code` set to the
     command line's flag: what a folder says is never consent to run code (and a folder written
