@@ -156,3 +156,17 @@ def test_a_refused_method_raises_its_reason():
     model, base, arch, spec, r = adapted("bert", "classification", {"name": "houlsby"})
     with pytest.raises(PeftFormatError, match="non-linear"):
         to_lora(model, base, arch, spec, r, rank=4)
+
+
+def test_adapters_switched_off_are_left_out(tmp_path):
+    """A run `peftcli drop` wrote switches some adapters off: their layers change nothing."""
+    model, base, arch, spec, r = adapted("llama", "causal_lm", {"name": "lora", "r": 2, "targets": ["q", "v"]})
+    model.model.layers[0].self_attn.q_proj.adapter_enabled = False
+    b = batch()
+    with torch.no_grad():
+        ours = model(**b).logits
+    exp = to_lora(model, base, arch, spec, r, rank=2)
+    assert "model.layers.0.self_attn.q_proj" not in {f.path for f in exp.layers} and len(exp.layers) == 3
+    apply_lora(base, exp)
+    with torch.no_grad():
+        assert rel(ours, base(**b).logits) < 1e-5
