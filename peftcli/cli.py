@@ -410,19 +410,38 @@ def combine(
 # ---------------------------------------------------------------------------------------- HF PEFT format
 
 
-@app.command(epilog="Example: `peftcli export runs/tweets_lora --to peft exported/` then, in Python, "
-             "`PeftModel.from_pretrained(base, \"exported/\")`")
+@app.command(epilog="Examples: `peftcli export runs/tweets_lora --to peft exported/` then, in Python, "
+             "`PeftModel.from_pretrained(base, \"exported/\")` · "
+             "`peftcli export runs/tweets_ia3 --to peft --as-lora --rank 8 exported-lora/` (any weight-delta "
+             "adapter as a plain LoRA a LoRA-only server loads)")
 @handle_errors
 def export(
     run: Annotated[Path, typer.Argument(help="run folder written by `peftcli train`")],
     dest: Annotated[Path, typer.Argument(help="folder to write the adapter to")],
     to: Annotated[str, typer.Option("--to", help="target format; 'peft' = HF PEFT adapter folder")] = "peft",
+    as_lora: Annotated[bool, typer.Option(
+        "--as-lora", help="write a plain LoRA: each layer's weight delta (DoRA, IA³, KronA, BitFit, ...) by truncated "
+                          "SVD; prints each layer's error and the logit and metric change")] = False,
+    rank: Annotated[int | None, typer.Option(
+        help="--as-lora: LoRA rank of every layer (default 16 when --energy is not given)")] = None,
+    energy: Annotated[float | None, typer.Option(
+        help="--as-lora: per layer, the smallest rank keeping this fraction of the squared singular values "
+             "(0 < E <= 1; ranks then differ, written as PEFT's rank_pattern)")] = None,
+    no_eval: Annotated[bool, typer.Option(
+        "--no-eval", help="--as-lora: skip scoring the run's held-out split before and after "
+                          "(the logit check on a sample batch still runs)")] = False,
     force: Annotated[bool, typer.Option(help="replace DEST if it exists")] = False,
     trust_remote_code: TrustFlag = False,
 ) -> None:
-    """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning)."""
+    """Write a run's adapter in HF PEFT's format (LoRA, rsLoRA, DoRA, IA³, prefix and prompt tuning), or with
+    --as-lora any weight-delta adapter as a plain LoRA."""
     if to != "peft":
         raise UsageError(f"--to {to!r}: the only export format is 'peft' (HF PEFT adapter folder)")
+    if as_lora:
+        _export_as_lora(run, dest, rank, energy, not no_eval, force, trust_remote_code)
+        return
+    if rank is not None or energy is not None or no_eval:
+        raise UsageError("--rank, --energy and --no-eval go with --as-lora")
     from peftcli.commands.peft import export_run
 
     lay = export_run(run, dest, force=force, trust_remote_code=trust_remote_code)
@@ -431,6 +450,35 @@ def export(
         out.print(f"target_modules: {lay.config['target_modules']}", highlight=False)
     for note in lay.notes:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _export_as_lora(run: Path, dest: Path, rank: int | None, energy: float | None, evaluate: bool, force: bool,
+                    trust_remote_code: bool) -> None:
+    from peftcli.commands.peft import export_as_lora
+    from peftcli.core.quiet import quiet_command
+
+    with quiet_command(False):
+        rep = export_as_lora(run, dest, rank=rank, energy=energy, evaluate=evaluate, force=force,
+                             trust_remote_code=trust_remote_code)
+    # One plain line per layer (a table would cut long module paths): path, shape, rank, relative error.
+    width = max(len(f.path) for f in rep.layers)
+    out.print(f"{rep.method} as LoRA, per layer: {'module':<{width}}  shape      rank  ‖ΔW − B·A‖/‖ΔW‖", highlight=False)
+    for f in rep.layers:
+        shape = f"{f.shape[0]}×{f.shape[1]}"
+        out.print(f"  {f.path:<{width}}  {shape:<9}  {f.rank:>4}  {f.error:.2e}" + ("  (+ bias)" if f.bias else ""),
+                  highlight=False, soft_wrap=True)
+    ranks = sorted({f.rank for f in rep.layers})
+    shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} (rank_pattern)"
+    out.print(f"wrote LORA adapter to {dest} (rank {shown}; adapter_config.json + adapter_model.safetensors)",
+              highlight=False)
+    out.print(f"max |logits(adapter) - logits(base + LoRA)| on a sample batch: {rep.max_logit_diff:.3e}")
+    if rep.before is not None and rep.after is not None:
+        for k in ("accuracy", "f1", "perplexity", "loss"):
+            if k in rep.before:
+                out.print(f"{rep.split} {k} ({rep.before['examples']} examples): adapter {rep.before[k]:.4f} → "
+                          f"LoRA {rep.after[k]:.4f}", highlight=False)
+    for note in rep.notes:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @app.command("import-peft", epilog="Examples: `peftcli import-peft my-peft-adapter/ runs/imported` · "

@@ -14,7 +14,7 @@ import torch
 
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
-from peftcli.runs.load import load_run
+from peftcli.runs.load import load_run, sample_batch
 from peftcli.runs.lock import hold, writes_folders
 
 
@@ -57,10 +57,7 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
         raise MergeRefused(f"method {spec.name!r} cannot be merged: {spec.merge_refusal or 'it is not a weight delta'}")
     model, tok = built.model, built.tokenizer
     model.eval()
-    sample = tok(
-        ["The movie was a delight from start to finish.", "I would not recommend this to anyone."],
-        return_tensors="pt", padding=True,
-    ).to(dev)
+    sample = sample_batch(tok, dev)
     before = model(**sample).logits.float()
     if nf4:
         # QLoRA: the update is added to the de-quantized weights the 4-bit matmul used, in bf16.

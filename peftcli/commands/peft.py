@@ -2,11 +2,14 @@
 
 The format itself (names, configs, each method's twin) is peftcli/runs/peft_format.py, a library layer;
 these commands add the folders: which may be written or replaced, and what a new run holds.
+`export --as-lora` (runs/as_lora.py for the conversion) writes any weight-delta adapter as a plain
+LoRA and measures what the approximation costs.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +62,106 @@ def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code:
     _refuse_edited_recipe(model, sd, saved.adapter_dir, saved.recipe_file)
     with replacing(dest, kind="export") as tmp:
         return export_model(model, arch, spec, recipe, sd, tmp)
+
+
+# ------------------------------------------------------------------------------ export --as-lora
+
+DEFAULT_AS_LORA_RANK = 16
+
+
+@dataclass
+class AsLoraReport:
+    """What `export --as-lora` wrote and what the approximation costs."""
+
+    dest: Path
+    method: str
+    layers: list  # runs.as_lora.LayerFit, one per adapted linear layer
+    config: dict  # the adapter_config.json written
+    max_logit_diff: float  # max |logits(adapter) - logits(base + LoRA)| on a sample batch
+    split: str | None  # the held-out split scored ("val", or "test" when the recipe has no val rows)
+    before: dict | None  # its metrics under the run's adapter
+    after: dict | None  # ... and under base + LoRA
+    notes: list[str]
+
+
+def as_lora_options(rank: int | None, energy: float | None) -> tuple[int | None, float | None]:
+    """--rank R or --energy E (not both); neither: rank DEFAULT_AS_LORA_RANK."""
+    from peftcli.core.errors import UsageError
+
+    if rank is not None and energy is not None:
+        raise UsageError("--rank and --energy both given; choose one (a fixed rank, or the energy each layer keeps)")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise UsageError(f"--energy {energy}: the fraction of squared singular values kept, 0 < E <= 1 (e.g. 0.99)")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank}: the LoRA rank is at least 1")
+    if energy is None and rank is None:
+        rank = DEFAULT_AS_LORA_RANK
+    return rank, energy
+
+
+@torch.no_grad()
+@writes_folders
+def export_as_lora(run: Path, dest: Path, *, rank: int | None = None, energy: float | None = None,
+                   evaluate: bool = True, force: bool = False, trust_remote_code: bool = False) -> AsLoraReport:
+    """`peftcli export RUN --to peft --as-lora DEST`: the run's adapter as a plain PEFT LoRA, each layer's
+    delta truncated to `rank` (or to the rank keeping `energy`), checked against the adapter on a
+    sample batch and, with `evaluate`, on the recipe's held-out split."""
+    from peftcli.core.peft_layout import PeftFormatError
+    from peftcli.methods import all_methods
+    from peftcli.runs.as_lora import apply_lora, as_lora_refusal, to_lora
+    from peftcli.runs.folder import check_destination, local_inputs, replacing
+    from peftcli.runs.load import base_model, build_saved, sample_batch
+    from peftcli.runs.peft_format import write_peft_folder
+
+    run, dest = Path(run), Path(dest)
+    rank, energy = as_lora_options(rank, energy)
+
+    def writable(recipe: Recipe) -> None:  # refuse before any work
+        refusal = as_lora_refusal(all_methods().get(recipe.method_name), recipe.method_name)
+        if refusal:
+            raise PeftFormatError(refusal)
+        hold(dest, what="export destination", sources=[run, *local_inputs(recipe)])
+        check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
+
+    saved = open_run(run, trust_remote_code=trust_remote_code, before_weights=writable)
+    dev = pick_device("cpu")
+    built = build_saved(saved, dev, trust_remote_code=trust_remote_code)
+    recipe, model, tok = built.recipe, built.model.eval(), built.tokenizer
+    base, _ = base_model(recipe, dev, built.label_names, trust_remote_code)
+    base.eval()
+    exp = to_lora(model, base, built.arch, built.spec, recipe, rank=rank, energy=energy)
+    split, examples = _held_out(recipe, tok) if evaluate else (None, [])
+    sample = sample_batch(tok, dev)
+    adapter_logits = model(**sample).logits.float()
+    before = _score(model, examples, built) if examples else None
+    apply_lora(base, exp)
+    diff = float((adapter_logits - base(**sample).logits.float()).abs().max())
+    after = _score(base, examples, built) if examples else None
+    with replacing(dest, kind="export") as tmp:
+        write_peft_folder(tmp, exp.tensors, exp.config)
+    return AsLoraReport(dest, recipe.method_name, exp.layers, exp.config, diff, split, before, after, exp.notes)
+
+
+def _held_out(recipe: Recipe, tok) -> tuple[str, list[dict]]:
+    """The recipe's validation examples, or its test examples when it keeps no validation rows."""
+    from peftcli.core.errors import DataError
+    from peftcli.runs.load import prepare_data
+
+    try:
+        _, _, val, test = prepare_data(recipe, tok)
+    except DataError as e:
+        raise DataError(f"{e} (export --as-lora scores the run's held-out rows; --no-eval skips that)") from None
+    return ("val", val) if val else ("test", test)
+
+
+def _score(model: nn.Module, examples: list[dict], built) -> dict:
+    from peftcli.inference.evaluate import evaluate
+    from peftcli.runs.load import collator
+
+    rec = built.recipe
+    return evaluate(model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=pick_device("cpu"),
+                    batch_size=rec.eval.batch_size, precision=rec.train.precision,
+                    num_labels=len(built.label_names or []) or None)
 
 
 # ------------------------------------------------------------------------------ import

@@ -9,7 +9,8 @@ same three questions the same way:
 - state: what a module learns is its own parameters, saved and moved with the model. Tensors it
   keeps from one hook to the next within a forward call (see `hf_call.Capture`) are not state.
 - merge: a `LayerAdapter` takes the place of a base layer and calls it (`base`); when its update
-  is a weight change, `merged_base()` gives that layer back with the update written into it.
+  is a weight change, `merged_base()` gives that layer back with the update written into it, and
+  `delta_weight()` / `delta_bias()` give the change itself (what `export --as-lora` approximates).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ class LayerAdapter(AdapterModule):
     def merged_base(self) -> nn.Module:
         """The base layer with this adapter's update written into its weights."""
         raise TypeError(f"{type(self).__name__}'s update is not a weight change; it cannot be merged")
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's whole effect on the layer's weight, as an (out, in) matrix: the layer computes
+        (W + delta_weight()) x + b + delta_bias(). Anything that turns an update into a plain LoRA (an SVD)
+        needs only this, whatever the method."""
+        raise TypeError(f"{type(self).__name__}'s update is not a weight change")
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The adapter's change to the layer's bias ([out]), or None when it leaves the bias alone."""
+        return None
 
 
 def is_adapter_module(module: nn.Module) -> bool:

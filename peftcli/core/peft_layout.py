@@ -102,10 +102,11 @@ def adapted_linears(model: nn.Module, kind: type, method_name: str) -> list[tupl
 def linear_targets(model: nn.Module, lay: Layout, wrapped: list[tuple[str, nn.Module]],
                    feedforward: list[str] | None = None) -> dict[str, str]:
     """Writes target_modules (and the storage convention) for wrapped linear layers into the
-    config; returns each wrapped path's suffix there."""
+    config; returns each wrapped path's suffix there. A plain (unwrapped) linear layer may stand in
+    `wrapped` too: export --as-lora targets the layers whose biases BitFit trained."""
     suffix = shortest_suffixes([n for n, _ in wrapped], _plain_module_names(model), feedforward or [])
     lay.config["target_modules"] = sorted(set(suffix.values()))
-    lay.config["fan_in_fan_out"] = any(is_conv1d(m.base) for _, m in wrapped)
+    lay.config["fan_in_fan_out"] = any(is_conv1d(getattr(m, "base", m)) for _, m in wrapped)
     lay.config["exclude_modules"] = None
     return suffix
 

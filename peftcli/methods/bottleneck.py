@@ -81,6 +81,10 @@ class DenseBottleneckOptions(BottleneckOptions):
 
 
 # Why the bottleneck methods have no HF PEFT twin ("{name}": the method's name).
+# Why `export --as-lora` refuses every bottleneck method (MethodSpec.as_lora_refusal).
+AS_LORA_REFUSAL = ("a bottleneck adapter W_up act(W_down h) is a non-linear function of the activations, not a "
+                   "change of any weight matrix, so no LoRA (a weight delta B·A) computes it")
+
 NO_PEFT_REASON = (
     "HF PEFT has no bottleneck adapters (W_up act(W_down h) inserted into each layer), so its format "
     "cannot hold a {name} adapter; use the run folder with peftcli (eval, generate)"

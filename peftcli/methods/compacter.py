@@ -35,6 +35,7 @@ from torch import nn
 
 from peftcli.core.arch import Arch
 from peftcli.methods.bottleneck import (
+    AS_LORA_REFUSAL,
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -189,6 +190,7 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=_NO_PEFT,
+    as_lora_refusal=AS_LORA_REFUSAL,
     combine=COMBINE,
     combine_hows=COMBINE_HOWS,
     budget=budget,
@@ -201,6 +203,7 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=_NO_PEFT,
+    as_lora_refusal=AS_LORA_REFUSAL,
     combine=COMBINE,
     combine_hows=COMBINE_HOWS,
     budget=budget_pp,

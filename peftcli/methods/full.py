@@ -42,4 +42,6 @@ register(
     combine_refusal="it trains the whole model; combining full fine-tunes is model merging, outside an adapter tool",
     needs_dense_base="trains the base weights",
     no_peft_reason="full fine-tuning trains the whole model, which is no adapter; use the run folder with peftcli",
+    as_lora_refusal=("full fine-tuning trains every weight, embeddings and norms included, which a LoRA cannot "
+                     "carry; `peftcli merge` writes the trained model instead"),
 )(attach)

@@ -385,6 +385,8 @@ register(
     FusionConfig,
     summary="AdapterFusion: attention over frozen source adapters (pfeiffer/houlsby runs); use `peftcli fuse`",
     merge_refusal="fusion mixes non-linear adapters with input-dependent weights; it cannot be folded into a weight",
+    as_lora_refusal="fusion mixes non-linear bottleneck adapters with input-dependent attention; no weight matrix "
+                    "changes, so no LoRA computes it",
     export_state=export_state,
     load_state=load_state,
     # Not positionwise: not checked against the untrimmed model (tests/methods/test_lora_kernel.py).

@@ -183,6 +183,8 @@ register(
     positionwise=True,
     needs_dense_base="trains the base weights",
     no_peft_reason="GaLore trains the base weights themselves, which is no adapter; use the run folder or `peftcli merge`",
+    as_lora_refusal=("GaLore trains the base weights themselves at full rank (with method.others: adamw every "
+                     "weight, embeddings and norms included); `peftcli merge` writes the trained model instead"),
     optimizer=build_optimizer,
     optimizer_name="GaLore's projected AdamW",
     optimizer_state=optimizer_state,

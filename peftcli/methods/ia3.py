@@ -21,7 +21,7 @@ from torch import nn
 from peftcli.core import peft_layout as fmt
 from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
 from peftcli.core.adapter_merging import WEIGHTED, averaging
-from peftcli.core.arch import QKV, Arch, is_conv1d, linear_dims, set_module
+from peftcli.core.arch import QKV, Arch, dense_weight, is_conv1d, linear_dims, set_module
 from peftcli.methods.registry import PeftTwin, register
 from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
 
@@ -73,6 +73,23 @@ class IA3Linear(LayerAdapter):
             return self.base(x * self.ia3_l.view(-1).to(x.dtype))
         y = self.base(x)
         return y * self.output_scale().to(y.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) change of W, float32: W·diag(l − 1) when the input is scaled (columns),
+        diag(l − 1)·W when the output is (rows; the bias changes too, see delta_bias)."""
+        w = dense_weight(self.base).float()
+        if self.scale_input:
+            return w * (self.ia3_l.view(1, -1).float() - 1)
+        return (self.output_scale().float() - 1).view(-1, 1) * w
+
+    @torch.no_grad()
+    def delta_bias(self) -> torch.Tensor | None:
+        """Scaling the output scales the bias too: (l − 1) ⊙ b. Scaling the input leaves it alone."""
+        bias = getattr(self.base, "bias", None)
+        if self.scale_input or bias is None:
+            return None
+        return (self.output_scale().float() - 1) * bias.float()
 
     @torch.no_grad()
     def merged_base(self) -> nn.Module:

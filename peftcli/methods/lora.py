@@ -265,7 +265,7 @@ class DoraLinear(LoraLinear):
         key = (self.lora_A.weight.data_ptr(), self.lora_A.weight._version,
                self.lora_B.weight.data_ptr(), self.lora_B.weight._version, self.base.weight.data_ptr())
         if self._norm_cache is None or self._norm_cache[0] != key:
-            w = dense_weight(self.base).float() + self.delta_weight().float()
+            w = dense_weight(self.base).float() + super().delta_weight().float()
             self._norm_cache = (key, w.norm(p=2, dim=1))
         return self._norm_cache[1]
 
@@ -284,10 +284,19 @@ class DoraLinear(LoraLinear):
         return y + (scale - 1) * wx + scale * lora
 
     @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """DoRA's whole effect W' − W = (k − 1) ⊙ W + k ⊙ s·B A with k = m / ‖W + s·B A‖ per row, float32:
+        the same terms the forward adds, so that no large W is subtracted from a nearly equal W'."""
+        w = dense_weight(self.base).float()
+        low_rank = super().delta_weight().float()
+        k = (self.lora_magnitude_vector.float() / (w + low_rank).norm(p=2, dim=1)).view(-1, 1)
+        return (k - 1) * w + k * low_rank
+
+    @torch.no_grad()
     def merged_base(self) -> nn.Module:
         """The frozen layer with W' = m ⊙ (W + s·B A) / ‖W + s·B A‖ written into its weight."""
         base = self.base
-        w = dense_weight(base).float() + self.delta_weight().float()
+        w = dense_weight(base).float() + super().delta_weight().float()
         merged = (self.lora_magnitude_vector.float() / w.norm(p=2, dim=1)).view(-1, 1) * w
         if is_conv1d(base):
             merged = merged.t()

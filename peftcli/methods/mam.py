@@ -80,6 +80,8 @@ register(
     MamConfig,
     summary="MAM adapter: prefix tuning (L 30) on attention + scaled parallel adapter (m 512, s 4) on the FFN",
     merge_refusal="MAM's prefix adds keys and values and its adapter is non-linear; neither folds into a weight",
+    as_lora_refusal=("its prefix adds keys and values to attention and its parallel adapter is non-linear; "
+                     "neither is a change of a weight matrix, which is all a LoRA can carry"),
     combine_refusal="its prefix half cannot be averaged (see prefix); combine parallel-adapter runs instead",
     export_state=prefix_method.export_state,
     load_state=prefix_method.load_state,

@@ -21,6 +21,7 @@ from torch import nn
 
 from peftcli.core.arch import Arch
 from peftcli.methods.bottleneck import (
+    AS_LORA_REFUSAL,
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -95,6 +96,7 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    as_lora_refusal=AS_LORA_REFUSAL,
     combine=COMBINE,
     combine_hows=COMBINE_HOWS,
     budget=budget,
@@ -107,6 +109,7 @@ register(
     merge_refusal=_REFUSAL,
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    as_lora_refusal=AS_LORA_REFUSAL,
     combine=COMBINE,
     combine_hows=COMBINE_HOWS,
     budget=budget,

@@ -21,6 +21,7 @@ from torch import nn
 
 from peftcli.core.arch import Arch
 from peftcli.methods.bottleneck import (
+    AS_LORA_REFUSAL,
     COMBINE,
     COMBINE_HOWS,
     NO_PEFT_REASON,
@@ -63,6 +64,7 @@ register(
     merge_refusal="a bottleneck adapter is non-linear (W_up act(W_down x)); it cannot be folded into a weight",
     positionwise=True,
     no_peft_reason=NO_PEFT_REASON,
+    as_lora_refusal=AS_LORA_REFUSAL,
     combine=COMBINE,
     combine_hows=COMBINE_HOWS,
     budget=budget,

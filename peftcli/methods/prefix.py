@@ -324,6 +324,8 @@ register(
     PrefixConfig,
     summary="prefix tuning: L trainable keys/values per layer (reparameterised by an MLP, saved as a tensor)",
     merge_refusal="prefix tuning adds keys and values to attention, not a weight change; load the run instead",
+    as_lora_refusal="prefix tuning adds trained keys and values to attention; no weight matrix changes, so no LoRA "
+                    "computes it (`peftcli export --to peft` writes it as PEFT's own prefix tuning)",
     export_state=export_state,
     combine_refusal=("prefixes of different runs are attended to, not added: position i of one has no reason to "
                      "mean what position i of another does, so averaging them is not defined"),

@@ -213,6 +213,8 @@ register(
     PromptConfig,
     summary="prompt tuning: L trainable embeddings prepended to the input (init vocab, random or text)",
     merge_refusal="prompt tuning adds virtual input tokens, not a weight change; load the run instead",
+    as_lora_refusal="prompt tuning prepends trained input vectors; no weight matrix changes, so no LoRA computes it "
+                    "(`peftcli export --to peft` writes it as PEFT's own prompt tuning)",
     combine_refusal=("virtual tokens of different runs are read by attention, not added: token i of one has no "
                      "reason to mean what token i of another does, so averaging them is not defined"),
     # Not positionwise: it strips the virtual positions from the backbone's output, which a head

@@ -106,6 +106,11 @@ class MethodSpec:
     # (model, arch, config, losses) where `losses` yields the training loss of successive batches.
     # Not called on resume or with init_from: the checkpoint holds what it chose.
     calibrate: Callable[[nn.Module, Arch, Any, Any], None] | None = None
+    # Why `export --as-lora` cannot turn the method into a LoRA: its effect is not a change of
+    # linear weights (a bottleneck MLP, prefixes). "": every layer adapter it inserts gives
+    # `delta_weight()` (core/adapter.py), and base parameters it trains (BitFit's biases) are
+    # compared with the untouched base.
+    as_lora_refusal: str = ""
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -136,6 +141,7 @@ def register(
     optimizer_name: str = "",
     optimizer_state: Callable | None = None,
     calibrate: Callable | None = None,
+    as_lora_refusal: str = "",
 ) -> Callable:
     """Decorate a method's `attach` function to register it under `name` with these facts.
 

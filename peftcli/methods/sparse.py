@@ -175,6 +175,8 @@ register(
     positionwise=True,
     needs_dense_base="adds trained entries into the base weights, which a 4-bit base cannot hold exactly",
     no_peft_reason="HF PEFT has no sparse-delta adapter; `peftcli merge` turns the run into a plain HF model",
+    as_lora_refusal=("its update is a sparse set of weight entries with no low-rank structure, so a LoRA of useful "
+                     "rank would approximate it poorly; `peftcli merge` writes the trained model instead"),
     budget=budget,
     calibrate=calibrate,
 )(attach)

@@ -210,6 +210,8 @@ register(
     UniPeltConfig,
     summary="UniPELT: gated LoRA (q, v) + gated prefix (L 10) + gated Pfeiffer adapter (m 48)",
     merge_refusal="UniPELT's prefix and adapter are not weight deltas, and its LoRA gate depends on the input",
+    as_lora_refusal=("its prefix and bottleneck adapter are not weight deltas, and the gate in front of its LoRA "
+                     "depends on the input, so not even that part is a fixed B·A"),
     combine_refusal="its prefix part cannot be averaged (see prefix), and its gates are trained per task",
     export_state=prefix_method.export_state,
     load_state=prefix_method.load_state,

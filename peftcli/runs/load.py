@@ -221,11 +221,23 @@ def load_run(run: str | Path, device: torch.device, overrides: list[str] | None 
              trust_remote_code: bool = False) -> tuple[Built, dict]:
     """Rebuild a trained run: its recipe, base model, method, and saved adapter weights."""
     saved = open_run(run, overrides, trust_remote_code=trust_remote_code)
+    return build_saved(saved, device, trust_remote_code=trust_remote_code), saved.meta
+
+
+def build_saved(saved: SavedRun, device: torch.device, *, trust_remote_code: bool = False) -> Built:
+    """The model of a run `open_run` read (for a command that checked the recipe on the way)."""
     recipe, meta = saved.recipe, saved.meta
     built = build(recipe, device, label_names=meta.get("label_names"), trust_remote_code=trust_remote_code)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state)
     apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
-    return built, meta
+    return built
+
+
+def sample_batch(tok, device: torch.device) -> dict[str, torch.Tensor]:
+    """Two sentences of different lengths, padded into one batch: the inputs on which merge and
+    export --as-lora compare the model they write with the adapter it came from."""
+    return tok(["The movie was a delight from start to finish.", "I would not recommend this to anyone."],
+               return_tensors="pt", padding=True).to(device)
 
 
 def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:

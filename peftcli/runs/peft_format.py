@@ -92,11 +92,13 @@ def _twins_by_type() -> dict[str, tuple[str, PeftTwin]]:
 # ------------------------------------------------------------------------------ the layout
 
 
-def _head_params(arch: Arch) -> list[str]:
+def head_params(arch: Arch) -> list[str]:
+    """Our names of the task head's tensors (PEFT keeps them through modules_to_save)."""
     return [f"{name}.{pn}" for name, head in arch.head_modules() for pn, _ in head.named_parameters()]
 
 
-def _common_config(peft_type: str, recipe, arch: Arch) -> dict[str, Any]:
+def common_config(peft_type: str, recipe, arch: Arch) -> dict[str, Any]:
+    """The adapter_config.json entries every PEFT type shares: task, base model, the head to save."""
     heads = [name for name, _ in arch.head_modules()] if recipe.model.task == "classification" else []
     return {
         "peft_type": peft_type,
@@ -111,10 +113,10 @@ def _common_config(peft_type: str, recipe, arch: Arch) -> dict[str, Any]:
 def layout(model: nn.Module, arch: Arch, spec: MethodSpec, recipe) -> Layout:
     """The PEFT config and key names for a model with `spec` attached as `recipe.method` says."""
     twin = _twin(spec.name)
-    lay = Layout(peft_type=twin.peft_type, config=_common_config(twin.peft_type, recipe, arch), twin=twin,
+    lay = Layout(peft_type=twin.peft_type, config=common_config(twin.peft_type, recipe, arch), twin=twin,
                  task=recipe.model.task)
     head_prefix = "base_model." if twin.prompt_learning else "base_model.model."
-    lay.heads = _head_params(arch) if recipe.model.task == "classification" else []
+    lay.heads = head_params(arch) if recipe.model.task == "classification" else []
     for name in lay.heads:
         lay.to_peft[name] = head_prefix + name
     twin.layout(model, arch, recipe.method, lay)
@@ -375,6 +377,6 @@ def is_peft_folder(path: Path) -> bool:
 
 
 __all__ = [
-    "export_model", "export_refusal", "is_peft_folder", "layout", "load_peft_weights", "method_from_peft",
-    "read_peft_folder", "recipe_from_peft",
+    "common_config", "export_model", "export_refusal", "head_params", "is_peft_folder", "layout", "load_peft_weights", "method_from_peft",
+    "read_peft_folder", "recipe_from_peft", "write_peft_folder",
 ]
