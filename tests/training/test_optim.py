@@ -80,6 +80,28 @@ def test_galore_step_matches_the_formula():
     assert opt.state[up]["exp_avg"].shape == (64, 3) and opt.state[up]["proj"].shape == (32, 3)
 
 
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
+def test_galore_basis_is_the_svds_top_singular_vectors(shape):
+    """The basis comes from an eigensolver on G Gᵀ (or Gᵀ G): the same vectors as the SVD's, up to
+    each one's sign, which is fixed so that its largest entry is positive."""
+    from peftcli.methods.galore import GaLoreAdamW
+
+    gen = torch.Generator().manual_seed(0)
+    m, n = shape
+    k = min(m, n)
+    # a decaying spectrum, as gradients have: singular values from 1 down to 1e-3
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
+    g = (u * torch.logspace(0, -3, k)) @ v.t()
+    p = GaLoreAdamW._basis(g, 8)
+    su, _, svh = torch.linalg.svd(g, full_matrices=False)
+    ref = su[:, :8] if m <= n else svh[:8].t()
+    signs = torch.sign((p * ref).sum(0))
+    torch.testing.assert_close(p, ref * signs, rtol=0, atol=1e-5)
+    peaks = p[p.abs().argmax(dim=0), torch.arange(8)]
+    assert (peaks > 0).all()
+
+
 def test_galore_state_matches_its_closed_form_and_others_frozen_saves_only_targets():
     m = tiny_model("llama")
     spec = get_method("galore")
