@@ -172,8 +172,11 @@ def autocast(device: torch.device, cfg: dict):
 
 
 def optimizer_for(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the training loop builds it (fused on CPU and CUDA), the same on every side."""
+    from peftcli.training.optim import fused_adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=lr, fused=fused_adamw(device))
 
 
 def causal_inputs(batch: dict) -> dict:
