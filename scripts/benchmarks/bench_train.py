@@ -1,17 +1,31 @@
-"""Training-step benchmark: peftcli's LoRA path against HF PEFT on the same model and batch.
+"""Training-step benchmark: peftcli's LoRA path against HF PEFT and against a free adapter, on the same model and batch.
 
-Both sides get the same base model (same seed, same weights), the same LoRA settings (peftcli's
-targets resolved to module paths and handed to PEFT verbatim), the same batch, AdamW with the
-same learning rate, and the same autocast. What differs is what each library does with that:
-peftcli runs `peftcli.methods.attach.attach_method` and the loss code the training loop uses
-(`peftcli.models.losses`: hidden states out + chunked cross-entropy for causal LMs); PEFT runs
-`get_peft_model` and the model's own loss (`labels=`) for causal LMs, as its users do. The
-peftcli side also gets what its training loop is meant to call once: `models.trim.trim_unread_positions`
-(BERT-family classification; --no-trim turns it off) and, on CUDA, `models.compile.compile_layers`
-(--compile). "first loss" is each side's loss at initialisation with dropout off: equal
-values show that both sides train the same function.
+Every side gets the same base model (same seed, same weights), the same adapted modules (peftcli's
+targets resolved to module paths and handed to PEFT verbatim), the same trainable head, the same
+batch, the same AdamW (fused on CPU and CUDA, as the training loop builds it) and the same autocast.
+Sides (`--sides`, comma list; `auto` = peftcli,peft,floor; `levers` = each lever on its own):
 
-    python scripts/benchmarks/bench_train.py --case cpu-minilm --threads 1
+- `peft`: `get_peft_model` (`peft-bf16`: with autocast_adapter_dtype=False; `peft+compile`: compiled
+  as `+compile` below is).
+- `floor`: a free adapter: a zero bias added in place to the output of every adapted linear layer,
+  trained like LoRA's factors. Backward must still reach every adapted layer, but the adapter costs
+  nothing: no LoRA path can train faster on the same model and batch.
+- `plain`: peftcli's LoRA path (`methods.attach.attach_method`) and nothing else; `+trim`,
+  `+compile`, `+chunked`: one lever each on top of it (`models.trim.trim_unread_positions`: BERT-family
+  classifiers; `models.compile.compile_layers`; the chunked loss from hidden states of
+  `models.losses`: causal LMs). A lever that does not apply to the case drops its side.
+- `peftcli`: what `peftcli train` runs by default: trim and the chunked loss where they apply,
+  compile on CUDA (--no-trim, --compile change it).
+
+Every side but the chunked-loss ones takes the model's own loss (`labels=`; F.cross_entropy on a
+classifier's logits, which is what its head computes) and causal LMs run with use_cache=False, so
+that `plain` and `floor` differ by the adapter path alone. "× PEFT" is PEFT's median step over a
+side's, "/ floor" a side's over the floor's. "first loss" is each side's loss at initialisation with
+dropout off: equal values show that every side trains the same function.
+
+    python scripts/benchmarks/bench_train.py --case cpu-minilm --threads 2 --sides levers --steps 20
+    python scripts/benchmarks/bench_train.py --case cpu-decoder --threads 2 --sides levers --steps 10
+    python scripts/benchmarks/bench_train.py --case cpu-decoder --threads 1 --profile 30   # where each side's time goes
     python scripts/benchmarks/bench_train.py --case gpu-bert
     python scripts/benchmarks/bench_train.py --case gpu-llama1b
     python scripts/benchmarks/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
