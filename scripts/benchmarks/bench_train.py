@@ -763,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
 
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
-    print(f"\n## {args.case}: {cfg['batch']} × {cfg['seq']} tokens, {cfg['dtype']}, LoRA r {cfg['r']} on "
+    kind = "DoRA" if args.dora else "rsLoRA" if args.rslora else "LoRA"
+    print(f"\n## {args.case}: {cfg['batch']} × {cfg['seq']} tokens, {cfg['dtype']}, {kind} r {cfg['r']} on "
           f"{','.join(cfg['targets'])}, attn {args.attn}, {args.warmup} warm-up + {args.steps} timed steps per side"
           f" · {where} · torch {torch.__version__}\n")
     print(report(sides, cfg, args, device))
