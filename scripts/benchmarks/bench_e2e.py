@@ -73,7 +73,7 @@ def run_peftcli(args, out: Path, rows: Path) -> dict:
     from peftcli.training.loop import train
 
     summary = train(recipe(args, out, rows), console=Console(stderr=True, quiet=True))
-    last = [r for r in read_metrics(out / "peftcli").steps if "elapsed_s" in r][-1]
+    last = [r for r in read_metrics(out / "peftcli").steps if "tokens_per_s" in r][-1]  # the last step's line
     return {"side": "peftcli train", "steps": summary["steps"], "train_s": last["elapsed_s"],
             "eval_loss": summary["test"]["loss"]}
 
