@@ -99,11 +99,13 @@ def lora_linear(
     scaling: float,
     dropout_p: float,
     training: bool,
+    use_bias: bool = True,
 ) -> torch.Tensor | None:
     """The fused LoRA linear, or None when `base`/dtypes are outside what it handles (the caller
     then uses the plain formula). Under autocast, every operand is cast to the autocast dtype the
     way autocast would cast F.linear's, and the Function runs with autocast off so that forward
-    and backward see the same dtypes."""
+    and backward see the same dtypes. `use_bias=False` leaves the base's bias out (DoRA scales
+    W x + s·B A x and adds the bias after)."""
     if type(base) is nn.Linear:
         conv1d = False
     elif is_conv1d(base):
@@ -112,7 +114,7 @@ def lora_linear(
         return None
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return None  # someone (hooks, accelerate's device maps) expects base.forward to run
-    w, bias = base.weight, base.bias
+    w, bias = base.weight, (base.bias if use_bias else None)
     dev = x.device.type
     dt = autocast_dtype(dev)
     if dt is not None and x.is_floating_point():

@@ -1,17 +1,31 @@
-"""Training-step benchmark: peftcli's LoRA path against HF PEFT on the same model and batch.
+"""Training-step benchmark: peftcli's LoRA path against HF PEFT and against a free adapter, on the same model and batch.
 
-Both sides get the same base model (same seed, same weights), the same LoRA settings (peftcli's
-targets resolved to module paths and handed to PEFT verbatim), the same batch, AdamW with the
-same learning rate, and the same autocast. What differs is what each library does with that:
-peftcli runs `peftcli.methods.attach.attach_method` and the loss code the training loop uses
-(`peftcli.models.losses`: hidden states out + chunked cross-entropy for causal LMs); PEFT runs
-`get_peft_model` and the model's own loss (`labels=`) for causal LMs, as its users do. The
-peftcli side also gets what its training loop is meant to call once: `models.trim.trim_unread_positions`
-(BERT-family classification; --no-trim turns it off) and, on CUDA, `models.compile.compile_layers`
-(--compile). "first loss" is each side's loss at initialisation with dropout off: equal
-values show that both sides train the same function.
+Every side gets the same base model (same seed, same weights), the same adapted modules (peftcli's
+targets resolved to module paths and handed to PEFT verbatim), the same trainable head, the same
+batch, the same AdamW (fused on CPU and CUDA, as the training loop builds it) and the same autocast.
+Sides (`--sides`, comma list; `auto` = peftcli,peft,floor; `levers` = each lever on its own):
 
-    python scripts/benchmarks/bench_train.py --case cpu-minilm --threads 1
+- `peft`: `get_peft_model` (`peft-bf16`: with autocast_adapter_dtype=False; `peft+compile`: compiled
+  as `+compile` below is).
+- `floor`: a free adapter: a zero bias added in place to the output of every adapted linear layer,
+  trained like LoRA's factors. Backward must still reach every adapted layer, but the adapter costs
+  nothing: no LoRA path can train faster on the same model and batch.
+- `plain`: peftcli's LoRA path (`methods.attach.attach_method`) and nothing else; `+trim`,
+  `+compile`, `+chunked`: one lever each on top of it (`models.trim.trim_unread_positions`: BERT-family
+  classifiers; `models.compile.compile_layers`; the chunked loss from hidden states of
+  `models.losses`: causal LMs). A lever that does not apply to the case drops its side.
+- `peftcli`: what `peftcli train` runs by default: trim and the chunked loss where they apply,
+  compile on CUDA (--no-trim, --compile change it).
+
+Every side but the chunked-loss ones takes the model's own loss (`labels=`; F.cross_entropy on a
+classifier's logits, which is what its head computes) and causal LMs run with use_cache=False, so
+that `plain` and `floor` differ by the adapter path alone. "× PEFT" is PEFT's median step over a
+side's, "/ floor" a side's over the floor's. "first loss" is each side's loss at initialisation with
+dropout off: equal values show that every side trains the same function.
+
+    python scripts/benchmarks/bench_train.py --case cpu-minilm --threads 2 --sides levers --steps 20
+    python scripts/benchmarks/bench_train.py --case cpu-decoder --threads 2 --sides levers --steps 10
+    python scripts/benchmarks/bench_train.py --case cpu-decoder --threads 1 --profile 30   # where each side's time goes
     python scripts/benchmarks/bench_train.py --case gpu-bert
     python scripts/benchmarks/bench_train.py --case gpu-llama1b
     python scripts/benchmarks/bench_train.py --case gpu-llama1b --tiny     # checks the script on a CPU-only machine
@@ -68,10 +82,13 @@ OPTIONS = {
     "lora_plus": ({}, {}),
 }
 LORA_PLUS = 16.0
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 CASES = {
     "cpu-minilm": dict(device="cpu", batch=32, seq=64, task="classification", targets=["q", "v"], r=8, alpha=16,
                        lr=1e-3, dtype="float32"),
+    "cpu-decoder": dict(device="cpu", batch=8, seq=64, task="causal_lm", targets=["all-linear"], r=8, alpha=16,
+                        lr=1e-3, dtype="float32"),
     "gpu-bert": dict(device="cuda", batch=32, seq=128, task="classification", targets=["q", "v"], r=8, alpha=16,
                      lr=1e-3, dtype="bfloat16"),
     "gpu-llama1b": dict(device="cuda", batch=8, seq=1024, task="causal_lm",
@@ -107,7 +124,9 @@ def base_model(
                                  intermediate_size=128, vocab_size=1000) if tiny else {}))
         cfg._attn_implementation = attn
         return model_from_config(cfg, "classification", num_labels=3).to(device=device, dtype=dtype)
-    if case == "gpu-llama1b":
+    if case == "cpu-decoder" and not tiny:
+        return load_base_model(SMOLLM2, "causal_lm", dtype=dtype, attn_implementation=attn).to(device)
+    if case in ("gpu-llama1b", "cpu-decoder"):
         from transformers import LlamaConfig
 
         shape = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -183,21 +202,87 @@ def autocast(device: torch.device, cfg: dict):
 
 
 def optimizer_for(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the training loop builds it (fused on CPU and CUDA), the same on every side."""
+    from peftcli.training.optim import fused_adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=lr, fused=fused_adamw(device))
 
 
-def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict) -> Side:
+def causal_inputs(batch: dict) -> dict:
+    """What every causal-LM side passes: no KV cache (as the training loop runs), HF's own loss."""
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+
+def hf_loss(model: torch.nn.Module, cfg: dict, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The model's own loss: F.cross_entropy on the classifier's logits (what BERT's head computes
+    from `labels=`), or the causal LM's `labels=` loss. Every side but the chunked-loss ones uses it."""
+
+    def loss() -> torch.Tensor:
+        with autocast(device, cfg):
+            if cfg["task"] == "classification":
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                return F.cross_entropy(out.logits.float(), batch["labels"])
+            return model(**causal_inputs(batch), labels=batch["labels"]).loss
+
+    return loss
+
+
+def compile_sides_layers(model: torch.nn.Module, args) -> str:
+    """torch.compile for a side, the same scope on every side: each layer, or the whole model."""
+    from peftcli.core.arch import resolve
+    from peftcli.models.compile import compile_layers
+
+    if args.compile_scope == "model":  # one region: one guard check per step instead of one per layer
+        model.compile(dynamic=False, mode=args.compile_mode)
+    else:
+        compile_layers(model, resolve(model), mode=args.compile_mode)
+    return f"compiled {args.compile_scope}" + (f" ({args.compile_mode})" if args.compile_mode else "")
+
+
+@dataclass
+class Levers:
+    """Which of peftcli's speed levers a peftcli side pulls (the LoRA path itself is always on)."""
+
+    trim: bool = False
+    compile: bool = False
+    chunked: bool = False
+
+
+# Each peftcli side: its levers, or None for `peftcli`, the default `peftcli train` path (trim and the
+# chunked loss where they apply, compile on CUDA; --no-trim and --compile change it).
+PEFTCLI_SIDES = {
+    "peftcli": None,
+    "plain": Levers(),
+    "+trim": Levers(trim=True),
+    "+compile": Levers(compile=True),
+    "+chunked": Levers(chunked=True),
+}
+
+
+def default_levers(cfg: dict, args, device: torch.device) -> Levers:
+    return Levers(trim=not args.no_trim, chunked=cfg["task"] == "causal_lm",
+                  compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
+
+
+def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict, name: str) -> Side | None:
+    """A peftcli LoRA side; None when its one lever does not apply to the case (trim on a causal LM,
+    the chunked loss on a classifier): that side would be `plain` again."""
     from peftcli.methods import get_method
     from peftcli.methods.attach import attach_method
     from peftcli.methods.lora import LoraConfig
     from peftcli.models.losses import chunked_causal_lm_loss, hidden_states_out
+    from peftcli.models.trim import trim_unread_positions
 
+    lev = PEFTCLI_SIDES[name] or default_levers(cfg, args, device)
+    if name == "+chunked" and cfg["task"] != "causal_lm":
+        return None
     model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
     extra = dict(OPTIONS[args.option][0])
     if args.option == "rank_pattern":
         extra["rank_pattern"] = {"v": 2 * cfg["r"]}
-    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=args.lora_dropout, targets=cfg["targets"], **extra)
+    lcfg = LoraConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=args.lora_dropout, targets=cfg["targets"],
+                      rslora=args.rslora, use_dora=args.dora, **extra)
     torch.manual_seed(args.seed + 1)
     arch, spec = attach_method(model, "lora", lcfg)
     spec.calibrate(model, arch, lcfg, None)  # the PiSSA / OLoRA start, as a new run takes it
@@ -207,43 +292,42 @@ def build_peftcli(case: str, cfg: dict, args, device: torch.device, batch: dict)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         notes.append("grad-ckpt")
-    from peftcli.models.compile import compile_layers
-    from peftcli.models.trim import trim_unread_positions
-
-    if not args.no_trim and trim_unread_positions(model, arch, get_method("lora").positionwise, cfg["task"]):
-        notes.append("last layer's query and post-attention part at the head's position only")
-    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-        if args.compile_scope == "model":  # one region: one guard check per step instead of one per layer
-            model.compile(dynamic=False, mode=args.compile_mode)
-        else:
-            compile_layers(model, arch, mode=args.compile_mode)
-        notes.append(f"compiled {args.compile_scope}" + (f" ({args.compile_mode})" if args.compile_mode else ""))
+    if lev.trim:
+        if trim_unread_positions(model, arch, get_method("lora").positionwise, cfg["task"]):
+            notes.append("trim: last layer's query and post-attention part at the head's position only")
+        elif name == "+trim":
+            return None
+    if lev.compile:
+        notes.append(compile_sides_layers(model, args))
     model.train()
     if args.option == "lora_plus":
-        from peftcli.training.optim import lora_plus_groups
+        from peftcli.training.optim import fused_adamw, lora_plus_groups
 
         opt = torch.optim.AdamW(lora_plus_groups(model, cfg["lr"], LORA_PLUS, 0.0, "lora"), lr=cfg["lr"],
-                                fused=device.type == "cuda")
+                                fused=fused_adamw(device))
     else:
         opt = optimizer_for(model, cfg["lr"], device)
     head_path = arch.spec.lm_head
     cuda_graphs = args.compile_mode == "reduce-overhead"
+    plain = hf_loss(model, cfg, batch, device)
+    if lev.chunked:
+        notes.append("chunked loss from hidden states")
 
     def loss() -> torch.Tensor:
         if cuda_graphs:  # a new step: graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device, cfg):
-            if cfg["task"] == "classification":
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                return F.cross_entropy(out.logits.float(), batch["labels"])
-            with hidden_states_out(model, head_path) as head:  # as peftcli.training.loop does: no KV cache
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                return chunked_causal_lm_loss(out.logits, head, batch["labels"])[0]
+        if not lev.chunked:
+            return plain()
+        with autocast(device, cfg), hidden_states_out(model, head_path) as head:  # as peftcli.training.loop
+            out = model(**causal_inputs(batch))
+            return chunked_causal_lm_loss(out.logits, head, batch["labels"])[0]
 
-    return Side("peftcli", model, loss, opt, ", ".join(notes))
+    return Side(name, model, loss, opt, "; ".join(notes))
 
 
-def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, autocast_adapter: bool) -> Side:
+def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, name: str) -> Side:
+    """HF PEFT on the very modules peftcli adapts; `peft-bf16`: autocast_adapter_dtype=False;
+    `peft+compile`: torch.compile with the peftcli sides' scope (one line for PEFT's users)."""
     from peft import LoraConfig, get_peft_model
 
     from peftcli.core.arch import resolve
@@ -259,8 +343,10 @@ def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, au
 
         extra["rank_pattern"] = {re.escape(p): 2 * cfg["r"] for p in select_linears(model, arch, ["v"])}
     pcfg = LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=args.lora_dropout,
-                      target_modules=paths, task_type=task_type, **extra)
+                      target_modules=paths, task_type=task_type, use_rslora=args.rslora, use_dora=args.dora,
+                      **extra)
     torch.manual_seed(args.seed + 1)
+    autocast_adapter = name != "peft-bf16"
     model = get_peft_model(model, pcfg, autocast_adapter_dtype=autocast_adapter)
     if args.option == "freeze_a":
         for n, p in model.named_parameters():
@@ -269,28 +355,68 @@ def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, au
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    notes = ["fp32 adapters (default)"] if autocast_adapter and cfg["dtype"] != "float32" else []
+    if not autocast_adapter:
+        notes = ["autocast_adapter_dtype=False"]
+    if name == "peft+compile":
+        notes.append(compile_sides_layers(model.get_base_model(), args))
     model.train()
     if args.option == "lora_plus":
         from peft.optimizers import create_loraplus_optimizer
 
+        from peftcli.training.optim import fused_adamw
+
         opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg["lr"], loraplus_lr_ratio=LORA_PLUS,
-                                        fused=device.type == "cuda")
+                                        fused=fused_adamw(device))
     else:
         opt = optimizer_for(model, cfg["lr"], device)
+    return Side(name, model, hf_loss(model, cfg, batch, device), opt, "; ".join(notes))
 
-    def loss() -> torch.Tensor:
-        with autocast(device, cfg):
-            if cfg["task"] == "classification":
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                return F.cross_entropy(out.logits.float(), batch["labels"])
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            return out.loss
 
-    name = "peft" if autocast_adapter else "peft-bf16" if cfg["dtype"] == "bfloat16" else "peft-noautocast"
-    notes = "fp32 adapters (default)" if autocast_adapter and cfg["dtype"] != "float32" else ""
-    if not autocast_adapter:
-        notes = "autocast_adapter_dtype=False"
-    return Side(name, model, loss, opt, notes)
+def build_floor(case: str, cfg: dict, args, device: torch.device, batch: dict, name: str) -> Side:
+    """The free adapter: a zero bias added in place to the output of every adapted linear layer,
+    trained by the same optimizer, beside the same trainable head and with the same loss.
+
+    Backward must still reach every adapted layer (each bias needs dL/dy there, so dL/dx flows
+    down to the first adapted layer, as it does for LoRA), but the adapter itself costs one
+    in-place add forward and one column sum backward: no LoRA path can train faster on the same
+    model and batch.
+    """
+    from peftcli.core.arch import linear_dims, resolve
+    from peftcli.methods.attach import freeze
+    from peftcli.methods.targets import select_linears
+
+    model = base_model(case, args.seed, args.attn, args.tiny, device, dtype_of(cfg["dtype"]))
+    arch = resolve(model)
+    freeze(model)
+    for _, head in arch.head_modules():
+        head.requires_grad_(True)
+    for path in select_linears(model, arch, cfg["targets"]):
+        layer = model.get_submodule(path)
+        w = layer.weight
+        layer.free_bias = torch.nn.Parameter(torch.zeros(linear_dims(layer)[1], dtype=w.dtype, device=w.device))
+        layer.register_forward_hook(lambda m, _inp, out: out.add_(m.free_bias))
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    opt = optimizer_for(model, cfg["lr"], device)
+    return Side(name, model, hf_loss(model, cfg, batch, device), opt, "zero bias on each adapted layer's output")
+
+
+def builder(name: str) -> Callable[..., Side | None]:
+    if name in PEFTCLI_SIDES:
+        return build_peftcli
+    if name in ("peft", "peft-bf16", "peft+compile"):
+        return build_peft
+    if name == "floor":
+        return build_floor
+    raise SystemExit(f"--sides: unknown side {name!r}; choose from {', '.join(ALL_SIDES)}")
+
+
+ALL_SIDES = (*PEFTCLI_SIDES, "peft", "peft-bf16", "peft+compile", "floor")
+# --sides levers: each lever on its own beside the plain path, PEFT with and without compile, the floor.
+LEVER_SIDES = ("peft", "peft+compile", "floor", "plain", "+trim", "+compile", "+chunked", "peftcli")
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -356,21 +482,25 @@ def cpu_peak_rise(side: Side) -> float | None:
     return float(max(0, _status_kb("VmHWM") - base) * 1024)
 
 
-def profile(side: Side, rows: int) -> None:
-    """Where one side's step time goes: the kernels with the most device time over two steps."""
+def profile(side: Side, rows: int, device: torch.device) -> None:
+    """Where one side's step time goes: the ops with the most self time over two steps (device
+    time on CUDA, CPU time on a CPU)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with torch_profile(activities=acts) as prof:
         for _ in range(2):
             side.step()
-        torch.cuda.synchronize()
+        _sync(device)
     print(f"\n### profile: {side.name} (2 steps)\n")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    key = "cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70))
 
 
-def run_cpu(sides_fns: list[Callable[[], Side]], args, device: torch.device) -> list[Side]:
-    sides = [fn() for fn in sides_fns]
+def run_cpu(sides_fns: list[Callable[[], Side | None]], args, device: torch.device) -> list[Side]:
+    sides = [s for s in (fn() for fn in sides_fns) if s is not None]
     for s in sides:
         s.first_loss = s.init_loss()
     for _ in range(args.warmup):
@@ -384,16 +514,21 @@ def run_cpu(sides_fns: list[Callable[[], Side]], args, device: torch.device) -> 
         order = sides if i % 2 == 0 else sides[::-1]
         for s in order:
             timed(s, device)
+    if args.profile:
+        for s in sides:
+            profile(s, args.profile, device)
     return sides
 
 
-def run_cuda(sides_fns: list[Callable[[], Side]], args, device: torch.device) -> list[Side]:
+def run_cuda(sides_fns: list[Callable[[], Side | None]], args, device: torch.device) -> list[Side]:
     done = []
     for fn in sides_fns:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         s = fn()
+        if s is None:
+            continue
         s.first_loss = s.init_loss()
         for _ in range(args.warmup):
             s.step()
@@ -402,7 +537,7 @@ def run_cuda(sides_fns: list[Callable[[], Side]], args, device: torch.device) ->
             timed(s, device)
         s.peak = float(torch.cuda.max_memory_allocated())
         if args.profile:
-            profile(s, args.profile)
+            profile(s, args.profile, device)
         s.model = s.opt = s.loss = None  # free weights and optimizer state before the next side
         torch._dynamo.reset()  # and compiled graphs, which hold on to the modules
         done.append(s)
@@ -411,7 +546,6 @@ def run_cuda(sides_fns: list[Callable[[], Side]], args, device: torch.device) ->
 
 # ------------------------------------------------------------------------------------- cpu-sft
 
-SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def tiny_smollm2(out: Path) -> str:
@@ -558,14 +692,20 @@ def cpu_sft(args) -> int:
 
 
 def report(sides: list[Side], cfg: dict, args, device: torch.device) -> str:
+    """One row per side: its step time, and its ratios to HF PEFT and to the floor.
+
+    "× PEFT" is PEFT's median step over this side's (a speed-up: above 1 is faster than PEFT);
+    "/ floor" is this side's median step over the free adapter's (the floor is 1.00; what a side
+    spends above 1 is what its adapter path costs).
+    """
     n_samples = cfg["batch"]
     n_tokens = cfg["batch"] * cfg["seq"]
     cuda = device.type == "cuda"
     gib, mib = 2**30, 2**20
     med = {s.name: statistics.median(s.times) for s in sides}
     cpu = {s.name: statistics.median(s.cpu_times) for s in sides}
-    ours = next(s for s in sides if s.name == "peftcli")
-    head = ("| side | step ms (median) | min | samples/s | tokens/s | "
+    peft, floor = med.get("peft"), med.get("floor")
+    head = ("| side | step ms (median) | min | samples/s | tokens/s | × PEFT | / floor | "
             + ("peak alloc GiB |" if cuda else "CPU s/step (median) | saved MiB | rss+ MiB |")
             + " first loss | notes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -577,22 +717,12 @@ def report(sides: list[Side], cfg: dict, args, device: torch.device) -> str:
             saved = f"{s.saved / mib:.1f}" if s.saved is not None else "n/a"
             rss = f"{s.peak / mib:.0f}" if s.peak is not None else "n/a"
             mem = f" {cpu[s.name]:.3f} | {saved} | {rss} |"
+        vs_peft = f"{peft / m:.3f}×" if peft else "n/a"
+        vs_floor = f"{m / floor:.3f}×" if floor else "n/a"
         lines.append(f"| {s.name} | {m * 1e3:.1f} | {min(s.times) * 1e3:.1f} | {n_samples / m:.2f} | "
-                     f"{n_tokens / m:.0f} |{mem} {s.first_loss:.4f} | {s.notes} |")
-    lines += ["", "| peftcli / other | step time (median) | samples/s (median) | step time (min) | "
-              + ("peak memory |" if cuda else "CPU time | saved for backward |"),
-              "|---|---|---|---|---|" + ("" if cuda else "---|")]
-    for s in sides:
-        if s is ours:
-            continue
-        t = med[ours.name] / med[s.name]
-        tmin = min(ours.times) / min(s.times)
-        if cuda:
-            tail = f"{ours.peak / s.peak:.2f}× |" if ours.peak and s.peak else "n/a |"
-        else:
-            sv = f"{ours.saved / s.saved:.2f}×" if ours.saved and s.saved else "n/a"
-            tail = f"{cpu[ours.name] / cpu[s.name]:.2f}× | {sv} |"
-        lines.append(f"| vs {s.name} | {t:.2f}× | {1 / t:.2f}× | {tmin:.2f}× | {tail}")
+                     f"{n_tokens / m:.0f} | {vs_peft} | {vs_floor} |{mem} {s.first_loss:.4f} | {s.notes} |")
+    if peft and floor:
+        lines += ["", f"PEFT / floor = {peft / floor:.3f}×: the most any LoRA path could gain over PEFT here."]
     return "\n".join(lines)
 
 
@@ -602,7 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side; the median is reported")
     ap.add_argument("--sides", default="auto",
-                    help="comma list of peftcli, peft, peft-bf16; auto = peftcli,peft (+ peft-bf16 for bf16 cases)")
+                    help=f"comma list of {', '.join(ALL_SIDES)}; auto = peftcli,peft,floor (+ peft-bf16 for bf16 "
+                         f"cases); levers = {','.join(LEVER_SIDES)}")
+    ap.add_argument("--rslora", action="store_true", help="LoRA sides: rsLoRA scaling")
+    ap.add_argument("--dora", action="store_true", help="LoRA sides: DoRA")
     ap.add_argument("--threads", default=None,
                     help="torch intra-op threads for the whole process (both sides): a number, or auto = "
                          "peftcli.core.threads.idle_cpu_threads(); default: torch's own")
@@ -623,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="peftcli side: compile each layer (as train.compile does) or the whole model")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. reduce-overhead)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                    help="CUDA: after timing, profile two steps per side and print the ROWS costliest ops")
+                    help="after timing, profile two steps per side and print the ROWS costliest ops")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     ap.add_argument("--rows", type=int, default=256, help="cpu-sft: training conversations")
@@ -661,23 +794,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(args.threads))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    names = (["peftcli", "peft"] + (["peft-bf16"] if cfg["dtype"] == "bfloat16" else [])
-             if args.sides == "auto" else [s.strip() for s in args.sides.split(",")])
-    if "peftcli" not in names:
-        names.insert(0, "peftcli")
+    if args.sides == "auto":
+        names = ["peftcli", "peft", "floor"] + (["peft-bf16"] if cfg["dtype"] == "bfloat16" else [])
+    elif args.sides == "levers":
+        names = list(LEVER_SIDES)
+    else:
+        names = [s.strip() for s in args.sides.split(",")]
 
-    vocab = 1000 if args.tiny else {"cpu-minilm": 30522, "gpu-bert": 30522, "gpu-llama1b": 128256}[args.case]
+    vocab = 1000 if args.tiny else {"cpu-minilm": 30522, "gpu-bert": 30522, "gpu-llama1b": 128256,
+                                     "cpu-decoder": 49152}[args.case]
     batch = make_batch(args.case, cfg, vocab, device, args.seed)
-    fns = {
-        "peftcli": lambda: build_peftcli(args.case, cfg, args, device, batch),
-        "peft": lambda: build_peft(args.case, cfg, args, device, batch, autocast_adapter=True),
-        "peft-bf16": lambda: build_peft(args.case, cfg, args, device, batch, autocast_adapter=False),
-    }
-    sides = (run_cuda if device.type == "cuda" else run_cpu)([fns[n] for n in names], args, device)
+    fns = [lambda n=n: builder(n)(args.case, cfg, args, device, batch, n) for n in names]
+    sides = (run_cuda if device.type == "cuda" else run_cpu)(fns, args, device)
 
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
-    print(f"\n## {args.case}: {cfg['batch']} × {cfg['seq']} tokens, {cfg['dtype']}, LoRA r {cfg['r']} on "
+    kind = "DoRA" if args.dora else "rsLoRA" if args.rslora else "LoRA"
+    print(f"\n## {args.case}: {cfg['batch']} × {cfg['seq']} tokens, {cfg['dtype']}, {kind} r {cfg['r']} on "
           f"{','.join(cfg['targets'])}, attn {args.attn}, {args.warmup} warm-up + {args.steps} timed steps per side"
           f" · {where} · torch {torch.__version__}\n")
     print(report(sides, cfg, args, device))

@@ -9,7 +9,7 @@ from conftest import batch, tiny_model
 
 from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method
-from peftcli.methods.lora import LoraConfig, LoraLinear
+from peftcli.methods.lora import DoraLinear, LoraConfig, LoraLinear
 from peftcli.models.trim import trim_unread_positions
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -80,6 +80,28 @@ def test_fast_equals_plain_module_path(p):
         torch.manual_seed(3)
         y = w(x)
         outs.append((y, _grads(y, g, x, w.lora_A.weight, w.lora_B.weight)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("training", [True, False])
+def test_dora_fast_equals_plain(kind, training):
+    """DoRA without dropout goes through the fused linear (bias left out, added after the scale):
+    the same output and gradients (x, A, B, magnitude) as its term-by-term formula."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10) if kind == "linear" else _conv1d(12, 10)
+    base.requires_grad_(False)
+    w = DoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False).train(training)
+    torch.nn.init.normal_(w.lora_B.weight)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    g = torch.randn(3, 5, 10)
+    outs = []
+    for fast in (True, False):
+        w.fast_path = fast
+        y = w(x)
+        outs.append((y, _grads(y, g, x, w.lora_A.weight, w.lora_B.weight, w.lora_magnitude_vector)))
     torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
     for a, b in zip(outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(a, b, **TOL)
@@ -277,36 +299,52 @@ def test_trim_refuses_what_it_cannot_prove():
     assert trim_unread_positions(bert, arch, get_method("lora").positionwise, "causal_lm") == []
 
 
-def test_forward_matches_hf_peft():
-    """Same A and B in both libraries: same logits and same adapter gradients."""
+@pytest.mark.parametrize("opts", [
+    dict(targets=["q", "v", "ffn_out"]),
+    dict(targets=["all-linear"]),
+    dict(targets=["all-linear"], rslora=True),
+    dict(targets=["all-linear"], use_dora=True),
+])
+def test_forward_matches_hf_peft(opts):
+    """Same A and B (and DoRA's magnitude) in both libraries: same logits, the same loss from the
+    model's own `labels=` (what bench_train's sides compare to 4 decimals) and the same adapter
+    gradients, fp32, to 1e-5."""
     peft = pytest.importorskip("peft")
     from peftcli.methods.targets import select_linears
 
+    targets = opts["targets"]
     ours = tiny_model("llama", "causal_lm")
-    arch, _ = attach_method(ours, "lora", LoraConfig(r=4, alpha=8, targets=["q", "v", "ffn_out"]))
+    arch, _ = attach_method(ours, "lora", LoraConfig(r=4, alpha=8, **opts))
     _randomize(ours)
     theirs = tiny_model("llama", "causal_lm")
-    paths = select_linears(theirs, arch, ["q", "v", "ffn_out"])
-    theirs = peft.get_peft_model(
-        theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=paths, task_type="CAUSAL_LM")
-    )
+    paths = select_linears(theirs, arch, targets)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=paths, task_type="CAUSAL_LM",
+        use_rslora=opts.get("rslora", False), use_dora=opts.get("use_dora", False)))
     ours_sd = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    theirs_sd = {_our_name(n): p for n, p in theirs.named_parameters() if "lora_" in n}
+    assert theirs_sd.keys() == ours_sd.keys()
     with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                key = n.removeprefix("base_model.model.").replace(".default", "")
-                p.copy_(ours_sd[key])
+        for n, p in theirs_sd.items():
+            p.copy_(ours_sd[n])
     b = batch()
+    b["labels"] = b["input_ids"].clone()
     ours.train()
     theirs.train()
-    lo, lt = ours(**b).logits, theirs(**b).logits
-    torch.testing.assert_close(lo, lt, **TOL)
-    lo.square().mean().backward()
-    lt.square().mean().backward()
-    grads_t = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-               for n, p in theirs.named_parameters() if "lora_" in n}
+    out_o, out_t = ours(**b, use_cache=False), theirs(**b, use_cache=False)
+    torch.testing.assert_close(out_o.logits, out_t.logits, **TOL)
+    torch.testing.assert_close(out_o.loss, out_t.loss, **TOL)
+    out_o.loss.backward()
+    out_t.loss.backward()
     for n, p in ours_sd.items():
-        torch.testing.assert_close(p.grad, grads_t[n], **TOL)
+        torch.testing.assert_close(p.grad, theirs_sd[n].grad, **TOL)
+
+
+def _our_name(peft_name: str) -> str:
+    """PEFT's parameter name in peftcli's naming (no wrapper prefix, no adapter name; DoRA's
+    magnitude is a parameter of its own, not a module's weight)."""
+    n = peft_name.removeprefix("base_model.model.").replace(".default", "")
+    return n.removesuffix(".weight") if "lora_magnitude_vector" in n else n
 
 
 def test_idle_cpu_threads(monkeypatch):
