@@ -108,3 +108,24 @@ def test_options_go_together(tmp_path):
             as_lora_options(rank, energy)
     res = runner.invoke(app, ["export", str(tmp_path), "--to", "peft", "--rank", "4", str(tmp_path / "o")])
     assert res.exit_code == 2 and "go with --as-lora" in res.output
+
+
+@pytest.mark.slow
+def test_an_energy_export_with_per_layer_ranks_imports_and_serves_like_peft(tiny_bert_dir, tiny_csv, tmp_path):
+    """`--energy` gives each layer its own rank (PEFT's rank_pattern): import-peft reads that into a
+    LoRA run with per-module ranks, which computes what PeftModel computes from the folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftcli.inference.multi import load_runs
+
+    run = make_run_on_data(tmp_path, tiny_bert_dir, {"name": "krona", "targets": ["q", "v"]}, tiny_csv)
+    rep = export_as_lora(run, tmp_path / "out", energy=0.9, evaluate=False)
+    assert len({f.rank for f in rep.layers}) > 1
+    imported = import_peft(tmp_path / "out", tmp_path / "imported")
+    b = text_batch(tiny_bert_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    theirs = peft_logits(base, tmp_path / "out", b)
+    assert (run_logits(imported, b) - theirs).abs().max() < 1e-5
+    multi = load_runs([f"lora={imported}"], torch.device("cpu"))
+    with torch.no_grad(), multi.rows(["lora", "lora"]):
+        assert (multi.model(**b).logits - theirs).abs().max() < 1e-5

@@ -31,6 +31,11 @@ EXACT = {
     "ia3": ({"name": "ia3"}, {"energy": 1.0}),
     # A (2 x 16) ⊗ B (16 x 2): rank(A ⊗ B) = rank A · rank B <= 4
     "krona": ({"name": "krona", "a1": 2, "a2": 16, "targets": ["q", "v"]}, {"rank": 4}),
+    # (w1a w1b) ⊙ (w2a w2b) with r = 2: rank <= r · r = 4
+    "loha": ({"name": "loha", "r": 2, "alpha": 2, "targets": ["q", "v"]}, {"rank": 4}),
+    "lokr": ({"name": "lokr", "r": 2, "alpha": 2, "targets": ["q", "v"]}, {"energy": 1.0}),
+    # diag(λ_b) B diag(λ_d) A with r = 4: rank <= 4
+    "vera": ({"name": "vera", "r": 4, "targets": ["q", "v"]}, {"rank": 4}),
 }
 
 
