@@ -138,7 +138,7 @@ class PrefStats:
     def add_pairs(self, out: PairOut) -> None:
         n = len(out.chosen_rewards)
         self._add("n", n)
-        self._add("loss", float(out.loss) * n)
+        self._add("loss", float(out.loss.detach()) * n)
         self._add("n_chosen", n)
         self._add("n_rejected", n)
         self._add("rewards/chosen", out.chosen_rewards.sum())
@@ -150,7 +150,7 @@ class PrefStats:
     def add_kto(self, out: KTOOut) -> None:
         n, d = len(out.rewards), out.desirable
         self._add("n", n)
-        self._add("loss", float(out.loss) * n)
+        self._add("loss", float(out.loss.detach()) * n)
         self._add("kl", float(out.kl) * n)
         self._add("n_chosen", d.sum())
         self._add("n_rejected", (~d).sum())
