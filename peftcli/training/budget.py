@@ -143,9 +143,9 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
 
 
 def preference_cost(recipe: Recipe, model, trainable: int) -> tuple[str, int, int]:
-    """(objective, sequences per example, weights kept twice). A preference example is two
-    sequences in the policy pass (chosen and rejected, or a KTO row and its mismatched row); the
-    reference pass runs without gradients and keeps no activations; its weights cost nothing
+    """(objective, sequences per example that keep activations, weights kept twice). A pair is two
+    sequences in the policy pass (chosen and rejected); a KTO row is one (its mismatched row runs
+    without gradients, as the reference pass does, and keeps no activations); the reference's weights cost nothing
     when it switches the adapter off or reads cached log-probs, and one copy of the trainable
     weights when it is the starting weights (peftcli.training.preference.Reference)."""
     from peftcli.config.recipe import REFERENCE_FREE
@@ -156,7 +156,7 @@ def preference_cost(recipe: Recipe, model, trainable: int) -> tuple[str, int, in
         return obj, 1, 0
     swapped = (obj not in REFERENCE_FREE and not recipe.train.precompute_reference
                and (bool(recipe.init_from) or not flags(model)))
-    return obj, 2, trainable if swapped else 0
+    return obj, 1 if obj == "kto" else 2, trainable if swapped else 0
 
 
 def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[float], float], int]:
@@ -221,7 +221,8 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
                     f"{m['optimizer_gib']:.2f}", f"{m['total_gib']:.2f}", f"{m['activations_gib']:.2f}")
     console.print(mem)
     if b.get("objective", "sft") != "sft":
-        console.print(f"objective {b['objective']}: activations for 2 sequences per example; the reference pass keeps "
+        console.print(f"objective {b['objective']}: activations for {1 if b['objective'] == 'kto' else 2} sequence(s) "
+                      "per example; the reference pass keeps "
                       "none" + (f"; weights include the reference's copy of {b['reference_copy']:,} trainable weights"
                                 if b.get("reference_copy") else " and adds no weights"))
     console.print(

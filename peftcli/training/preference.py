@@ -277,15 +277,27 @@ class Objective:
              forward: nn.Module | None = None) -> torch.Tensor:
         """The batch's loss (with gradients through the policy); its statistics added to `stats`."""
         ref = self.ref_logps(model, batch)
-        logps, tokens = batch_logps(model, batch, head_path=self.head_path, device=self.device,
-                                    precision=self.t.precision, forward=forward)
         if self.t.objective == "kto":
-            out = kto_loss(self.t, logps, ref, batch["desirable"])
+            out = kto_loss(self.t, self._kto_logps(model, batch, forward), ref, batch["desirable"])
             stats.add_kto(out)
             return out.loss
+        logps, tokens = batch_logps(model, batch, head_path=self.head_path, device=self.device,
+                                    precision=self.t.precision, forward=forward)
         pair = pair_loss(self.t, logps, tokens, ref)
         stats.add_pairs(pair)
         return pair.loss
+
+    def _kto_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], forward: nn.Module | None) -> torch.Tensor:
+        """The rows' log-probs with gradients, then their mismatched rows' without (the KL estimate is
+        detached, so those rows keep no activations), as TRL computes them."""
+        b = len(batch["desirable"])
+        rows = [{k: batch[k][part] for k in ("input_ids", "attention_mask", "labels")}
+                for part in (slice(0, b), slice(b, None))]
+        kw = dict(head_path=self.head_path, device=self.device, precision=self.t.precision)
+        logps = batch_logps(model, rows[0], forward=forward, **kw)[0]
+        with torch.no_grad():
+            kl = batch_logps(model, rows[1], **kw)[0]
+        return torch.cat([logps, kl])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: list[dict], collate, batch_size: int) -> dict[str, Any]:

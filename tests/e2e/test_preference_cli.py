@@ -89,7 +89,7 @@ def test_count_params_counts_the_reference(dpo_run):
     _, recipe, _ = dpo_run
     res = invoke("count-params", recipe)
     assert res.exit_code == 0, res.output
-    assert "objective dpo: activations for 2 sequences per example" in res.output
+    assert "objective dpo: activations for 2 sequence(s) per example" in res.output
     assert "adds no weights" in res.output
     res = invoke("count-params", recipe, "init_from=runs/sft")  # the SFT adapter, frozen, is the reference
     assert "reference's copy" in res.output
