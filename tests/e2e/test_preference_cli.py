@@ -31,9 +31,10 @@ def dpo_run(tiny_llama_chat_dir, tmp_path_factory):
         eval={"generate_accuracy": True, "max_new_tokens": 2},
         output={"dir": str(d / "run"), "plot": False},
     )
-    res = invoke("train", recipe)
+    res = invoke("train", recipe, "--smoke")  # 4 steps, as asked; and the written run must reload to the same scores
     assert res.exit_code == 0, res.output
-    return d, recipe, d / "run"
+    assert "smoke ok" in res.output
+    return d, recipe, d / "run-smoke"
 
 
 @pytest.mark.slow
