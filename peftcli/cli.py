@@ -546,15 +546,24 @@ def _show_data(r) -> None:
               highlight=False, soft_wrap=True)
     if rep.packing:
         out.print(rep.packing, highlight=False, soft_wrap=True)
-    # Trained tokens in reverse video on a terminal; elsewhere (a pipe, a log) between ⟦ and ⟧.
+    legend = "highlighted" if out.is_terminal else "between ⟦ ⟧"
+    what = ("first training pair, chosen side" if rep.rejected_pieces
+            else f"first training row ({rep.kto_label})" if rep.kto_label else "first training example")
+    out.print(f"{what}, rendered; the loss covers the tokens {legend}:", highlight=False, soft_wrap=True)
+    out.print(_marked(rep.pieces), highlight=False, soft_wrap=True)
+    if rep.rejected_pieces:
+        out.print("the same pair, rejected side:", highlight=False, soft_wrap=True)
+        out.print(_marked(rep.rejected_pieces), highlight=False, soft_wrap=True)
+
+
+def _marked(pieces: list[tuple[str, bool]]) -> str:
+    """Trained tokens in reverse video on a terminal; elsewhere (a pipe, a log) between ⟦ and ⟧."""
     marks = ("[reverse green]", "[/]") if out.is_terminal else ("⟦", "⟧")
     text = []
-    for piece, is_trained in rep.pieces:
+    for piece, is_trained in pieces:
         piece = escape(piece)
         text.append(f"{marks[0]}{piece}{marks[1]}" if is_trained and piece else piece)
-    legend = "highlighted" if out.is_terminal else "between ⟦ ⟧"
-    out.print(f"first training example, rendered; the loss covers the tokens {legend}:", highlight=False, soft_wrap=True)
-    out.print("".join(text), highlight=False, soft_wrap=True)
+    return "".join(text)
 
 
 # ---------------------------------------------------------------------------------------- recipes

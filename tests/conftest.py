@@ -167,3 +167,22 @@ def chat_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_chat_dir(tmp_path_factory):
+    """A tiny random Llama (tied head) with the embedded SmolLM2 tokenizer and its chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftcli.models.loading import resolve_source
+
+    d = tmp_path_factory.mktemp("tiny-llama-chat")
+    tok = AutoTokenizer.from_pretrained(resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct").path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

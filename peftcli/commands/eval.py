@@ -16,6 +16,7 @@ from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.inference.multi import evaluate_runs, load_runs
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import collator, load_run, prepare_data
+from peftcli.training.preference import Objective, reference_for_run
 
 
 def split_examples(rec, tokenizer, split: str) -> list[dict]:
@@ -39,14 +40,23 @@ class RunScore:
 def evaluate_run(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> RunScore:
     """Score one run on `split` (its first `limit` examples) and save the metrics in the run folder."""
     dev = pick_device(device)
-    built, meta = load_run(run, dev, trust_remote_code=trust_remote_code)
+    reference = None
+    if _objective(run) != "sft":  # the reference is built on the way: the run's starting weights are read first
+        built, reference = reference_for_run(run, dev, trust_remote_code=trust_remote_code)
+    else:
+        built, _ = load_run(run, dev, trust_remote_code=trust_remote_code)
     rec = built.recipe
     examples = split_examples(rec, built.tokenizer, split)
     if limit:
         examples = examples[:limit]
-    m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
-                 batch_size=rec.eval.batch_size, precision=rec.train.precision,
-                 num_labels=len(built.label_names or []) or None)
+    if reference is not None:
+        head = built.arch.spec.lm_head if rec.train.chunked_ce else None
+        m = Objective(rec, reference, head, dev).evaluate(built.model, examples, collator(rec, built.tokenizer),
+                                                         rec.eval.batch_size)
+    else:
+        m = evaluate(built.model, examples, collator(rec, built.tokenizer), task=rec.model.task, device=dev,
+                     batch_size=rec.eval.batch_size, precision=rec.train.precision,
+                     num_labels=len(built.label_names or []) or None)
     shown: list[dict] = []
     if rec.model.task == "causal_lm" and examples and "prompt_len" in examples[0]:
         g, samples = generation_eval(built.model, built.arch, built.tokenizer, examples, device=dev,
@@ -63,6 +73,10 @@ def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: s
                   trust_remote_code: bool = False) -> tuple[str, dict[str, dict]]:
     """Score several runs of one base model in shared batches; returns the base model's name and
     each run's metrics, also saved in each run folder."""
+    for run in runs:
+        if (obj := _objective(Path(str(run).partition("=")[2] or str(run)))) != "sft":
+            raise UsageError(f"{run}: a run trained with train.objective {obj} is scored against its reference, "
+                             "one run at a time: `peftcli eval RUN` for each")
     dev = pick_device(device)
     multi = load_runs(runs, dev, trust_remote_code=trust_remote_code)
     examples: dict[str, list[dict]] = {}
@@ -73,3 +87,14 @@ def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: s
     for name, m in metrics.items():
         atomic_file_write(multi.adapters[name].run / f"eval_{split}.json", json.dumps(m, indent=2))
     return multi.base_name, metrics
+
+
+def _objective(run: Path) -> str:
+    """The run's train.objective, from its recipe.yaml (sft when it cannot be read: open_run says why later)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((Path(run) / "recipe.yaml").read_text())
+        return str(raw.get("train", {}).get("objective", "sft"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "sft"

@@ -29,6 +29,9 @@ class DataReport:
     packing: str = ""  # what packing does to the rows, "" without packing
     # The first training example as consecutive pieces of text, each marked trained (in the loss) or not.
     pieces: list[tuple[str, bool]] = field(default_factory=list)
+    # Preference data: the first pair's rejected side (same shape), or a KTO row's label in words.
+    rejected_pieces: list[tuple[str, bool]] = field(default_factory=list)
+    kto_label: str = ""
 
 
 def data_report(r: Recipe) -> DataReport:
@@ -42,10 +45,18 @@ def data_report(r: Recipe) -> DataReport:
     if r.model.task != "causal_lm":
         return rep
     rep.causal_lm = True
-    rep.lengths = [len(e["input_ids"]) for e in train_ex]
-    rep.trained_tokens = sum(sum(1 for y in e["labels"] if y != -100) for e in train_ex)
+    # A pair is two sequences: both are counted (a KTO row's mismatched row only estimates a KL term).
+    sides = [(e["input_ids"], e["labels"]) for e in train_ex]
+    sides += [(e["rejected_ids"], e["rejected_labels"]) for e in train_ex if "rejected_ids" in e]
+    rep.lengths = [len(ids) for ids, _ in sides]
+    rep.trained_tokens = sum(sum(1 for y in labels if y != -100) for _, labels in sides)
     rep.packing = _packing_fill(r, tok, train_ex, sum(rep.lengths))
-    rep.pieces = _trained_pieces(tok, train_ex[0])
+    first = train_ex[0]
+    rep.pieces = _trained_pieces(tok, first)
+    if "rejected_ids" in first:
+        rep.rejected_pieces = _trained_pieces(tok, {"input_ids": first["rejected_ids"], "labels": first["rejected_labels"]})
+    if "desirable" in first:
+        rep.kto_label = "desirable" if first["desirable"] else "undesirable"
     return rep
 
 

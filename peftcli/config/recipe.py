@@ -55,7 +55,8 @@ class ModelConfig:
 class DataConfig:
     source: str = opt(
         "tweets",
-        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct, tweets_chat), "
+        "built-in (tweets, tweets_subjectivity, tweets_agreement, tweets_instruct, tweets_chat, tweets_preference, "
+        "tweets_kto), "
         "a hub dataset id, or a local csv/json/jsonl/parquet file",
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response", "text"] = opt(
@@ -152,6 +153,31 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(
         [], "experiment trackers that also get metrics.jsonl's records (offline by default; extra packages)"
     )
+    objective: Literal["sft", "dpo", "ipo", "hinge", "orpo", "simpo", "kto"] = opt(
+        "sft", "causal_lm: sft (next-token loss) or a preference objective on chosen / rejected pairs (dpo, ipo, "
+        "hinge, orpo, simpo) or on unpaired rows labelled desirable or not (kto); see docs/preference.md"
+    )
+    beta: float = opt(
+        0.1, "dpo, ipo (its tau), hinge, kto, simpo: how far the policy may move from the reference (simpo: the "
+        "reward scale; its paper uses 2 to 2.5)", above=0.0, fix="use a positive beta such as 0.1",
+    )
+    label_smoothing: float = opt(
+        0.0, "dpo and simpo: the chance that a pair's preference is flipped (conservative DPO); 0 = off",
+        min=0.0, max=0.49,
+    )
+    simpo_gamma: float = opt(0.5, "simpo: the target reward margin gamma", min=0.0)
+    orpo_lambda: float = opt(
+        0.1, "orpo: the weight lambda of the odds-ratio term beside the chosen completion's NLL",
+        above=0.0, fix="use a positive weight such as 0.1",
+    )
+    kto_desirable_weight: float = opt(1.0, "kto: the weight of desirable rows' losses", above=0.0,
+                                      fix="use a positive weight")
+    kto_undesirable_weight: float = opt(1.0, "kto: the weight of undesirable rows' losses", above=0.0,
+                                        fix="use a positive weight")
+    precompute_reference: bool = opt(
+        False, "dpo, ipo, hinge, kto: compute the reference log-probs once before training and keep them in the run "
+        "folder (reference_logps.safetensors), so a step runs the policy only"
+    )
 
 
 @dataclass
@@ -218,7 +244,8 @@ SECTIONS: dict[str, type] = {
 TOP_LEVEL = [*SECTIONS, "method", "init_from"]
 
 
-BUILTIN_SOURCES = ("tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct", "tweets_chat")
+BUILTIN_SOURCES = ("tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct", "tweets_chat",
+                   "tweets_preference", "tweets_kto")
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 OUTPUT_PLACEHOLDERS = ("method", "data", "model")
 
@@ -482,12 +509,40 @@ def _check_sections_agree(model: ModelConfig, data: DataConfig, train_cfg: Train
         problems.append("train.group_by_length: rows packed from the whole training set are all max_length "
                         "already; set either data.packing: true or train.group_by_length (data.packing: batch "
                         "combines with it)")
+    _check_objective(model, data, train_cfg, problems)
     if len(set(train_cfg.report_to)) != len(train_cfg.report_to):
         problems.append(f"train.report_to: {train_cfg.report_to} names a tracker twice; list each once")
     if check_files and (why := missing_data_file(data.source)):
         problems.append(why)
     if why := _output_dir_problem(output.dir):
         problems.append(why)
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "hinge", "orpo", "simpo", "kto")
+REFERENCE_FREE = ("orpo", "simpo")  # objectives that never run a reference model
+
+
+def _check_objective(model: ModelConfig, data: DataConfig, train_cfg: TrainConfig, problems: list[str]) -> None:
+    """A preference objective's keys against the rest of the recipe (eval.metric is checked apart)."""
+    obj = train_cfg.objective
+    if obj == "sft":
+        return
+    if model.task != "causal_lm":
+        problems.append(f"train.objective: {obj} trains a causal LM on preferences; set model.task: causal_lm "
+                        "or train.objective: sft")
+    if data.packing:
+        problems.append(f"data.packing: train.objective {obj} scores whole chosen / rejected sequences; set "
+                        "data.packing: false")
+    if train_cfg.distributed == "fsdp":
+        problems.append(f"train.objective: {obj} runs the reference on the unwrapped model, which FSDP shards; "
+                        "use train.distributed: ddp or none")
+    if train_cfg.label_smoothing and obj not in ("dpo", "simpo"):
+        problems.append(f"train.label_smoothing: only dpo and simpo smooth labels, not {obj}; set it to 0")
+    if train_cfg.precompute_reference and obj in REFERENCE_FREE:
+        problems.append(f"train.precompute_reference: {obj} runs no reference model; set it to false")
+    if obj == "kto" and train_cfg.batch_size < 2:
+        problems.append("train.batch_size: kto estimates its KL term from the other rows of a batch; use a "
+                        "batch_size of at least 2")
 
 
 def recipe_from_dict(
@@ -530,6 +585,9 @@ def recipe_from_dict(
     model: ModelConfig = sections["model"]
     output: OutputConfig = sections["output"]
     _check_sections_agree(model, data, sections["train"], output, problems, check_files=check_files)
+    if train_cfg.objective != "sft" and sections["eval"].metric not in ("accuracy", "loss"):
+        problems.append(f"eval.metric: {sections['eval'].metric!r} is not measured by train.objective "
+                        f"{train_cfg.objective}; use accuracy (preference accuracy) or loss")
     if problems:
         raise RecipeError(source, problems)
     return Recipe(

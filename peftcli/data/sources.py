@@ -8,6 +8,8 @@ no network:
     tweets_agreement     the same tweets: did all annotators agree (confidence 1) or not
     tweets_instruct      the sentiment task as instruction data for causal LMs (prompt -> label word)
     tweets_chat          synthetic multi-turn chats about the same tweets (`messages` rows): see `tweets_chat_rows`
+    tweets_preference    the sentiment task as preference pairs: the human label chosen, a wrong label rejected
+    tweets_kto           the same as unpaired rows: the human label desirable, a wrong label undesirable
 """
 
 from __future__ import annotations
@@ -57,7 +59,34 @@ def builtin_rows(name: str) -> list[dict[str, Any]] | None:
         ]
     if name == "tweets_chat":
         return tweets_chat_rows(_tweets_rows())
+    if name in ("tweets_preference", "tweets_kto"):
+        return tweets_preference_rows(_tweets_rows(), paired=name == "tweets_preference")
     return None
+
+
+SENTIMENTS = ("negative", "neutral", "positive")
+
+
+def tweets_preference_rows(tweets: list[dict[str, str]], *, paired: bool) -> list[dict[str, Any]]:
+    """Preference data from the human labels, one row per tweet so that a seed splits it as it
+    splits `tweets_instruct` (the same tweets held out, and the same prompt).
+
+    Paired: the human label is chosen and one of the two wrong labels rejected, the two taken in
+    turn by row index. Unpaired (KTO): even rows answer with the human label (desirable), odd rows
+    with a wrong one (undesirable). Every preference is a fact about the tweet, so the held-out
+    preference accuracy and the greedy answer's task accuracy measure the same skill.
+    """
+    rows = []
+    for i, r in enumerate(tweets):
+        gold = r["sentiment"]
+        wrong = [w for w in SENTIMENTS if w != gold][i % 2] if gold in SENTIMENTS else None
+        prompt = INSTRUCT_PROMPT.format(text=r["text"])
+        if paired:
+            rows.append({"prompt": prompt, "chosen": gold, "rejected": wrong, "label": gold})
+        else:
+            good = i % 2 == 0
+            rows.append({"prompt": prompt, "completion": gold if good else wrong, "label": good, "answer": gold})
+    return rows
 
 
 CHAT_SYSTEM = ("You are a careful annotator of social-media posts.", "You answer in as few words as possible.")

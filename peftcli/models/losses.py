@@ -155,3 +155,42 @@ def causal_lm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tu
     if n == 0:
         return logits.sum() * 0.0, 0
     return F.cross_entropy(lg, y, ignore_index=IGNORE, reduction="sum") / n, n
+
+
+def _chunk_token_logps(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    out: torch.Tensor, labels: torch.Tensor, head: nn.Module | None = None, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the log-probabilities of each row's labelled tokens, (rows,) float32; labelled tokens per row).
+
+    `out` is the logits, or with `head` the hidden states: then the head's float32 logits exist
+    one chunk of labelled positions at a time and are recomputed in backward (a checkpoint), so a
+    preference step's memory does not grow with the vocabulary. Positions follow the causal-LM
+    loss: the token at t+1 is scored from position t; virtual tokens in front are skipped.
+    """
+    if out.shape[1] > labels.shape[1]:  # virtual tokens prepended (prompt tuning)
+        out = out[:, -labels.shape[1] :]
+    y = labels[:, 1:]
+    keep = y != IGNORE
+    rows = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(y)[keep]
+    tokens = keep.sum(1)
+    total = torch.zeros(y.shape[0], dtype=torch.float32, device=out.device)
+    if head is None:
+        logits = out[:, :-1][keep].float()
+        per = logits.gather(1, y[keep][:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return total.index_add(0, rows, per), tokens
+    h, yk = out[:, :-1][keep], y[keep]
+    parts = []
+    for i in range(0, int(yk.numel()), chunk):
+        hs, ys = h[i : i + chunk], yk[i : i + chunk]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            parts.append(checkpoint(_chunk_token_logps, head, hs, ys, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_logps(head, hs, ys))
+    if not parts:
+        return total + out.sum() * 0.0, tokens
+    return total.index_add(0, rows, torch.cat(parts)), tokens

@@ -19,6 +19,13 @@ from peftcli.core.precision import resolve_dtype
 from peftcli.core.switch import apply_recorded
 from peftcli.data.batching import Collator
 from peftcli.data.packing import PackEachBatch
+from peftcli.data.preference import (
+    KTOCollator,
+    PairCollator,
+    add_mismatched,
+    load_preference_splits,
+    tokenize_preference,
+)
 from peftcli.data.splits import Splits, load_splits, malformed_summary
 from peftcli.data.tokenize import Untrained, check_trained, tokenize
 from peftcli.methods import get_method
@@ -152,14 +159,23 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[di
     a split left with none is refused.
     """
     cfg = recipe.data
-    splits = load_splits(cfg, recipe.model.task, recipe.model.num_labels)
+    objective = recipe.train.objective
+    splits = (load_splits(cfg, recipe.model.task, recipe.model.num_labels) if objective == "sft"
+              else load_preference_splits(cfg, objective))
     task = recipe.model.task
     parts = []
     for role, rows, split in (("training", splits.train, cfg.train_split),
                               ("validation", splits.val, cfg.val_split or cfg.train_split),
                               ("test", splits.eval, cfg.eval_split or cfg.train_split)):
         untrained: list[Untrained] = []
-        parts.append(tokenize(rows, tokenizer, task, cfg, split=split, malformed=splits.malformed, untrained=untrained))
+        if objective == "sft":
+            parts.append(tokenize(rows, tokenizer, task, cfg, split=split, malformed=splits.malformed,
+                                  untrained=untrained))
+        else:
+            parts.append(tokenize_preference(rows, tokenizer, cfg, split=split, malformed=splits.malformed,
+                                             untrained=untrained))
+            if objective == "kto":
+                add_mismatched(parts[-1], cfg.max_length)
         if note := check_trained(role, parts[-1], untrained, cfg):
             splits.notes.append(note)
     train, val, test = parts
@@ -171,8 +187,12 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[di
     return splits, train, val, test
 
 
-def collator(recipe: Recipe, tokenizer) -> Collator:
+def collator(recipe: Recipe, tokenizer) -> Collator | PairCollator | KTOCollator:
     """Evaluation's batches (never packed), and training's unless data.packing is "batch"."""
+    if recipe.train.objective == "kto":
+        return KTOCollator(tokenizer.pad_token_id)
+    if recipe.train.objective != "sft":
+        return PairCollator(tokenizer.pad_token_id)
     return Collator(tokenizer.pad_token_id, recipe.model.task)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class Position:
     last_eval: dict | None = None  # validation metrics of the latest evaluation
     best_step: int | None = None  # step of the kept adapter (`adapter/`)
     best_eval: dict | None = None  # its validation metrics (summary.json's `val`)
+    # Preference objectives: sums of the reward statistics since the last metrics line
+    # (peftcli.training.preference.PrefStats), so a resumed run logs the same averages.
+    window_stats: dict = field(default_factory=dict)
 
 
 class ResumeError(BadInput, ValueError):

@@ -49,6 +49,7 @@ def memory_estimate(
     trainable: int, total: int, quantizable: int, *, method: str | None = None, method_cfg: Any = None,
     tokens: int = 0, hidden: int = 0, layers: int = 0,
     optimizer_bytes: Callable[[float], float] | None = None, trained_at_once: int | None = None,
+    reference_copy: int = 0,
 ) -> list[dict]:
     """Bytes for weights, gradients and optimizer state under each precision a user can pick.
 
@@ -58,7 +59,8 @@ def memory_estimate(
     `tokens` (batch × sequence length), `hidden` and `layers` give the activation estimate.
     `optimizer_bytes(bytes per trainable weight)` is the optimizer's state (AdamW's two moments
     when None); `trained_at_once` the weights that have gradients at one time (LISA: fewer than
-    the trainable ones).
+    the trainable ones); `reference_copy` the weights a preference objective keeps a second copy
+    of as its reference (the starting weights, at the trainable weights' dtype).
     """
     at_once = trainable if trained_at_once is None else trained_at_once
 
@@ -71,6 +73,7 @@ def memory_estimate(
             weights = quantizable * NF4_BITS / 8 + (frozen - quantizable) * fb + trainable * tw
         else:
             weights = frozen * fb + trainable * tw
+        weights += reference_copy * tw
         act_bytes = ACT_BYTES_PER_HIDDEN * (2 if name == "fp32" else 1) * tokens * hidden * layers
         opt = trainable * o if optimizer_bytes is None else optimizer_bytes(tw)
         rows.append({
@@ -132,12 +135,30 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
     state_of, at_once = optimizer_state_model(model, arch, spec, recipe)
     s["optimizer"] = spec.optimizer_name or recipe.train.optimizer
     s["trained_at_once"] = at_once
+    s["objective"], rows, s["reference_copy"] = preference_cost(recipe, model, s["trainable"])
     s["memory"] = memory_estimate(
         s["trainable"], s["total"], s["quantizable"], method=recipe.method_name, method_cfg=recipe.method,
-        tokens=batch_size * seq_len, hidden=arch.hidden_size, layers=arch.num_layers,
-        optimizer_bytes=state_of, trained_at_once=at_once,
+        tokens=rows * batch_size * seq_len, hidden=arch.hidden_size, layers=arch.num_layers,
+        optimizer_bytes=state_of, trained_at_once=at_once, reference_copy=s["reference_copy"],
     )
     return s
+
+
+def preference_cost(recipe: Recipe, model, trainable: int) -> tuple[str, int, int]:
+    """(objective, sequences per example that keep activations, weights kept twice). A pair is two
+    sequences in the policy pass (chosen and rejected); a KTO row is one (its mismatched row runs
+    without gradients, as the reference pass does, and keeps no activations); the reference's weights cost nothing
+    when it switches the adapter off or reads cached log-probs, and one copy of the trainable
+    weights when it is the starting weights (peftcli.training.preference.Reference)."""
+    from peftcli.config.recipe import REFERENCE_FREE
+    from peftcli.core.switch import flags
+
+    obj = recipe.train.objective
+    if obj == "sft":
+        return obj, 1, 0
+    swapped = (obj not in REFERENCE_FREE and not recipe.train.precompute_reference
+               and (bool(recipe.init_from) or not flags(model)))
+    return obj, 1 if obj == "kto" else 2, trainable if swapped else 0
 
 
 def optimizer_state_model(model, arch, spec, recipe: Recipe) -> tuple[Callable[[float], float], int]:
@@ -201,6 +222,11 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
         mem.add_row(m["precision"], f"{m['weights_gib']:.2f}", f"{m['grads_gib']:.2f}",
                     f"{m['optimizer_gib']:.2f}", f"{m['total_gib']:.2f}", f"{m['activations_gib']:.2f}")
     console.print(mem)
+    if b.get("objective", "sft") != "sft":
+        console.print(f"objective {b['objective']}: activations for {1 if b['objective'] == 'kto' else 2} sequence(s) "
+                      "per example; the reference pass keeps "
+                      "none" + (f"; weights include the reference's copy of {b['reference_copy']:,} trainable weights"
+                                if b.get("reference_copy") else " and adds no weights"))
     console.print(
         f"[dim]activations: rough, for batch {b.get('batch_size', '?')} × {b.get('seq_len', '?')} tokens "
         "without gradient checkpointing (model.gradient_checkpointing: true cuts them to about 1/17); "

@@ -59,6 +59,7 @@ from peftcli.runs.state import (
 from peftcli.training import distributed as dist_utils
 from peftcli.training import lisa
 from peftcli.training.optim import build_optimizer
+from peftcli.training.preference import Objective, PrefStats, Reference
 
 
 class TrainingError(RuntimeError):
@@ -138,6 +139,7 @@ class Session:
     # numerators. Not part of the Position, so a resumed run's rates count only its own work.
     seen: int = 0
     tokens: int = 0
+    pref: Objective | None = None  # a preference objective (train.objective other than sft)
 
     @property
     def is_main(self) -> bool:
@@ -204,7 +206,7 @@ def _take_steps(s: Session, pos: Position) -> None:
                 pos.step += 1
                 pos.window_loss += sum(losses)
                 pos.window_n += len(losses)
-                s.seen += sum(_examples_in(b) for b in group) * s.world
+                s.seen += sum(_examples_in(b) for b in group) * s.world // (2 if s.pref else 1)  # pairs: 2 rows
                 s.tokens += sum(int(b["attention_mask"].sum()) for b in group) * s.world
                 group = []
                 kill_point("step")
@@ -281,9 +283,9 @@ def set_up(
                       "machine[/]")
     tokenizer, splits, (train_ex, val_ex, test_ex), n_examples = _read_examples(recipe, smoke, world, console, trust)
     micro_per_epoch = num_batches(len(train_ex), tcfg.batch_size, world)
-    model, train_model, arch, spec, budget = _build_model(recipe, device, splits.label_names, dist_mode, world,
-                                                          resume_from=run_dir / "last" if saved is not None else None,
-                                                          trust_remote_code=trust)
+    model, train_model, arch, spec, budget, reference = _build_model(
+        recipe, device, splits.label_names, dist_mode, world,
+        resume_from=run_dir / "last" if saved is not None else None, trust_remote_code=trust)
     # FSDP replaces every parameter by a sharded one: clip and optimize those.
     trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = -(-micro_per_epoch // tcfg.grad_accum)
@@ -304,12 +306,19 @@ def set_up(
         meta={"base_model": recipe.model.name, "task": recipe.model.task, "label_names": splits.label_names,
               **{k: budget[k] for k in ("trainable", "total")}},
         budget=budget, started=time.perf_counter(),
+        pref=(Objective(recipe, reference, arch.spec.lm_head if _loss_kind(recipe, arch) == "chunked" else None, device)
+              if tcfg.objective != "sft" else None),
     )
     _announce(s, n_examples, splits.val_from)
     if spec.calibrate is not None and saved is None and not recipe.init_from:
         # Every rank reads the same batches, so that every rank chooses the same weights to train.
         spec.calibrate(model, arch, recipe.method, _calibration_losses(s))
-    return _take_position(s, saved, saved_recipe, resumed=resume)
+    s, pos, finished = _take_position(s, saved, saved_recipe, resumed=resume)
+    if finished is None and s.pref is not None and tcfg.precompute_reference:
+        how = s.pref.precompute(s.model, {"train": s.train_ex, "val": s.val_ex, "test": s.test_ex}, s.collate,
+                                recipe.eval.batch_size, s.run_dir if s.is_main else None)
+        s.console.print(f"[dim]{escape(how)}[/]")
+    return s, pos, finished
 
 
 def _refuse_what_this_run_cannot_do(recipe: Recipe, device: torch.device, world: int, rank: int,
@@ -389,7 +398,7 @@ def _read_examples(recipe: Recipe, smoke: bool, world: int, console: Console, tr
 def _build_model(recipe: Recipe, device: torch.device, label_names: list[str] | None, dist_mode: str, world: int,
                  *, resume_from: Path | None, trust_remote_code: bool = False):
     """(model, the model as trained (its DDP/FSDP wrapper under several ranks), arch, method spec,
-    parameter counts), with a resumed run's adapter weights in place."""
+    parameter counts, the preference reference), with a resumed run's adapter weights in place."""
     tcfg = recipe.train
     built = build(recipe, device, label_names=label_names, trust_remote_code=trust_remote_code)
     model, arch, spec = built.model, built.arch, built.spec
@@ -406,11 +415,12 @@ def _build_model(recipe: Recipe, device: torch.device, label_names: list[str] | 
     budget = trainable_summary(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError(f"method {spec.name} left nothing trainable in {recipe.model.name}")
+    reference = Reference(recipe, model)  # before a resumed run's weights: it may keep the starting ones
     if resume_from is not None:
         # Adapter weights of a resumed run go in before wrapping: FSDP then shards them like the rest.
         dist_utils.load_resume_weights(resume_from, model, spec, arch, recipe)
     train_model = dist_utils.wrap(model, arch, dist_mode, device, find_unused=tcfg.drop_layers > 0) if world > 1 else model
-    return model, train_model, arch, spec, budget
+    return model, train_model, arch, spec, budget, reference
 
 
 def _build_optimizer(recipe: Recipe, model, train_model, spec, arch, device: torch.device, total_steps: int):
@@ -444,6 +454,8 @@ def _announce(s: Session, n_examples: int, val_from: str | None) -> None:
         + f" / {len(s.test_ex)} test · {s.device}"
         + (f" · {s.world} ranks ({s.dist_mode})" if s.world > 1 else "")
     )
+    if s.pref is not None:
+        s.console.print(f"objective {recipe.train.objective}: {s.pref.reference.describe()}")
 
 
 def _take_position(s: Session, saved: Saved | None, saved_recipe: dict | None, *,
@@ -596,11 +608,14 @@ def _restore_replaced(s: Session) -> None:
 # ------------------------------------------------------------------------------------------ one step
 
 
-def compute_loss(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The training loss of one micro-batch (plus the method's own term, e.g. fusion's)."""
+def compute_loss(s: Session, batch: dict[str, torch.Tensor], stats: PrefStats | None = None) -> torch.Tensor:
+    """The training loss of one micro-batch (plus the method's own term, e.g. fusion's); a
+    preference objective adds its reward statistics to `stats`."""
     inputs = forward_inputs(batch, s.recipe.model.task)
     with autocast_ctx(s.device, s.recipe.train.precision), packed_rows("position_ids" in batch):
-        if s.loss_kind == "classification":
+        if s.pref is not None:
+            loss = s.pref.loss(s.model, batch, stats if stats is not None else PrefStats(), forward=s.train_model)
+        elif s.loss_kind == "classification":
             out = s.train_model(**inputs)
             loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
         elif s.loss_kind == "chunked":
@@ -625,7 +640,7 @@ def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
         batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
         if s.recipe.train.drop_layers:
             random_drop(s.model, s.arch, s.recipe.train.drop_layers, rng=s.drop_rng)
-        loss = compute_loss(s, batch)
+        loss = compute_loss(s, batch, PrefStats(pos.window_stats))
         s.scaler.scale(loss / len(group)).backward()
         # The mean over ranks: the loss of the global batch, and a NaN stops every rank.
         lval = dist_utils.mean_across_ranks(loss.detach())
@@ -685,17 +700,23 @@ def log_train(s: Session, pos: Position) -> None:
               "tokens_per_s": s.tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
     if s.grad_norm is not None:
         record["grad_norm"] = s.grad_norm
+    if s.pref is not None:
+        record.update({k: v for k, v in PrefStats(pos.window_stats).metrics().items() if k not in ("loss", "accuracy")})
     log(s, record)
-    pos.window_loss, pos.window_n = 0.0, 0
+    pos.window_loss, pos.window_n, pos.window_stats = 0.0, 0, {}
 
 
 def run_eval(s: Session, examples: list[dict]) -> dict[str, Any]:
     if s.recipe.train.drop_layers:  # evaluate (and save) the whole model, not the last step's random drop
         set_dropped_layers(s.model, s.arch, ())
-    m = evaluate(
-        s.model, examples, s.collate, task=s.recipe.model.task, device=s.device, batch_size=s.recipe.eval.batch_size,
-        precision=s.recipe.train.precision, num_labels=len(s.label_names or []) or None,
-    )
+    if s.pref is not None:
+        m = s.pref.evaluate(s.model, examples, s.collate, s.recipe.eval.batch_size)
+    else:
+        m = evaluate(
+            s.model, examples, s.collate, task=s.recipe.model.task, device=s.device,
+            batch_size=s.recipe.eval.batch_size, precision=s.recipe.train.precision,
+            num_labels=len(s.label_names or []) or None,
+        )
     if (s.recipe.model.task == "causal_lm" and s.recipe.eval.generate_accuracy and examples
             and "prompt_len" in examples[0]):
         g, _ = generation_eval(s.model, s.arch, s.tokenizer, examples, device=s.device,

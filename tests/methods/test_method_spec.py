@@ -243,6 +243,7 @@ ALLOWED = {
     ("prompt", "data/sources.py"): "the prompt column of instruction data",
     ("prompt", "data/splits.py"): "the prompt column of instruction data",
     ("prompt", "data/tokenize.py"): "the prompt column of instruction data",
+    ("prompt", "data/preference.py"): "the prompt column of preference data",
     ("prompt", "inference/evaluate.py"): "the prompt column of instruction data",
     ("prompt", "inference/generate.py"): "the prompt key of generate's JSONL lines",
     ("prompt", "inference/multi.py"): "the prompt key of generate's JSONL lines",
