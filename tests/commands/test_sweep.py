@@ -168,6 +168,7 @@ def test_has_validation_reads_the_data_keys():
 # ------------------------------------------------------------------------------ random mode
 
 
+@pytest.mark.slow
 def test_random_sampling_ranges_and_reproducibility(recipe, fake, tmp_path):
     args = ["train.lr=1e-5:1e-1", "method.r=2:16", "train.warmup_ratio=0:0.2", "train.scheduler=constant,linear"]
     plan = sw.plan_trials(recipe, args, trials=200, seed=3, out=tmp_path / "sw")
@@ -205,6 +206,7 @@ _TIMED = ("import os, sys, time, json; t0 = time.time(); time.sleep(0.3); "
           "open(sys.argv[1], 'w').write(json.dumps([t0, time.time(), os.environ.get('CUDA_VISIBLE_DEVICES')]))")
 
 
+@pytest.mark.slow
 def test_scheduler_runs_one_trial_per_gpu(tmp_path):
     gpus = ["4", "6"]
     seen: dict[int, int] = {}
@@ -273,6 +275,7 @@ def test_workers_and_gpu_environment(monkeypatch):
 # ------------------------------------------------------------------------------ running
 
 
+@pytest.mark.slow
 def test_keeps_going_and_chooses_on_validation_only(recipe, fake, tmp_path):
     set_plan, calls = fake
     # 1e-3 has the best TEST score and must still lose: only val counts.
@@ -324,6 +327,7 @@ def test_missing_val_means_no_winner(recipe, fake, tmp_path):
     assert all(r["value"] is None and r["val"] == {} for r in res.records)
 
 
+@pytest.mark.slow
 def test_resume_skips_recorded_continues_checkpointed_restarts_the_rest(recipe, fake, tmp_path):
     set_plan, calls = fake
     set_plan({"0.001": acc(0.5), "0.002": acc(0.6), "0.003": acc(0.7), "0.004": acc(0.65)})

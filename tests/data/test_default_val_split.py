@@ -21,6 +21,7 @@ def pool_size() -> int:
     return len(_splits(val_fraction=0.0).train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_size,expect", [(64, VAL_MIN), (1000, 100), (8000, 800), (30000, VAL_MAX)])
 def test_a_small_run_is_scored_on_a_few_rows(train_size, expect):
     s = _splits(train_size=train_size)
@@ -36,6 +37,7 @@ def test_without_train_size_val_fraction_of_the_pool_as_before(pool_size):
     assert s.val_from == "10 % of the training pool (data.val_fraction)"
 
 
+@pytest.mark.slow
 def test_explicit_sizes_and_zero_are_taken_as_they_are():
     s = _splits(train_size=64, val_size=500)
     assert len(s.val) == 500 and s.val_from == "data.val_size, held out from the training pool"

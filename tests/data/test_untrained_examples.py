@@ -79,6 +79,7 @@ def test_a_validation_split_with_no_trained_token_is_refused(tmp_path, tiny_gpt2
         prepare_data(rec, tok)
 
 
+@pytest.mark.slow
 def test_examples_that_lose_every_trained_token_are_counted_and_left_out(tmp_path, tiny_gpt2_dir):
     src = _jsonl(tmp_path / "d.jsonl", _rows("messages", n_long=10, n_short=30))
     rec = _recipe_file(tmp_path, tiny_gpt2_dir, src)

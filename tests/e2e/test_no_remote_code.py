@@ -124,6 +124,7 @@ def test_hub_refusal_names_the_flag():
     assert "'org/model'" in str(refusal) and "--trust-remote-code" in str(refusal)
 
 
+@pytest.mark.slow
 def test_train_keeps_the_users_key_and_says_so_but_resume_needs_the_flag(planted, tmp_path):
     """`train` on the user's own recipe honours model.trust_remote_code and says code will run;
     `--resume` reads a run folder, so there only --trust-remote-code counts."""

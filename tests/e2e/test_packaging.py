@@ -68,6 +68,7 @@ def test_wheel_carries_every_recipe_as_package_data(wheel):
             assert z.read(f"peftcli/recipes/{r}") == (ROOT / "recipes" / r).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.packaging
 def test_wheel_carries_every_module(wheel):
     """A subpackage the package finder misses would import in a clone and fail once installed."""
