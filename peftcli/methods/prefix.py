@@ -103,6 +103,10 @@ class PrefixStore(nn.Module):
         rows = slice(i * w, (i + 1) * w)
         if self.reparameterized and torch.is_grad_enabled():
             # Training: only this layer's rows of the last projection, no full table per layer.
+            # The weights are about to change, and a fused optimizer step (torch's fused AdamW)
+            # updates them in place without bumping their version counters: the cached table must
+            # not outlive this forward (every optimizer step follows one).
+            self._cache = None
             lin1, lin2 = self.transform[0], self.transform[2]
             h = torch.tanh(lin1(self.embedding.weight))
             t = F.linear(h, lin2.weight[rows], lin2.bias[rows])

@@ -226,9 +226,9 @@ def test_training_steps_run_in_training_mode(tiny_bert_dir, tiny_csv, tmp_path, 
     modes = []
     real = train_mod.compute_loss
 
-    def spy(s, batch):
+    def spy(s, batch, *rest):
         modes.append(s.train_model.training)
-        return real(s, batch)
+        return real(s, batch, *rest)
 
     monkeypatch.setattr(train_mod, "compute_loss", spy)
     res = invoke("train", _recipe(tmp_path, tiny_bert_dir, tiny_csv))
