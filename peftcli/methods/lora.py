@@ -260,20 +260,28 @@ class DoraLinear(LoraLinear):
                 self.lora_magnitude_vector.copy_(self.weight_norm().to(w.dtype))
 
     @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """‖W + s·B A‖ per output row, in float32, without autograd."""
+    def weight_norm(self, cache: bool = True) -> torch.Tensor:
+        """‖W + s·B A‖ per output row, in float32, without autograd.
+
+        Cached for inference (keyed on A's and B's version counters). A training forward passes
+        `cache=False` and drops the cache: the optimizer step after it may be fused (torch's fused
+        AdamW), which updates A and B in place without bumping their version counters."""
         key = (self.lora_A.weight.data_ptr(), self.lora_A.weight._version,
                self.lora_B.weight.data_ptr(), self.lora_B.weight._version, self.base.weight.data_ptr())
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            w = dense_weight(self.base).float() + super().delta_weight().float()
-            self._norm_cache = (key, w.norm(p=2, dim=1))
-        return self._norm_cache[1]
+        if not cache:
+            self._norm_cache = None
+        elif self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        norm = (dense_weight(self.base).float() + super().delta_weight().float()).norm(p=2, dim=1)
+        if cache:
+            self._norm_cache = (key, norm)
+        return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled:
             return self.base(x)
         m = self.lora_magnitude_vector
-        scale = m / self.weight_norm().to(m.dtype)
+        scale = m / self.weight_norm(cache=not torch.is_grad_enabled()).to(m.dtype)
         if self.fast_path and (isinstance(self.lora_dropout, nn.Identity) or not self.training):
             # Without dropout y = scale ⊙ (W x + s·B A x) + b: LoRA's fused linear (one node, no W
             # gradient) without the bias, then one scale and one add, instead of the base layer, two
