@@ -246,12 +246,15 @@ class PairCollator:
     """A batch of pairs as one padded batch: the chosen rows, then the rejected rows. Cached
     reference log-probs (`ref`: chosen, rejected) come along as `ref_logps`."""
 
+    second = ("rejected_ids", "rejected_labels")  # the keys of each example's second row
+
     def __init__(self, pad_id: int) -> None:
         self.pad = Collator(pad_id, "causal_lm")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels = self.second
         rows = ([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
-                + [{"input_ids": e["rejected_ids"], "labels": e["rejected_labels"]} for e in examples])
+                + [{"input_ids": e[ids], "labels": e[labels]} for e in examples])
         out = self.pad(rows)
         if "ref" in examples[0]:
             out["ref_logps"] = torch.tensor([e["ref"][0] for e in examples] + [e["ref"][1] for e in examples],
@@ -259,22 +262,16 @@ class PairCollator:
         return out
 
 
-class KTOCollator:
+class KTOCollator(PairCollator):
     """A KTO batch: its rows, then each row's mismatched row (`kl_ids`, see `add_mismatched`) for the
     KL estimate; `desirable` says which rows are; cached reference log-probs (`ref`: the row's, its
     mismatched row's) come along as `ref_logps`."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad = Collator(pad_id, "causal_lm")
+    second = ("kl_ids", "kl_labels")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows = ([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
-                + [{"input_ids": e["kl_ids"], "labels": e["kl_labels"]} for e in examples])
-        out = self.pad(rows)
+        out = super().__call__(examples)
         out["desirable"] = torch.tensor([e["desirable"] for e in examples], dtype=torch.bool)
-        if "ref" in examples[0]:
-            out["ref_logps"] = torch.tensor([e["ref"][0] for e in examples] + [e["ref"][1] for e in examples],
-                                            dtype=torch.float32)
         return out
 
 
