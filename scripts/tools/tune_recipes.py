@@ -5,7 +5,7 @@ The sweep runs on a cheap proxy that fits a 2-core machine: the first 1,000 of t
 training rows for 2 epochs (63 steps of 32), scored on the recipe's 1,000 validation rows. Every
 trial trains the way the peers' reference figures were trained (AdamW with weight decay 0.01, no
 warm-up, no gradient clipping); the grid is the learning rate (the peers' reference lr, half and
-double; `--factors`) × the schedule (constant or linear decay); with `--trials N`, N random
+double; `--factors`) × the schedule (constant or linear decay; `--schedules`); with `--trials N`, N random
 trials over the same lr range (log-uniform) and both schedules instead. The test rows play no part: the sweep never
 reads them. Then the recipe file gets the winner's lr and schedule and the reference settings,
 and `scripts/benchmarks/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 rows.
@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from peftcli.commands.sweep import as_override, pick_best, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,14 @@ REFERENCE_LR = {
     "tweets_mam": 1e-4, "tweets_unipelt": 1e-3,
 }
 PROXY = ["data.train_size=1000", "train.epochs=2"]
+
+
+def centre_lr(name: str) -> float:
+    """The grid's centre: the peers' reference lr, or, for a method they publish no figure for on these
+    rows (LoHa, LoKr, VeRA, PiSSA, LoRA+), the starting lr written in the recipe itself."""
+    if name in REFERENCE_LR:
+        return REFERENCE_LR[name]
+    return float(yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())["train"]["lr"])
 REFERENCE_TRAINING = {"weight_decay": "0.01", "warmup_ratio": "0.0", "max_grad_norm": "null"}
 
 # The method options swept by --keys: per recipe, named sweeps of `peftcli sweep` axes (the name is
@@ -69,12 +79,12 @@ def cell(rec: dict) -> str:
     return f"{100 * rec['value']:.2f}" if rec.get("status") == "done" else rec.get("status", "?")
 
 
-def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: list[float]) -> int:
-    lr = REFERENCE_LR[name]
+def run_sweep(name: str, out: Path, threads: int, trials: int | None, factors: list[float], schedules: str) -> int:
+    lr = centre_lr(name)
     if trials:  # random search: lr log-uniform over the same range, schedule drawn
-        grid = [f"train.lr={lr / 2:.3g}:{2 * lr:.3g}", "train.scheduler=constant,linear", "--trials", str(trials)]
+        grid = [f"train.lr={lr / 2:.3g}:{2 * lr:.3g}", f"train.scheduler={schedules}", "--trials", str(trials)]
     else:
-        grid = ["train.lr=" + ",".join(f"{f * lr:.3g}" for f in factors), "train.scheduler=constant,linear"]
+        grid = ["train.lr=" + ",".join(f"{f * lr:.3g}" for f in factors), f"train.scheduler={schedules}"]
     cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), *grid, *proxy_overrides(threads),
            "--out", str(sweep_dir(out, name))]
     print(" ".join(cmd[1:]), flush=True)
@@ -133,6 +143,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweeps")
     ap.add_argument("--threads", type=int, default=2, help="train.num_threads of each trial")
     ap.add_argument("--factors", default="0.5,1,2", help="grid: the reference lr times each of these")
+    ap.add_argument("--schedules", default="constant,linear",
+                    help="train.scheduler values of the grid (constant alone halves it: it won wherever both were tried)")
     ap.add_argument("--trials", type=int, default=None,
                     help="random search with this many trials instead of the 3 × 2 grid (a smaller budget)")
     ap.add_argument("--table", action="store_true", help="only print the sweeps' validation table")
@@ -148,11 +160,12 @@ def main() -> None:
         key_table(args.out, args.recipes)
         return
     for name in args.recipes:
-        if name not in REFERENCE_LR:
-            sys.exit(f"{name}: no reference lr; known: {', '.join(REFERENCE_LR)}")
+        if not (ROOT / "recipes" / f"{name}.yaml").exists():
+            sys.exit(f"recipes/{name}.yaml: no such recipe")
     if not args.table:
         for name in args.recipes:
-            run_sweep(name, args.out, args.threads, args.trials, [float(f) for f in args.factors.split(",")])
+            run_sweep(name, args.out, args.threads, args.trials, [float(f) for f in args.factors.split(",")],
+                      args.schedules)
             best = winner(args.out, name)
             if best is not None:
                 rewrite(name, best["settings"])
