@@ -1,5 +1,5 @@
 """A DPO run through the `peftcli` command, and every command that reads a run working on it:
-eval, generate, merge, export --to peft, count-params, sweep."""
+eval, generate, merge, export --to peft, count-params, sweep, combine and serve."""
 
 from __future__ import annotations
 
@@ -104,3 +104,48 @@ def test_sweep_ranks_dpo_trials_on_validation_preference_accuracy(dpo_run, tmp_p
     rows = [json.loads(x) for x in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
     done = [r for r in rows if r.get("status") == "done"]
     assert len(done) == 2 and all(r["metric"] == "accuracy" and 0 <= r["value"] <= 1 for r in done)
+
+
+@pytest.mark.slow
+def test_combine_and_serve_a_dpo_run(dpo_run, tmp_path):
+    """A DPO run is a LoRA run like any other: it combines with an SFT run, and `serve` answers with
+    it (and with the combination) by name, greedy text equal to `peftcli generate`'s."""
+    pytest.importorskip("starlette")
+    from helpers.asgi import call, run_with
+
+    from peftcli.commands.serve import ServeOptions
+    from peftcli.inference.multi import load_runs
+
+    _, recipe, run = dpo_run
+    sft = tmp_path / "sft"
+    res = invoke("train", recipe, "train.objective=sft", "data.source=tweets_instruct", "train.max_steps=2",
+                 "eval.generate_accuracy=false", f"output.dir={sft}")
+    assert res.exit_code == 0, res.output
+    both = tmp_path / "both"
+    res = invoke("combine", run, sft, "--weights", "0.5,0.5", "--how", "cat", both)
+    assert res.exit_code == 0, res.output
+    res = invoke("eval", both, "--limit", "4")
+    assert res.exit_code == 0, res.output
+
+    prompt = "Tweet: what a lovely day"
+    alone = {name: invoke("generate", path, prompt, "--max-new-tokens", "3") for name, path in
+             (("dpo", run), ("both", both))}
+    multi = load_runs([f"dpo={run}", f"both={both}"], torch.device("cpu"))
+
+    # `generate` formats a prompt as the run's data was: through the chat template here, as the chat
+    # endpoint does
+    assert multi.recipe_of("dpo").data.chat_template
+
+    async def work(app, _):
+        out = {}
+        for name in alone:
+            body = json.dumps({"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": 3})
+            out[name] = await call(app, "POST", "/v1/chat/completions", body.encode())
+        return out
+
+    served = run_with(multi, ServeOptions(), work)
+    for name, res in alone.items():
+        status, got = served[name]
+        assert status == 200, got
+        text = json.loads(got)["choices"][0]["message"]["content"]
+        assert res.exit_code == 0 and text.strip() and text.strip() in res.output, (name, text, res.output)
