@@ -13,6 +13,9 @@ and `scripts/benchmarks/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 r
     python scripts/tools/tune_recipes.py tweets_lora tweets_ia3          # sweep (resumable), then rewrite
     python scripts/tools/tune_recipes.py --table tweets_lora tweets_ia3  # the sweeps' validation table
 
+With `--extend N`, a winner at the grid's largest lr gets a trial at double that lr, up to N
+times, each in `<out>/<recipe>_upK`; the choice is made over all of them.
+
 `--keys` then sweeps the method's own options where the literature says they matter (IA³'s
 targets; prefix length and reparameterisation), on the same proxy at the recipe's chosen lr and
 schedule, into `<out>/keys_<recipe>`; it prints the validation table and the winner, which goes
@@ -113,18 +116,41 @@ def key_table(out: Path, names: list[str]) -> None:
 
 
 def records(out: Path, name: str) -> list[dict]:
-    return read_records(sweep_dir(out, name))
+    """The grid's trials, then those of its extensions upward (`--extend`), in the order they ran."""
+    extensions = sorted(out.glob(f"{name}_up*"), key=lambda p: int(p.name.rsplit("_up", 1)[1]))
+    return [r for d in (sweep_dir(out, name), *extensions) for r in read_records(d)]
+
+
+def extend_upward(name: str, out: Path, threads: int, schedules: str, times: int) -> None:
+    """While the winner is the largest lr tried, try double it (at most `times` more trials): a grid
+    whose best value sits on its edge has not bracketed the optimum."""
+    for k in range(1, times + 1):
+        best = winner(out, name)
+        tried = [float(r["settings"]["train.lr"]) for r in records(out, name)]
+        if best is None or float(best["settings"]["train.lr"]) < max(tried):
+            return
+        cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), f"train.lr={2 * max(tried):.3g}",
+               f"train.scheduler={schedule(best['settings'], schedules)}", *proxy_overrides(threads),
+               "--out", str(out / f"{name}_up{k}")]
+        print(" ".join(cmd[1:]), flush=True)
+        subprocess.call(cmd, cwd=ROOT)
 
 
 def winner(out: Path, name: str) -> dict | None:
     return pick_best(records(out, name), "accuracy")  # the sweep's own rule: first on a tie
 
 
-def rewrite(name: str, settings: dict) -> None:
+def schedule(settings: dict, schedules: str) -> str:
+    """A trial's schedule: its swept value, or the one schedule tried (a sweep axis with one value is
+    fixed, not among a trial's settings)."""
+    return settings.get("train.scheduler", schedules)
+
+
+def rewrite(name: str, settings: dict, schedules: str) -> None:
     """The recipe's train section gets the chosen lr and schedule and the reference settings."""
     path = ROOT / "recipes" / f"{name}.yaml"
     text = path.read_text()
-    values = {"lr": settings["train.lr"], "scheduler": settings["train.scheduler"], **REFERENCE_TRAINING}
+    values = {"lr": settings["train.lr"], "scheduler": schedule(settings, schedules), **REFERENCE_TRAINING}
     head, train, tail = re.match(r"(?s)(.*?^train:\n)((?:  .*\n)*)(.*)", text, re.M).groups()
     lines = [ln for ln in train.splitlines() if not re.match(r"  (lr|scheduler|weight_decay|warmup_ratio|max_grad_norm):", ln)]
     at = next((i for i, ln in enumerate(lines) if ln.startswith("  batch_size:")), len(lines) - 1) + 1
@@ -147,6 +173,8 @@ def main() -> None:
                     help="train.scheduler values of the grid (constant alone halves it: it won wherever both were tried)")
     ap.add_argument("--trials", type=int, default=None,
                     help="random search with this many trials instead of the 3 × 2 grid (a smaller budget)")
+    ap.add_argument("--extend", type=int, default=0,
+                    help="while the winner is the largest lr tried, try double it, up to this many times")
     ap.add_argument("--table", action="store_true", help="only print the sweeps' validation table")
     ap.add_argument("--keys", action="store_true", help="sweep the method's own options (METHOD_KEYS) instead")
     args = ap.parse_args()
@@ -166,15 +194,16 @@ def main() -> None:
         for name in args.recipes:
             run_sweep(name, args.out, args.threads, args.trials, [float(f) for f in args.factors.split(",")],
                       args.schedules)
+            extend_upward(name, args.out, args.threads, args.schedules, args.extend)
             best = winner(args.out, name)
             if best is not None:
-                rewrite(name, best["settings"])
+                rewrite(name, best["settings"], args.schedules)
     print("| recipe | trials | val accuracy per trial (lr, schedule) | chosen |\n|---|---|---|---|")
     for name in args.recipes:
         recs = records(args.out, name)
         best = winner(args.out, name)
-        cells = ", ".join(f"{r['settings']['train.lr']} {r['settings']['train.scheduler']}: {cell(r)}" for r in recs)
-        chosen = f"lr {best['settings']['train.lr']}, {best['settings']['train.scheduler']}" if best else "–"
+        cells = ", ".join(f"{r['settings']['train.lr']} {schedule(r['settings'], args.schedules)}: {cell(r)}" for r in recs)
+        chosen = f"lr {best['settings']['train.lr']}, {schedule(best['settings'], args.schedules)}" if best else "–"
         print(f"| {name} | {len(recs)} | {cells} | {chosen} |")
 
 
