@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,18 @@ def write_recipe(path, **sections) -> str:
 
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return str(path)
+
+
+def chat_recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", packing=None, dropout: float | None = None,
+            **train) -> str:
+    """A LoRA recipe on a causal LM over a chat file, packed unless it groups by length; `train` keys
+    go through (tests of packing, trackers)."""
+    t = {"epochs": 2, "batch_size": 2, "lr": 5e-3, "progress": False, "log_every": 1, "eval_every": 2, **train}
+    packing = (not t.get("group_by_length")) if packing is None else packing
+    data = {"source": chat_file, "eval_size": 8, "max_length": 96, "packing": packing}
+    method = {"name": "lora", "r": 4, **({"dropout": dropout} if dropout is not None else {})}
+    return write_recipe(tmp_path / f"{run}.yaml", model={"name": str(model_dir), "task": "causal_lm"}, data=data,
+                        method=method, train=t, output={"dir": str(tmp_path / run), "plot": False})
 
 
 def cache_named_for_peft(model, task: str):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, write_recipe
+from conftest import chat_recipe, tiny_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -152,16 +152,6 @@ def test_group_by_length_batches_are_similar_seeded_and_cover_every_example():
 # ----------------------------------------------------------------------------- training end to end
 
 
-def _recipe(tmp_path: Path, model_dir, chat_file, run: str = "run", packing=None, dropout: float | None = None,
-            **train) -> str:
-    t = {"epochs": 2, "batch_size": 2, "lr": 5e-3, "progress": False, "log_every": 1, "eval_every": 2, **train}
-    packing = (not t.get("group_by_length")) if packing is None else packing
-    data = {"source": chat_file, "eval_size": 8, "max_length": 96, "packing": packing}
-    method = {"name": "lora", "r": 4, **({"dropout": dropout} if dropout is not None else {})}
-    return write_recipe(tmp_path / f"{run}.yaml", model={"name": str(model_dir), "task": "causal_lm"}, data=data,
-                        method=method, train=t, output={"dir": str(tmp_path / run), "plot": False})
-
-
 def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run).steps]
 
@@ -172,7 +162,7 @@ def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatc
     extra = {"group_by_length": True} if mode == "group_by_length" else {}
     if mode == "packing-batch":
         extra = {"packing": "batch", "group_by_length": True}  # the two combine: grouped batches, each packed
-    whole = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "whole", **extra)
+    whole = chat_recipe(tmp_path, tiny_gpt2_dir, chat_file, "whole", **extra)
     res = runner.invoke(app_cli(), ["train", whole])
     assert res.exit_code == 0, res.output
     assert ("packed rows" in res.output) == (mode == "packing")
@@ -186,7 +176,7 @@ def test_kill_and_resume_is_exact(tiny_gpt2_dir, chat_file, tmp_path, monkeypatc
             if calls["n"] == 3:
                 raise KeyboardInterrupt
 
-    cut = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "cut", **extra)
+    cut = chat_recipe(tmp_path, tiny_gpt2_dir, chat_file, "cut", **extra)
     monkeypatch.setattr(train_mod, "kill_point", kill_at_step_3)
     assert runner.invoke(app_cli(), ["train", cut]).exit_code == 130
     monkeypatch.undo()
@@ -223,7 +213,7 @@ def test_packing_each_batch_takes_the_padded_runs_steps(kind, tiny_gpt2_dir, cha
     runs = {}
     for packing in (False, "batch"):
         name = f"p{packing}"
-        rec = _recipe(tmp_path, model_dir, chat_file, name, packing=packing, dropout=0.0, batch_size=6, epochs=1)
+        rec = chat_recipe(tmp_path, model_dir, chat_file, name, packing=packing, dropout=0.0, batch_size=6, epochs=1)
         res = runner.invoke(app_cli(), ["train", rec])
         assert res.exit_code == 0, res.output
         runs[packing] = tmp_path / name
@@ -247,13 +237,13 @@ def test_packing_each_batch_takes_the_padded_runs_steps(kind, tiny_gpt2_dir, cha
 
 
 def test_packing_takes_true_false_or_batch(tiny_gpt2_dir, chat_file, tmp_path):
-    bad = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "bad", packing="rows")
+    bad = chat_recipe(tmp_path, tiny_gpt2_dir, chat_file, "bad", packing="rows")
     res = runner.invoke(app_cli(), ["validate", bad])
     assert res.exit_code == 2 and "data.packing: expected bool or 'batch', got 'rows'" in res.output
-    both = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "both", packing=True, group_by_length=True)
+    both = chat_recipe(tmp_path, tiny_gpt2_dir, chat_file, "both", packing=True, group_by_length=True)
     res = runner.invoke(app_cli(), ["validate", both])
     assert res.exit_code == 2 and "data.packing: batch combines with it" in res.output
-    ok = _recipe(tmp_path, tiny_gpt2_dir, chat_file, "ok", packing="batch", group_by_length=True)
+    ok = chat_recipe(tmp_path, tiny_gpt2_dir, chat_file, "ok", packing="batch", group_by_length=True)
     res = runner.invoke(app_cli(), ["validate", ok, "--data"])
     assert res.exit_code == 0, res.output
     assert "packing: each batch of 2 examples packed into rows of 96 tokens" in res.output

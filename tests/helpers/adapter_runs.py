@@ -4,10 +4,12 @@ Shared by tests in several folders; tests/ is on the path (pyproject's `pythonpa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from conftest import write_recipe
+from safetensors.torch import load_file
 
 
 def make_run(root: Path, name: str, model_dir: Path, task: str, method: dict, *, seed: int,
@@ -100,3 +102,19 @@ def text_batch(model_dir: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     enc = tok(["the film was great today", "awful"], return_tensors="pt", padding=True)
     return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path, tol: float = 1e-4, *, meta: bool = True) -> None:
+    """Two adapter folders in the same file format (keys, shapes, dtypes and, with `meta`, the meta
+    fields a reader uses) with the same values up to `tol`: what a distributed run must leave beside
+    its one-process twin."""
+    a, b = load_file(str(a_dir / "adapter.safetensors")), load_file(str(b_dir / "adapter.safetensors"))
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+    if meta:
+        ma, mb = json.loads((a_dir / "meta.json").read_text()), json.loads((b_dir / "meta.json").read_text())
+        assert set(ma) == set(mb)
+        for k in ("method", "tensors", "adapter_parameters", "label_names", "trainable", "total"):
+            assert ma[k] == mb[k], k

@@ -340,6 +340,29 @@ def _peft_folder_on(model_dir: Path, dest: Path, cfg, task: str = "classificatio
     return pm
 
 
+def merges_and_trains_on(tmp_path: Path, model_dir: Path, csv: Path, method: dict, b: dict,
+                         theirs: torch.Tensor) -> str:
+    """The PEFT folder at tmp_path/peft, made on `model_dir` and giving `theirs` on batch `b`: `peftcli
+    merge` straight from it gives the same logits, and `init_from:` it in a recipe (one step at lr 0)
+    keeps them. Returns that recipe."""
+    from transformers import AutoModelForSequenceClassification
+
+    res = runner.invoke(app, ["merge", str(tmp_path / "peft"), str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    assert float(res.output.split("sample batch:")[1].split()[0]) < 1e-5
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert compare(merged(**b).logits, theirs, b, "classification") < 1e-5
+    rec = write_recipe(tmp_path / "cont.yaml", model={"name": str(model_dir)},
+                       data={"source": str(csv), "text_column": "sentence", "eval_size": 8, "max_length": 32},
+                       method=method, train={"max_steps": 1, "batch_size": 4, "lr": 0.0, "progress": False},
+                       output={"dir": str(tmp_path / "cont")}, init_from=str(tmp_path / "peft"))
+    res = runner.invoke(app, ["train", rec])
+    assert res.exit_code == 0, res.output
+    assert compare(run_logits(tmp_path / "cont", b), theirs, b, "classification") < 1e-5
+    return rec
+
+
 @pytest.mark.slow
 def test_cli_import_then_merge_and_continue_training(tmp_path, tiny_bert_dir, tiny_csv):
     """A PEFT folder -> run folder (no recipe needed) -> eval-ready; merge straight from the folder;
@@ -354,24 +377,8 @@ def test_cli_import_then_merge_and_continue_training(tmp_path, tiny_bert_dir, ti
     assert res.exit_code == 0, res.output
     assert compare(run_logits(tmp_path / "run", b), theirs, b, "classification") < 1e-5
 
-    res = runner.invoke(app, ["merge", str(tmp_path / "peft"), str(tmp_path / "merged")])
-    assert res.exit_code == 0, res.output
-    assert float(res.output.split("sample batch:")[1].split()[0]) < 1e-5
-    from transformers import AutoModelForSequenceClassification
-
-    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
-    with torch.no_grad():
-        assert compare(merged(**b).logits, theirs, b, "classification") < 1e-5
-
-    # continue training from the PEFT weights: lr 0 for one step leaves them as loaded
-    rec = write_recipe(tmp_path / "cont.yaml", model={"name": str(tiny_bert_dir)},
-                       data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 8, "max_length": 32},
-                       method={"name": "lora", "r": 4, "alpha": 8, "targets": ["q", "v"]},
-                       train={"max_steps": 1, "batch_size": 4, "lr": 0.0, "progress": False},
-                       output={"dir": str(tmp_path / "cont")}, init_from=str(tmp_path / "peft"))
-    res = runner.invoke(app, ["train", rec])
-    assert res.exit_code == 0, res.output
-    assert compare(run_logits(tmp_path / "cont", b), theirs, b, "classification") < 1e-5
+    rec = merges_and_trains_on(tmp_path, tiny_bert_dir, tiny_csv,
+                               {"name": "lora", "r": 4, "alpha": 8, "targets": ["q", "v"]}, b, theirs)
 
     # the same recipe with another rank says which key differs
     res = runner.invoke(app, ["train", rec, "method.r=8", f"output.dir={tmp_path / 'cont2'}"])

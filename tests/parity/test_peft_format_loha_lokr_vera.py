@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch, tiny_model, write_recipe
+from conftest import batch, tiny_model
 from helpers.adapter_runs import make_run_on_data, randomize, run_logits, text_batch
 from test_peft_format import compare, peft_load, recipe_for
 from typer.testing import CliRunner
@@ -188,28 +188,14 @@ def test_cli_export_import_round_trip(method, tmp_path, tiny_bert_dir, tiny_csv)
 def test_cli_peft_folder_merges_and_trains_on(method, tmp_path, tiny_bert_dir, tiny_csv):
     """A PEFT-made folder -> `peftcli merge` (same logits as PEFT's model) and `init_from:` in a
     recipe (one step at lr 0 keeps PEFT's weights)."""
-    from test_peft_format import _peft_folder_on
-    from transformers import AutoModelForSequenceClassification
+    from test_peft_format import _peft_folder_on, merges_and_trains_on
 
     pc, block, targets = _peft_config("bert", "classification", method)
     pm = _peft_folder_on(tiny_bert_dir, tmp_path / "peft", pc)
     b = text_batch(tiny_bert_dir)
     with torch.no_grad():
         theirs = pm(**b).logits
-    res = runner.invoke(app, ["merge", str(tmp_path / "peft"), str(tmp_path / "merged")])
-    assert res.exit_code == 0, res.output
-    assert float(res.output.split("sample batch:")[1].split()[0]) < 1e-5
-    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
-    with torch.no_grad():
-        assert compare(merged(**b).logits, theirs, b, "classification") < 1e-5
-    rec = write_recipe(tmp_path / "cont.yaml", model={"name": str(tiny_bert_dir)},
-                       data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 8, "max_length": 32},
-                       method={**block, "targets": targets},
-                       train={"max_steps": 1, "batch_size": 4, "lr": 0.0, "progress": False},
-                       output={"dir": str(tmp_path / "cont")}, init_from=str(tmp_path / "peft"))
-    res = runner.invoke(app, ["train", rec])
-    assert res.exit_code == 0, res.output
-    assert compare(run_logits(tmp_path / "cont", b), theirs, b, "classification") < 1e-5
+    merges_and_trains_on(tmp_path, tiny_bert_dir, tiny_csv, {**block, "targets": targets}, b, theirs)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr", "vera"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers.adapter_runs import assert_same_adapter
 
 from peftcli.runs.state import read_trainer_state
 
@@ -116,19 +116,6 @@ def _curve(run: Path) -> tuple[dict[int, float], dict[int, float]]:
     return train_loss, eval_loss
 
 
-def _assert_same_adapter(a_dir: Path, b_dir: Path, tol: float = 1e-4) -> None:
-    """Same file format (keys, shapes, dtypes, meta fields) and the same values up to `tol`."""
-    a, b = load_file(str(a_dir / "adapter.safetensors")), load_file(str(b_dir / "adapter.safetensors"))
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
-        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
-    ma, mb = json.loads((a_dir / "meta.json").read_text()), json.loads((b_dir / "meta.json").read_text())
-    assert set(ma) == set(mb)
-    for k in ("method", "tensors", "adapter_parameters", "label_names", "trainable", "total"):
-        assert ma[k] == mb[k], k
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny model, data and recipe, plus single-process references of 3 and 6 steps."""
@@ -161,13 +148,13 @@ def test_ddp_two_ranks_follow_one_rank_then_resume_on_one_rank(setup):
     assert state.world == 2 and state.position.step == 3
     # Only rank 0 wrote: one metrics line per step, and the same adapter format as one process.
     assert len(_curve(run)[0]) == 3
-    _assert_same_adapter(root / "runs" / "ref3" / "last", run / "last")
+    assert_same_adapter(root / "runs" / "ref3" / "last", run / "last")
 
     # The same run goes on in a single process with batch 8: it picks up at example 24 of the
     # epoch with the saved AdamW moments, so steps 4..6 are those of the uninterrupted run.
     _train_here(recipe, [f"output.dir={run}", "train.max_steps=6"], resume=True)
     _assert_curve(run, setup, range(1, 7))
-    _assert_same_adapter(root / "runs" / "ref6" / "last", run / "last")
+    assert_same_adapter(root / "runs" / "ref6" / "last", run / "last")
 
 
 @pytest.mark.slow
@@ -186,7 +173,7 @@ def test_fsdp_resumes_a_one_rank_run_on_two_ranks(setup):
         ref_avg = ref_state.optimizer["state"][name]["exp_avg"]
         assert type(st["exp_avg"]) is torch.Tensor and st["exp_avg"].shape == ref_avg.shape, name
         assert torch.allclose(st["exp_avg"], ref_avg, atol=1e-5), name
-    _assert_same_adapter(root / "runs" / "ref6" / "last", run / "last")
+    assert_same_adapter(root / "runs" / "ref6" / "last", run / "last")
 
 
 # ---------------------------------------------------------------------------------- no processes

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.adapter_runs import assert_same_adapter
 from helpers.processes import kill_tagged, tagged
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "PEFTCLI_TEST_NODES"
@@ -110,14 +110,6 @@ def _two_nodes(recipe: Path, overrides: list[str], *, node_env: tuple[dict, dict
     return out
 
 
-def _adapters_equal(a_dir: Path, b_dir: Path, tol: float = 1e-4) -> None:
-    a, b = load_file(str(a_dir / "adapter.safetensors")), load_file(str(b_dir / "adapter.safetensors"))
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
-        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
-
-
 def _train_losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r and "val" not in r and "test" not in r}
@@ -147,8 +139,8 @@ def test_two_nodes_train_the_adapter_of_one_process_and_resume_refuses_an_unshar
     # Global rank 0 alone wrote the run and reported it: once across both nodes.
     assert sum(n["text"].count("run saved to") for n in nodes) == 1, [n["text"][-2000:] for n in nodes]
     ref = root / "runs" / "one"
-    _adapters_equal(ref / "adapter", run / "adapter")
-    _adapters_equal(ref / "last", run / "last")
+    assert_same_adapter(ref / "adapter", run / "adapter", meta=False)
+    assert_same_adapter(ref / "last", run / "last", meta=False)
     one, two = _train_losses(ref), _train_losses(run)
     assert set(one) == set(two) == {1, 2, 3}
     assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (one, two)
