@@ -13,8 +13,8 @@ and `scripts/benchmarks/bench_recipes.py --seeds 0,1,2` trains it on all 8,000 r
     python scripts/tools/tune_recipes.py tweets_lora tweets_ia3          # sweep (resumable), then rewrite
     python scripts/tools/tune_recipes.py --table tweets_lora tweets_ia3  # the sweeps' validation table
 
-With `--extend N`, a winner at the grid's largest lr gets a trial at double that lr, up to N
-times, each in `<out>/<recipe>_upK`; the choice is made over all of them.
+With `--extend N`, a winner at the grid's largest lr gets trials at two and four times that lr, up
+to N times, each in `<out>/<recipe>_upK`; the choice is made over all of them.
 
 `--keys` then sweeps the method's own options where the literature says they matter (IA³'s
 targets; prefix length and reparameterisation), on the same proxy at the recipe's chosen lr and
@@ -122,14 +122,14 @@ def records(out: Path, name: str) -> list[dict]:
 
 
 def extend_upward(name: str, out: Path, threads: int, schedules: str, times: int) -> None:
-    """While the winner is the largest lr tried, try double it (at most `times` more trials): a grid
-    whose best value sits on its edge has not bracketed the optimum."""
+    """While the winner is the largest lr tried, try double and four times it (at most `times` more
+    sweeps of two trials): a grid whose best value sits on its edge has not bracketed the optimum."""
     for k in range(1, times + 1):
         best = winner(out, name)
         tried = [float(r["settings"]["train.lr"]) for r in records(out, name)]
         if best is None or float(best["settings"]["train.lr"]) < max(tried):
             return
-        cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), f"train.lr={2 * max(tried):.3g}",
+        cmd = ["peftcli", "sweep", str(ROOT / "recipes" / f"{name}.yaml"), f"train.lr={2 * max(tried):.3g},{4 * max(tried):.3g}",
                f"train.scheduler={schedule(best['settings'], schedules)}", *proxy_overrides(threads),
                "--out", str(out / f"{name}_up{k}")]
         print(" ".join(cmd[1:]), flush=True)
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None,
                     help="random search with this many trials instead of the 3 × 2 grid (a smaller budget)")
     ap.add_argument("--extend", type=int, default=0,
-                    help="while the winner is the largest lr tried, try double it, up to this many times")
+                    help="while the winner is the largest lr tried, try 2x and 4x it, up to this many times")
     ap.add_argument("--table", action="store_true", help="only print the sweeps' validation table")
     ap.add_argument("--keys", action="store_true", help="sweep the method's own options (METHOD_KEYS) instead")
     args = ap.parse_args()
