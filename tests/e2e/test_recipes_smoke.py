@@ -4,8 +4,8 @@ A recipe that cannot run on this machine must say so at once with exit code 2: o
 network (a hub model or dataset with none installed locally), QLoRA without a CUDA GPU, and a
 bitsandbytes optimizer without bitsandbytes (or, with no CUDA GPU, without its CPU kernels). What a
 recipe needs is read from the recipe itself, so recipes added later are covered with no edit here.
-Sizes are cut down (two optimizer steps; classification: batch 4, 32 tokens; causal LM: batch 2, two
-scored rows per split, one generated sample): the smoke
+Sizes are cut down (classification: two optimizer steps, batch 4, 32 tokens; causal LM: one step,
+batch 2, two scored rows per split, one generated sample): the smoke
 run checks the plumbing, not the accuracy. Marked `slow` (a few minutes in all on 2 CPU cores); the
 plain `pytest` run that CI does includes it, `-m "not slow"` skips it while iterating.
 """
@@ -85,12 +85,13 @@ def smoke_overrides(r: dict, out: Path) -> list[str]:
         return ["train.batch_size=4", "data.max_length=32", "data.train_size=16", "data.eval_size=8",
                 "train.max_steps=2", f"output.dir={out}"]
     # Causal-LM recipes keep their max_length (prompt and response must fit), take smaller batches and
-    # two optimizer steps: on a 135M model a step of full fine-tuning with 8-bit Adam on the CPU, or
-    # GaLore's first projection, costs seconds, and the second step already runs the same code.
+    # one optimizer step: on a 135M model a step of full fine-tuning with 8-bit Adam on the CPU, or
+    # GaLore's first projection, costs seconds; the step after runs the same code (the unit tests on
+    # tiny models take many steps of each).
     # Every scored row costs a forward of the 135M model (and a generation where the recipe scores
     # generated labels), so the validation and test splits are two rows and one sample is shown.
     extra = ["data.val_size=2"] if "val_size" in (r.get("data") or {}) else []
-    return ["train.batch_size=2", "data.train_size=4", "data.eval_size=2", "train.max_steps=2", *extra,
+    return ["train.batch_size=2", "data.train_size=4", "data.eval_size=2", "train.max_steps=1", *extra,
             "eval.generate_samples=1", f"output.dir={out}"]
 
 
