@@ -11,9 +11,30 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Two cores: one process with two threads, or (pytest -n 2) two worker processes with one each, so
-# that tiny models, whose steps are mostly Python, keep both cores busy.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# Two cores: one process with two threads, or (pytest -n N) N worker processes with one each, so
+# that tiny models, whose steps are mostly Python, keep both cores busy. The processes a worker
+# starts (sweep trials, servers, CLI runs) take one thread too: two thread pools spinning against
+# each other on two cores cost more than they gain.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _ranks_one_at_a_time(request, tmp_path_factory):
+    """Tests marked `ranks` take a lock shared by every xdist worker: gloo ranks of two such tests
+    started side by side poll while they wait for each other and starve each other's cores. A worker
+    waiting here leaves its core to the others."""
+    if request.node.get_closest_marker("ranks") is None:
+        yield
+        return
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "ranks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def tiny_config(kind: str):

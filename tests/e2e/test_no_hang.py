@@ -48,6 +48,7 @@ def test_a_recipe_that_cannot_step_is_refused(recipe, tmp_path, override, words)
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_a_rank_without_a_batch_is_refused_on_every_rank(recipe, tmp_path):
     # 44 rows, 2 ranks, batch 32: rank 1 would get no batch and wait forever for rank 0.
     res = _peftcli("train", recipe, "train.batch_size=32", "--nproc", "2", timeout=240)

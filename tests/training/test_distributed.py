@@ -139,6 +139,7 @@ def _assert_curve(run: Path, setup: dict, steps: range) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_ddp_two_ranks_follow_one_rank_then_resume_on_one_rank(setup):
     root, recipe = setup["root"], setup["recipe"]
     run = root / "runs" / "ddp"
@@ -158,6 +159,7 @@ def test_ddp_two_ranks_follow_one_rank_then_resume_on_one_rank(setup):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_fsdp_resumes_a_one_rank_run_on_two_ranks(setup):
     root, recipe = setup["root"], setup["recipe"]
     run = root / "runs" / "fsdp"

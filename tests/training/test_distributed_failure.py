@@ -90,6 +90,7 @@ def _out(recipe: Path, name: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_a_rank_that_raises_mid_training_stops_every_rank(recipe):
     # Pass 4 of the loss all-reduce on rank 1 is step 4, after the step-3 evaluation and save:
     # rank 0 is then inside that all-reduce, waiting for rank 1.
@@ -105,6 +106,7 @@ def test_a_rank_that_raises_mid_training_stops_every_rank(recipe):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_bad_input_on_one_rank_gives_exit_2(recipe):
     res = _launch(recipe, [_out(recipe, "bad"), "train.batch_size=4"],
                   {"PEFTCLI_RAISE_AT": "dist:all-reduce:2:1", "PEFTCLI_RAISE_AS": "bad-input"})
@@ -116,6 +118,7 @@ def test_bad_input_on_one_rank_gives_exit_2(recipe):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_rank_0_refusing_an_existing_run_folder_gives_exit_2(recipe):
     """A real cause: rank 0 refuses the folder while rank 1 already waits at the barrier."""
     run = recipe.parent / "runs" / "taken"

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from helpers.processes import kill_tagged, tagged
 
-pytestmark = pytest.mark.slow  # two gloo ranks under torchrun
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]  # two gloo ranks under torchrun
 
 MARK = "PEFTCLI_TEST_STOP"
 

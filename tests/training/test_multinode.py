@@ -130,6 +130,7 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_two_nodes_train_the_adapter_of_one_process_and_resume_refuses_an_unshared_folder(setup):
     root, recipe = setup["root"], setup["recipe"]
     run = root / "runs" / "two-nodes"
@@ -159,6 +160,7 @@ def test_two_nodes_train_the_adapter_of_one_process_and_resume_refuses_an_unshar
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_a_failing_node_stops_the_other(setup):
     root, recipe = setup["root"], setup["recipe"]
     # Node 1's rank fails at its 2nd loss all-reduce (step 2); node 0's rank waits in that all-reduce.
@@ -220,6 +222,7 @@ def test_cli_refuses_bad_node_flags_with_exit_2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_a_fresh_run_refuses_a_node_that_does_not_see_the_run_folder(setup):
     """Without --resume the refusal comes once rank 0 has opened the folder, not at the run's end."""
     root, recipe = setup["root"], setup["recipe"]
