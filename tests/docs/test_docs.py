@@ -203,8 +203,8 @@ def test_readme_is_a_front_door_with_the_two_set_up_commands():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 200
     for command in ("bash scripts/install.sh && peftcli train recipes/quickstart.yaml",
-                    "bash scripts/install.sh --test && python -m pytest -q -n 2"):
+                    "bash scripts/install.sh --test && python -m pytest -q -n 3"):
         assert f"```\n{command}\n```" in text, command
     # CI runs the second one (less pytest's cache folder, which a clean clone has no use for)
-    assert "bash scripts/install.sh --test && python -m pytest -q -n 2 " in (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/install.sh --test && python -m pytest -q -n 3 " in (ROOT / ".ci" / "run").read_text()
     assert 'python -m pytest -m "not slow"' in text
