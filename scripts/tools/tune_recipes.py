@@ -73,9 +73,11 @@ def sweep_dir(out: Path, name: str) -> Path:
 
 
 def proxy_overrides(threads: int) -> list[str]:
-    """What every trial fixes, lr sweeps and option sweeps alike: the proxy and the reference settings."""
+    """What every trial fixes, lr sweeps and option sweeps alike: the proxy and the reference settings;
+    then how many trials run at once (two of one thread each keep 2 cores busier than one of two)."""
     return [*PROXY, *(f"train.{k}={v}" for k, v in REFERENCE_TRAINING.items()),
-            f"train.num_threads={threads}", "train.progress=false", "output.plot=false"]
+            f"train.num_threads={threads}", "train.progress=false", "output.plot=false",
+            "--parallel", "2" if threads == 1 else "1"]
 
 
 def cell(rec: dict) -> str:
@@ -168,7 +170,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweeps")
-    ap.add_argument("--threads", type=int, default=2, help="train.num_threads of each trial")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="train.num_threads of each trial; 1 runs two trials at once")
     ap.add_argument("--factors", default="0.5,1,2", help="grid: the reference lr times each of these")
     ap.add_argument("--schedules", default="constant,linear",
                     help="train.scheduler values of the grid (constant alone halves it: it won wherever both were tried)")
