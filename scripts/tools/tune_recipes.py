@@ -160,9 +160,10 @@ def rewrite(name: str, settings: dict, schedules: str) -> None:
     new = [f"  {k}: {v}" for k, v in values.items()]
     lines[at:at] = new
     comment = (f"# train.lr and train.scheduler chosen by `python scripts/tools/tune_recipes.py {name}` on validation rows\n")
-    if comment not in head:
-        first, _, rest = head.partition("\n")
-        head = first + "\n" + comment + rest if first.startswith("#") else comment + head
+    if comment not in head:  # after the header's comment block, not inside a sentence of it
+        lines_of_head = head.splitlines(keepends=True)
+        n = next((i for i, ln in enumerate(lines_of_head) if not ln.startswith("#")), len(lines_of_head))
+        head = "".join(lines_of_head[:n]) + comment + "".join(lines_of_head[n:])
     path.write_text(head + "\n".join(lines) + "\n" + tail)
 
 
