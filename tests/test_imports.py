@@ -302,3 +302,11 @@ def test_core_helpers_import_nothing_from_peftcli(name):
     """The bottom of the layers: these import no peftcli module at all, even inside functions."""
     g = import_graph(module_level_only=False)
     assert g[name] <= {"peftcli", "peftcli.core"}, g[name]
+
+
+def test_no_script_or_harness_edits_sys_path():
+    """Scripts import their neighbours and the package as installed (`pip install -e .`); a
+    `sys.path` edit would hide a script that only runs from one folder."""
+    edits = [str(f.relative_to(ROOT)) for d in ("scripts", "tests/harness") for f in sorted((ROOT / d).rglob("*.py"))
+             if any(f"sys.path.{op}(" in f.read_text() for op in ("insert", "append", "extend"))]
+    assert edits == []

@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import SMOLLM2, tiny_smollm2  # noqa: E402
+from bench_train import SMOLLM2, tiny_smollm2  # beside this file: on the path when the script is run
 
 WORDS = ("the model learns a small update to every layer while its weights stay frozen and the loss falls "
          "slowly over many steps of data from a long list of short sentences about trains rivers cities "
