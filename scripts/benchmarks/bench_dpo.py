@@ -1,7 +1,7 @@
 """DPO with LoRA: peftcli's training loop against TRL's DPOTrainer with PEFT's LoRA, one machine,
 the same pairs, model and settings; step time, peak memory and held-out preference accuracy.
 
-    python scripts/benchmarks/bench_dpo.py                          # SmolLM2-135M-Instruct, 40 steps
+    python scripts/benchmarks/bench_dpo.py                          # SmolLM2-135M-Instruct, the recipe's 60 steps
     python scripts/benchmarks/bench_dpo.py --steps 4 --train-size 32 --model /path/to/tiny   # checks the script
 
 Both sides train `recipes/smollm2_dpo.yaml`'s model, LoRA (r 16, alpha 32, q k v o, no dropout),
@@ -9,9 +9,13 @@ Both sides train `recipes/smollm2_dpo.yaml`'s model, LoRA (r 16, alpha 32, q k v
 the reference being the base model (adapter switched off) on both. TRL gets the pairs peftcli
 reads, with the prompt already rendered by the chat template, so both tokenize the same text.
 Each side runs in a process of its own, one after the other, so that its peak memory is its own:
-CUDA's `max_memory_allocated`, or on CPU the process's peak resident set (which includes the
-Python libraries each side imports: TRL's are the heavier). Step time is the median over the
-steps after the first two. Then both score the same held-out pairs (preference accuracy).
+CUDA's `max_memory_allocated`, or on CPU the process's peak resident set, printed whole (it
+includes the Python libraries each side imports: TRL's are the heavier) and above the resident set
+both sides had once their libraries were imported, before the model was loaded (the model, the
+data and training). Step time is the median over the
+steps after the first two. Then both score the same held-out pairs: preference accuracy, and the
+task accuracy of greedy answers to their prompts (the answer's first word against the chosen label),
+decoded by the same greedy decoder on both sides.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def _recipe(args, out: Path):
     return load_recipe(RECIPE, [f"model.name={args.model}", f"train.max_steps={args.steps}", "train.log_every=1",
                                 f"train.eval_every={args.steps}", f"data.train_size={args.train_size}",
                                 f"data.eval_size={args.eval_size}", "eval.generate_accuracy=false",
-                                "eval.generate_samples=0", "train.progress=false", "output.plot=false",
+                                "eval.generate_samples=0", "eval.metric=accuracy", "train.progress=false", "output.plot=false",
                                 f"output.dir={out}", "output.overwrite=true", "data.val_size=8"])
 
 
@@ -48,16 +52,41 @@ def _peak(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _rss_now() -> float:
+    """The resident set now, MiB (Linux; 0 elsewhere): the baseline the training memory sits on."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return 0.0
+
+
 def run_peftcli(args) -> dict:
     from peftcli.training.loop import train
 
     out = Path(tempfile.mkdtemp()) / "run"
-    summary = train(_recipe(args, out))
+    rec = _recipe(args, out)
+    libraries = _rss_now()
+    summary = train(rec)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     t = [r["elapsed_s"] for r in steps if "lr" in r]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = _peak(dev)  # before the greedy answers, which the TRL side also scores after its peak is read
+    from peftcli.runs.load import load_run
+
+    run, _ = load_run(out, torch.device(dev))
     return {"step_s": statistics.median([b - a for a, b in zip(t[1:], t[2:], strict=False)] or [t[-1]]),
-            "peak_mib": _peak(dev), "test_accuracy": summary["test"]["accuracy"], "device": dev}
+            "peak_mib": peak, "above_libraries_mib": peak - libraries, "test_accuracy": summary["test"]["accuracy"],
+            "task_accuracy": _task_accuracy(run.model, run.tokenizer, _pairs(args)[1], dev), "device": dev}
+
+
+def _task_accuracy(model, tok, rows: list[dict], device: str) -> float:
+    """The share of held-out prompts whose greedy answer's first word is the chosen label."""
+    from peftcli.inference.decode import generate_texts
+    from peftcli.inference.evaluate import label_match
+
+    model.eval()
+    answers = generate_texts(model, tok, [r["prompt"] for r in rows], device=torch.device(device), max_new_tokens=3)
+    return sum(label_match(a, r["chosen"]) for a, r in zip(answers, rows, strict=True)) / max(len(rows), 1)
 
 
 def _pairs(args) -> tuple[list[dict], list[dict]]:
@@ -104,23 +133,26 @@ def run_trl(args) -> dict:
                     dataloader_num_workers=0, gradient_checkpointing=rec.model.gradient_checkpointing)
     lora = peft.LoraConfig(r=rec.method.r, lora_alpha=rec.method.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    libraries = _rss_now()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(train_rows), processing_class=tok,
                          peft_config=lora, callbacks=[Clock()])
     trainer.train()
     m = trainer.evaluate(Dataset.from_list(test_rows))
     dev = "cuda" if cuda else "cpu"
+    peak = _peak(dev)
     steps = [b - a for a, b in zip(times[1:], times[2:], strict=False)] or [0.0]
-    return {"step_s": statistics.median(steps), "peak_mib": _peak(dev), "test_accuracy": m["eval_rewards/accuracies"],
-            "device": dev}
+    return {"step_s": statistics.median(steps), "peak_mib": peak, "above_libraries_mib": peak - libraries,
+            "test_accuracy": m["eval_rewards/accuracies"],
+            "task_accuracy": _task_accuracy(trainer.model, tok, test_rows, dev), "device": dev}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--side", choices=["peftcli", "trl"], help="run one side in this process (used by the parent)")
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--train-size", type=int, default=320)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--train-size", type=int, default=480)
     ap.add_argument("--eval-size", type=int, default=200)
     args = ap.parse_args()
     if args.side:
@@ -138,11 +170,14 @@ def main() -> None:
         results[side] = json.loads(line[len("RESULT "):])
     p, t = results["peftcli"], results["trl"]
     print(f"device {p['device']} · {args.model} · {args.steps} steps of {args.train_size} pairs")
-    print(f"{'':10} {'s/step':>8} {'peak MiB':>9} {'held-out pref. acc.':>20}")
+    print(f"{'':10} {'s/step':>8} {'peak MiB':>9} {'above libs':>10} {'held-out pref. acc.':>20} "
+          f"{'greedy task acc.':>17}")
     for name, r in results.items():
-        print(f"{name:10} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['test_accuracy']:20.3f}")
+        print(f"{name:10} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['above_libraries_mib']:10.0f} "
+              f"{r['test_accuracy']:20.3f} {r['task_accuracy']:17.3f}")
     print(f"peftcli / TRL: step time {p['step_s'] / max(t['step_s'], 1e-9):.2f}x, "
-          f"peak memory {p['peak_mib'] / max(t['peak_mib'], 1e-9):.2f}x")
+          f"peak memory {p['peak_mib'] / max(t['peak_mib'], 1e-9):.2f}x, "
+          f"above the libraries {p['above_libraries_mib'] / max(t['above_libraries_mib'], 1e-9):.2f}x")
 
 
 if __name__ == "__main__":
