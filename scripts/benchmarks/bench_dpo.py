@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import _status_kb  # beside this file: on the path when the script is run
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "smollm2_dpo.yaml"
@@ -53,11 +54,8 @@ def _peak(device: str) -> float:
 
 
 def _rss_now() -> float:
-    """The resident set now, MiB (Linux; 0 elsewhere): the baseline the training memory sits on."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return 0.0
+    """The resident set now, MiB: the baseline the training memory sits on."""
+    return _status_kb("VmRSS") / 1024
 
 
 def run_peftcli(args) -> dict:
