@@ -7,7 +7,9 @@ the same pairs, model and settings; step time, peak memory and held-out preferen
 Both sides train `recipes/smollm2_dpo.yaml`'s model, LoRA (r 16, alpha 32, q k v o, no dropout),
 β, learning rate, batch and schedule on the first `--train-size` pairs of `tweets_preference`,
 the reference being the base model (adapter switched off) on both. TRL gets the pairs peftcli
-reads, with the prompt already rendered by the chat template, so both tokenize the same text.
+reads, with the prompt already rendered by the chat template, so both tokenize the same text, and
+in the order peftcli's seeded shuffle gives them (TRL's sampler made sequential), so that step k
+trains on the same batch on both sides and the two loss curves can be compared step by step.
 Each side runs in a process of its own, one after the other, so that its peak memory is its own:
 CUDA's `max_memory_allocated`, or on CPU the process's peak resident set, printed whole (it
 includes the Python libraries each side imports: TRL's are the heavier) and above the resident set
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import torch
 from bench_train import _status_kb  # beside this file: on the path when the script is run
+from torch.utils.data import SequentialSampler
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "smollm2_dpo.yaml"
@@ -59,32 +63,35 @@ def _rss_now() -> float:
 
 
 def run_peftcli(args) -> dict:
+    from peftcli.runs.load import load_run
+    from peftcli.runs.metrics import read_metrics
     from peftcli.training.loop import train
 
     out = Path(tempfile.mkdtemp()) / "run"
     rec = _recipe(args, out)
     libraries = _rss_now()
     summary = train(rec)
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    t = [r["elapsed_s"] for r in steps if "lr" in r]
+    steps = read_metrics(out).steps
+    t = [r["elapsed_s"] for r in steps]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     peak = _peak(dev)  # before the greedy answers, which the TRL side also scores after its peak is read
-    from peftcli.runs.load import load_run
-
     run, _ = load_run(out, torch.device(dev))
     return {"step_s": statistics.median([b - a for a, b in zip(t[1:], t[2:], strict=False)] or [t[-1]]),
             "peak_mib": peak, "above_libraries_mib": peak - libraries, "test_accuracy": summary["test"]["accuracy"],
-            "task_accuracy": _task_accuracy(run.model, run.tokenizer, _pairs(args)[1], dev), "device": dev}
+            "losses": [r["loss"] for r in steps], "device": dev,
+            **_greedy(run.model, run.tokenizer, _pairs(args)[1], dev)}
 
 
-def _task_accuracy(model, tok, rows: list[dict], device: str) -> float:
-    """The share of held-out prompts whose greedy answer's first word is the chosen label."""
+def _greedy(model, tok, rows: list[dict], device: str) -> dict:
+    """The task accuracy of greedy answers to held-out prompts (the answer's first word against the
+    chosen label), and the first answers themselves, to show what the accuracy counts."""
     from peftcli.inference.decode import generate_texts
     from peftcli.inference.evaluate import label_match
 
     model.eval()
     answers = generate_texts(model, tok, [r["prompt"] for r in rows], device=torch.device(device), max_new_tokens=3)
-    return sum(label_match(a, r["chosen"]) for a, r in zip(answers, rows, strict=True)) / max(len(rows), 1)
+    hits = sum(label_match(a, r["chosen"]) for a, r in zip(answers, rows, strict=True))
+    return {"task_accuracy": hits / max(len(rows), 1), "answers": answers[:4]}
 
 
 def _pairs(args) -> tuple[list[dict], list[dict]]:
@@ -101,7 +108,11 @@ def _pairs(args) -> tuple[list[dict], list[dict]]:
         return [{"prompt": format_prompt(tok, r["prompt"], True), "chosen": r["chosen"], "rejected": r["rejected"]}
                 for r in part]
 
-    return rows(splits.train), rows(splits.eval)
+    train_rows = rows(splits.train)
+    # peftcli's epoch order (training.loop's batches: seeded by train.seed and the epoch), one epoch's worth.
+    order = list(range(len(train_rows)))
+    random.Random(rec.train.seed * 1_000_003).shuffle(order)
+    return [train_rows[i] for i in order], rows(splits.eval)
 
 
 def run_trl(args) -> dict:
@@ -122,6 +133,12 @@ def run_trl(args) -> dict:
         def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
             times.append(time.perf_counter())
 
+    class InOrder(DPOTrainer):
+        """The rows in the order given (peftcli's), so that both sides train on the same batches."""
+
+        def _get_train_sampler(self, *a, **k):  # noqa: ANN002, ANN003
+            return SequentialSampler(self.train_dataset)
+
     cuda = torch.cuda.is_available()
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rec.train.batch_size,
                     per_device_eval_batch_size=rec.eval.batch_size, learning_rate=rec.train.lr, beta=rec.train.beta,
@@ -133,16 +150,17 @@ def run_trl(args) -> dict:
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     libraries = _rss_now()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(train_rows), processing_class=tok,
+    trainer = InOrder(model=model, args=cfg, train_dataset=Dataset.from_list(train_rows), processing_class=tok,
                          peft_config=lora, callbacks=[Clock()])
     trainer.train()
     m = trainer.evaluate(Dataset.from_list(test_rows))
     dev = "cuda" if cuda else "cpu"
     peak = _peak(dev)
     steps = [b - a for a, b in zip(times[1:], times[2:], strict=False)] or [0.0]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {"step_s": statistics.median(steps), "peak_mib": peak, "above_libraries_mib": peak - libraries,
-            "test_accuracy": m["eval_rewards/accuracies"],
-            "task_accuracy": _task_accuracy(trainer.model, tok, test_rows, dev), "device": dev}
+            "test_accuracy": m["eval_rewards/accuracies"], "losses": losses, "device": dev,
+            **_greedy(trainer.model, tok, test_rows, dev)}
 
 
 def main() -> None:
@@ -173,6 +191,15 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:10} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['above_libraries_mib']:10.0f} "
               f"{r['test_accuracy']:20.3f} {r['task_accuracy']:17.3f}")
+    pl, tl = p["losses"], t["losses"]
+    gaps = [abs(a - b) for a, b in zip(pl, tl, strict=False)]
+    print("training loss, same batches: step " + " · ".join(
+        f"{k + 1}: {a:.4f} / {b:.4f}" for k, (a, b) in enumerate(zip(pl, tl, strict=False)) if k < 3 or k % 10 == 9))
+    if gaps:
+        print(f"largest per-step loss gap {max(gaps):.4f} (step {gaps.index(max(gaps)) + 1} of {len(gaps)}); "
+              f"first step {gaps[0]:.2e}")
+    for name, r in results.items():
+        print(f"{name} greedy answers: {r['answers']}")
     print(f"peftcli / TRL: step time {p['step_s'] / max(t['step_s'], 1e-9):.2f}x, "
           f"peak memory {p['peak_mib'] / max(t['peak_mib'], 1e-9):.2f}x, "
           f"above the libraries {p['above_libraries_mib'] / max(t['above_libraries_mib'], 1e-9):.2f}x")
