@@ -96,14 +96,20 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_gpt2_dir, tmp_path_factory):
+def tiny_runs(tiny_gpt2_dir, tmp_path_factory) -> list[str]:
+    """Four adapter runs on the tiny GPT-2. Tests that start a server of their own take these, not
+    `tiny_server`: on a worker where no test asked for it, that would start a server for nothing."""
     root = tmp_path_factory.mktemp("serve-runs")
     specs = {"a": {"name": "lora", "r": 2, "targets": ["q", "v"]},
              "b": {"name": "lora", "r": 8, "targets": ["all-linear"]},
              "c": {"name": "lora", "r": 4, "targets": ["ffn_in"], "rslora": True},
              "h": {"name": "houlsby", "reduction_factor": 8}}
-    runs = [str(make_run(root, n, tiny_gpt2_dir, "causal_lm", m, seed=i + 1)) for i, (n, m) in enumerate(specs.items())]
-    server = Server(runs, root / "server.log")
+    return [str(make_run(root, n, tiny_gpt2_dir, "causal_lm", m, seed=i + 1)) for i, (n, m) in enumerate(specs.items())]
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_runs, tmp_path_factory):
+    server = Server(tiny_runs, tmp_path_factory.mktemp("serve") / "server.log")
     yield server
     code = server.stop()
     assert code == 0, f"Ctrl-C exit code {code}: {server.log.read_text()}"
@@ -358,9 +364,9 @@ def test_request_fuzzer(tiny_server):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tiny_server, tmp_path_factory):
+def keyed_server(tiny_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-keyed")
-    run = tiny_server.runs[0]
+    run = tiny_runs[0]
     server = Server([run], root / "server.log", env={"PEFTCLI_API_KEY": "s3cret"},
                     extra=("--max-body-bytes", "4096", "--max-tokens", "20"))
     yield server
@@ -388,7 +394,7 @@ def test_api_key(keyed_server):
     assert chat.usage.completion_tokens <= 20  # the chat default is the cap
 
 
-def test_port_in_use_and_exposed_host_warning(tiny_server):
+def test_port_in_use_and_exposed_host_warning(tiny_runs):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -396,7 +402,7 @@ def test_port_in_use_and_exposed_host_warning(tiny_server):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         env.pop("PEFTCLI_API_KEY", None)
         # 0.0.0.0 on a port held on 127.0.0.1: warned, then refused before anything listens.
-        res = subprocess.run([sys.executable, "-m", "peftcli.cli", "serve", tiny_server.runs[0], "--port", str(port),
+        res = subprocess.run([sys.executable, "-m", "peftcli.cli", "serve", tiny_runs[0], "--port", str(port),
                               "--host", "0.0.0.0", "--device", "cpu"], env=env, capture_output=True, text=True,
                              timeout=120, cwd=ROOT)
     assert res.returncode == 2, res.stderr
@@ -405,8 +411,8 @@ def test_port_in_use_and_exposed_host_warning(tiny_server):
     assert "Traceback" not in res.stderr
 
 
-def test_sigterm_drains_streams(tiny_server, tmp_path):
-    server = Server([tiny_server.runs[0]], tmp_path / "server.log")
+def test_sigterm_drains_streams(tiny_runs, tmp_path):
+    server = Server([tiny_runs[0]], tmp_path / "server.log")
     try:
         client = server.client()
 

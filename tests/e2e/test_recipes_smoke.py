@@ -81,9 +81,10 @@ def expected_refusal(r: dict) -> str | None:
 
 
 def smoke_overrides(r: dict, out: Path) -> list[str]:
+    # No curves plot: a smoke run's two points say nothing, and the plot is tested on its own (tests/e2e/test_cli.py).
     if (r.get("model") or {}).get("task", "classification") == "classification":
         return ["train.batch_size=4", "data.max_length=32", "data.train_size=16", "data.eval_size=8",
-                "train.max_steps=2", f"output.dir={out}"]
+                "train.max_steps=2", "output.plot=false", f"output.dir={out}"]
     # Causal-LM recipes keep their max_length (prompt and response must fit), take smaller batches and
     # one optimizer step: on a 135M model a step of full fine-tuning with 8-bit Adam on the CPU, or
     # GaLore's first projection, costs seconds; the step after runs the same code (the unit tests on
@@ -92,7 +93,7 @@ def smoke_overrides(r: dict, out: Path) -> list[str]:
     # generated labels), so the validation and test splits are two rows and one sample is shown.
     extra = ["data.val_size=2"] if "val_size" in (r.get("data") or {}) else []
     return ["train.batch_size=2", "data.train_size=4", "data.eval_size=2", "train.max_steps=1", *extra,
-            "eval.generate_samples=1", f"output.dir={out}"]
+            "eval.generate_samples=1", "output.plot=false", f"output.dir={out}"]
 
 
 _done: dict[str, tuple[int, str, Path]] = {}
