@@ -7,9 +7,10 @@ the same pairs, model and settings; step time, peak memory and held-out preferen
 Both sides train `recipes/smollm2_dpo.yaml`'s model, LoRA (r 16, alpha 32, q k v o, no dropout),
 β, learning rate, batch and schedule on the first `--train-size` pairs of `tweets_preference`,
 the reference being the base model (adapter switched off) on both. TRL gets the pairs peftcli
-reads, with the prompt already rendered by the chat template, so both tokenize the same text, and
-in the order peftcli's seeded shuffle gives them (TRL's sampler made sequential), so that step k
-trains on the same batch on both sides and the two loss curves can be compared step by step.
+reads, with the prompt already rendered by the chat template, so both tokenize the same text, in
+the order peftcli's seeded shuffle gives them (TRL's sampler made sequential), and with peftcli's
+learning-rate schedule, so that step k trains on the same batch at the same rate on both sides and
+the two loss curves can be compared step by step.
 Each side runs in a process of its own, one after the other, so that its peak memory is its own:
 CUDA's `max_memory_allocated`, or on CPU the process's peak resident set, printed whole (it
 includes the Python libraries each side imports: TRL's are the heavier) and above the resident set
@@ -122,6 +123,7 @@ def run_trl(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from peftcli.models.loading import load_tokenizer, resolve_source
+    from peftcli.training.loop import lr_factor
 
     rec = _recipe(args, Path(tempfile.mkdtemp()))
     train_rows, test_rows = _pairs(args)
@@ -134,10 +136,18 @@ def run_trl(args) -> dict:
             times.append(time.perf_counter())
 
     class InOrder(DPOTrainer):
-        """The rows in the order given (peftcli's), so that both sides train on the same batches."""
+        """The rows in the order given (peftcli's), so that both sides train on the same batches, and
+        peftcli's learning-rate schedule: transformers' linear warm-up starts at 0, so its first step
+        would not move the weights, where peftcli's first step takes 1/warmup of the rate."""
 
         def _get_train_sampler(self, *a, **k):  # noqa: ANN002, ANN003
             return SequentialSampler(self.train_dataset)
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):  # noqa: ANN001
+            warmup = int(rec.train.warmup_ratio * num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda st: lr_factor(st, num_training_steps, warmup, rec.train.scheduler))
+            return self.lr_scheduler
 
     cuda = torch.cuda.is_available()
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rec.train.batch_size,
