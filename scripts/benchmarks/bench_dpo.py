@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import statistics
 import subprocess
@@ -97,6 +96,7 @@ def _greedy(model, tok, rows: list[dict], device: str) -> dict:
 
 def _pairs(args) -> tuple[list[dict], list[dict]]:
     """peftcli's training and held-out pairs with the prompt rendered as peftcli renders it."""
+    from peftcli.data.batching import batches
     from peftcli.data.chat import format_prompt
     from peftcli.data.preference import load_preference_splits
     from peftcli.models.loading import load_tokenizer
@@ -110,9 +110,9 @@ def _pairs(args) -> tuple[list[dict], list[dict]]:
                 for r in part]
 
     train_rows = rows(splits.train)
-    # peftcli's epoch order (training.loop's batches: seeded by train.seed and the epoch), one epoch's worth.
-    order = list(range(len(train_rows)))
-    random.Random(rec.train.seed * 1_000_003).shuffle(order)
+    # The first epoch's order as the training loop draws it: peftcli's own batcher, over row indices.
+    order = [i for batch in batches(list(range(len(train_rows))), 1, list, shuffle=True, seed=rec.train.seed)
+             for i in batch]
     return [train_rows[i] for i in order], rows(splits.eval)
 
 
