@@ -68,6 +68,23 @@ def test_forward_backward_match_formula(kind, p):
         torch.testing.assert_close(got_g, ref_g, **TOL)
 
 
+def test_rank_one_backward_leaves_b_alone():
+    """At r = 1, Bᵀ is already contiguous: the backward's scaled copy of it must still be a copy."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10).requires_grad_(False)
+    w = LoraLinear(base, r=1, alpha=3, dropout=0.0, rslora=False).train()
+    torch.nn.init.normal_(w.lora_B.weight)
+    b0 = w.lora_B.weight.detach().clone()
+    x = torch.randn(4, 12, requires_grad=True)
+    g = torch.randn(4, 10)
+    y = w(x)
+    got = _grads(y, g, x, w.lora_A.weight, w.lora_B.weight)
+    assert torch.equal(w.lora_B.weight.detach(), b0)
+    ref = _formula(w, x, None, 0.0)
+    for got_g, ref_g in zip(got, _grads(ref, g, x, w.lora_A.weight, w.lora_B.weight), strict=True):
+        torch.testing.assert_close(got_g, ref_g, **TOL)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fast_equals_plain_module_path(p):
     """Same seed, same mask: the fused path and the term-by-term path agree (values and grads)."""
