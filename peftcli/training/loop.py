@@ -349,6 +349,9 @@ def _refuse_what_this_run_cannot_do(recipe: Recipe, device: torch.device, world:
         check_trackers(recipe)
     if tcfg.precision == "fp16" and device.type != "cuda":
         console.print("[yellow]train.precision fp16 autocasts on CUDA only; training in fp32 here[/]")
+    if tcfg.compile and device.type != "cuda":
+        console.print(f"[yellow]train.compile compiles on CUDA only; training eager on {device.type} (docs/performance.md "
+                      "gives the CPU figures)[/]")
     return dist_mode
 
 

@@ -177,6 +177,12 @@ def test_lisa_is_refused_for_adapters(tiny_bert_dir, tiny_csv, tmp_path):
     assert res.exit_code == 2 and "train.lisa_layers" in res.output and "method.name: full" in res.output
 
 
+
+def test_compile_on_cpu_says_it_trains_eager(tiny_bert_dir, tiny_csv, tmp_path):
+    res = invoke("train", _recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "lora"}, max_steps=1, compile=True))
+    assert res.exit_code == 0, res.output
+    assert "train.compile compiles on CUDA only" in " ".join(res.output.split())
+
 # ------------------------------------------------------------------------------- LISA
 
 
