@@ -691,6 +691,40 @@ def cpu_sft(args) -> int:
 # ------------------------------------------------------------------------------------- report
 
 
+def arithmetic_bound(sides: list[Side], cfg: dict) -> str | None:
+    """LoRA's own products against the floor's GEMMs, from the floor side's model.
+
+    Per adapted layer LoRA adds six rank-r products (A x and the update forward; dy B, dB, dA and
+    the update of dx backward), 6·N·r·(in + out) FLOPs; the floor's step is mostly its linear
+    maps, 4·N·in·out each (forward and dx: the frozen weight takes no dW). Their ratio is how close
+    to the floor a LoRA path could come if its rank-r products ran at the base GEMMs' rate per FLOP.
+    Attention, norms and the loss are left out of the floor's count, so the bound is a little loose.
+    """
+    floor = next((s for s in sides if s.name == "floor"), None)
+    if floor is None:
+        return None
+    from peftcli.core.arch import is_conv1d, linear_dims, resolve
+
+    arch = resolve(floor.model)
+    n, r = cfg["batch"] * cfg["seq"], cfg["r"]
+    base = lora = 0
+    for layer in arch.layers:
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear) or is_conv1d(m):
+                i, o = linear_dims(m)
+                base += 4 * n * i * o
+                if hasattr(m, "free_bias"):
+                    lora += 6 * n * r * (i + o)
+    what = "the layers' linear maps"
+    if cfg["task"] == "causal_lm":
+        i, o = linear_dims(floor.model.get_submodule(arch.spec.lm_head))
+        base += 4 * n * i * o
+        what += " and the LM head"
+    return (f"LoRA's own products: {lora / 1e9:.2f} GFLOP a step against {base / 1e9:.1f} GFLOP in the floor's GEMMs "
+            f"({what}, forward and dx): at the base GEMMs' rate per FLOP a LoRA path would still be "
+            f"{1 + lora / base:.3f}× the floor.")
+
+
 def report(sides: list[Side], cfg: dict, args, device: torch.device) -> str:
     """One row per side: its step time, and its ratios to HF PEFT and to the floor.
 
@@ -723,6 +757,8 @@ def report(sides: list[Side], cfg: dict, args, device: torch.device) -> str:
                      f"{n_tokens / m:.0f} | {vs_peft} | {vs_floor} |{mem} {s.first_loss:.4f} | {s.notes} |")
     if peft and floor:
         lines += ["", f"PEFT / floor = {peft / floor:.3f}×: the most any LoRA path could gain over PEFT here."]
+    if (bound := arithmetic_bound(sides, cfg)) is not None:
+        lines += ["", bound]
     return "\n".join(lines)
 
 
