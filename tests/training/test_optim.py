@@ -179,9 +179,15 @@ def test_lisa_is_refused_for_adapters(tiny_bert_dir, tiny_csv, tmp_path):
 
 
 def test_compile_on_cpu_says_it_trains_eager(tiny_bert_dir, tiny_csv, tmp_path):
-    res = invoke("train", _recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "lora"}, max_steps=1, compile=True))
-    assert res.exit_code == 0, res.output
-    assert "train.compile compiles on CUDA only" in " ".join(res.output.split())
+    from rich.console import Console
+
+    from peftcli.config.recipe import load_recipe
+    from peftcli.training.loop import _refuse_what_this_run_cannot_do
+
+    console = Console(record=True, width=200)
+    rec = load_recipe(_recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "lora"}, compile=True))
+    _refuse_what_this_run_cannot_do(rec, torch.device("cpu"), 1, 0, console)
+    assert "train.compile compiles on CUDA only; training eager on cpu" in console.export_text()
 
 # ------------------------------------------------------------------------------- LISA
 
