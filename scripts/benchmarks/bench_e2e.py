@@ -16,7 +16,8 @@ after 6 % warm-up and gradient clipping at 1.0, fp32, `--threads` torch threads 
 Both held-out losses come from peftcli's `evaluate` on the same held-out examples: equal up to
 the sides' own LoRA initialisation and data order, they show that both sides trained alike.
 
-    python scripts/benchmarks/bench_e2e.py --threads 2                       # 800 examples: about 5 min idle
+    python scripts/benchmarks/bench_e2e.py --threads 2                       # 800 examples: about 7 min idle
+    python scripts/benchmarks/bench_e2e.py --threads 2 --rounds 2            # A B B A: drift weighs on both sides
     python scripts/benchmarks/bench_e2e.py --threads 2 --examples 64 --tiny  # checks the script (timings mean nothing)
 """
 
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sides", default="peftcli,peft", help="comma list of peftcli, peft, in the order run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the sides this many times, the order reversed every other round (A B B A ...): "
+                         "a machine that drifts during the run then weighs on both sides alike")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with SmolLM2's tokenizer: checks the script")
     ap.add_argument("--out", default=None, help="folder for the data and the peftcli run (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
@@ -144,21 +148,29 @@ def main(argv: list[str] | None = None) -> int:
         args.model = tiny_smollm2(out) if args.tiny else SMOLLM2
         tok = load_tokenizer(args.model)
         _, train_ex, _, eval_ex = prepare_data(recipe(args, out, rows), tok)
-        for side in args.sides.split(","):
-            res = run_peftcli(args, out, rows) if side == "peftcli" else run_peft(args, train_ex, eval_ex, tok)
-            results.append(res)
-            print(json.dumps(res), file=sys.stderr, flush=True)
+        sides = args.sides.split(",")
+        for k in range(args.rounds):
+            for side in sides if k % 2 == 0 else sides[::-1]:
+                res = run_peftcli(args, out, rows) if side == "peftcli" else run_peft(args, train_ex, eval_ex, tok)
+                results.append({**res, "round": k})
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     where = (f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, "
              f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
     model = "a 2-layer Llama (--tiny: timings mean nothing)" if args.tiny else SMOLLM2
     print(f"\n## end to end: {model}, LoRA r 8 all-linear, {len(train_ex)} examples × {args.seq} tokens, "
           f"batch {args.batch}, 1 epoch · {where}\n")
-    print("| side | steps | train s | examples/s | × HF PEFT loop | held-out loss |\n|---|---|---|---|---|---|")
-    base = {r["side"]: r["train_s"] for r in results}.get("HF PEFT loop")
+    print("| side | steps | train s (mean of rounds) | each round | examples/s | × HF PEFT loop | held-out loss |\n"
+          "|---|---|---|---|---|---|---|")
+    by_side: dict[str, list[dict]] = {}
     for r in results:
-        vs = f"{base / r['train_s']:.2f}×" if base else "n/a"
-        print(f"| {r['side']} | {r['steps']} | {r['train_s']:.1f} | {len(train_ex) / r['train_s']:.2f} | {vs} | "
-              f"{r['eval_loss']:.4f} |")
+        by_side.setdefault(r["side"], []).append(r)
+    mean = {side: sum(r["train_s"] for r in rs) / len(rs) for side, rs in by_side.items()}
+    base = mean.get("HF PEFT loop")
+    for side, rs in by_side.items():
+        vs = f"{base / mean[side]:.2f}×" if base else "n/a"
+        each = ", ".join(f"{r['train_s']:.1f}" for r in rs)
+        print(f"| {side} | {rs[0]['steps']} | {mean[side]:.1f} | {each} | {len(train_ex) / mean[side]:.2f} | {vs} | "
+              f"{rs[-1]['eval_loss']:.4f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": where, "args": {k: str(v) for k, v in vars(args).items()},
                                          "results": results}, indent=2))
