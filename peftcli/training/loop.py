@@ -79,6 +79,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, tcfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's learning-rate schedule: `train.warmup_ratio` of the steps warming up, then `train.scheduler`."""
+    warmup = int(tcfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: lr_factor(st, total_steps, warmup, tcfg.scheduler))
+
+
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -429,9 +435,8 @@ def _build_model(recipe: Recipe, device: torch.device, label_names: list[str] | 
 def _build_optimizer(recipe: Recipe, model, train_model, spec, arch, device: torch.device, total_steps: int):
     """(optimizer, learning-rate schedule, fp16 loss scaler)."""
     tcfg = recipe.train
-    warmup = int(tcfg.warmup_ratio * total_steps)
     optimizer = build_optimizer(model, train_model, spec, arch, recipe.method, tcfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda st: lr_factor(st, total_steps, warmup, tcfg.scheduler))
+    scheduler = lr_schedule(optimizer, tcfg, total_steps)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and tcfg.precision == "fp16")
     return optimizer, scheduler, scaler

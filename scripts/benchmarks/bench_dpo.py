@@ -123,7 +123,7 @@ def run_trl(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from peftcli.models.loading import load_tokenizer, resolve_source
-    from peftcli.training.loop import lr_factor
+    from peftcli.training.loop import lr_schedule
 
     rec = _recipe(args, Path(tempfile.mkdtemp()))
     train_rows, test_rows = _pairs(args)
@@ -144,17 +144,14 @@ def run_trl(args) -> dict:
             return SequentialSampler(self.train_dataset)
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):  # noqa: ANN001
-            warmup = int(rec.train.warmup_ratio * num_training_steps)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lambda st: lr_factor(st, num_training_steps, warmup, rec.train.scheduler))
+            self.lr_scheduler = lr_schedule(optimizer or self.optimizer, rec.train, num_training_steps)
             return self.lr_scheduler
 
     cuda = torch.cuda.is_available()
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=rec.train.batch_size,
                     per_device_eval_batch_size=rec.eval.batch_size, learning_rate=rec.train.lr, beta=rec.train.beta,
                     max_steps=args.steps, max_length=rec.data.max_length, logging_steps=1, save_strategy="no",
-                    report_to=[], warmup_steps=int(rec.train.warmup_ratio * args.steps), lr_scheduler_type="linear",
-                    max_grad_norm=rec.train.max_grad_norm, bf16=cuda, use_cpu=not cuda, seed=rec.train.seed,
+                    report_to=[], max_grad_norm=rec.train.max_grad_norm, bf16=cuda, use_cpu=not cuda, seed=rec.train.seed,
                     dataloader_num_workers=0, gradient_checkpointing=rec.model.gradient_checkpointing)
     lora = peft.LoraConfig(r=rec.method.r, lora_alpha=rec.method.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
