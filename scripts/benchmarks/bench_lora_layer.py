@@ -3,9 +3,9 @@
 bench_train.py times whole steps, where the LoRA path costs a few percent of a step and this
 machine's run-to-run spread is as large. This script isolates that cost. For every distinct
 (in, out) shape among a case's adapted layers it times forward + backward of one layer on the
-case's N = batch × seq tokens: the floor (the frozen linear with a zero bias added in place, as
-bench_train's floor side builds it) and the same linear wrapped by peftcli's `LoraLinear`, the two in
-random order at every repetition. It reports the median of the paired differences (LoRA minus floor)
+case's N = batch × seq tokens: the floor (the frozen linear with bench_train's `add_free_bias`)
+and the same linear wrapped by peftcli's `LoraLinear`, the two in random order at every
+repetition. It reports the median of the paired differences (LoRA minus floor)
 per layer, and that difference weighted by how many layers of the shape the case adapts: what the
 LoRA path adds to a step, apart from everything else. `--ops` also times each of LoRA's six rank-r
 products alone (warm caches), in the layouts `methods.lora_kernel` uses, beside the base GEMM.
@@ -21,9 +21,14 @@ import random
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
-from bench_train import CASES, base_model  # beside this file: on the path when the script is run
+from bench_train import (  # beside this file: on the path when the script is run
+    CASES,
+    add_free_bias,
+    base_model,
+)
 from torch import nn
 
 
@@ -44,8 +49,7 @@ def layer_pair(in_f: int, out_f: int, r: int, alpha: float) -> tuple[nn.Module, 
     base = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
     floor = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
     floor.weight.copy_(base.weight)
-    floor.free_bias = nn.Parameter(torch.zeros(out_f))
-    floor.register_forward_hook(lambda m, _inp, out: out.add_(m.free_bias))
+    add_free_bias(floor)
     lora = LoraLinear(base, r, alpha, 0.0, False).train()
     nn.init.normal_(lora.lora_B.weight, std=0.02)
     return floor, lora
@@ -69,15 +73,15 @@ def paired_extra(floor: nn.Module, lora: nn.Module, x: torch.Tensor, gy: torch.T
     return statistics.median(times["floor"]), statistics.median(diffs)
 
 
-def op_times(n: int, in_f: int, out_f: int, r: int, reps: int) -> dict[str, float]:
-    """Each product alone, µs, warm caches: the layouts of `methods.lora_kernel`, and B's transposed
-    view for dy B (what it read before the contiguous copy)."""
+def products(n: int, in_f: int, out_f: int, r: int) -> dict[str, Callable[[], object]]:
+    """Each of LoRA's products as `methods.lora_kernel` lays out its operands, beside the base GEMM,
+    and dy B from B's transposed view (what it read before the contiguous copy)."""
     x, w = torch.randn(n, in_f), torch.randn(out_f, in_f)
     a, b = torch.randn(r, in_f), torch.randn(out_f, r)
     y, gy, gx = torch.randn(n, out_f), torch.randn(n, out_f), torch.randn(n, in_f)
     bt = b.t().contiguous()
     ht, ght = a @ x.t(), bt @ gy.t()
-    ops = {
+    return {
         "W x (base)": lambda: torch.nn.functional.linear(x, w),
         "h = A x": lambda: torch.mm(a, x.t()),
         "y += s B h": lambda: y.addmm_(ht.t(), b.t(), alpha=0.5),
@@ -87,8 +91,12 @@ def op_times(n: int, in_f: int, out_f: int, r: int, reps: int) -> dict[str, floa
         "dA = g x": lambda: torch.mm(ght, x),
         "dx += g A": lambda: gx.addmm_(ght.t(), a),
     }
+
+
+def op_times(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """µs per call of each, alone, with warm caches."""
     out = {}
-    for name, f in ops.items():
+    for name, f in calls.items():
         for _ in range(10):
             f()
         t = time.perf_counter()
@@ -130,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nThe LoRA path adds {total_extra * 1e3:.1f} ms a step to {total_floor * 1e3:.0f} ms of the floor's "
           f"adapted layers ({(total_floor + total_extra) / total_floor:.3f}× on those layers alone).")
     if args.ops:
-        print("\n| in × out | " + " | ".join(op_times(8, 4, 4, 2, 1)) + " |")
-        print("|---|" + "---|" * 8)
-        for in_f, out_f in sorted(shapes):
-            t = op_times(n, in_f, out_f, r, 300)
+        rows = {(in_f, out_f): op_times(products(n, in_f, out_f, r), 300) for in_f, out_f in sorted(shapes)}
+        names = list(next(iter(rows.values())))
+        print("\n| in × out | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for (in_f, out_f), t in rows.items():
             print(f"| {in_f} × {out_f} | " + " | ".join(f"{v:.0f}" for v in t.values()) + " |")
         print("\n(µs per call, each product alone with warm caches)")
     return 0

@@ -373,6 +373,15 @@ def build_peft(case: str, cfg: dict, args, device: torch.device, batch: dict, na
     return Side(name, model, hf_loss(model, cfg, batch, device), opt, "; ".join(notes))
 
 
+def add_free_bias(layer: torch.nn.Module) -> None:
+    """The floor's adapter on one linear layer: a trainable zero bias added in place to its output."""
+    from peftcli.core.arch import linear_dims
+
+    w = layer.weight
+    layer.free_bias = torch.nn.Parameter(torch.zeros(linear_dims(layer)[1], dtype=w.dtype, device=w.device))
+    layer.register_forward_hook(lambda m, _inp, out: out.add_(m.free_bias))
+
+
 def build_floor(case: str, cfg: dict, args, device: torch.device, batch: dict, name: str) -> Side:
     """The free adapter: a zero bias added in place to the output of every adapted linear layer,
     trained by the same optimizer, beside the same trainable head and with the same loss.
@@ -382,7 +391,7 @@ def build_floor(case: str, cfg: dict, args, device: torch.device, batch: dict, n
     in-place add forward and one column sum backward: no LoRA path can train faster on the same
     model and batch.
     """
-    from peftcli.core.arch import linear_dims, resolve
+    from peftcli.core.arch import resolve
     from peftcli.methods.attach import freeze
     from peftcli.methods.targets import select_linears
 
@@ -392,10 +401,7 @@ def build_floor(case: str, cfg: dict, args, device: torch.device, batch: dict, n
     for _, head in arch.head_modules():
         head.requires_grad_(True)
     for path in select_linears(model, arch, cfg["targets"]):
-        layer = model.get_submodule(path)
-        w = layer.weight
-        layer.free_bias = torch.nn.Parameter(torch.zeros(linear_dims(layer)[1], dtype=w.dtype, device=w.device))
-        layer.register_forward_hook(lambda m, _inp, out: out.add_(m.free_bias))
+        add_free_bias(model.get_submodule(path))
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
