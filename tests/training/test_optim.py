@@ -177,7 +177,6 @@ def test_lisa_is_refused_for_adapters(tiny_bert_dir, tiny_csv, tmp_path):
     assert res.exit_code == 2 and "train.lisa_layers" in res.output and "method.name: full" in res.output
 
 
-
 def test_compile_on_cpu_says_it_trains_eager(tiny_bert_dir, tiny_csv, tmp_path):
     from rich.console import Console
 
@@ -188,6 +187,7 @@ def test_compile_on_cpu_says_it_trains_eager(tiny_bert_dir, tiny_csv, tmp_path):
     rec = load_recipe(_recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "lora"}, compile=True))
     _refuse_what_this_run_cannot_do(rec, torch.device("cpu"), 1, 0, console)
     assert "train.compile compiles on CUDA only; training eager on cpu" in console.export_text()
+
 
 # ------------------------------------------------------------------------------- LISA
 
