@@ -39,10 +39,10 @@ from peftcli.core.adapter_merging import (
     uses_svd,
 )
 from peftcli.methods import get_method
-from peftcli.methods.attach import attach_method, pick_device
+from peftcli.methods.attach import pick_device
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.meta import meta_model, misfits
-from peftcli.runs.load import SavedRun, load_run, open_run, same_model
+from peftcli.runs.load import SavedRun, attach_recipe, load_run, open_run, same_model
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import is_peft_folder
 
@@ -140,7 +140,7 @@ def _method_on_meta(recipe: Recipe, label_names: list[str] | None):
     m = recipe.model
     model = meta_model(m.name, m.task, num_labels=m.num_labels or (len(label_names) if label_names else None),
                        attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
-    arch, _ = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    arch, _ = attach_recipe(model, recipe)
     return model, arch
 
 

@@ -154,10 +154,7 @@ def drop_run(
 
 def _chosen_layers(layers: str | None, lowest: int | None, n: int) -> list[int]:
     """The layers `--layers` or `--lowest` names, for a model of `n` layers."""
-    try:
-        chosen = parse_layers(layers, n) if layers is not None else []
-    except ValueError as e:
-        raise DropError(f"--layers: {e}") from None
+    chosen = parse_layers(layers, n, "--layers") if layers is not None else []
     if lowest is not None:
         if not 0 <= lowest <= n:
             raise DropError(f"--lowest {lowest}: the model has {n} layers")

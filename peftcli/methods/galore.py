@@ -29,7 +29,7 @@ from torch import nn
 
 from peftcli.core.arch import Arch
 from peftcli.methods.registry import register
-from peftcli.methods.targets import LAYERS_HELP, method_layers, select_linears
+from peftcli.methods.targets import LAYERS_HELP, method_layers, require_linears
 
 
 @dataclass
@@ -51,14 +51,12 @@ class GaloreConfig:
 
 def target_weights(model: nn.Module, arch: Arch, cfg: GaloreConfig) -> list[str]:
     """Parameter names of the weights trained through the projection."""
-    paths = select_linears(model, arch, cfg.targets, method_layers(cfg, arch.num_layers))
+    paths = require_linears(model, arch, cfg.targets, method_layers(cfg, arch.num_layers))
     return [f"{p}.weight" for p in paths]
 
 
 def attach(model: nn.Module, arch: Arch, cfg: GaloreConfig) -> None:
     names = target_weights(model, arch, cfg)
-    if not names:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
     if cfg.others == "adamw":
         model.requires_grad_(True)
     params = dict(model.named_parameters())

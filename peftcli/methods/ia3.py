@@ -23,7 +23,7 @@ from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
 from peftcli.core.adapter_merging import WEIGHTED, averaging
 from peftcli.core.arch import QKV, Arch, dense_weight, is_conv1d, linear_dims, set_module
 from peftcli.methods.registry import PeftTwin, register
-from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
+from peftcli.methods.targets import LAYERS_HELP, parse_layers, require_linears, select_linears
 
 
 @dataclass
@@ -110,9 +110,7 @@ class IA3Linear(LayerAdapter):
 def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, list[int] | None]]:
     """path -> (scale input?, rows of a fused projection or None)."""
     layers = parse_layers(cfg.layers, arch.num_layers)
-    paths = select_linears(model, arch, cfg.targets, layers)
-    if not paths:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
+    paths = require_linears(model, arch, cfg.targets, layers)
     ff = set(select_linears(model, arch, cfg.feedforward, layers)) if cfg.feedforward else set()
     stray = sorted(ff - set(paths))
     if stray:

@@ -24,7 +24,7 @@ from peftcli.core.arch import Arch, linear_dims, set_module
 from peftcli.methods.bottleneck import adapted_layers, factory_kwargs
 from peftcli.methods.lora import merge_into_base
 from peftcli.methods.registry import register
-from peftcli.methods.targets import LAYERS_HELP, select_linears
+from peftcli.methods.targets import LAYERS_HELP, require_linears
 
 
 @dataclass
@@ -90,9 +90,7 @@ class KronaLinear(LayerAdapter):
 
 
 def attach(model: nn.Module, arch: Arch, cfg: KronaConfig) -> None:
-    paths = select_linears(model, arch, cfg.targets, adapted_layers(arch, cfg))
-    if not paths:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
+    paths = require_linears(model, arch, cfg.targets, adapted_layers(arch, cfg))
     for p in paths:
         set_module(model, p, KronaLinear(model.get_submodule(p), cfg.a1, cfg.a2, cfg.scale, cfg.dropout))
 

@@ -32,7 +32,7 @@ from peftcli.core.arch import Arch, is_conv1d, linear_dims
 from peftcli.methods.bottleneck import factory_kwargs
 from peftcli.methods.lora import merge_into_base, wrap_linears
 from peftcli.methods.registry import PeftTwin, register
-from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
+from peftcli.methods.targets import LAYERS_HELP, parse_layers, require_linears
 
 TARGETS_HELP = "roles (q, k, v, o, ffn_in, ffn_out), 'all-linear', or module-name patterns"
 
@@ -143,10 +143,7 @@ class LohaLinear(LycorisLinear):
 
 def target_paths(model: nn.Module, arch: Arch, cfg: Any) -> list[str]:
     """The linear layers `cfg.targets` and `cfg.layers` choose (LoHa, LoKr, VeRA); none is an error."""
-    paths = select_linears(model, arch, cfg.targets, parse_layers(cfg.layers, arch.num_layers))
-    if not paths:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
-    return paths
+    return require_linears(model, arch, cfg.targets, parse_layers(cfg.layers, arch.num_layers))
 
 
 def attach(model: nn.Module, arch: Arch, cfg: LohaConfig) -> None:

@@ -50,7 +50,7 @@ from peftcli.methods.lora_init import (
 )
 from peftcli.methods.lora_kernel import lora_linear
 from peftcli.methods.registry import PeftTwin, register
-from peftcli.methods.targets import LAYERS_HELP, parse_layers, select_linears
+from peftcli.methods.targets import LAYERS_HELP, parse_layers, require_linears
 
 
 @dataclass
@@ -335,10 +335,7 @@ def check_dense(model: nn.Module, paths: list[str]) -> None:
 def adapted_paths(model: nn.Module, arch: Arch, cfg: LoraConfig) -> list[str]:
     """The linear layers the recipe's targets and layers choose."""
     layers = parse_layers(cfg.layers, arch.num_layers)
-    paths = select_linears(model, arch, cfg.targets, layers)
-    if not paths:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
-    return paths
+    return require_linears(model, arch, cfg.targets, layers)
 
 
 def options_of(arch: Arch, paths: list[str], cfg: LoraConfig) -> dict[str, tuple[int, float]]:

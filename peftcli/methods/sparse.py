@@ -28,7 +28,7 @@ from peftcli.core.adapter import LayerAdapter, copy_into_params, merge_layer_ada
 from peftcli.core.arch import Arch, set_module
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.registry import register
-from peftcli.methods.targets import LAYERS_HELP, method_layers, select_linears
+from peftcli.methods.targets import LAYERS_HELP, method_layers, require_linears
 
 INDEX = "sparse_index"
 
@@ -91,13 +91,11 @@ class SparseLinear(LayerAdapter):
 
 
 def _paths(model: nn.Module, arch: Arch, cfg: SparseConfig) -> list[str]:
-    return select_linears(model, arch, cfg.targets, method_layers(cfg, arch.num_layers))
+    return require_linears(model, arch, cfg.targets, method_layers(cfg, arch.num_layers))
 
 
 def attach(model: nn.Module, arch: Arch, cfg: SparseConfig) -> None:
     paths = _paths(model, arch, cfg)
-    if not paths:
-        raise ValueError(f"method.targets {cfg.targets} matched no linear layer in this model")
     for p in paths:
         base = model.get_submodule(p)
         set_module(model, p, SparseLinear(base, kept(base.weight.numel(), cfg.density)))

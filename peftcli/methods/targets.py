@@ -12,6 +12,12 @@ from typing import Any
 from torch import nn
 
 from peftcli.core.arch import ROLES, Arch, is_linear
+from peftcli.core.errors import BadInput
+
+
+class TargetError(BadInput, ValueError):
+    """A method's `targets` or `layers` that this model does not have. Only known once the model is
+    built, so recipe validation cannot catch it; it is still the recipe's to fix (exit 2)."""
 
 
 def select_linears(
@@ -45,16 +51,35 @@ def select_linears(
     return list(out)
 
 
+def require_linears(
+    model: nn.Module, arch: Arch, targets: list[str], layers: list[int] | None = None, key: str = "method.targets"
+) -> list[str]:
+    """`select_linears`, refusing a choice that matches nothing with what the model does have: the
+    roles its architecture maps and the names of the linear layers in one transformer layer."""
+    paths = select_linears(model, arch, targets, layers)
+    if paths:
+        return paths
+    i = layers[0] if layers else 0
+    roles = [r for r in ROLES if arch.get_all(i, r)]
+    prefix = f"{arch.layers_path}.{i}."
+    names = [n[len(prefix):] for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)]
+    raise TargetError(
+        f"{key} {targets} matches no linear layer of this model; use roles ({', '.join(roles)}), 'all-linear', "
+        f"or module names as in layer {i}: {', '.join(names) or 'none'}"
+    )
+
+
 LAYERS_HELP = (
     "transformer layers that get the method: null = all; a list [0, 3], a string '0-5,8' (negative counts "
     "from the top), or 'top:k' / 'bottom:k' for the k layers nearest the output / the input"
 )
 
 
-def parse_layers(spec: Any, num_layers: int) -> list[int] | None:
+def parse_layers(spec: Any, num_layers: int, key: str = "method.layers") -> list[int] | None:
     """The one reading of a `layers` option: `None` (all), an int, a list of ints, or a string of
     comma-separated parts, each an index, a range "a-b", "top:k" (the k layers nearest the output)
-    or "bottom:k" (the k nearest the input). Negative indices count from the top."""
+    or "bottom:k" (the k nearest the input). Negative indices count from the top. `key` names the
+    option in a `TargetError`."""
     if spec is None:
         return None
     items: list[int] = []
@@ -69,28 +94,29 @@ def parse_layers(spec: Any, num_layers: int) -> list[int] | None:
             if m:
                 k = int(m.group(2))
                 if not 1 <= k <= num_layers:
-                    raise ValueError(f"layers {part!r}: k must be 1 to {num_layers}, the model's number of layers")
+                    raise TargetError(f"{key} {part!r}: k must be 1 to {num_layers}, the model's number of layers")
                 items.extend(range(num_layers - k, num_layers) if m.group(1) == "top" else range(k))
-            elif "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-")[0], part[1:].split("-", 1)[1])
-                items.extend(range(int(a), int(b) + 1))
-            else:
-                try:
+                continue
+            try:
+                if "-" in part[1:]:
+                    a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-")[0], part[1:].split("-", 1)[1])
+                    items.extend(range(int(a), int(b) + 1))
+                else:
                     items.append(int(part))
-                except ValueError:
-                    raise ValueError(f"layers {spec!r}: cannot read {part!r}; write e.g. '0-5,8', 'top:4' or 'bottom:2'") from None
+            except ValueError:
+                raise TargetError(f"{key} {spec!r}: cannot read {part!r}; write e.g. '0-5,8', 'top:4' or 'bottom:2'") from None
     else:
         items = [int(x) for x in spec]
-    norm = sorted({i % num_layers if i < 0 else i for i in items})
-    bad = [i for i in norm if i >= num_layers]
+    bad = [i for i in items if not -num_layers <= i < num_layers]
     if bad:
-        raise ValueError(f"layer index {bad[0]} out of range: the model has {num_layers} layers (0-{num_layers - 1})")
-    return norm
+        raise TargetError(f"{key} {spec!r}: layer {bad[0]} is out of range; the model has {num_layers} layers "
+                          f"(0-{num_layers - 1}, or -1 to -{num_layers} from the top)")
+    return sorted({i % num_layers for i in items})
 
 
 def method_layers(cfg: Any, num_layers: int) -> list[int]:
     """The layers a method config chooses: its `layers`, less the old `leave_out` spelling's."""
     chosen = parse_layers(getattr(cfg, "layers", None), num_layers)
     layers = list(range(num_layers)) if chosen is None else chosen
-    skip = set(parse_layers(list(getattr(cfg, "leave_out", None) or []), num_layers) or [])
+    skip = set(parse_layers(list(getattr(cfg, "leave_out", None) or []), num_layers, "method.leave_out") or [])
     return [i for i in layers if i not in skip]

@@ -42,7 +42,7 @@ from peftcli.methods import prefix as prefix_method
 from peftcli.methods.bottleneck import Bottleneck, NonLinearity, factory_kwargs, get_role, place_sequential
 from peftcli.methods.lora import LoraLinear, wrap_linears
 from peftcli.methods.registry import register
-from peftcli.methods.targets import select_linears
+from peftcli.methods.targets import require_linears
 
 
 @dataclass
@@ -162,9 +162,7 @@ def attach(model: nn.Module, arch: Arch, cfg: UniPeltConfig) -> None:
         setattr(attn, prefix_method.ATTR, gated)
         attn.register_forward_pre_hook(gated.capture, with_kwargs=True)
 
-    paths = select_linears(model, arch, cfg.lora_targets)
-    if not paths:
-        raise ValueError(f"method.lora_targets {cfg.lora_targets} matched no linear layer in this model")
+    paths = require_linears(model, arch, cfg.lora_targets, key="method.lora_targets")
     wrap_linears(model, paths, lambda m: GatedLoraLinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, mask))
 
     read_sublayer = cfg.adapter_gate_input == "sublayer"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.config.recipe import Recipe, RecipeError, load_recipe
 from peftcli.core.adapter_files import find_run_adapter, read_adapter
 from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError, DataError
@@ -31,6 +31,7 @@ from peftcli.data.tokenize import Untrained, check_trained, tokenize
 from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
+from peftcli.methods.targets import TargetError
 from peftcli.models.loading import FLAG_HINT, RECIPE_HINT, load_base_model, load_tokenizer
 from peftcli.runs.checkpoint import load_adapter_state
 
@@ -79,13 +80,23 @@ def base_model(recipe: Recipe, device: torch.device, label_names: list[str] | No
     return model, tok
 
 
+def attach_recipe(model: nn.Module, recipe: Recipe) -> tuple[Arch, MethodSpec]:
+    """The recipe's method attached to `model`. Targets or layers the model does not have are a
+    recipe problem that only the model could show, so they are reported like one: the recipe file,
+    the key and the fix."""
+    try:
+        return attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    except TargetError as e:
+        raise RecipeError(recipe.source or "recipe", [str(e)]) from None
+
+
 def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None,
           trust_remote_code: bool | None = None) -> Built:
     """Base model with the recipe's method attached (fresh adapter weights), on `device`;
     `trust_remote_code` as for `base_model`."""
     get_method(recipe.method_name)  # an unknown method is refused before the base model loads
     model, tok = base_model(recipe, device, label_names, trust_remote_code)
-    arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+    arch, spec = attach_recipe(model, recipe)
     # Adapter weights follow the base's device; their dtype is float32 on CPU and the base dtype
     # under CUDA autocast.
     model.to(device)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from peftcli.config.recipe import Recipe
-from peftcli.methods.attach import attach_method, dense_base_refusal, per_module_table, trainable_summary
+from peftcli.methods.attach import dense_base_refusal, per_module_table, trainable_summary
 from peftcli.models.meta import meta_model
 
 GIB = 1024**3
@@ -113,18 +113,19 @@ def _transformers_meta(recipe: Recipe):
 def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
     from peftcli.models.quant import quantized_names
     from peftcli.models.skeleton import skip_meta_fills
+    from peftcli.runs.load import attach_recipe
 
     with skip_meta_fills():
         model, built_from = count_model(recipe)
         try:
-            arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+            arch, spec = attach_recipe(model, recipe)
         except Exception:
             if built_from == META:
                 raise
             # The method needs transformers' own modules (prefix tuning their attention functions,
             # prompt tuning their forward): count on those; a real refusal comes again from there.
             model, built_from = _transformers_meta(recipe), META
-            arch, spec = attach_method(model, recipe.method_name, recipe.method, train_pooler=recipe.model.train_pooler)
+            arch, spec = attach_recipe(model, recipe)
     s = trainable_summary(model)
     s["built_from"] = built_from
     # The method's own closed form for what it adds (None where it has none): a cross-check of the count.

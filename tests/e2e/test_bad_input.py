@@ -171,6 +171,33 @@ def test_zero_epochs_and_steps_refused(tmp_path):
             "train.max_steps: 0 is below the minimum 1", "null to train for train.epochs")
 
 
+# ------------------------------------------------------------------------------ targets and layers the model lacks
+
+
+@pytest.mark.parametrize("method,needles", [
+    ({"name": "lora", "targets": ["query_proj"]},
+     ["method.targets ['query_proj'] matches no linear layer", "roles (q, k, v, o, ffn_in, ffn_out)",
+      "attention.self.query"]),
+    ({"name": "lora", "layers": "0-7"}, ["method.layers '0-7': layer 2 is out of range", "the model has 2 layers"]),
+    ({"name": "houlsby", "layers": [-3]}, ["method.layers [-3]: layer -3 is out of range", "-1 to -2 from the top"]),
+    ({"name": "ia3", "layers": "x-1"}, ["method.layers 'x-1': cannot read 'x-1'", "'top:4'"]),
+    ({"name": "unipelt", "lora_targets": ["nope"]}, ["method.lora_targets ['nope'] matches no linear layer"]),
+])
+def test_targets_and_layers_the_model_lacks(tiny_bert_dir, tiny_csv, tmp_path, method, needles):
+    """Only the built model knows its layers, but the recipe is still the one to fix: train and
+    count-params say so like any recipe problem, with the recipe file, and train writes nothing."""
+    run = tmp_path / "run"
+    rec = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
+        data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 4, "max_length": 16},
+        method=method, train={"max_steps": 2, "batch_size": 4, "progress": False},
+        output={"dir": str(run), "plot": False},
+    )
+    for command in ("train", "count-params"):
+        refused(invoke(command, rec), "r.yaml: 1 problem in the recipe", *needles)
+    assert not (run / "metrics.jsonl").exists() and not (run / "adapter").exists()
+
+
 # ------------------------------------------------------------------------------ trained run for 8 and 9
 
 

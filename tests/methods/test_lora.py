@@ -9,9 +9,10 @@ import torch
 from conftest import batch, tiny_model
 
 from peftcli.core.arch import resolve
+from peftcli.core.errors import BadInput
 from peftcli.methods.attach import attach_method
 from peftcli.methods.lora import LoraConfig, LoraLinear
-from peftcli.methods.targets import parse_layers, select_linears
+from peftcli.methods.targets import TargetError, parse_layers, select_linears
 
 
 def randomize_lora(model, seed=0):
@@ -87,8 +88,29 @@ def test_parse_layers():
     assert parse_layers("0-2,5", 12) == [0, 1, 2, 5]
     assert parse_layers([-1], 12) == [11]
     assert parse_layers(None, 12) is None
-    with pytest.raises(ValueError, match="out of range"):
-        parse_layers("0-12", 12)
+    assert parse_layers("-12", 12) == [0] and parse_layers("top:2,bottom:1", 12) == [0, 10, 11]
+    # Each refusal is the recipe's to fix (exit 2) and names the option it came from.
+    for spec, needle in [("0-12", "layer 12 is out of range"), ([-13], "layer -13 is out of range"),
+                         ("1-x", "cannot read '1-x'"), ("top:13", "k must be 1 to 12")]:
+        with pytest.raises(TargetError, match=needle) as e:
+            parse_layers(spec, 12, "method.leave_out")
+        assert isinstance(e.value, BadInput) and str(e.value).startswith("method.leave_out ")
+
+
+@pytest.mark.parametrize("name,options", [
+    ("lora", {}), ("ia3", {}), ("loha", {}), ("lokr", {}), ("vera", {}), ("krona", {}), ("sparse", {}),
+    ("galore", {}), ("unipelt", {"lora_targets": ["nope"]}),
+])
+def test_targets_matching_nothing_are_refused_by_every_method(name, options):
+    from peftcli.methods import get_method
+    from peftcli.methods.attach import attach_method
+
+    spec = get_method(name)
+    key = "lora_targets" if options else "targets"
+    cfg = spec.config_cls(**{"targets": ["nope"], **options}) if not options else spec.config_cls(**options)
+    with pytest.raises(TargetError, match=rf"method.{key} \['nope'\] matches no linear layer") as e:
+        attach_method(tiny_model("llama"), name, cfg)
+    assert "q_proj" in str(e.value) and "down_proj" in str(e.value)  # the names it could have used
 
 
 def test_arch_map_facts(arch_kind):
