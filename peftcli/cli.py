@@ -612,11 +612,13 @@ def recipes_copy(
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="one or more run folders")],
     out_file: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("curves.png"),
+    force: Annotated[bool, typer.Option("--force", help="replace an existing file that peftcli plot did not draw")] = False,
 ) -> None:
-    """Draw loss and evaluation curves of several runs on one figure."""
+    """Draw loss and evaluation curves of several runs on one figure. An existing --out is replaced
+    only when it is a figure peftcli drew (or with --force)."""
     from peftcli.runs.plot import plot_runs
 
-    plot_runs(runs, out_file)
+    plot_runs(runs, out_file, replace=force)
     out.print(f"wrote {out_file}")
 
 

@@ -4,11 +4,52 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftcli.core.errors import UsageError
 from peftcli.core.files import atomic_write
 from peftcli.runs.metrics import read_metrics
 
+# The PNG's Software text. A figure carrying it is one this module drew, so a later plot may
+# replace it; any other file at the destination is the user's and is left alone.
+MARK = "peftcli plot"
+_PNG = b"\x89PNG\r\n\x1a\n"
 
-def plot_runs(runs: list[Path], out: Path) -> Path:
+
+def drawn_by_peftcli(path: Path) -> bool:
+    """Whether `path` is a PNG whose Software text is `MARK`. Text chunks come before the image
+    data, so only the file's head is read."""
+    want = b"Software\x00" + MARK.encode()
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG:
+                return False
+            while len(head := f.read(8)) == 8 and head[4:] not in (b"IDAT", b"IEND"):
+                data = f.read(int.from_bytes(head[:4], "big"))
+                f.read(4)  # the chunk's CRC
+                if head[4:] == b"tEXt" and data == want:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def check_plot_destination(out: Path, replace: bool = False) -> None:
+    """Refuse a destination that is not a .png, or a file this module did not draw unless `replace`."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the figure is a PNG; name a file ending in .png")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name a .png file in it")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.exists() and not replace and not drawn_by_peftcli(out):
+        raise UsageError(f"--out {out} exists and is not a figure peftcli plot drew; choose another file, "
+                         "or pass --force to replace it")
+
+
+def plot_runs(runs: list[Path], out: Path, replace: bool = False) -> Path:
+    """Draw the curves of `runs` into the PNG `out`; `check_plot_destination` first (the training
+    loop passes `replace` for the curves.png of the run folder it writes)."""
+    check_plot_destination(out, replace)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +80,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png", metadata={"Software": MARK}))
     finally:
         plt.close(fig)
     return out

@@ -825,7 +825,7 @@ def finish(s: Session, pos: Position) -> dict[str, Any]:
             from peftcli.runs.plot import plot_runs
 
             try:
-                plot_runs([s.run_dir], s.run_dir / "curves.png")
+                plot_runs([s.run_dir], s.run_dir / "curves.png", replace=True)
             except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
                 s.console.print(f"[yellow]could not draw curves.png: {e}[/]")
         runfolder.write_marker(s.run_dir, "run")

@@ -149,12 +149,30 @@ def test_recipes_list_and_copy(tmp_path):
     assert res.exit_code == 0 and (tmp_path / "mine.yaml").exists()
     res = invoke("recipes", "copy", "tweets_lroa", tmp_path / "x.yaml")
     assert res.exit_code == 2 and "did you mean 'tweets_lora'" in res.output
+    (tmp_path / "mine.yaml").write_text("edited")
+    res = invoke("recipes", "copy", "tweets_lora", tmp_path / "mine.yaml")  # never replaces a file
+    assert res.exit_code == 2 and "exists" in res.output and (tmp_path / "mine.yaml").read_text() == "edited"
 
 
 def test_plot_several_runs(trained_run, tmp_path):
     _, _, run = trained_run
     res = invoke("plot", run, run, "--out", tmp_path / "c.png")
     assert res.exit_code == 0 and (tmp_path / "c.png").stat().st_size > 1000
+    assert invoke("plot", run, "--out", tmp_path / "c.png").exit_code == 0  # its own figure: replaced
+
+
+def test_plot_never_replaces_a_file_it_did_not_draw(trained_run, tmp_path):
+    _, _, run = trained_run
+    notes, png = tmp_path / "notes.txt", tmp_path / "photo.png"
+    notes.write_text("mine")
+    png.write_bytes(b"\x89PNG\r\n\x1a\n not drawn by peftcli")
+    for dest, needle in [(notes, "name a file ending in .png"), (png, "not a figure peftcli plot drew"),
+                         (tmp_path / "no" / "c.png", "does not exist")]:
+        res = invoke("plot", run, "--out", dest)
+        assert res.exit_code == 2 and needle in res.output, res.output
+    assert notes.read_text() == "mine" and png.read_bytes().endswith(b"not drawn by peftcli")
+    assert invoke("plot", run, "--out", png, "--force").exit_code == 0
+    assert png.stat().st_size > 1000
 
 
 @pytest.mark.slow
