@@ -255,7 +255,7 @@ def eval_cmd(
     runs: Annotated[list[Path], typer.Argument(help="run folder(s) written by `peftcli train`; NAME=RUN names one")],
     split: Annotated[str, typer.Option(
         help="'test' (the recipe's held-out rows; 'eval' says the same), 'val', 'train', or a split name of the source")] = "test",
-    limit: Annotated[int | None, typer.Option(help="evaluate on the first N examples only")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="evaluate on the first N examples only")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="also show other libraries' warnings and progress bars")] = False,
     trust_remote_code: TrustFlag = False,
@@ -315,10 +315,10 @@ def count_params(
     method: Annotated[str | None, typer.Option(help="registered method name",
                                                autocompletion=lambda incomplete: _complete_methods(incomplete))] = None,
     task: Annotated[str, typer.Option(help="classification or causal_lm")] = "causal_lm",
-    num_labels: Annotated[int, typer.Option(help="classes, for classification")] = 2,
-    depth: Annotated[int, typer.Option(help="module-name depth of the per-module table")] = 3,
-    batch_size: Annotated[int, typer.Option(help="memory estimate: sequences per step")] = 8,
-    seq_len: Annotated[int, typer.Option(help="memory estimate: tokens per sequence")] = 1024,
+    num_labels: Annotated[int, typer.Option(min=1, help="classes, for classification")] = 2,
+    depth: Annotated[int, typer.Option(min=1, help="module-name depth of the per-module table")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="memory estimate: sequences per step")] = 8,
+    seq_len: Annotated[int, typer.Option(min=1, help="memory estimate: tokens per sequence")] = 1024,
 ) -> None:
     """Trainable / total parameters of a method on a model, built on the meta device (no weights read)."""
     from peftcli.commands.count_params import recipe_to_count
@@ -764,7 +764,7 @@ def drop(
     prune_fusion: Annotated[int | None, typer.Option(
         "--prune-fusion", help="fused run: keep the K most attended sources per layer")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="new run folder (default RUN-drop-...)")] = None,
-    limit: Annotated[int | None, typer.Option(help="measure on the first N eval examples")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="measure on the first N eval examples")] = None,
     repeats: Annotated[int, typer.Option(help="timed passes per state (median)", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,

@@ -104,6 +104,12 @@ def test_exit_0_on_success():
     (["import-peft", "no/such/folder", "out"], "no adapter_config.json"),
     (["validate", str(ROOT / "recipes" / "tweets_lora.yaml"), "method.rank=4"], "method.rank: unknown key"),
     (["recipes", "copy", "tweets_lroa", "x.yaml"], "did you mean 'tweets_lora'"),
+    # Counts are at least 1: --limit -1 once scored all but the last example, --limit 0 all of them.
+    (["eval", "no/such/run", "--limit", "-1"], "'--limit'"),
+    (["eval", "no/such/run", "--limit", "0"], "'--limit'"),
+    (["drop", "no/such/run", "--lowest", "1", "--limit", "0"], "'--limit'"),
+    *[(["count-params", str(ROOT / "recipes" / "tweets_lora.yaml"), flag, "0"], f"'{flag}'")
+      for flag in ("--seq-len", "--batch-size", "--depth", "--num-labels")],
 ])
 def test_exit_2_on_bad_input(args, message):
     res = runner.invoke(app, args)
