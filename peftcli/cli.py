@@ -513,10 +513,14 @@ def validate(
                                        "example with the tokens the loss covers highlighted")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="refuse malformed data rows (data.strict)")] = False,
 ) -> None:
-    """Check a recipe without running it."""
+    """Check a recipe without running it: its keys, then its method on the model's structure (no
+    weights read), and with --data its data."""
+    from peftcli.commands.validate import method_placement
+
     r = _load(recipe, overrides)
     if strict:
         r.data.strict = True
+    out.print(method_placement(r), highlight=False, soft_wrap=True)
     if data:
         from peftcli.core.quiet import quiet_command
 

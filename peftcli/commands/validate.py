@@ -34,6 +34,25 @@ class DataReport:
     kto_label: str = ""
 
 
+def method_placement(r: Recipe) -> str:
+    """Attach the recipe's method to its model on the meta device (no weights read), so that targets
+    and layers the model lacks are refused by `validate` as `train` would refuse them. Returns what
+    was checked, in words. Only a model whose config is on this machine (a local folder, an embedded
+    model) is checked: validate never waits on the network."""
+    from peftcli.models.loading import ModelLoadError
+    from peftcli.models.skeleton import local_config
+    from peftcli.training.budget import method_on_meta
+
+    if local_config(r.model.name) is None:
+        return ("method placement not checked: the model's config.json is not on this machine "
+                "(`peftcli count-params` fetches it and checks)")
+    try:
+        _, _, _, built_from = method_on_meta(r)
+    except ModelLoadError as e:
+        return f"method placement not checked ({str(e).splitlines()[0]})"
+    return f"method {r.method_name} fits {r.model.name}: targets and layers checked on its {built_from}"
+
+
 def data_report(r: Recipe) -> DataReport:
     """Tokenize the recipe's data as training does and measure what the loss covers."""
     tok = load_tokenizer(r.model.name, trust_remote_code=r.model.trust_remote_code)  # the user's own recipe

@@ -110,8 +110,11 @@ def _transformers_meta(recipe: Recipe):
                       trust_remote_code=m.trust_remote_code)
 
 
-def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
-    from peftcli.models.quant import quantized_names
+def method_on_meta(recipe: Recipe):
+    """(model, arch, method spec, what the model was built from): the recipe's method attached to
+    its model on the meta device, no weights read. Targets or layers the model lacks are refused
+    here as `train` would refuse them."""
+    from peftcli.config.recipe import RecipeError
     from peftcli.models.skeleton import skip_meta_fills
     from peftcli.runs.load import attach_recipe
 
@@ -119,6 +122,8 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
         model, built_from = count_model(recipe)
         try:
             arch, spec = attach_recipe(model, recipe)
+        except RecipeError:
+            raise
         except Exception:
             if built_from == META:
                 raise
@@ -126,6 +131,13 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
             # prompt tuning their forward): count on those; a real refusal comes again from there.
             model, built_from = _transformers_meta(recipe), META
             arch, spec = attach_recipe(model, recipe)
+    return model, arch, spec, built_from
+
+
+def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int = 1024) -> dict:
+    from peftcli.models.quant import quantized_names
+
+    model, arch, spec, built_from = method_on_meta(recipe)
     s = trainable_summary(model)
     s["built_from"] = built_from
     # The method's own closed form for what it adds (None where it has none): a cross-check of the count.

@@ -184,8 +184,9 @@ def test_zero_epochs_and_steps_refused(tmp_path):
     ({"name": "unipelt", "lora_targets": ["nope"]}, ["method.lora_targets ['nope'] matches no linear layer"]),
 ])
 def test_targets_and_layers_the_model_lacks(tiny_bert_dir, tiny_csv, tmp_path, method, needles):
-    """Only the built model knows its layers, but the recipe is still the one to fix: train and
-    count-params say so like any recipe problem, with the recipe file, and train writes nothing."""
+    """Only the model knows its layers, but the recipe is still the one to fix: validate (on the
+    model's structure), train and count-params say so like any recipe problem, with the recipe
+    file, and train writes nothing."""
     run = tmp_path / "run"
     rec = write_recipe(
         tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
@@ -193,7 +194,7 @@ def test_targets_and_layers_the_model_lacks(tiny_bert_dir, tiny_csv, tmp_path, m
         method=method, train={"max_steps": 2, "batch_size": 4, "progress": False},
         output={"dir": str(run), "plot": False},
     )
-    for command in ("train", "count-params"):
+    for command in ("validate", "train", "count-params"):
         refused(invoke(command, rec), "r.yaml: 1 problem in the recipe", *needles)
     assert not (run / "metrics.jsonl").exists() and not (run / "adapter").exists()
 

@@ -92,6 +92,10 @@ def test_bash_completion_completes(words, cword, expect):
 def test_exit_0_on_success():
     res = runner.invoke(app, ["validate", str(ROOT / "recipes" / "tweets_lora.yaml")])
     assert res.exit_code == 0, res.output
+    assert "method lora fits sentence-transformers/all-MiniLM-L6-v2" in res.output
+    # A hub id whose config is not on this machine: validated without the network, and it says so.
+    res = runner.invoke(app, ["validate", str(ROOT / "recipes" / "tweets_lora.yaml"), "model.name=org/not-here"])
+    assert res.exit_code == 0 and "method placement not checked" in res.output, res.output
 
 
 @pytest.mark.parametrize("args,message", [
