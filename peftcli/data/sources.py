@@ -163,6 +163,26 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
+def _first_bad_json_line(p: Path) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object, in words; None when every line
+    is one, or the file is a JSON list. The reader's own complaint names no line."""
+    import json
+
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if n == 1 and line.lstrip().startswith("["):
+                return None
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                return f"line {n} is not JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {n} is a JSON {type(row).__name__}, not an object"
+    return None
+
+
 def _is_blank(p: Path) -> bool:
     """Whether the file holds nothing but whitespace (read until the first other byte)."""
     with open(p, "rb") as f:
@@ -191,7 +211,8 @@ def _load_file(p: Path, src: str) -> dict[str, list[dict[str, Any]]]:
         first = _first_line(e)
         if "corresponds to no data" in first:  # a header without rows, an empty JSON list
             raise _no_rows(src) from None
-        raise DataError(f"data.source: could not read {src}: {first}\n"
+        where = _first_bad_json_line(p) if suffix in (".json", ".jsonl") else None
+        raise DataError(f"data.source: could not read {src}: {where or first}\n"
                         f"  fix: a {suffix[1:]} file must hold {FILE_SHAPES[suffix]}") from None
     table = {name: [dict(r) for r in split] for name, split in ds.items()}
     if not any(table.values()):

@@ -37,13 +37,24 @@ def test_an_empty_jsonl_exits_2_in_validate_and_train(tmp_path, tiny_gpt2_dir):
         assert f"{p} has no rows" in " ".join(res.output.split()) and "StopIteration" not in res.output
 
 
-def test_a_file_that_does_not_parse_names_the_error_and_the_shape(tmp_path):
+@pytest.mark.parametrize("lines,where", [
+    (['{"text": "a", "label": "x"}', '', '{oops'], "line 3 is not JSON (Expecting property name"),
+    (['{"text": "a", "label": "x"}', '["b", "y"]'], "line 2 is a JSON list, not an object"),
+])
+def test_a_file_that_does_not_parse_names_the_line_and_the_shape(tmp_path, lines, where):
     p = tmp_path / "bad.jsonl"
-    p.write_text('{"text": "a", "label": "x"}\n{oops\n')
-    with pytest.raises(DataError, match=r"could not read .*bad\.jsonl: JSON parse error.*\n.*one JSON object per line"
-                       ) as e:
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"could not read .*bad\.jsonl: .*\n.*one JSON object per line") as e:
         load_splits(DataConfig(source=str(p)), "classification")
+    assert where in str(e.value)
     assert "network" not in str(e.value) and "generating the dataset" not in str(e.value)
+
+
+def test_a_csv_that_does_not_parse_keeps_the_readers_words(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text('text,label\n"a,x\nb,y,z,w\n')
+    with pytest.raises(DataError, match=r"could not read .*bad\.csv: .+\n.*comma-separated values under a header row"):
+        load_splits(DataConfig(source=str(p)), "classification")
 
 
 def test_only_a_hub_id_gets_the_network_hint():
