@@ -25,11 +25,20 @@ def test_sigterm_raises_stopped_with_the_shell_exit_code():
     assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
-def test_a_deferred_stop_waits_for_the_safe_point_and_a_second_one_does_not():
+@pytest.fixture
+def sigint_handled():
+    """SIGINT as an interactive Python has it. A suite started as a background job (`cmd &`, as some
+    CI runners do) inherits SIGINT ignored, which `stop_signals` rightly leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_deferred_stop_waits_for_the_safe_point_and_a_second_one_does_not(sigint_handled):
     with signals.stop_signals(), signals.deferred():
         os.kill(os.getpid(), signal.SIGINT)
-        # The kernel may hand the signal to any thread of the process; on a loaded machine that
-        # thread can wait its turn for longer than a fixed sleep, so wait for the record itself.
+        # The kernel may hand the signal to any thread of the process, which may wait its turn on a
+        # loaded machine: wait for the record itself rather than a fixed time.
         deadline = time.monotonic() + 30
         while signals.requested() is None and time.monotonic() < deadline:
             time.sleep(0.01)
