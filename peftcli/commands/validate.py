@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftcli.config.recipe import Recipe
+from peftcli.config.recipe import Recipe, RecipeError
+from peftcli.core.errors import BadInput
 from peftcli.data.batching import batches, length_group_size
 from peftcli.data.packing import pack_for_training
 from peftcli.data.splits import malformed_summary
@@ -48,7 +49,9 @@ def method_placement(r: Recipe) -> str:
                 "(`peftcli count-params` fetches it and checks)")
     try:
         _, _, _, built_from = method_on_meta(r)
-    except ModelLoadError as e:
+    except RecipeError:
+        raise
+    except (ModelLoadError, BadInput) as e:  # e.g. AdapterFusion's source runs, not trained yet
         return f"method placement not checked ({str(e).splitlines()[0]})"
     return f"method {r.method_name} fits {r.model.name}: targets and layers checked on its {built_from}"
 

@@ -96,6 +96,10 @@ def test_exit_0_on_success():
     # A hub id whose config is not on this machine: validated without the network, and it says so.
     res = runner.invoke(app, ["validate", str(ROOT / "recipes" / "tweets_lora.yaml"), "model.name=org/not-here"])
     assert res.exit_code == 0 and "method placement not checked" in res.output, res.output
+    # AdapterFusion before its source runs are trained: a recipe to plan with, not an error.
+    res = runner.invoke(app, ["validate", str(ROOT / "recipes" / "tweets_fusion.yaml"),
+                              "method.adapters=[no/such/run-a,no/such/run-b]"])
+    assert res.exit_code == 0 and "method placement not checked" in res.output, res.output
 
 
 @pytest.mark.parametrize("args,message", [
