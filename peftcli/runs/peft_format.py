@@ -362,7 +362,9 @@ def recipe_from_peft(src: Path, overrides: list[str] | None = None):
         rows = head_rows(sd)
         if rows:
             raw["model"]["num_labels"] = rows
-    return recipe_from_dict(raw, f"{src}/{PEFT_CONFIG}", overrides or [])
+    recipe = recipe_from_dict(raw, f"{src}/{PEFT_CONFIG}", overrides or [])
+    recipe.source = f"{src}/{PEFT_CONFIG}"  # what a later refusal (targets, layers) names as the file to fix
+    return recipe
 
 
 def head_rows(sd: dict[str, torch.Tensor]) -> int | None:

@@ -285,3 +285,15 @@ def test_init_from_other_method_or_base_model(tiny_run, tiny_bert_dir, tiny_csv,
         )
         refused(invoke("train", rec), "init_from", str(tiny_run / "adapter" / "meta.json"), *needles)
         assert not (out / "metrics.jsonl").exists()
+
+
+def test_import_peft_names_the_adapter_config_for_layers_the_model_lacks(tiny_run, tmp_path):
+    """A PEFT folder's adapter_config.json is the recipe of `import-peft`: a refusal names it."""
+    peft_dir = tmp_path / "peft"
+    assert invoke("export", tiny_run, "--to", "peft", peft_dir).exit_code == 0
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    cfg["layers_to_transform"] = [40]
+    (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    refused(invoke("import-peft", peft_dir, tmp_path / "imported"), f"{peft_dir}/adapter_config.json: 1 problem",
+            "layer 40 is out of range")
+    assert not (tmp_path / "imported").exists()
