@@ -362,8 +362,9 @@ def recipe_from_peft(src: Path, overrides: list[str] | None = None):
         rows = head_rows(sd)
         if rows:
             raw["model"]["num_labels"] = rows
-    recipe = recipe_from_dict(raw, f"{src}/{PEFT_CONFIG}", overrides or [])
-    recipe.source = f"{src}/{PEFT_CONFIG}"  # what a later refusal (targets, layers) names as the file to fix
+    where = f"{src}/{PEFT_CONFIG}"
+    recipe = recipe_from_dict(raw, where, overrides or [])
+    recipe.source = where  # what a later refusal (targets, layers) names as the file to fix
     return recipe
 
 

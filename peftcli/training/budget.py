@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from peftcli.config.recipe import Recipe
+from peftcli.config.recipe import Recipe, RecipeError
 from peftcli.methods.attach import dense_base_refusal, per_module_table, trainable_summary
 from peftcli.models.meta import meta_model
 
@@ -114,7 +114,6 @@ def method_on_meta(recipe: Recipe):
     """(model, arch, method spec, what the model was built from): the recipe's method attached to
     its model on the meta device, no weights read. Targets or layers the model lacks are refused
     here as `train` would refuse them."""
-    from peftcli.config.recipe import RecipeError
     from peftcli.models.skeleton import skip_meta_fills
     from peftcli.runs.load import attach_recipe
 

@@ -97,17 +97,15 @@ def test_parse_layers():
         assert isinstance(e.value, BadInput) and str(e.value).startswith("method.leave_out ")
 
 
-@pytest.mark.parametrize("name,options", [
-    ("lora", {}), ("ia3", {}), ("loha", {}), ("lokr", {}), ("vera", {}), ("krona", {}), ("sparse", {}),
-    ("galore", {}), ("unipelt", {"lora_targets": ["nope"]}),
+@pytest.mark.parametrize("name,key", [
+    ("lora", "targets"), ("ia3", "targets"), ("loha", "targets"), ("lokr", "targets"), ("vera", "targets"),
+    ("krona", "targets"), ("sparse", "targets"), ("galore", "targets"), ("unipelt", "lora_targets"),
 ])
-def test_targets_matching_nothing_are_refused_by_every_method(name, options):
+def test_targets_matching_nothing_are_refused_by_every_method(name, key):
     from peftcli.methods import get_method
     from peftcli.methods.attach import attach_method
 
-    spec = get_method(name)
-    key = "lora_targets" if options else "targets"
-    cfg = spec.config_cls(**{"targets": ["nope"], **options}) if not options else spec.config_cls(**options)
+    cfg = get_method(name).config_cls(**{key: ["nope"]})
     with pytest.raises(TargetError, match=rf"method.{key} \['nope'\] matches no linear layer") as e:
         attach_method(tiny_model("llama"), name, cfg)
     assert "q_proj" in str(e.value) and "down_proj" in str(e.value)  # the names it could have used
