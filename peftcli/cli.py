@@ -138,7 +138,6 @@ def train(
         r.output.dir = str(r.run_dir()) + "-smoke"
         r.output.overwrite = True
         r.train.progress = False
-        r.output.plot = True
     from peftcli.core.quiet import quiet_command
 
     with quiet_command(verbose):
