@@ -6,25 +6,24 @@ folder meanwhile is refused (exit 2) naming the PID that writes it. sweep: a SIG
 running trial with it (no process left), the trial is recorded interrupted, and the rerun resumes
 it to the uninterrupted trial's adapter.
 
-Runs are the `peftcli` entry point forked from a server that imported peftcli once (as in
-test_kill_resume); sweep trials are real subprocesses. PEFTCLI_SLOW_AT=step:S makes each step
+Runs are the `peftcli` entry point forked from a warm interpreter (tests/helpers/warm_cli.py);
+sweep trials are real subprocesses. PEFTCLI_SLOW_AT=step:S makes each step
 last S seconds, so that the signal lands half-way through a tiny run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import multiprocessing
 import os
 import signal
-import sys
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import warm_cli
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # trains, signals and resumes whole runs in subprocesses
@@ -32,56 +31,23 @@ pytestmark = pytest.mark.slow  # trains, signals and resumes whole runs in subpr
 TIMING = {"elapsed_s", "samples_per_s", "tokens_per_s"}
 
 
-def _installed(module: str) -> bool:
+def _start(argv: list[str], log: Path, **env: str) -> warm_cli.CliProcess:
+    return warm_cli.start(argv, log, env={**os.environ, "PEFTCLI_SLOW_AT": "", **env})
+
+
+def _finish(p: warm_cli.CliProcess, timeout: float = 300) -> int:
     try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
-def cli_in_child(argv: list[str], env: dict[str, str], log: str) -> None:
-    """The `peftcli` command in this (forked) process, its output into `log`."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.environ.update(env)
-    sys.argv = ["peftcli", *argv]
-    from peftcli.cli import main
-
-    main()
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([m for m in [
-        "peftcli.cli", "peftcli.training.loop", "peftcli.methods", "peftcli.commands.sweep", "datasets", "pandas",
-        "transformers.models.bert.modeling_bert", "transformers.models.auto.modeling_auto",
-        "transformers.models.auto.tokenization_auto",
-    ] if _installed(m)])
-    return ctx
-
-
-def _start(ctx, argv: list[str], log: Path, **env: str):
-    p = ctx.Process(target=cli_in_child, args=(argv, {"PEFTCLI_SLOW_AT": "", **env}, str(log)))
-    p.start()
-    return p
-
-
-def _finish(p, timeout: float = 300) -> int:
-    p.join(timeout=timeout)
-    if p.is_alive():
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
         p.kill()
-        p.join()
         pytest.fail(f"a run did not finish in {timeout} s")
-    return p.exitcode
 
 
 def _wait_for(what: str, cond, p, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while not cond():
-        if p is not None and not p.is_alive():
-            pytest.fail(f"the run ended (exit {p.exitcode}) before {what}")
+        if p is not None and p.poll() is not None:
+            pytest.fail(f"the run ended (exit {p.poll()}) before {what}")
         if time.monotonic() > end:
             pytest.fail(f"no {what} after {timeout} s")
         time.sleep(0.05)
@@ -131,15 +97,15 @@ def recipe(tiny_bert_dir, tiny_csv, tmp_path):
     return str(path)
 
 
-def test_sigterm_stops_train_at_a_step_and_resume_is_bit_identical(forkserver, recipe, tmp_path):
+def test_sigterm_stops_train_at_a_step_and_resume_is_bit_identical(recipe, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert _finish(_start(forkserver, ["train", recipe, f"output.dir={ref}"], tmp_path / "ref.log")) == 0
-    p = _start(forkserver, ["train", recipe], tmp_path / "run.log", PEFTCLI_SLOW_AT="step:1.5")
+    assert _finish(_start(["train", recipe, f"output.dir={ref}"], tmp_path / "ref.log")) == 0
+    p = _start(["train", recipe], tmp_path / "run.log", PEFTCLI_SLOW_AT="step:1.5")
     lock = tmp_path / ".run.peftcli-lock"
     _wait_for("first step", lambda: len(_steps(run)) >= 1 and lock.exists(), p)
 
     # A second writer on the same folder, while the first trains: refused, naming the first.
-    second = _finish(_start(forkserver, ["train", recipe, "--resume"], tmp_path / "second.log"))
+    second = _finish(_start(["train", recipe, "--resume"], tmp_path / "second.log"))
     said = (tmp_path / "second.log").read_text()
     assert second == 2, said
     assert f"PID {p.pid}" in said and str(run) in said
@@ -153,17 +119,17 @@ def test_sigterm_stops_train_at_a_step_and_resume_is_bit_identical(forkserver, r
     assert state["position"]["step"] == stopped_at  # the checkpoint is of the step it stopped after
     assert not lock.exists()  # released with the process
 
-    assert _finish(_start(forkserver, ["train", recipe, "--resume"], tmp_path / "resume.log")) == 0
+    assert _finish(_start(["train", recipe, "--resume"], tmp_path / "resume.log")) == 0
     assert f"resuming at step {stopped_at}" in (tmp_path / "resume.log").read_text()
     assert _same_adapters(ref, run) == []
     assert _curve(ref) == _curve(run)
 
 
-def test_sigterm_stops_a_sweep_and_its_trial_and_the_rerun_resumes_it(forkserver, recipe, tmp_path):
+def test_sigterm_stops_a_sweep_and_its_trial_and_the_rerun_resumes_it(recipe, tmp_path):
     out = tmp_path / "sw"
     # Random mode with one trial: one run of `peftcli train` as a subprocess of the sweep.
     argv = ["sweep", recipe, "train.lr=1e-3:1e-2", "--trials", "1", "--out", str(out)]
-    p = _start(forkserver, argv, tmp_path / "sweep.log", PEFTCLI_SLOW_AT="step:1.5")
+    p = _start(argv, tmp_path / "sweep.log", PEFTCLI_SLOW_AT="step:1.5")
     trial, trial_lock = out / "trial-001", out / ".trial-001.peftcli-lock"
     _wait_for("trial step", lambda: len(_steps(trial)) >= 1 and trial_lock.exists(), p)
     trial_pid = int(trial_lock.read_text())
@@ -177,13 +143,13 @@ def test_sigterm_stops_a_sweep_and_its_trial_and_the_rerun_resumes_it(forkserver
     assert (trial / "last").is_dir() and not (trial / "summary.json").exists()
     assert "stopped by SIGTERM" in (out / "trial-001.log").read_text()
 
-    assert _finish(_start(forkserver, argv, tmp_path / "sweep2.log")) == 0, (out / "trial-001.log").read_text()
+    assert _finish(_start(argv, tmp_path / "sweep2.log")) == 0, (out / "trial-001.log").read_text()
     recs = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
     assert [r["status"] for r in recs] == ["interrupted", "done"]
     assert "--resume" in (out / "trial-001.log").read_text().split("=== ")[-1].splitlines()[0]
 
     ref = tmp_path / "ref"
-    assert _finish(_start(forkserver, ["train", str(out / "trial-001.yaml"), f"output.dir={ref}"],
+    assert _finish(_start(["train", str(out / "trial-001.yaml"), f"output.dir={ref}"],
                           tmp_path / "ref.log")) == 0
     assert _same_adapters(ref, trial) == []
     assert _curve(ref) == _curve(trial)
