@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import warm_cli
 from helpers.adapter_runs import make_run
 
 pytestmark = pytest.mark.slow  # a real server process per module: the fast lane has test_serve_api and test_serve_app
@@ -32,7 +33,8 @@ def free_port() -> int:
 
 
 class Server:
-    """`peftcli serve` in a child process; always stopped (SIGINT, then kill) by the fixture."""
+    """`peftcli serve` in a process of its own (forked warm: tests/helpers/warm_cli.py); always
+    stopped (SIGINT, then kill) by the fixture."""
 
     def __init__(self, runs: list[str], log: Path, timeout_s: float = 120, extra: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> None:
@@ -44,10 +46,8 @@ class Server:
         self.headers = {"Content-Type": "application/json"}
         if "PEFTCLI_API_KEY" in env:
             self.headers["Authorization"] = f"Bearer {env['PEFTCLI_API_KEY']}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peftcli.cli", "serve", *runs, "--port", str(self.port), "--device", "cpu",
-             "--host", "127.0.0.1", *extra],
-            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = warm_cli.start(["serve", *runs, "--port", str(self.port), "--device", "cpu",
+                                    "--host", "127.0.0.1", *extra], log, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,5 +1,6 @@
-"""No recipe makes the loop spin without progress: each case is a real `peftcli` process under a
-timeout, refused with exit 2 and the numbers that do not fit before any step."""
+"""No recipe makes the loop spin without progress: each case is a `peftcli` process of its own under
+a timeout (forked from a warm interpreter, tests/helpers/warm_cli.py; the launch of two ranks is a
+real one), refused with exit 2 and the numbers that do not fit before any step."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ from pathlib import Path
 
 import pytest
 from conftest import write_recipe
+from helpers import warm_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _peftcli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return env
+
+
+def _peftcli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -40,7 +46,7 @@ def recipe(tiny_bert_dir, tiny_csv, tmp_path) -> str:
     ("train.batch_size=64", ["44 training rows", "batch_size 64"]),
 ])
 def test_a_recipe_that_cannot_step_is_refused(recipe, tmp_path, override, words):
-    res = _peftcli("train", recipe, override)
+    res = warm_cli.run(["train", recipe, override], tmp_path / "out", env=_env(), cwd=REPO, timeout=180)
     out = " ".join((res.stdout + res.stderr).split())
     assert res.returncode == 2, out[-2000:]
     assert all(w in out for w in words), out[-2000:]
