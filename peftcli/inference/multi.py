@@ -425,11 +425,15 @@ def generate_mixed(
     return [t.strip() for t in tok.batch_decode(outs, skip_special_tokens=True)]
 
 
+PROMPT_KEYS = {"adapter", "prompt", "max_new_tokens"}
+
+
 def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[list[tuple[str, str]], list[int]]:
     """A JSONL prompts file -> (adapter, prompt) pairs and per-prompt token limits.
 
     Each line is {"adapter": NAME, "prompt": TEXT} with an optional "max_new_tokens"; "adapter"
-    may be left out when one run is loaded, and may name the base model (no adapter).
+    may be left out when one run is loaded, and may name the base model (no adapter). Any other
+    key is refused: a misspelt or OpenAI-style one ("max_tokens") would otherwise be dropped unseen.
     """
     import json
 
@@ -453,6 +457,10 @@ def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise MultiAdapterError(f'{where}: needs a "prompt" string, e.g. {{"adapter": "{multi.names[0]}", '
                                     '"prompt": "..."}')
+        unknown = sorted(set(row) - PROMPT_KEYS)
+        if unknown:
+            raise MultiAdapterError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                                    f"{', '.join(map(repr, unknown))}; a line takes {', '.join(sorted(PROMPT_KEYS))}")
         name = row.get("adapter", only)
         if name is None:
             raise MultiAdapterError(f'{where}: no "adapter"; with several runs each line names one of: {known}')

@@ -169,6 +169,12 @@ def test_generate_cli_bad_input_exits_2(decoder_runs, encoder_runs, tmp_path):
     res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), "--prompts", str(p)])
     assert res.exit_code == 2
     assert "line 2: adapter 'zz' is not loaded" in res.output
+    # An OpenAI-style key is refused, not dropped: the answer would run to the default length.
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text('{"adapter": "a", "prompt": "ok", "max_tokens": 3}\n')
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), "--prompts", str(typo)])
+    assert res.exit_code == 2, res.output
+    assert "line 1: unknown key 'max_tokens'; a line takes adapter, max_new_tokens, prompt" in " ".join(res.output.split())
     # Runs on different base models are refused before any model is built.
     res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), f"x={encoder_runs['a']}", "--prompts", str(p)])
     assert res.exit_code == 2
