@@ -41,8 +41,8 @@ from peftcli.core.adapter_merging import (
 from peftcli.methods import get_method
 from peftcli.methods.attach import pick_device
 from peftcli.methods.registry import MethodSpec
-from peftcli.models.meta import meta_model, misfits
-from peftcli.runs.load import SavedRun, attach_recipe, load_run, open_run, same_model
+from peftcli.models.meta import misfits
+from peftcli.runs.load import SavedRun, load_run, open_run, run_on_meta, same_model
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import is_peft_folder
 
@@ -134,21 +134,11 @@ def _same_target(runs: Sequence[SavedRun]) -> tuple[MethodSpec, str]:
     return get_method(name), name
 
 
-def _method_on_meta(recipe: Recipe, label_names: list[str] | None):
-    """The recipe's model with its method attached, on the meta device (no weights read), with
-    as many classes as the run has labels."""
-    m = recipe.model
-    model = meta_model(m.name, m.task, num_labels=m.num_labels or (len(label_names) if label_names else None),
-                       attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
-    arch, _ = attach_recipe(model, recipe)
-    return model, arch
-
-
 def _parameter_order(recipe: Recipe) -> tuple[list[str], tuple[str, ...], Any]:
     """The names of the tensors the method saves on the recipe's model, in the model's order, the
     name prefixes of its task head, and the model's architecture map. Order matters: a random
     rule draws its masks module by module, as HF PEFT does."""
-    model, arch = _method_on_meta(recipe, None)
+    model, arch, _ = run_on_meta(recipe, None)
     heads = [n for n, _ in arch.head_modules()]
     pooler = arch.pooler()
     if pooler is not None:
@@ -205,7 +195,7 @@ def _base_weights(recipe: Recipe, label_names: list[str] | None) -> Callable[[st
 def _check_written(recipe: Recipe, label_names: list[str] | None, state: dict[str, torch.Tensor]) -> None:
     """The written tensors are exactly the trainable parameters the recipe builds, shape for shape,
     on a model built on the meta device: the check for a 4-bit base, which loads only on CUDA."""
-    model, _ = _method_on_meta(recipe, label_names)
+    model, _, _ = run_on_meta(recipe, label_names)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     bad = misfits(params, state)
     if bad:

@@ -19,8 +19,8 @@ from peftcli.config.recipe import Recipe, load_recipe, recipe_yaml
 from peftcli.core.errors import CheckpointError
 from peftcli.core.peft_layout import Layout
 from peftcli.methods.attach import pick_device, trainable_summary
-from peftcli.models.meta import meta_model, misfits
-from peftcli.runs.load import attach_recipe, build, open_run
+from peftcli.models.meta import misfits
+from peftcli.runs.load import build, open_run, run_on_meta
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import (
     export_model,
@@ -56,9 +56,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code:
 
     saved = open_run(run, trust_remote_code=trust_remote_code, before_weights=writable)
     recipe, sd, labels = saved.recipe, saved.state, saved.meta.get("label_names")
-    model = meta_model(recipe.model.name, recipe.model.task, num_labels=len(labels) if labels else recipe.model.num_labels,
-                       attn_implementation=recipe.model.attn_implementation, trust_remote_code=trust_remote_code)
-    arch, spec = attach_recipe(model, recipe)
+    model, arch, spec = run_on_meta(recipe, labels)
     _refuse_edited_recipe(model, sd, saved.adapter_dir, saved.recipe_file)
     with replacing(dest, kind="export") as tmp:
         return export_model(model, arch, spec, recipe, sd, tmp)

@@ -99,10 +99,12 @@ def _label_names(
     all_ids = len(ints) == len(values)
     if names is None and not all_ids:
         names = sorted({str(v) for v in values})
-        if num_labels and len(names) > num_labels:
+        if num_labels and len(names) != num_labels:
+            # Fewer: the head would be sized by the names found, not by the recipe's number.
+            more = "" if len(names) > num_labels else ", or list every class in data.label_names"
             raise DataError(
                 f"model.num_labels: {src} has {len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) but model.num_labels is "
-                f"{num_labels}; set model.num_labels: {len(names)} or null"
+                f"{num_labels}; set model.num_labels: {len(names)} or null{more}"
             )
         return names, False
     n = len(names) if names is not None else num_labels

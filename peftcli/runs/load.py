@@ -33,6 +33,7 @@ from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
 from peftcli.methods.targets import TargetError
 from peftcli.models.loading import FLAG_HINT, RECIPE_HINT, load_base_model, load_tokenizer
+from peftcli.models.meta import meta_model
 from peftcli.runs.checkpoint import load_adapter_state
 
 
@@ -59,12 +60,11 @@ def base_model(recipe: Recipe, device: torch.device, label_names: list[str] | No
     trust, hint = ((recipe.model.trust_remote_code, RECIPE_HINT) if trust_remote_code is None
                    else (trust_remote_code, FLAG_HINT))
     tok = load_tokenizer(recipe.model.name, trust_remote_code=trust, hint=hint)
-    num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
     dtype = resolve_dtype(recipe.model.dtype, device)
     model = load_base_model(
         recipe.model.name,
         recipe.model.task,
-        num_labels=num_labels,
+        num_labels=head_size(recipe, label_names),
         dtype=dtype,
         attn_implementation=recipe.model.attn_implementation,
         quantization=recipe.model.quantization,
@@ -78,6 +78,24 @@ def base_model(recipe: Recipe, device: torch.device, label_names: list[str] | No
     if model.config.pad_token_id is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def head_size(recipe: Recipe, label_names: list[str] | None) -> int | None:
+    """A classifier's outputs: one per class name where the run has them (transformers sizes the
+    head by the names it is given), else the recipe's model.num_labels; None lets the model's
+    config decide. The data check keeps the two equal where both are set (`data.splits`)."""
+    return len(label_names) if label_names else recipe.model.num_labels
+
+
+def run_on_meta(recipe: Recipe, label_names: list[str] | None) -> tuple[nn.Module, Arch, MethodSpec]:
+    """A saved run's model with its method attached on the meta device, no weights read: the names
+    and shapes its adapter must fit. The recipe is the run's (`open_run`), whose
+    model.trust_remote_code is the command line's flag."""
+    m = recipe.model
+    model = meta_model(m.name, m.task, num_labels=head_size(recipe, label_names),
+                       attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    arch, spec = attach_recipe(model, recipe)
+    return model, arch, spec
 
 
 def attach_recipe(model: nn.Module, recipe: Recipe) -> tuple[Arch, MethodSpec]:

@@ -60,3 +60,16 @@ def test_a_csv_that_does_not_parse_keeps_the_readers_words(tmp_path):
 def test_only_a_hub_id_gets_the_network_hint():
     with pytest.raises(DataError, match=r"could not load 'someone/no-such-set' from the hub: .*\n.*without a network"):
         load_splits(DataConfig(source="someone/no-such-set"), "classification")
+
+
+@pytest.mark.parametrize(("num_labels", "words"), [
+    (1, "has 2 classes (neg, pos) but model.num_labels is 1; set model.num_labels: 2 or null"),
+    (3, "but model.num_labels is 3; set model.num_labels: 2 or null, or list every class in data.label_names"),
+])
+def test_class_names_and_num_labels_must_agree(tmp_path, num_labels, words):
+    """The head is sized by the class names found: a different model.num_labels is refused, not ignored."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20)))
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(source=str(path), eval_size=4), "classification", num_labels)
+    assert words in str(e.value)

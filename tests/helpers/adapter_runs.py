@@ -62,7 +62,7 @@ def spread(model: torch.nn.Module, seed: int = 7) -> None:
 
 
 def make_run_on_data(tmp: Path, model_dir: Path, method: dict, data: Path, *, task: str = "classification",
-             seed: int = 3) -> Path:
+             seed: int = 3, model: dict | None = None) -> Path:
     """A run folder as `peftcli train` writes it, with random adapter weights (no training)."""
     from peftcli.config.recipe import load_recipe, recipe_yaml
     from peftcli.core.files import atomic_file_write
@@ -74,7 +74,7 @@ def make_run_on_data(tmp: Path, model_dir: Path, method: dict, data: Path, *, ta
     data_cfg = {"source": str(data), "text_column": "sentence", "max_length": 32}
     if task == "causal_lm":
         data_cfg.update(prompt_column="prompt", response_column="response")
-    path = write_recipe(tmp / "recipe.yaml", model={"name": str(model_dir), "task": task}, data=data_cfg,
+    path = write_recipe(tmp / "recipe.yaml", model={"name": str(model_dir), "task": task, **(model or {})}, data=data_cfg,
                         method=method, output={"dir": str(run)})
     r = load_recipe(path)
     labels = ["negative", "positive"] if task == "classification" else None

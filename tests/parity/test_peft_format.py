@@ -310,6 +310,24 @@ def test_cli_export_then_peft_loads(method, tmp_path, tiny_bert_dir, tiny_csv):
     assert res.exit_code == 2 and "--force" in res.output
 
 
+def test_cli_export_and_combine_size_the_head_by_the_runs_class_names(tmp_path, tiny_bert_dir, tiny_csv):
+    """A run whose recipe.yaml says model.num_labels 3 but which has two class names (written before
+    the data check refused that) has a head of 2, as transformers sized it: export and combine
+    rebuild the model with 2 (combine once took the recipe's 3 and refused the run as edited)."""
+    for n in ("a", "b"):
+        (tmp_path / n).mkdir()
+    runs = [make_run_on_data(tmp_path / n, tiny_bert_dir, METHODS["lora"], tiny_csv, seed=s, model={"num_labels": 3})
+            for n, s in (("a", 1), ("b", 2))]
+    res = runner.invoke(app, ["export", str(runs[0]), "--to", "peft", str(tmp_path / "peft")])
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    head = [v for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items() if "classifier" in k]
+    assert head and all(t.shape[0] == 2 for t in head)
+    res = runner.invoke(app, ["combine", str(runs[0]), str(runs[1]), str(tmp_path / "both"), "--how", "linear"])
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.parametrize("method", [{"name": "houlsby"}, {"name": "krona"}, {"name": "bitfit"}])
 def test_cli_export_refuses_methods_peft_lacks(method, tmp_path, tiny_bert_dir, tiny_csv):
     run = make_run_on_data(tmp_path, tiny_bert_dir, method, tiny_csv)
