@@ -179,13 +179,21 @@ def check_adapter_matches(recipe: Recipe, meta: dict, adapter_dir: Path, recipe_
     )
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[dict], list[dict]]:
+# A smoke run scores 16 validation and 16 test rows (the first ones truncation leaves with something
+# to score): it tokenizes this many of each, in training and again when it reloads the run.
+SMOKE_SCORED, SMOKE_TOKENIZED = 16, 64
+
+
+def prepare_data(recipe: Recipe, tokenizer, limits: tuple[int | None, int | None] = (None, None),
+                 ) -> tuple[Splits, list[dict], list[dict], list[dict]]:
     """Tokenized training, validation and held-out test examples (unpacked:
     `peftcli.data.packing.pack_for_training` packs them).
 
     Malformed rows are left out and listed in `splits.malformed`; with data.strict they are refused.
     Examples that truncation leaves with no trained token are left out and counted in `splits.notes`;
-    a split left with none is refused.
+    a split left with none is refused. `limits` tokenizes only the first rows of training and of
+    validation and test (a smoke run takes a few batches; tokenizing thousands of rows for those
+    took longer than its steps).
     """
     cfg = recipe.data
     objective = recipe.train.objective
@@ -193,9 +201,10 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[Splits, list[dict], list[di
               else load_preference_splits(cfg, objective))
     task = recipe.model.task
     parts = []
-    for role, rows, split in (("training", splits.train, cfg.train_split),
-                              ("validation", splits.val, cfg.val_split or cfg.train_split),
-                              ("test", splits.eval, cfg.eval_split or cfg.train_split)):
+    for role, rows, split, limit in (("training", splits.train, cfg.train_split, limits[0]),
+                                     ("validation", splits.val, cfg.val_split or cfg.train_split, limits[1]),
+                                     ("test", splits.eval, cfg.eval_split or cfg.train_split, limits[1])):
+        rows = rows[:limit]
         untrained: list[Untrained] = []
         if objective == "sft":
             parts.append(tokenize(rows, tokenizer, task, cfg, split=split, malformed=splits.malformed,

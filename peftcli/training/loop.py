@@ -44,7 +44,7 @@ from peftcli.models.packed_attention import packed_rows
 from peftcli.models.trim import trim_unread_positions
 from peftcli.runs import folder as runfolder
 from peftcli.runs.checkpoint import recover_checkpoint, save_adapter
-from peftcli.runs.load import build, collator, prepare_data, train_collator
+from peftcli.runs.load import SMOKE_SCORED, SMOKE_TOKENIZED, build, collator, prepare_data, train_collator
 from peftcli.runs.lock import folder_lock
 from peftcli.runs.state import (
     Position,
@@ -383,7 +383,10 @@ def _read_examples(recipe: Recipe, smoke: bool, world: int, console: Console, tr
 
     tcfg = recipe.train
     tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=trust_remote_code)
-    splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer)
+    # A smoke run trains on 4 batches: twice that many rows are tokenized, for those that truncation
+    # leaves with nothing to train on.
+    limits = (8 * tcfg.batch_size * max(world, 1), SMOKE_TOKENIZED) if smoke else (None, None)
+    splits, train_ex, val_ex, test_ex = prepare_data(recipe, tokenizer, limits)
     if splits.malformed:
         console.print(f"[yellow]{escape(recipe.data.source)}: {escape(malformed_summary(splits.malformed))}; "
                       "--strict refuses them[/]")
@@ -392,7 +395,8 @@ def _read_examples(recipe: Recipe, smoke: bool, world: int, console: Console, tr
     n_examples = len(train_ex)
     train_ex = pack_for_training(recipe, train_ex)
     if smoke:
-        train_ex, val_ex, test_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)], val_ex[:16], test_ex[:16]
+        train_ex = train_ex[: 4 * tcfg.batch_size * max(world, 1)]
+        val_ex, test_ex = val_ex[:SMOKE_SCORED], test_ex[:SMOKE_SCORED]
     # Rows for one whole global batch also give every rank at least grad_accum micro-batches.
     if len(train_ex) < tcfg.batch_size * tcfg.grad_accum * world:
         raise DataError(
