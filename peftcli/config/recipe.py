@@ -35,7 +35,7 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 class ModelConfig:
     name: str = opt("sentence-transformers/all-MiniLM-L6-v2", "hub id or local folder of the base model")
     task: Literal["classification", "causal_lm"] = opt("classification", "what the model is trained to do")
-    num_labels: int | None = opt(None, "classification classes; null = taken from the data", min=2)
+    num_labels: int | None = opt(None, "classification classes; null = taken from the data; when set, the data (or data.label_names) must have exactly that many", min=2)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the frozen base weights; auto = float32 on CPU, bfloat16 on CUDA"
     )

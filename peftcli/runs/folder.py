@@ -110,10 +110,10 @@ def foreign_entries(path: Path) -> list[str]:
         return foreign
     # Names alone prove nothing (a user's folder may hold a recipe.yaml and a metrics.jsonl):
     # without a marker, the folder must also read as a run peftcli wrote.
-    return [] if _reads_as_run(path) else sorted(n for n in names if not (is_temp_name(n) or is_lock_name(n)))
+    return [] if reads_as_run(path) else sorted(n for n in names if not (is_temp_name(n) or is_lock_name(n)))
 
 
-def _reads_as_run(path: Path) -> bool:
+def reads_as_run(path: Path) -> bool:
     """recipe.yaml parses as a peftcli recipe and adapter/meta.json names a registered method."""
     import yaml
 
@@ -146,14 +146,17 @@ def is_ours(path: Path) -> bool:
 
 
 def write_marker(folder: Path, kind: str) -> None:
-    """(Re)write MARKER listing the folder's entries as they are now: the list is what a later
-    `--force` may delete, so call it after the last file is written."""
+    """(Re)write MARKER listing the folder's entries as they are now (a training run's: only the
+    names a run writes): the list is what a later `--force` may delete, so call it after the last
+    file is written."""
     from peftcli import __version__
 
     if kind not in KINDS:
         raise ValueError(f"marker kind {kind!r}; expected one of {', '.join(KINDS)}")
     folder = Path(folder)
     entries = sorted(n for n in os.listdir(folder) if n != MARKER and not is_temp_name(n) and not is_lock_name(n))
+    if kind == "run":  # written in place while training: a file someone added meanwhile is not ours
+        entries = [n for n in entries if _is_run_entry(n)]
     atomic_file_write(folder / MARKER,
                       json.dumps({"kind": kind, "entries": entries, "peftcli_version": __version__}, indent=2) + "\n")
 
@@ -229,11 +232,6 @@ def check_destination(dest: Path, *, what: str, sources: Sequence[Path | str | N
         raise UnsafePathError(f"{what} {dest} exists and is not a folder; choose another path or move it away")
     if not any(dest.iterdir()):
         return
-    if not replace:
-        raise UnsafePathError(
-            f"{what} {dest} exists and is not empty; pass --force (output.overwrite: true in a recipe) "
-            "to replace it, or choose another folder"
-        )
     if not is_ours(dest):
         foreign = foreign_entries(dest) or [MARKER]
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -241,6 +239,10 @@ def check_destination(dest: Path, *, what: str, sources: Sequence[Path | str | N
             f"{what} {dest} is not a folder peftcli wrote (it holds {shown}); refusing to delete it. "
             "Choose another folder, or empty this one yourself"
         )
+    if not replace:
+        flag = "output.overwrite=true" if what == "output.dir" else "--force"
+        raise UnsafePathError(f"{what} {dest} holds what peftcli wrote before; pass {flag} to replace it, "
+                              "or choose another folder")
 
 
 # ------------------------------------------------------------------------------ swapping
@@ -341,5 +343,5 @@ def _empty_dir(p: Path) -> bool:
 __all__ = [
     "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
     "foreign_entries", "is_lock_name", "is_ours", "local_inputs", "lock_path", "move_aside", "read_marker",
-    "recover_stale", "replacing", "restore_aside", "write_marker",
+    "reads_as_run", "recover_stale", "replacing", "restore_aside", "write_marker",
 ]

@@ -368,7 +368,7 @@ def _check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world: int
     if resume:
         return _resume_target(recipe, run_dir, world, rank, console)
     if rank == 0:
-        if not recipe.output.overwrite and (run_dir / "recipe.yaml").exists():
+        if not recipe.output.overwrite and (run_dir / "recipe.yaml").exists() and runfolder.is_ours(run_dir):
             raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                                  "set output.overwrite=true to replace it, or choose output.dir")
         runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe),
@@ -543,12 +543,14 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
             _clear_unstarted_run(recipe, run_dir)
         console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         return None, None, False
+    _refuse_foreign_resume(run_dir)
     if rank == 0:  # a kill inside a checkpoint swap leaves it half-renamed: finish or undo it first
         for name in ("last", "adapter"):
             note = recover_checkpoint(run_dir / name)
             if note:
                 console.print(f"[yellow]{note}[/]")
     dist_utils.barrier()
+    _refuse_finished_without_checkpoint(run_dir)
     saved_path = run_dir / "recipe.yaml"
     try:
         saved_recipe = recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)).to_dict()
@@ -563,6 +565,30 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     if saved is None:
         console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
     return saved, saved_recipe, True
+
+
+def _refuse_foreign_resume(run_dir: Path) -> None:
+    """--resume continues only a training run peftcli wrote: a user's folder that holds a
+    recipe.yaml would otherwise be trained into, and a combined or imported adapter retrained from
+    step 0 over itself. Files someone added to a run are left alone (never listed as the run's)."""
+    marker = runfolder.read_marker(run_dir)
+    if marker is None and not runfolder.reads_as_run(run_dir):
+        names = sorted(p.name for p in run_dir.iterdir() if p.name != "recipe.yaml")
+        held = f" (beside recipe.yaml it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        raise RunExistsError(f"--resume: {run_dir} is not a run folder peftcli wrote{held}; check output.dir, "
+                             "or train into a new one")
+    kind = marker["kind"] if marker is not None else "run"
+    if kind != "run":
+        raise RunExistsError(f"--resume: {run_dir} was written by `peftcli {kind.replace('import', 'import-peft')}`, "
+                             "not by training, so there is nothing to resume; to train on from its adapter, set "
+                             f"init_from: {run_dir} and a new output.dir")
+
+
+def _refuse_finished_without_checkpoint(run_dir: Path) -> None:
+    """A finished run whose last/ is gone would retrain from step 0 over its own adapter."""
+    if (run_dir / "summary.json").exists() and not (run_dir / "last").exists():
+        raise RunExistsError(f"--resume: {run_dir} finished and has no checkpoint (last/) to go on from; to train "
+                             f"on from its adapter, set init_from: {run_dir} and a new output.dir")
 
 
 def _clear_unstarted_run(recipe: Recipe, run_dir: Path) -> None:
@@ -604,9 +630,11 @@ def _open_run_folder(s: Session, pos: Position, *, resumed: bool, saved_recipe: 
     # A resumed run re-runs what came after its checkpoint (all of it when it has none yet).
     if dropped := trim_metrics(s.run_dir / "metrics.jsonl", pos.step):
         s.console.print(f"[dim]metrics.jsonl: {dropped} line(s) after the checkpoint dropped; they are re-run[/]")
+    # The marker first: a kill right after recipe.yaml lands must still leave a folder --resume knows.
+    runfolder.write_marker(s.run_dir, "run")
     if saved_recipe is None or saved_recipe != s.recipe.to_dict():
         atomic_file_write(s.run_dir / "recipe.yaml", recipe_yaml(s.recipe))
-    runfolder.write_marker(s.run_dir, "run")
+        runfolder.write_marker(s.run_dir, "run")
 
 
 def _restore_replaced(s: Session) -> None:

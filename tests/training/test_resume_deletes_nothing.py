@@ -102,3 +102,58 @@ def test_overwrite_refuses_a_user_folder_that_only_looks_like_a_run(tiny_bert_di
     assert res.exit_code == 2, res.output
     assert "not a folder peftcli wrote" in res.output and str(out) in res.output.replace("\n", "")
     assert _snapshot(out) == before
+
+
+def test_resume_never_trains_into_a_user_folder_that_holds_a_recipe(tiny_bert_dir, tiny_csv, tmp_path):
+    """A user's folder with their copy of the recipe, notes and a metrics file: --resume used to
+    train into it, list every file in the run's marker, and a later overwrite deleted them."""
+    out = tmp_path / "mine"
+    rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, out)
+    out.mkdir()
+    (out / "recipe.yaml").write_text(Path(rec).read_text())
+    (out / "notes.txt").write_text("mine")
+    (out / "metrics.jsonl").write_text("my own line\n")
+    before = _snapshot(out)
+    res = runner.invoke(app, ["train", rec, "--resume"])
+    assert res.exit_code == 2, res.output
+    assert "is not a run folder peftcli wrote" in " ".join(res.output.split())
+    res = runner.invoke(app, ["train", rec])  # and a fresh run is refused too, naming what is there
+    assert res.exit_code == 2 and "is not a folder peftcli wrote" in " ".join(res.output.split()), res.output
+    assert _snapshot(out) == before
+
+
+def test_a_file_added_to_a_run_is_never_the_runs(tiny_bert_dir, tiny_csv, tmp_path):
+    """--resume may go on beside a user's file, but never lists it as the run's: an overwrite then
+    refuses the folder instead of deleting the file."""
+    import json
+
+    out = tmp_path / "run"
+    rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, out)
+    assert runner.invoke(app, ["train", rec]).exit_code == 0
+    (out / "NOTES.md").write_text("mine")
+    res = runner.invoke(app, ["train", rec, "train.max_steps=3", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "NOTES.md" not in json.loads((out / ".peftcli.json").read_text())["entries"]
+    res = runner.invoke(app, ["train", rec, "output.overwrite=true"])
+    assert res.exit_code == 2 and "NOTES.md" in res.output, res.output
+    assert (out / "NOTES.md").read_text() == "mine"
+
+
+def test_resume_refuses_folders_with_nothing_to_resume(tiny_bert_dir, tiny_csv, tmp_path):
+    """A finished run whose last/ is gone, and a folder another command wrote (here import-peft's
+    kind), would be retrained from step 0 over their adapter."""
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    rec = _recipe(tmp_path, tiny_bert_dir, tiny_csv, out)
+    assert runner.invoke(app, ["train", rec]).exit_code == 0
+    shutil.rmtree(out / "last")
+    adapter = _snapshot(out / "adapter")
+    res = runner.invoke(app, ["train", rec, "--resume"])
+    assert res.exit_code == 2 and "finished and has no checkpoint (last/)" in " ".join(res.output.split()), res.output
+    marker = json.loads((out / ".peftcli.json").read_text())
+    (out / ".peftcli.json").write_text(json.dumps({**marker, "kind": "combine"}))
+    res = runner.invoke(app, ["train", rec, "--resume"])
+    assert res.exit_code == 2 and "written by `peftcli combine`" in " ".join(res.output.split()), res.output
+    assert _snapshot(out / "adapter") == adapter
