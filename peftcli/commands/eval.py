@@ -15,7 +15,7 @@ from peftcli.core.files import atomic_file_write
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.inference.multi import evaluate_runs, load_runs
 from peftcli.methods.attach import pick_device
-from peftcli.runs.load import collator, load_run, prepare_data
+from peftcli.runs.load import collator, load_run, peek_recipe, prepare_data
 from peftcli.training.preference import Objective, reference_for_run
 
 
@@ -91,10 +91,4 @@ def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: s
 
 def _objective(run: Path) -> str:
     """The run's train.objective, from its recipe.yaml (sft when it cannot be read: open_run says why later)."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load((Path(run) / "recipe.yaml").read_text())
-        return str(raw.get("train", {}).get("objective", "sft"))
-    except (OSError, yaml.YAMLError, AttributeError):
-        return "sft"
+    return str(peek_recipe(run).get("train", {}).get("objective", "sft"))

@@ -14,7 +14,7 @@ import torch
 
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
-from peftcli.runs.load import load_run, sample_batch
+from peftcli.runs.load import load_run, peek_recipe, sample_batch
 from peftcli.runs.lock import hold, writes_folders
 
 
@@ -116,26 +116,14 @@ def _is_ours(fn) -> bool:
 
 def _refusal_from_recipe(run: Path) -> str | None:
     """Refuse a non-mergeable method before loading any weights."""
-    import yaml
-
     from peftcli.methods import all_methods
 
-    f = run / "recipe.yaml"
-    if not f.exists():
-        return None
-    raw = yaml.safe_load(f.read_text()) or {}
-    name = (raw.get("method") or {}).get("name")
-    spec = all_methods().get(name)
+    name = peek_recipe(run).get("method", {}).get("name")
+    spec = all_methods().get(name) if isinstance(name, str) else None
     if spec is None or spec.merge is not None:
         return None
     return f"method {name!r} cannot be merged: {spec.merge_refusal or 'it is not a weight delta'}"
 
 
 def _is_nf4_run(run: Path) -> bool:
-    import yaml
-
-    f = run / "recipe.yaml"
-    if not f.exists():
-        return False
-    raw = yaml.safe_load(f.read_text()) or {}
-    return (raw.get("model") or {}).get("quantization") == "nf4"
+    return peek_recipe(run).get("model", {}).get("quantization") == "nf4"

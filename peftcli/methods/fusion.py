@@ -119,8 +119,8 @@ def read_sources(cfg: FusionConfig) -> list[Source]:
         if not f.exists():
             raise FusionError(f"method.adapters[{i}]: {run} is not a peftcli run folder (no recipe.yaml)")
         try:
-            method = dict((yaml.safe_load(f.read_text()) or {}).get("method") or {})
-        except (yaml.YAMLError, AttributeError) as e:
+            method = dict((yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("method") or {})
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError, OSError) as e:  # ValueError: not UTF-8
             raise FusionError(f"method.adapters[{i}]: {f} is not a readable recipe ({e})") from None
         name = method.pop("name", None)
         if not isinstance(name, str):

@@ -298,6 +298,21 @@ def sample_batch(tok, device: torch.device) -> dict[str, torch.Tensor]:
                return_tensors="pt", padding=True).to(device)
 
 
+def peek_recipe(run: str | Path) -> dict[str, dict]:
+    """The sections of a run folder's recipe.yaml as plain dicts, read without checks, for a
+    command's early choices (mergeable? a preference run?); {} for a section, or for the whole file,
+    that cannot be read as one: `open_run` then refuses the file with the reason."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
 def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:
     """A recipe read from a run or adapter folder, with `model.trust_remote_code` set to the
     command line's flag: what a folder says is never consent to run code (and a folder written

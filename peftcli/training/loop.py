@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftcli.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_yaml
+from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_yaml
 from peftcli.core import signals
 from peftcli.core.errors import BadInput, DataError
 from peftcli.core.faults import kill_point
@@ -552,10 +551,7 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     dist_utils.barrier()
     _refuse_finished_without_checkpoint(run_dir)
     saved_path = run_dir / "recipe.yaml"
-    try:
-        saved_recipe = recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)).to_dict()
-    except yaml.YAMLError as e:
-        raise RunExistsError(f"{saved_path}: not valid YAML ({e}); the run folder is damaged") from None
+    saved_recipe = load_recipe(saved_path).to_dict()  # a damaged file is refused with the reason (exit 2)
     saved = read_trainer_state(run_dir / "last")
     if world > 1:
         dist_utils.check_folder_shared(

@@ -280,6 +280,23 @@ def test_corrupt_meta_json_named(run):
     error_line(res, f)
 
 
+@pytest.mark.parametrize("content", [b"method: {name: lora\n", b"- a list\n", b"method: lora\n", b"\xff\xfe\x00"],
+                         ids=["yaml", "list", "section", "binary"])
+@pytest.mark.parametrize("cmd", ["eval", "merge", "resume"])
+def test_damaged_recipe_of_a_run_is_named_with_exit_2(run, tmp_path, content, cmd):
+    """Each command that reads a run's recipe.yaml refuses a damaged one by name (merge and eval
+    peeked at it first and stopped with exit 1 and PyYAML's or Python's own words)."""
+    recipe = run / "recipe.yaml"
+    own = tmp_path / "own.yaml"
+    own.write_bytes(recipe.read_bytes())
+    recipe.write_bytes(content)
+    args = {"eval": ["eval", run], "merge": ["merge", run, tmp_path / "m"],
+            "resume": ["train", own, f"output.dir={run}", "--resume"]}[cmd]
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert str(recipe) in res.output.replace("\n", "") and "Traceback" not in res.output
+
+
 # ------------------------------------------------------------------------------ item 2: destinations
 
 
