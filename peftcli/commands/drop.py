@@ -10,6 +10,7 @@ unchanged.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -155,9 +156,11 @@ def drop_run(
 def _chosen_layers(layers: str | None, lowest: int | None, n: int) -> list[int]:
     """The layers `--layers` or `--lowest` names, for a model of `n` layers."""
     chosen = parse_layers(layers, n, "--layers") if layers is not None else []
+    if layers is not None and not chosen:  # "" or a reversed range such as 5-2
+        raise DropError(f"--layers {layers!r} names no layer; write layers as 0-4 or 0,2,5 (low to high)")
     if lowest is not None:
-        if not 0 <= lowest <= n:
-            raise DropError(f"--lowest {lowest}: the model has {n} layers")
+        if not 1 <= lowest <= n:
+            raise DropError(f"--lowest {lowest}: give 1 to {n}, the number of layers to drop adapters from")
         chosen = list(range(lowest))
     return chosen
 
@@ -166,7 +169,8 @@ def _destination(run: Path, dest: str | Path | None, chosen: list[int], prune_fu
     """--out, or a sibling of the run named for what was dropped (RUN-drop-layers0-3-fusion2)."""
     tag = "-".join(([f"layers{_span(chosen)}"] if chosen else [])
                    + ([f"fusion{prune_fusion}"] if prune_fusion is not None else [])) or "none"
-    dest = Path(dest) if dest is not None else run.with_name(f"{run.name}-drop-{tag}")
+    real = Path(os.path.realpath(run))  # `drop .` names the sibling after the folder itself
+    dest = Path(dest) if dest is not None else real.with_name(f"{real.name}-drop-{tag}")
     if dest.resolve() == run.resolve():
         raise DropError("the dropped run needs its own folder; choose another --out")
     return dest
@@ -202,7 +206,7 @@ def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, repor
     with replacing(dest, kind="drop") as tmp:
         (tmp / "adapter").mkdir()
         for f in src_adapter.iterdir():
-            if f.is_file() and not is_trainer_state(f.name):
+            if f.is_file() and not f.is_symlink() and not is_trainer_state(f.name):  # never what a link points at
                 shutil.copy2(f, tmp / "adapter" / f.name)
         (tmp / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
         rec.output.dir = str(dest)

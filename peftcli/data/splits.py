@@ -164,6 +164,10 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
         # Built-in rows without a label (tweets with no recorded agreement) are kept until after the
         # split, so that derived tasks share the main task's train/held-out partition.
         label_names, ids = _label_names(in_use, cfg, col.label, num_labels, keep_missing=rows is not None)
+        if len(label_names) < 2:  # trains to a constant: "100 % accuracy", nothing learnt
+            found = f"one class ({label_names[0]!r})" if label_names else "no class"
+            raise DataError(f"data.label_column: {cfg.source} has {found} in column {col.label!r}; a classifier "
+                            "needs at least two: check data.label_column and the data")
         train, val, held = _partition(table, cfg)
         val_from = _val_from(cfg, len(val))
         train, val, held = (_class_rows(part, cfg, col, label_names, ids) for part in (train, val, held))

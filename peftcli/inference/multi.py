@@ -445,7 +445,12 @@ def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[
     known = ", ".join([*multi.names, multi.base_name])
     reqs: list[tuple[str, str]] = []
     limits: list[int] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MultiAdapterError(f"--prompts {path}: not a text file (not UTF-8); pass a JSONL file, one "
+                                '{"adapter": NAME, "prompt": TEXT} per line') from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
@@ -462,6 +467,8 @@ def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[
             raise MultiAdapterError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
                                     f"{', '.join(map(repr, unknown))}; a line takes {', '.join(sorted(PROMPT_KEYS))}")
         name = row.get("adapter", only)
+        if name is not None and not isinstance(name, str):
+            raise MultiAdapterError(f'{where}: "adapter" must be a name (a string), not {name!r}; use one of: {known}')
         if name is None:
             raise MultiAdapterError(f'{where}: no "adapter"; with several runs each line names one of: {known}')
         if name != multi.base_name and name not in multi.adapters:

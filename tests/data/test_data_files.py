@@ -73,3 +73,12 @@ def test_class_names_and_num_labels_must_agree(tmp_path, num_labels, words):
     with pytest.raises(DataError) as e:
         load_splits(DataConfig(source=str(path), eval_size=4), "classification", num_labels)
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("label", ["pos", "0"])
+def test_one_class_is_refused(tmp_path, label):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{label}\n" for i in range(20)))
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(source=str(path), eval_size=4), "classification")
+    assert f"has one class ('{label}') in column 'label'; a classifier needs at least two" in str(e.value)

@@ -175,6 +175,12 @@ def test_generate_cli_bad_input_exits_2(decoder_runs, encoder_runs, tmp_path):
     res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), "--prompts", str(typo)])
     assert res.exit_code == 2, res.output
     assert "line 1: unknown key 'max_tokens'; a line takes adapter, max_new_tokens, prompt" in " ".join(res.output.split())
+    typo.write_text('{"adapter": ["a"], "prompt": "ok"}\n')
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), "--prompts", str(typo)])
+    assert res.exit_code == 2 and "\"adapter\" must be a name" in res.output, res.output
+    typo.write_bytes(b"\xff\xfe{")
+    res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), "--prompts", str(typo)])
+    assert res.exit_code == 2 and "not a text file (not UTF-8)" in res.output, res.output
     # Runs on different base models are refused before any model is built.
     res = CliRunner().invoke(app, ["generate", str(decoder_runs["a"]), f"x={encoder_runs['a']}", "--prompts", str(p)])
     assert res.exit_code == 2

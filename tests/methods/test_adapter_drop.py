@@ -149,7 +149,10 @@ def test_drop_command_writes_a_run_that_reloads_dropped(robust_run, tmp_path):
 
 @pytest.mark.parametrize("args,msg", [
     ([], "say what to drop"),
-    (["--lowest", "9"], "has 2 layers"),
+    (["--lowest", "9"], "give 1 to 2"),
+    (["--lowest", "0"], "give 1 to 2"),
+    (["--layers", "1-0"], "names no layer"),
+    (["--layers", ""], "names no layer"),
     (["--layers", "5"], "out of range"),
     (["--lowest", "1", "--layers", "0"], "give one"),
     (["--prune-fusion", "1"], "not a fused one"),
@@ -158,3 +161,15 @@ def test_drop_bad_input_exit_2(robust_run, args, msg):
     _, run, _ = robust_run
     res = runner.invoke(app, ["drop", str(run), *args])
     assert res.exit_code == 2 and msg in res.output, res.output
+    assert not list(run.parent.glob(f"{run.name}-drop-*"))
+
+
+def test_drop_of_the_current_folder_names_the_sibling_after_it(robust_run, monkeypatch, tmp_path):
+    import shutil
+
+    run = tmp_path / "mine"
+    shutil.copytree(robust_run[1], run)
+    monkeypatch.chdir(run)
+    res = runner.invoke(app, ["drop", ".", "--lowest", "1", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert (run.parent / f"{run.name}-drop-layers0").is_dir()
