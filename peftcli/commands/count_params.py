@@ -9,12 +9,20 @@ from peftcli.core.errors import UsageError
 
 
 def recipe_to_count(recipe: Path | None, overrides: list[str] | None, *, model: str | None, method: str | None,
-                    task: str, num_labels: int) -> Recipe:
+                    task: str | None, num_labels: int | None) -> Recipe:
     """A YAML recipe as given (its data file need not exist: counting reads no data), or a recipe
     made of a model and a method; `count-params config.json --method lora` names the model
     positionally, and a first argument with `=` is an override."""
     if recipe is not None and recipe.suffix in (".yaml", ".yml"):
+        given = {"--model": ("model.name", model), "--method": ("method.name", method),
+                 "--task": ("model.task", task), "--num-labels": ("model.num_labels", num_labels)}
+        flags = [(flag, key, v) for flag, (key, v) in given.items() if v is not None]
+        if flags:  # the recipe's own values would win without a word
+            raise UsageError(f"count-params {recipe}: {', '.join(f for f, _, _ in flags)} apply without a recipe; "
+                             f"with one, override its keys: {' '.join(f'{k}={v}' for _, k, v in flags)}")
         return load_recipe(recipe, overrides or [], check_files=False)
+    task = task or "causal_lm"
+    num_labels = num_labels or 2
     if recipe is not None:  # `count-params config.json --method lora`
         overrides = [str(recipe), *(overrides or [])] if "=" in str(recipe) else overrides
         model = model or (str(recipe) if "=" not in str(recipe) else None)

@@ -140,6 +140,10 @@ def test_count_params_from_recipe(trained_run):
     res = invoke("count-params", recipe)
     assert res.exit_code == 0, res.output
     assert "trainable %" in res.output
+    # Flags for a model and method without a recipe would be outvoted by it without a word.
+    res = invoke("count-params", recipe, "--method", "bitfit", "--task", "classification")
+    assert res.exit_code == 2, res.output
+    assert "override its keys: method.name=bitfit model.task=classification" in " ".join(res.output.split())
 
 
 def test_recipes_list_and_copy(tmp_path):
