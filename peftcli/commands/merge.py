@@ -41,6 +41,9 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     if is_peft_folder(run) and not (run / "recipe.yaml").exists():
         with temporary_run(run, recipe, trust_remote_code=trust_remote_code) as tmp_run:
             return merge_run(tmp_run, dest, force=force, device=device, trust_remote_code=trust_remote_code)
+    if recipe is not None:  # a run folder merges by its own recipe.yaml; this one would go unread
+        raise MergeRefused(f"--recipe {recipe}: only for an HF PEFT adapter folder; {run} is a run folder, "
+                           "merged by its own recipe.yaml: leave --recipe out")
     refusal = _refusal_from_recipe(run)
     if refusal:
         raise MergeRefused(refusal)

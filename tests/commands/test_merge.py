@@ -118,6 +118,10 @@ def test_cli_merge_run_folder(method, tmp_path, tiny_bert_dir, tiny_csv):
     assert res.exit_code == 2 and "--force" in res.output
     res = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged"), "--force"])
     assert res.exit_code == 0, res.output
+    # --recipe is for HF PEFT folders: a run folder's own recipe.yaml would outvote it unread.
+    res = runner.invoke(app, ["merge", str(run), str(tmp_path / "m2"), "--recipe", str(tmp_path / "recipe.yaml")])
+    assert res.exit_code == 2 and "only for an HF PEFT adapter folder" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "m2").exists()
 
 
 def test_cli_merge_causal_lm(tmp_path, tiny_gpt2_dir, tiny_csv):
