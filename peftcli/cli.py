@@ -276,7 +276,10 @@ def eval_cmd(
 
 def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
     from peftcli.commands.eval import evaluate_run
+    from peftcli.core.adapter_files import unkept_note
 
+    if note := unkept_note(run):
+        out.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     score = evaluate_run(run, split, limit, device, trust_remote_code)
     for smp in score.samples:
         out.print(f"[dim]sample[/] {smp['generated']!r} (reference {smp['reference']!r})")

@@ -141,6 +141,16 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 
+def unkept_note(run: Path) -> str | None:
+    """What to tell a user whose run has no kept adapter/ but a last/ checkpoint, which is then
+    what a command reads (a run stopped before it finished; or adapter/ was removed)."""
+    run = Path(run)
+    if not (run / "adapter" / ADAPTER_FILE).exists() and (run / "last" / ADAPTER_FILE).exists():
+        return (f"{run} has no kept adapter (adapter/): using its last checkpoint (last/), which is not the one "
+                "validation chose")
+    return None
+
+
 def find_run_adapter(run: Path) -> Path:
     """A run folder's best adapter, or the folder itself if it is an adapter folder."""
     run = Path(run)

@@ -66,6 +66,19 @@ def test_eval_matches_training_metrics(trained_run):
     assert abs(v["accuracy"] - summary["val"]["accuracy"]) < 1e-9 and v["examples"] == summary["rows"]["val"]
 
 
+def test_eval_says_when_it_scores_the_last_checkpoint(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[2], run)
+    res = invoke("eval", run)
+    assert res.exit_code == 0 and "no kept adapter" not in res.output, res.output
+    shutil.rmtree(run / "adapter")
+    res = invoke("eval", run)
+    assert res.exit_code == 0, res.output
+    assert "has no kept adapter (adapter/): using its last checkpoint (last/)" in " ".join(res.output.split())
+
+
 def test_merge_exact_and_loadable(trained_run, tmp_path):
     _, _, run = trained_run
     res = invoke("merge", run, tmp_path / "merged")
