@@ -16,11 +16,9 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import Recipe, load_recipe, recipe_yaml
-from peftcli.core.errors import CheckpointError
 from peftcli.core.peft_layout import Layout
 from peftcli.methods.attach import pick_device, trainable_summary
-from peftcli.models.meta import misfits
-from peftcli.runs.load import build, open_run, run_on_meta
+from peftcli.runs.load import build, open_run, refuse_edited_recipe, run_on_meta
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import (
     export_model,
@@ -29,17 +27,6 @@ from peftcli.runs.peft_format import (
     read_peft_folder,
     recipe_from_peft,
 )
-
-
-def _refuse_edited_recipe(model: nn.Module, sd: dict[str, torch.Tensor], adapter_dir: Path, recipe_path: Path) -> None:
-    """The saved tensors must fit the recipe the export describes: a recipe edited after training
-    (another rank, other targets) would otherwise wrap old tensors in a config that lies about them."""
-    for k, shape, want in misfits(dict(model.named_parameters()), sd):
-        if want is not None:  # a tensor the recipe does not build is the exporter's to refuse
-            raise CheckpointError(
-                f"{adapter_dir}: {k} has shape {shape}, but {recipe_path} describes {want}; "
-                "the recipe was changed after training: restore it or retrain"
-            )
 
 
 @writes_folders
@@ -57,7 +44,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code:
     saved = open_run(run, trust_remote_code=trust_remote_code, before_weights=writable)
     recipe, sd, labels = saved.recipe, saved.state, saved.meta.get("label_names")
     model, arch, spec = run_on_meta(recipe, labels)
-    _refuse_edited_recipe(model, sd, saved.adapter_dir, saved.recipe_file)
+    refuse_edited_recipe(model, saved)
     with replacing(dest, kind="export") as tmp:
         return export_model(model, arch, spec, recipe, sd, tmp)
 

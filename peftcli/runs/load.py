@@ -33,7 +33,7 @@ from peftcli.methods.attach import attach_method, check_qlora_possible
 from peftcli.methods.registry import MethodSpec
 from peftcli.methods.targets import TargetError
 from peftcli.models.loading import FLAG_HINT, RECIPE_HINT, load_base_model, load_tokenizer
-from peftcli.models.meta import meta_model
+from peftcli.models.meta import meta_model, misfits
 from peftcli.runs.checkpoint import load_adapter_state
 
 
@@ -282,10 +282,23 @@ def load_run(run: str | Path, device: torch.device, overrides: list[str] | None 
     return build_saved(saved, device, trust_remote_code=trust_remote_code), saved.meta
 
 
+def refuse_edited_recipe(model: nn.Module, saved: SavedRun) -> None:
+    """The saved tensors must fit the model the run's recipe builds (`model`, on any device): a
+    recipe edited after training (another rank, other targets) would otherwise be read as if it
+    described them, wrapped in a config that lies (export) or scaled by the wrong alpha/r (combine)."""
+    for k, shape, want in misfits(dict(model.named_parameters()), saved.state):
+        if want is not None:  # a tensor the recipe does not build is the caller's to refuse
+            raise CheckpointError(
+                f"{saved.adapter_dir}: {k} has shape {shape}, but {saved.recipe_file} describes {want}; "
+                "the recipe was changed after training: restore it or retrain"
+            )
+
+
 def build_saved(saved: SavedRun, device: torch.device, *, trust_remote_code: bool = False) -> Built:
     """The model of a run `open_run` read (for a command that checked the recipe on the way)."""
     recipe, meta = saved.recipe, saved.meta
     built = build(recipe, device, label_names=meta.get("label_names"), trust_remote_code=trust_remote_code)
+    refuse_edited_recipe(built.model, saved)
     load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state)
     apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
     return built

@@ -505,6 +505,10 @@ def test_refusals_name_the_problem_and_write_nothing(lora_runs, tiny_bert_dir, t
     _edit_recipe(r8, r=8)
     refused(a, r8, "--how", "linear", dest, match="needs one rank")
     assert invoke("combine", a, r8, "--how", "cat", tmp_path / "cat").exit_code == 0
+    # A recipe edited after training (r 8 -> 4) no longer describes its tensors: refused, as export refuses it.
+    edited = sibling(a, tmp_path / "edited", 5)
+    _edit_recipe(edited, r=8)
+    refused(a, edited, "--how", "cat", dest, match="the recipe was changed after training")
 
     k_run = train_run(tmp_path, "k", tiny_bert_dir, tiny_csv, {"name": "lora", "r": 4, "targets": ["q", "k"]})
     refused(a, k_run, "--how", "linear", dest, match="the runs adapt different modules")
