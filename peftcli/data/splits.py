@@ -170,10 +170,15 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
                             "needs at least two: check data.label_column and the data")
         train, val, held = _partition(table, cfg)
         val_from = _val_from(cfg, len(val))
-        train, val, held = (_class_rows(part, cfg, col, label_names, ids) for part in (train, val, held))
+        malformed: list[tuple[str, int, str]] = []
+        train = _class_rows(train, cfg.train_split, cfg, col, label_names, ids, malformed)
+        val = _class_rows(val, cfg.val_split or cfg.train_split, cfg, col, label_names, ids, malformed)
+        held = _class_rows(held, cfg.eval_split or cfg.train_split, cfg, col, label_names, ids, malformed)
         if not train:
-            raise DataError(f"data: no training rows in {cfg.source}")
-        return Splits(train=train, eval=held, val=val, label_names=label_names, val_from=val_from)
+            raise DataError(f"data: no training rows in {cfg.source}"
+                            + (f" ({malformed_summary(malformed)})" if malformed else ""))
+        return Splits(train=train, eval=held, val=val, label_names=label_names, val_from=val_from,
+                      malformed=malformed)
     fmt = _lm_format(in_use, cfg, col)
     train, val, held = _partition(table, cfg)
     val_from = _val_from(cfg, len(val))
@@ -299,21 +304,34 @@ def _val_from(cfg: DataConfig, n: int) -> str:
             "(data.val_size sets it)")
 
 
-def _class_rows(rows: Numbered, cfg: DataConfig, col: _Columns, label_names: list[str], ids: bool) -> list[dict]:
-    """Classification rows as {text, label id (, text_pair)}; rows without a label are left out."""
+def _class_rows(rows: Numbered, split: str, cfg: DataConfig, col: _Columns, label_names: list[str], ids: bool,
+                malformed: list[tuple[str, int, str]]) -> list[dict]:
+    """Classification rows as {text, label id (, text_pair)}; rows without a label are left out,
+    rows whose text is missing, empty or not a string go to `malformed` (the tokenizer would
+    otherwise train on "" or stop the run with its own words)."""
     name_to_id = {n: i for i, n in enumerate(label_names)}
 
     def to_id(v: Any) -> int:
         i = _as_int(v)
         return i if i is not None and (ids or cfg.label_names is not None) else name_to_id[str(v)]
 
+    def bad_text(v: Any, column: str) -> str | None:
+        if is_missing(v) or (isinstance(v, str) and not v.strip()):
+            return f"no text in {column!r}"
+        kind = type(v).__name__
+        return None if isinstance(v, str) else f"{column!r} holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not text"
+
     out = []
-    for _, r in rows:
+    for i, r in rows:
         if is_missing(r.get(col.label)):
             continue
-        row = {"text": r[col.text], "label": to_id(r[col.label])}
-        if cfg.text_pair_column:
-            row["text_pair"] = r[cfg.text_pair_column]
+        columns = [("text", col.text)] + ([("text_pair", cfg.text_pair_column)] if cfg.text_pair_column else [])
+        why = next((w for _, c in columns if (w := bad_text(r.get(c), c)) is not None), None)
+        if why is not None:
+            malformed.append((split, i + 1, why))
+            continue
+        row = {key: r[c] for key, c in columns}
+        row["label"] = to_id(r[col.label])
         out.append(row)
     return out
 

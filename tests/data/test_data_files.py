@@ -82,3 +82,18 @@ def test_one_class_is_refused(tmp_path, label):
     with pytest.raises(DataError) as e:
         load_splits(DataConfig(source=str(path), eval_size=4), "classification")
     assert f"has one class ('{label}') in column 'label'; a classifier needs at least two" in str(e.value)
+
+
+def test_classification_rows_without_text_are_malformed_not_trained(tmp_path):
+    """A number, an object, null or "" as a row's text: listed as malformed and left out (the
+    tokenizer stopped the run with its own words, or trained on "")."""
+    import json
+
+    path = tmp_path / "d.jsonl"
+    bad = {3: 12345, 5: {"a": 1}, 7: None, 9: "  "}
+    rows = [{"text": bad.get(i, f"row {i}"), "label": i % 2} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = load_splits(DataConfig(source=str(path), eval_size=4), "classification")
+    assert sorted(row for _, row, _ in s.malformed) == [4, 6, 8, 10]
+    assert ("train", 4, "'text' holds an int, not text") in s.malformed
+    assert all(isinstance(r["text"], str) and r["text"].strip() for r in s.train + s.eval + s.val)
