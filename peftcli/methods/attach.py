@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftcli.core.arch import Arch, UnsupportedArchitecture, resolve
+from peftcli.core.errors import BadInput
 from peftcli.methods import all_methods, get_method
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.quant import QuantizationUnavailable
@@ -70,14 +71,31 @@ def per_module_table(model: nn.Module, depth: int = 3) -> list[tuple[str, int, i
     return [(k, v[0], v[1]) for k, v in rows.items()]
 
 
-def pick_device(choice: str) -> torch.device:
+class DeviceError(BadInput, RuntimeError):
+    """A device this machine does not have, or no device at all: bad input, exit 2."""
+
+
+def pick_device(choice: str, key: str = "--device") -> torch.device:
+    """The torch device `choice` names ("auto": CUDA where visible, else CPU). `key` is where the
+    user wrote it (train.device in a recipe, --device on a command line), for the refusal."""
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; set train.device: auto or cpu")
-    return torch.device(choice)
+    fix = "auto or cpu"
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{key} {choice!r} is not a device; use {fix} (or cuda, cuda:N on a GPU machine)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"{key} is {choice!r} but no CUDA device is visible; use {fix}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"{key} is {choice!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{key} is {choice!r} but MPS is not available here; use {fix}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"{key} {choice!r}: peftcli runs on cpu, cuda or mps; use {fix}")
+    return dev
 
 
 # ---------------------------------------------------------------- QLoRA: can this method train on a 4-bit base?

@@ -166,7 +166,7 @@ def launch_torchrun(recipe: Path, overrides: list[str], nproc: int, *, resume: b
     from peftcli.training.distributed import check_setup, collective_timeout
 
     check_setup(mode, nproc * nodes.count, r.model.quantization)
-    device = pick_device(r.train.device)
+    device = pick_device(r.train.device, "train.device")
     if r.model.quantization == "nf4":
         from peftcli.methods.attach import check_qlora_possible
 

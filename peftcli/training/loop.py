@@ -273,7 +273,7 @@ def set_up(
     tcfg = recipe.train
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    device = dist_utils.device_for_rank(pick_device(tcfg.device), rank)
+    device = dist_utils.device_for_rank(pick_device(tcfg.device, "train.device"), rank)
     dist_mode = _refuse_what_this_run_cannot_do(recipe, device, world, rank, console)
     seed_everything(tcfg.seed)
     run_dir = recipe.run_dir()

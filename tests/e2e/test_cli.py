@@ -79,6 +79,13 @@ def test_eval_says_when_it_scores_the_last_checkpoint(trained_run, tmp_path):
     assert "has no kept adapter (adapter/): using its last checkpoint (last/)" in " ".join(res.output.split())
 
 
+@pytest.mark.parametrize(("device", "words"), [("foo", "--device 'foo' is not a device"),
+                                                ("meta", "peftcli runs on cpu, cuda or mps")])
+def test_a_device_this_machine_lacks_is_bad_input(trained_run, device, words):
+    res = invoke("eval", trained_run[2], "--device", device)
+    assert res.exit_code == 2 and words in " ".join(res.output.split()), res.output
+
+
 def test_merge_exact_and_loadable(trained_run, tmp_path):
     _, _, run = trained_run
     res = invoke("merge", run, tmp_path / "merged")
