@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftcli.core.errors import BadInput
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -23,8 +25,11 @@ def read_lines(path: Path) -> list[tuple[str, dict | None]]:
     path = Path(path)
     if not path.exists():
         return []
+    if not path.is_file():
+        raise MetricsError(f"{path} is not a file; a run's metrics log is one JSON object a line")
     lines = []
-    for line in path.read_text().splitlines():
+    # Bytes that are not UTF-8 make their line unreadable, like a torn one, not the whole log.
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -33,6 +38,23 @@ def read_lines(path: Path) -> list[tuple[str, dict | None]]:
             rec = None
         lines.append((line, rec if isinstance(rec, dict) else None))
     return lines
+
+
+class MetricsError(BadInput, ValueError):
+    """A metrics log that cannot be read at all: bad input, exit 2."""
+
+
+def _well_formed(rec: dict) -> bool:
+    """A record a reader can use: an integer step, and a numeric loss or a mapping of scores where
+    its kind has them. Anything else reads as a torn line (a log edited or damaged by hand)."""
+    k = kind(rec)
+    if k in ("step", "val") and (not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool)):
+        return False
+    if k == "step":
+        return isinstance(rec["loss"], int | float) and not isinstance(rec["loss"], bool)
+    if k == "val":
+        return isinstance(rec.get("val", rec.get("eval")), dict)
+    return True
 
 
 def kind(rec: dict) -> str:
@@ -65,7 +87,7 @@ def read_metrics(run: Path) -> Metrics:
         raise FileNotFoundError(f"{run}: no {METRICS_FILE}; is it a training run folder?")
     m = Metrics()
     for line, rec in read_lines(path):
-        if rec is None:
+        if rec is None or not _well_formed(rec):
             m.torn.append(line)
             continue
         k = kind(rec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from peftcli.core.errors import UsageError
@@ -64,10 +65,10 @@ def plot_runs(runs: list[Path], out: Path, replace: bool = False) -> Path:
         if train:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{label} train")
         if evals:
-            ax_loss.plot([r["step"] for r in evals], [r["eval"]["loss"] for r in evals], "--o", ms=3,
+            ax_loss.plot([r["step"] for r in evals], [r["eval"].get("loss", math.nan) for r in evals], "--o", ms=3,
                          label=f"{label} val")
             eval_key = next((k for k in ("accuracy", "generate_accuracy", "perplexity") if k in evals[0]["eval"]), "loss")
-            ax_eval.plot([r["step"] for r in evals], [r["eval"][eval_key] for r in evals], "-o", ms=3, label=label)
+            ax_eval.plot([r["step"] for r in evals], [r["eval"].get(eval_key, math.nan) for r in evals], "-o", ms=3, label=label)
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")

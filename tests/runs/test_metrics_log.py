@@ -45,3 +45,25 @@ def test_trim_keeps_the_lines_up_to_the_checkpoint(tmp_path):
     assert trim_metrics(path, 2) == 4  # the error, the test score, a non-object and a torn line
     assert path.read_text().splitlines() == [json.dumps(r) for r in RECORDS[:3]] + ['{"step": 1, "loss": 0.4}']
     assert trim_metrics(path, 2) == 0
+
+
+def test_a_damaged_log_reads_as_torn_lines_and_plots(tmp_path):
+    """Lines edited or damaged by hand (no step, a step that is not a number, scores that are not a
+    mapping, bytes that are not UTF-8) read as torn lines, so `plot` draws the rest; a log that is
+    a folder is bad input (exit 2). Each of these stopped `plot` with exit 1."""
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    path = _log(tmp_path, [json.dumps(r) for r in RECORDS] + ['{"loss": 1.0}', '{"step": 3, "val": 5}',
+                                                            '{"step": "x", "loss": 1.0}'])
+    with open(path, "ab") as f:
+        f.write(b'{"step": 9, "loss": \xff\xfe}\n')
+    m = read_metrics(tmp_path)
+    assert len(m.steps) == 1 and len(m.evals) == 2 and len(m.torn) == 4
+    res = CliRunner().invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    path.unlink()
+    path.mkdir()
+    res = CliRunner().invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "d.png")])
+    assert res.exit_code == 2 and "is not a file" in res.output, res.output
