@@ -201,8 +201,9 @@ def _yaml_value(v: Any) -> str:
     return str(v)
 
 
-def method_from_peft(config: dict[str, Any]) -> dict[str, Any]:
-    """The recipe `method:` block that builds the adapter a PEFT config describes."""
+def method_from_peft(config: dict[str, Any], where: str = "adapter_config.json") -> dict[str, Any]:
+    """The recipe `method:` block that builds the adapter a PEFT config describes; `where` names
+    the config file for a value of the wrong type (lora_alpha: null, a list for rank_pattern)."""
     pt = str(config.get("peft_type", "")).upper()
     twins = _twins_by_type()
     if pt not in twins:
@@ -211,13 +212,17 @@ def method_from_peft(config: dict[str, Any]) -> dict[str, Any]:
             f"peftcli reads {', '.join(sorted(twins))}"
         )
     name, twin = twins[pt]
-    return {"name": name, **twin.import_config(config)}
+    try:
+        return {"name": name, **twin.import_config(config)}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise PeftFormatError(f"{where}: a {pt} setting has a value of the wrong type ({e}); fix it to what "
+                              "HF PEFT writes, or pass --recipe with a recipe that describes the adapter") from None
 
 
 def _check_settings(src: Path, config: dict[str, Any], recipe) -> None:
     """The recipe's method must describe the adapter in the folder; say which keys differ."""
     pt = str(config.get("peft_type", "")).upper()
-    block = method_from_peft(config)
+    block = method_from_peft(config, str(src / "adapter_config.json"))
     want = block["name"]
     where = f"init_from {src}"
     if recipe.method_name != want:
@@ -355,7 +360,8 @@ def recipe_from_peft(src: Path, overrides: list[str] | None = None):
     if task is None:
         raise PeftFormatError(f"{src}: task_type {config.get('task_type')!r}; peftcli reads SEQ_CLS and CAUSAL_LM "
                               "adapters (pass --recipe to say which)")
-    raw: dict[str, Any] = {"model": {"name": name, "task": task}, "method": method_from_peft(config)}
+    raw: dict[str, Any] = {"model": {"name": name, "task": task},
+                           "method": method_from_peft(config, f"{src}/{PEFT_CONFIG}")}
     if config.get("revision"):
         raw["model"]["revision"] = config["revision"]
     if task == "classification":

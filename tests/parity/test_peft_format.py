@@ -403,6 +403,17 @@ def test_cli_import_then_merge_and_continue_training(tmp_path, tiny_bert_dir, ti
     assert res.exit_code == 2
     assert "set method.r: 4" in res.output
 
+    # a value of the wrong type in adapter_config.json is named (it was exit 1 with Python's words)
+    cfg_file = tmp_path / "peft" / "adapter_config.json"
+    for key, bad in (("lora_alpha", None), ("lora_dropout", "x"), ("rank_pattern", [1])):
+        cfg = json.loads(cfg_file.read_text())
+        good = cfg.get(key)
+        cfg_file.write_text(json.dumps({**cfg, key: bad}))
+        res = runner.invoke(app, ["import-peft", str(tmp_path / "peft"), str(tmp_path / f"bad-{key}")])
+        assert res.exit_code == 2 and f"{cfg_file}: a LORA setting has a value of the wrong type" in " ".join(
+            res.output.split()), (key, res.output)
+        cfg_file.write_text(json.dumps({**cfg, key: good}))
+
 
 def test_cli_import_causal_lm_prefix(tmp_path, tiny_gpt2_dir):
     pm = _peft_folder_on(tiny_gpt2_dir, tmp_path / "peft", peft.PrefixTuningConfig(task_type="CAUSAL_LM",
