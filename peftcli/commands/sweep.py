@@ -46,6 +46,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from peftcli.commands.validate import method_placement
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_yaml
 from peftcli.core import signals
 from peftcli.core.errors import BadInput
@@ -322,6 +323,7 @@ def plan_trials(
     width = max(3, len(str(len(combos))))
     problems: list[str] = []
     planned: list[Trial] = []
+    placed: set[str] = set()
     for i, swept in enumerate(combos, 1):
         overrides = [*fixed, *swept]
         try:
@@ -331,6 +333,16 @@ def plan_trials(
             continue
         r.source = str(recipe_path)
         resolved = r.to_dict()
+        # Targets and layers against the model's structure, as `validate` checks them: once per
+        # model and method the trials name (a trial would otherwise fail after the others started).
+        placement = json.dumps([resolved["model"], resolved["method"]], sort_keys=True, default=str)
+        if placement not in placed:
+            placed.add(placement)
+            try:
+                method_placement(r)
+            except RecipeError as e:
+                problems += [f"{', '.join(swept)}: {p}" for p in e.problems if p not in problems]
+                continue
         settings = {a.key: _value_at(resolved, a.key) for a in axes}
         planned.append(Trial(f"trial-{i:0{width}d}", settings, overrides, r))
     if problems:

@@ -585,6 +585,14 @@ def recipe_from_dict(
     model: ModelConfig = sections["model"]
     output: OutputConfig = sections["output"]
     _check_sections_agree(model, data, sections["train"], output, problems, check_files=check_files)
+    ev = sections["eval"]
+    if ev.metric == "generate_accuracy" and train_cfg.objective == "sft":  # else never measured: the last step kept
+        if model.task != "causal_lm":
+            problems.append("eval.metric: generate_accuracy scores generated answers (causal_lm); a classifier "
+                            "picks its checkpoint by accuracy, f1 or loss")
+        elif not ev.generate_accuracy:
+            problems.append("eval.metric: generate_accuracy needs eval.generate_accuracy: true (validation then "
+                            "generates each answer and scores it)")
     if train_cfg.objective != "sft" and sections["eval"].metric not in ("accuracy", "loss"):
         problems.append(f"eval.metric: {sections['eval'].metric!r} is not measured by train.objective "
                         f"{train_cfg.objective}; use accuracy (preference accuracy) or loss")

@@ -129,6 +129,16 @@ def test_every_trial_is_validated_up_front(recipe, fake, tmp_path):
     assert len(e.value.problems) == 1 and "train.scheduler" in e.value.problems[0] and "'linaer'" in e.value.problems[0]
 
 
+def test_targets_the_model_lacks_are_refused_before_any_trial(tiny_bert_dir, tiny_csv, fake, tmp_path):
+    """As `validate` and `train` refuse them; a sweep used to start and fail that trial alone."""
+    rec = write_recipe(tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
+                       data={"source": str(tiny_csv), "text_column": "sentence"}, method={"name": "lora", "r": 4})
+    with pytest.raises(RecipeError) as e:
+        sw.plan_trials(rec, ["method.targets=zzz,q"], out=tmp_path / "sw")
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith("method.targets=zzz: ")
+    assert "matches no linear layer" in e.value.problems[0] and not (tmp_path / "sw").exists()
+
+
 @pytest.mark.parametrize("args,kwargs,expect", [
     (["train.lr"], {}, "is not key=v1,v2"),
     (["train.lr=1e-4:1e-2"], {}, "add --trials N"),

@@ -92,3 +92,16 @@ def test_shipped_recipes_validate():
     assert files
     for f in files:
         load_recipe(f)
+
+
+@pytest.mark.parametrize(("task", "ev", "words"), [
+    ("classification", {"metric": "generate_accuracy"}, "a classifier picks its checkpoint by accuracy, f1 or loss"),
+    ("causal_lm", {"metric": "generate_accuracy"}, "needs eval.generate_accuracy: true"),
+])
+def test_a_metric_validation_never_measures_is_refused(task, ev, words):
+    """It was accepted, and the run kept its last step with a note at the end."""
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"model": {"name": "gpt2", "task": task}, "method": {"name": "lora"}, "eval": ev})
+    assert words in str(e.value)
+    recipe_from_dict({"model": {"name": "gpt2", "task": "causal_lm"}, "method": {"name": "lora"},
+                      "eval": {"metric": "generate_accuracy", "generate_accuracy": True}})
