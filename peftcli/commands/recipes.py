@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from peftcli.core.errors import UsageError
+from peftcli.core.files import atomic_file_write
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable  # Python 3.11+; annotations only
@@ -55,7 +56,10 @@ def copy_recipe(name: str, dest: Path) -> tuple[str, Path]:
         hint = f"; did you mean {close[0]!r}?" if close else "; `peftcli recipes` lists them"
         raise UsageError(f"no shipped recipe named {name!r}{hint}")
     target = dest / f"{key}.yaml" if dest.is_dir() else dest
-    if target.exists():
+    if target.exists() or target.is_symlink():  # a dangling link too: writing would go where it points
         raise UsageError(f"{target} exists; choose another destination")
-    target.write_text(names[key].read_text(encoding="utf-8"), encoding="utf-8")
+    if not target.parent.is_dir():
+        what = "is not a folder" if target.parent.exists() else "does not exist"
+        raise UsageError(f"{target}: {target.parent} {what}; copy into an existing folder")
+    atomic_file_write(target, names[key].read_text(encoding="utf-8"))
     return key, target

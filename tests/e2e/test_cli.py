@@ -176,6 +176,12 @@ def test_recipes_list_and_copy(tmp_path):
     (tmp_path / "mine.yaml").write_text("edited")
     res = invoke("recipes", "copy", "tweets_lora", tmp_path / "mine.yaml")  # never replaces a file
     assert res.exit_code == 2 and "exists" in res.output and (tmp_path / "mine.yaml").read_text() == "edited"
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "elsewhere.yaml")  # dangling: never written through
+    res = invoke("recipes", "copy", "tweets_lora", tmp_path / "link.yaml")
+    assert res.exit_code == 2 and not (tmp_path / "elsewhere.yaml").exists()
+    for dest, words in ((tmp_path / "mine.yaml" / "x.yaml", "is not a folder"), (tmp_path / "no" / "x.yaml", "does not exist")):
+        res = invoke("recipes", "copy", "tweets_lora", dest)
+        assert res.exit_code == 2 and words in " ".join(res.output.split()) and "Errno" not in res.output, res.output
 
 
 def test_plot_several_runs(trained_run, tmp_path):
