@@ -610,6 +610,21 @@ def recipe_from_dict(
     )
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last
+    one without a word, so `lr: 1e-3` above `lr: 0.5` would train at 0.5."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice in one section",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = False) -> Recipe:
     path = Path(path)
     if not path.exists():
@@ -617,7 +632,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_f
     if path.is_dir():
         raise RecipeError(str(path), ["is a folder, not a recipe; pass a YAML file (`peftcli recipes` lists the shipped ones)"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 (a safe loader)
     except UnicodeDecodeError:
         raise RecipeError(str(path), ["not a text file (not UTF-8); a recipe is a YAML mapping of sections "
                                       + ", ".join(TOP_LEVEL)]) from None

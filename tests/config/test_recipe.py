@@ -105,3 +105,11 @@ def test_a_metric_validation_never_measures_is_refused(task, ev, words):
     assert words in str(e.value)
     recipe_from_dict({"model": {"name": "gpt2", "task": "causal_lm"}, "method": {"name": "lora"},
                       "eval": {"metric": "generate_accuracy", "generate_accuracy": True}})
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """Plain YAML keeps the last of two equal keys without a word."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: gpt2, task: causal_lm}\ntrain:\n  lr: 0.001\n  lr: 0.5\n")
+    with pytest.raises(RecipeError, match="line 4, column 3: key 'lr' given twice in one section"):
+        load_recipe(path)
