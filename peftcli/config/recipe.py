@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import string
 import sys
 import types
@@ -325,6 +326,16 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
 
 
+def _elsewhere(problem: str, fields: dict[str, set[str]]) -> str:
+    """"train.r: unknown key; did you mean 'lr'?" becomes "...; it belongs in method: method.r"
+    where the key is one of another section's: the usual slip is the section, not the spelling."""
+    m = re.fullmatch(r"(\w+)\.([\w-]+): unknown key; .*", problem, flags=re.S)
+    if m is None:
+        return problem
+    home = [sec for sec, names in fields.items() if sec != m.group(1) and m.group(2) in names]
+    return f"{m.group(1)}.{m.group(2)}: unknown key; it belongs in {home[0]}: {home[0]}.{m.group(2)}" if home else problem
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -597,7 +608,9 @@ def recipe_from_dict(
         problems.append(f"eval.metric: {sections['eval'].metric!r} is not measured by train.objective "
                         f"{train_cfg.objective}; use accuracy (preference accuracy) or loss")
     if problems:
-        raise RecipeError(source, problems)
+        fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+        fields["method"] = {f.name for f in dataclasses.fields(methods[mname].config_cls)} | {"name"}
+        raise RecipeError(source, [_elsewhere(p, fields) for p in problems])
     return Recipe(
         model=model,
         data=data,

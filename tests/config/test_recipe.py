@@ -113,3 +113,11 @@ def test_a_key_given_twice_is_refused(tmp_path):
     path.write_text("model: {name: gpt2, task: causal_lm}\ntrain:\n  lr: 0.001\n  lr: 0.5\n")
     with pytest.raises(RecipeError, match="line 4, column 3: key 'lr' given twice in one section"):
         load_recipe(path)
+
+
+def test_a_key_in_the_wrong_section_names_its_section():
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"model": {"name": "gpt2", "lr": 3}, "method": {"name": "lora"}, "train": {"r": 4, "lrr": 1}})
+    assert "train.r: unknown key; it belongs in method: method.r" in e.value.problems
+    assert "model.lr: unknown key; it belongs in train: train.lr" in e.value.problems
+    assert "train.lrr: unknown key; did you mean 'lr'?" in e.value.problems
