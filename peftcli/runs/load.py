@@ -263,6 +263,8 @@ def open_run(run: str | Path, overrides: list[str] | None = None, *, trust_remot
     """
     run = Path(run)
     recipe_file = run / "recipe.yaml"
+    if not run.exists():
+        raise CheckpointError(f"{run}: no such folder; pass the run folder `peftcli train` wrote")
     if not recipe_file.exists():
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
     recipe = untrusted(load_recipe(recipe_file, overrides), trust_remote_code)

@@ -86,6 +86,13 @@ def test_a_device_this_machine_lacks_is_bad_input(trained_run, device, words):
     assert res.exit_code == 2 and words in " ".join(res.output.split()), res.output
 
 
+def test_eval_names_what_the_user_wrote(trained_run, tmp_path):
+    res = invoke("eval", trained_run[2], "--split", "nosuch")
+    assert res.exit_code == 2 and "--split nosuch: 'nosuch' not in" in " ".join(res.output.split()), res.output
+    res = invoke("eval", tmp_path / "nowhere")
+    assert res.exit_code == 2 and "no such folder" in res.output, res.output
+
+
 def test_merge_exact_and_loadable(trained_run, tmp_path):
     _, _, run = trained_run
     res = invoke("merge", run, tmp_path / "merged")
