@@ -289,6 +289,8 @@ def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_co
     for k, v in score.metrics.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
+    if score.unsaved:
+        out.print(f"[yellow]{escape(score.unsaved)}[/]", soft_wrap=True)
 
 
 def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:

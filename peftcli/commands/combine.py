@@ -62,6 +62,9 @@ def parse_weights(text: str | None, n: int) -> list[float]:
         raise CombineError(f"--weights {text!r} gives {len(weights)} weight(s) for {n} run(s); give one per run")
     if not all(math.isfinite(w) for w in weights):
         raise CombineError(f"--weights {text!r}: every weight must be a finite number")
+    if not any(weights):
+        raise CombineError(f"--weights {text!r}: all zero, the combined adapter would be zero (the base model); "
+                           "give at least one run a weight")
     return weights
 
 

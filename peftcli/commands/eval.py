@@ -41,6 +41,7 @@ class RunScore:
     metrics: dict[str, Any]
     examples: int
     samples: list[dict]  # generated answers to show (causal_lm with prompts), at most eval.generate_samples
+    unsaved: str | None = None  # why eval_<split>.json could not be written
 
 
 def evaluate_run(run: Path, split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> RunScore:
@@ -71,8 +72,17 @@ def evaluate_run(run: Path, split: str, limit: int | None, device: str, trust_re
         if rec.eval.generate_accuracy:
             m.update(g)
         shown = samples[: rec.eval.generate_samples]
-    atomic_file_write(Path(run) / f"eval_{split}.json", json.dumps(m, indent=2))
-    return RunScore(m, len(examples), shown)
+    return RunScore(m, len(examples), shown, _save(Path(run) / f"eval_{split}.json", m))
+
+
+def _save(path: Path, m: dict) -> str | None:
+    """Write the scores beside the run; where the folder cannot be written (read-only, full), say
+    so instead of losing the scores just computed."""
+    try:
+        atomic_file_write(path, json.dumps(m, indent=2))
+    except OSError as e:
+        return f"could not save {path}: {e.strerror or e}; the scores above are not kept"
+    return None
 
 
 def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: str,

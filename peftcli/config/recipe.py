@@ -504,6 +504,9 @@ def _check_sections_agree(model: ModelConfig, data: DataConfig, train_cfg: Train
     an output folder peftcli may not write."""
     if model.task == "causal_lm" and (data.prompt_column is None) != (data.response_column is None):
         problems.append("data.prompt_column / data.response_column: set both (instruction data) or neither (plain text)")
+    if data.label_names is not None and (len(data.label_names) < 2 or len(set(data.label_names)) != len(data.label_names)):
+        problems.append(f"data.label_names: {data.label_names} must name at least two classes, each once; "
+                        "or set null to take them from the data")
     if model.task == "classification" and model.num_labels and data.label_names:
         if len(data.label_names) != model.num_labels:
             problems.append(

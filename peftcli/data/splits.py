@@ -246,6 +246,10 @@ def _partition(table: dict[str, list[dict]], cfg: DataConfig) -> tuple[Numbered,
         allrows = list(enumerate(table[cfg.train_split]))
         random.Random(cfg.seed).shuffle(allrows)
         n_eval = cfg.eval_size or max(1, int(len(allrows) * cfg.eval_fraction))
+        if n_eval >= len(allrows):
+            key = f"data.eval_size: {n_eval}" if cfg.eval_size else f"data.eval_fraction: {cfg.eval_fraction}"
+            raise DataError(f"{key} held-out rows of {cfg.source}'s {len(allrows)} leave no training rows; "
+                            "lower it")
         held, train = allrows[-n_eval:], allrows[:-n_eval]
     # Validation rows come off the END of the training pool, so that train_offset / train_size
     # select the same training rows with or without them (and shipped recipes keep their rows).
@@ -260,6 +264,9 @@ def _partition(table: dict[str, list[dict]], cfg: DataConfig) -> tuple[Numbered,
             )
         val, train = (train[len(train) - n_val :], train[: len(train) - n_val]) if n_val else ([], train)
     if cfg.train_offset:
+        if cfg.train_offset >= len(train):
+            raise DataError(f"data.train_offset: {cfg.train_offset} skips all {len(train)} training rows of "
+                            f"{cfg.source}; lower it")
         train = train[cfg.train_offset :]
     if cfg.train_size:
         train = train[: cfg.train_size]

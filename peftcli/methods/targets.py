@@ -63,9 +63,11 @@ def require_linears(
     roles = [r for r in ROLES if arch.get_all(i, r)]
     prefix = f"{arch.layers_path}.{i}."
     names = [n[len(prefix):] for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)]
+    joined = [t for t in (targets if isinstance(targets, list | tuple) else [targets]) if "," in str(t)]
+    as_list = f" ({joined[0]!r} is one name: write a list, {key}=[{joined[0]}])" if joined else ""
     raise TargetError(
-        f"{key} {targets} matches no linear layer of this model; use roles ({', '.join(roles)}), 'all-linear', "
-        f"or module names as in layer {i}: {', '.join(names) or 'none'}"
+        f"{key} {targets} matches no linear layer of this model{as_list}; use roles ({', '.join(roles)}), "
+        f"'all-linear', or module names as in layer {i}: {', '.join(names) or 'none'}"
     )
 
 

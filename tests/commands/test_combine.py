@@ -495,6 +495,7 @@ def test_refusals_name_the_problem_and_write_nothing(lora_runs, tiny_bert_dir, t
     refused(a, b, "--how", "svd", "--rank", "99", dest, match="--rank 99 exceeds")
     refused(a, b, "--how", "nonsense", dest, match="lora adapters combine by linear, cat, svd")
     refused(a, b, "--weights", "1", "--how", "linear", dest, match="gives 1 weight(s) for 2 run(s)")
+    refused(a, b, "--weights", "0,0", "--how", "linear", dest, match="all zero")
     refused(a, b, "--how", "cat", "--head-from", tmp_path, dest, match="--head-from")
     refused(a, dest, match="no --how")
 

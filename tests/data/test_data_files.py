@@ -97,3 +97,15 @@ def test_classification_rows_without_text_are_malformed_not_trained(tmp_path):
     assert sorted(row for _, row, _ in s.malformed) == [4, 6, 8, 10]
     assert ("train", 4, "'text' holds an int, not text") in s.malformed
     assert all(isinstance(r["text"], str) and r["text"].strip() for r in s.train + s.eval + s.val)
+
+
+@pytest.mark.parametrize(("key", "words"), [
+    ({"eval_size": 1000}, "data.eval_size: 1000 held-out rows of"),
+    ({"eval_size": 4, "train_offset": 1000}, "data.train_offset: 1000 skips all"),
+])
+def test_sizes_that_leave_no_training_rows_name_their_key(tmp_path, key, words):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(40)))
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(source=str(path), **key), "classification")
+    assert words in str(e.value)

@@ -93,6 +93,20 @@ def test_eval_names_what_the_user_wrote(trained_run, tmp_path):
     assert res.exit_code == 2 and "no such folder" in res.output, res.output
 
 
+def test_eval_keeps_its_scores_on_screen_when_the_run_cannot_be_written(trained_run, monkeypatch):
+    """A read-only or full run folder: the scores are shown and the failed save said (it was exit 1
+    with errno text, the scores lost)."""
+    import peftcli.commands.eval as ev
+
+    def refuse(path, data):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(ev, "atomic_file_write", refuse)
+    res = invoke("eval", trained_run[2])
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and "could not save" in res.output and "Operation not permitted" in res.output
+
+
 def test_merge_exact_and_loadable(trained_run, tmp_path):
     _, _, run = trained_run
     res = invoke("merge", run, tmp_path / "merged")
