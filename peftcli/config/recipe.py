@@ -329,7 +329,7 @@ def _suggest(key: str, known: list[str]) -> str:
 def _elsewhere(problem: str, fields: dict[str, set[str]]) -> str:
     """"train.r: unknown key; did you mean 'lr'?" becomes "...; it belongs in method: method.r"
     where the key is one of another section's: the usual slip is the section, not the spelling."""
-    m = re.fullmatch(r"(\w+)\.([\w-]+): unknown key; .*", problem, flags=re.S)
+    m = re.fullmatch(r"(\w+)\.([\w-]+): unknown key(?: for method '[^']+')?; .*", problem, flags=re.S)
     if m is None:
         return problem
     home = [sec for sec, names in fields.items() if sec != m.group(1) and m.group(2) in names]
@@ -488,7 +488,10 @@ def _method_section(mraw: Any, source: str, problems: list[str]) -> tuple[str, A
     if mname not in methods:
         problems.append(f"method.name: unknown method {mname!r}{_suggest(str(mname), sorted(methods))}")
         mname = "lora"
+    before = len(problems)
     mcfg = build_section(methods[mname].config_cls, mraw, "method", problems, skip=("name",))
+    # A key another method takes (method.name=ia3 over a LoRA recipe's r): say whose keys are listed.
+    problems[before:] = [p.replace(": unknown key;", f": unknown key for method {mname!r};", 1) for p in problems[before:]]
 
     if isinstance(mraw, dict) and mraw.get("leave_out") and any(f.name == "layers" for f in dataclasses.fields(mcfg)):
         sys.stderr.write(

@@ -219,12 +219,18 @@ def method_from_peft(config: dict[str, Any], where: str = "adapter_config.json")
                               "HF PEFT writes, or pass --recipe with a recipe that describes the adapter") from None
 
 
+def _where(src: Path, recipe) -> str:
+    """How a message names the PEFT folder: as the recipe's init_from, or (import-peft, merge of a
+    PEFT folder, whose recipe is read from the folder itself) as the folder."""
+    return str(src) if str(recipe.source or "").endswith(PEFT_CONFIG) else f"init_from {src}"
+
+
 def _check_settings(src: Path, config: dict[str, Any], recipe) -> None:
     """The recipe's method must describe the adapter in the folder; say which keys differ."""
     pt = str(config.get("peft_type", "")).upper()
     block = method_from_peft(config, str(src / "adapter_config.json"))
     want = block["name"]
-    where = f"init_from {src}"
+    where = _where(src, recipe)
     if recipe.method_name != want:
         shown = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in block.items())
         raise PeftFormatError(
@@ -267,7 +273,7 @@ def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, src: Path, re
     for ours in lay.heads:  # PEFT keeps heads under base_model. or base_model.model. depending on the type
         inverse.setdefault("base_model.model." + ours, ours)
         inverse.setdefault("base_model." + ours, ours)
-    where = f"init_from {src}"
+    where = _where(src, recipe)
     ours_sd: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, t in peft_sd.items():
