@@ -169,6 +169,7 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
             raise DataError(f"data.label_column: {cfg.source} has {found} in column {col.label!r}; a classifier "
                             "needs at least two: check data.label_column and the data")
         train, val, held = _partition(table, cfg)
+        n_train = len(train)
         val_from = _val_from(cfg, len(val))
         malformed: list[tuple[str, int, str]] = []
         train = _class_rows(train, cfg.train_split, cfg, col, label_names, ids, malformed)
@@ -178,9 +179,10 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
             raise DataError(f"data: no training rows in {cfg.source}"
                             + (f" ({malformed_summary(malformed)})" if malformed else ""))
         return Splits(train=train, eval=held, val=val, label_names=label_names, val_from=val_from,
-                      malformed=malformed)
+                      malformed=malformed, notes=_short_of(cfg, n_train))
     fmt = _lm_format(in_use, cfg, col)
     train, val, held = _partition(table, cfg)
+    n_train = len(train)
     val_from = _val_from(cfg, len(val))
     malformed: list[tuple[str, int, str]] = []
     train = _lm_rows(train, cfg.train_split, fmt, cfg, col, malformed)
@@ -190,7 +192,15 @@ def load_splits(cfg: DataConfig, task: str, num_labels: int | None = None) -> Sp
         raise DataError(f"data: no training rows in {cfg.source}"
                         + (f" ({malformed_summary(malformed)})" if malformed else ""))
     return Splits(train=train, eval=held, val=val, label_names=None, format=fmt, malformed=malformed,
-                  val_from=val_from)
+                  val_from=val_from, notes=_short_of(cfg, n_train))
+
+
+def _short_of(cfg: DataConfig, n_train: int) -> list[str]:
+    """The start-up note when data.train_size asks for more rows than the source has left for training."""
+    if cfg.train_size and n_train < cfg.train_size:
+        return [f"data.train_size {cfg.train_size}: {cfg.source} has {n_train} training rows once the held-out "
+                "and validation rows are set apart; training on those"]
+    return []
 
 
 def _splits_in_use(table: dict[str, list[dict]], cfg: DataConfig) -> dict[str, list[dict]]:

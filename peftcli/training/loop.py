@@ -352,8 +352,8 @@ def _refuse_what_this_run_cannot_do(recipe: Recipe, device: torch.device, world:
         from peftcli.training.tracking import check_trackers
 
         check_trackers(recipe)
-    if tcfg.precision == "fp16" and device.type != "cuda":
-        console.print("[yellow]train.precision fp16 autocasts on CUDA only; training in fp32 here[/]")
+    if tcfg.precision in ("fp16", "bf16") and device.type != "cuda":  # autocast_ctx's CPU region is off
+        console.print(f"[yellow]train.precision {tcfg.precision} autocasts on CUDA only; training in fp32 here[/]")
     if tcfg.compile and device.type != "cuda":
         console.print(f"[yellow]train.compile compiles on CUDA only; training eager on {device.type} (docs/performance.md "
                       "gives the CPU figures)[/]")

@@ -109,3 +109,13 @@ def test_sizes_that_leave_no_training_rows_name_their_key(tmp_path, key, words):
     with pytest.raises(DataError) as e:
         load_splits(DataConfig(source=str(path), **key), "classification")
     assert words in str(e.value)
+
+
+def test_a_train_size_beyond_the_data_is_said(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(40)))
+    s = load_splits(DataConfig(source=str(path), eval_size=4, val_size=4, train_size=1000), "classification")
+    assert len(s.train) == 32
+    assert s.notes == [f"data.train_size 1000: {path} has 32 training rows once the held-out and validation rows "
+                       "are set apart; training on those"]
+    assert load_splits(DataConfig(source=str(path), eval_size=4, val_size=4, train_size=32), "classification").notes == []

@@ -107,6 +107,15 @@ def test_eval_keeps_its_scores_on_screen_when_the_run_cannot_be_written(trained_
     assert "accuracy" in res.output and "could not save" in res.output and "Operation not permitted" in res.output
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_half_precision_the_cpu_does_not_autocast_is_said(trained_run, tmp_path, precision):
+    _, recipe, _ = trained_run
+    res = invoke("train", recipe, f"train.precision={precision}", "train.max_steps=1", "output.plot=false",
+                 f"output.dir={tmp_path / 'run'}")
+    assert res.exit_code == 0, res.output
+    assert f"train.precision {precision} autocasts on CUDA only; training in fp32 here" in " ".join(res.output.split())
+
+
 def test_merge_exact_and_loadable(trained_run, tmp_path):
     _, _, run = trained_run
     res = invoke("merge", run, tmp_path / "merged")
