@@ -71,6 +71,8 @@ def builtin_rows(name: str) -> list[dict[str, Any]] | None:
 
 
 SENTIMENTS = ("negative", "neutral", "positive")
+# Classes of the built-in classification sources, known without reading them (count-params reads no data).
+BUILTIN_CLASSES = {"tweets": len(SENTIMENTS), "tweets_subjectivity": 2, "tweets_agreement": 2}
 
 
 def tweets_preference_rows(tweets: Sequence[dict[str, str]], *, paired: bool) -> list[dict[str, Any]]:

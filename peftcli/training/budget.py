@@ -95,10 +95,18 @@ def count_model(recipe: Recipe):
     where one covers the model, else transformers' own class."""
     from peftcli.models.skeleton import skeleton_model
 
-    skeleton = skeleton_model(recipe.model.name, recipe.model.task, recipe.model.num_labels or 2)
+    skeleton = skeleton_model(recipe.model.name, recipe.model.task, _head_classes(recipe) or 2)
     if skeleton is not None:
         return skeleton, SKELETON
     return _transformers_meta(recipe), META
+
+
+def _head_classes(recipe: Recipe) -> int | None:
+    """The classifier head's outputs as training will size them: model.num_labels, else the classes
+    of a built-in source (a file's are known only once it is read; the model's config decides)."""
+    from peftcli.data.sources import BUILTIN_CLASSES
+
+    return recipe.model.num_labels or BUILTIN_CLASSES.get(recipe.data.source)
 
 
 def _transformers_meta(recipe: Recipe):
@@ -106,7 +114,7 @@ def _transformers_meta(recipe: Recipe):
     only when the recipe allows it; a recipe read from a run folder has had that key set from the
     command line's flag (`runs.load.untrusted`)."""
     m = recipe.model
-    return meta_model(m.name, m.task, num_labels=m.num_labels, attn_implementation=m.attn_implementation,
+    return meta_model(m.name, m.task, num_labels=_head_classes(recipe), attn_implementation=m.attn_implementation,
                       trust_remote_code=m.trust_remote_code)
 
 

@@ -93,6 +93,20 @@ def test_classification_head_stays_dense_and_trainable(tmp_path):
     assert b["quantizable"] == linear  # the score head (trainable) is not counted as 4-bit
 
 
+@pytest.mark.slow
+def test_a_built_in_sources_classes_size_the_counted_head():
+    """tweets has three classes: the count matches the model training builds (it counted two)."""
+    from pathlib import Path
+
+    from peftcli.config.recipe import load_recipe
+    from peftcli.methods.attach import pick_device, trainable_summary
+    from peftcli.runs.load import build
+
+    r = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tweets_lora.yaml")
+    built = build(r, pick_device("cpu"), label_names=["negative", "neutral", "positive"])
+    assert budget(r)["trainable"] == trainable_summary(built.model)["trainable"]
+
+
 def test_llama3_70b_on_meta_in_seconds(tmp_path):
     cfg = _llama_json(tmp_path / "70b.json", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, max_position_embeddings=8192)
