@@ -341,7 +341,7 @@ def test_recipe_budget_matches_closed_form(name, tmp_path):
     assert recipe.method_name == name
     assert recipe.output.dir == f"runs/tweets_{RECIPES[name]}"
     b = budget(recipe)
-    head = 128 * 2 + 2 + (128 * 128 + 128 if recipe.model.train_pooler else 0)  # classifier (+ pooler)
+    head = 128 * 3 + 3 + (128 * 128 + 128 if recipe.model.train_pooler else 0)  # classifier of tweets' 3 classes (+ pooler)
     d = 128
     if name == "krona":  # q, v are (128, 128); 8 is the divisor of 128 closest to sqrt(128)
         expected = L * 2 * (8 * 8 + 16 * 16)
@@ -360,7 +360,7 @@ def test_minilm_counts():
 
     if not resolve_source("sentence-transformers/all-MiniLM-L6-v2").embedded:
         pytest.skip("embedded all-MiniLM-L6-v2 package not installed")
-    head = 384 * 2 + 2
+    head = 384 * 3 + 3  # tweets' three classes
     want = {"houlsby": 226_080, "pfeiffer": 113_040, "parallel": 888_192, "scaled_parallel": 888_198,
             "compacter": 14_384, "compacter++": 7_256, "krona": 9_984}
     for name, n in want.items():
