@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,8 +213,12 @@ def _load_file(p: Path, src: str) -> dict[str, list[dict[str, Any]]]:
     if p.is_file() and _is_blank(p):
         raise _no_rows(src)
     kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    # The file readers log their own parse errors before raising; the error below says it once.
+    readers = logging.getLogger("datasets.packaged_modules")
+    level = readers.level
     try:
         with quiet_libraries():
+            readers.setLevel(logging.CRITICAL)
             ds = datasets.load_dataset(FILE_TYPES[suffix], data_files={"train": str(p)}, **kw)
     except Exception as e:  # noqa: BLE001  (a file the reader cannot parse)
         first = _first_line(e)
@@ -222,6 +227,8 @@ def _load_file(p: Path, src: str) -> dict[str, list[dict[str, Any]]]:
         where = _first_bad_json_line(p) if suffix in (".json", ".jsonl") else None
         raise DataError(f"data.source: could not read {src}: {where or first}\n"
                         f"  fix: a {suffix[1:]} file must hold {FILE_SHAPES[suffix]}") from None
+    finally:
+        readers.setLevel(level)
     table = {name: [dict(r) for r in split] for name, split in ds.items()}
     if not any(table.values()):
         raise _no_rows(src)

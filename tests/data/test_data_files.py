@@ -119,3 +119,19 @@ def test_a_train_size_beyond_the_data_is_said(tmp_path):
     assert s.notes == [f"data.train_size 1000: {path} has 32 training rows once the held-out and validation rows "
                        "are set apart; training on those"]
     assert load_splits(DataConfig(source=str(path), eval_size=4, val_size=4, train_size=32), "classification").notes == []
+
+
+def test_a_file_that_does_not_parse_is_reported_once(tmp_path):
+    """datasets' readers log their own parse error before raising; peftcli's message is the only one."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "bad.csv"
+    p.write_text("text,label\na,0\nb,1,2\n")
+    code = ("from peftcli.config.recipe import DataConfig\nfrom peftcli.core.errors import DataError\n"
+            "from peftcli.data.splits import load_splits\n"
+            f"try:\n    load_splits(DataConfig(source={str(p)!r}), 'classification')\n"
+            "except DataError as e:\n    print('refused')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "refused", res.stderr[-2000:]
+    assert "Failed to read file" not in res.stderr, res.stderr
