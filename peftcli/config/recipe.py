@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import string
 import sys
 import types
@@ -326,16 +325,6 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
 
 
-def _elsewhere(problem: str, fields: dict[str, set[str]]) -> str:
-    """"train.r: unknown key; did you mean 'lr'?" becomes "...; it belongs in method: method.r"
-    where the key is one of another section's: the usual slip is the section, not the spelling."""
-    m = re.fullmatch(r"(\w+)\.([\w-]+): unknown key(?: for method '[^']+')?; .*", problem, flags=re.S)
-    if m is None:
-        return problem
-    home = [sec for sec, names in fields.items() if sec != m.group(1) and m.group(2) in names]
-    return f"{m.group(1)}.{m.group(2)}: unknown key; it belongs in {home[0]}: {home[0]}.{m.group(2)}" if home else problem
-
-
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -400,8 +389,13 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
-def build_section(cls: type, raw: Any, where: str, problems: list[str], skip: tuple[str, ...] = ()) -> Any:
-    """Validate a mapping against a dataclass; append problems; return an instance (defaults where bad)."""
+def build_section(cls: type, raw: Any, where: str, problems: list[str], skip: tuple[str, ...] = (), *,
+                  whose: str = "", elsewhere: dict[str, set[str]] | None = None) -> Any:
+    """Validate a mapping against a dataclass; append problems; return an instance (defaults where bad).
+
+    An unknown key that is one of another section's (`elsewhere`: section -> its keys) is pointed
+    there (train.r -> method.r: the usual slip is the section, not the spelling); `whose` says whose
+    keys the section holds (a method's)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -414,7 +408,9 @@ def build_section(cls: type, raw: Any, where: str, problems: list[str], skip: tu
         if key in skip:
             continue
         if key not in fields:
-            problems.append(f"{where}.{key}: unknown key{_suggest(str(key), list(fields))}")
+            home = next((sec for sec, names in (elsewhere or {}).items() if key in names), None)
+            problems.append(f"{where}.{key}: unknown key; it belongs in {home}: {home}.{key}" if home
+                            else f"{where}.{key}: unknown key{whose}{_suggest(str(key), list(fields))}")
             continue
         tp = hints[key]
         ok, conv = _coerce(value, tp)
@@ -472,7 +468,22 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dic
     return raw
 
 
-def _method_section(mraw: Any, source: str, problems: list[str]) -> tuple[str, Any]:
+def _known_keys(mraw: Any) -> dict[str, set[str]]:
+    """Every section's keys; the method's are those of the method the recipe names (LoRA's where it
+    names none it knows, as `_method_section` falls back)."""
+    methods = all_methods()
+    name = mraw.get("name") if isinstance(mraw, dict) else None
+    cls = methods[name if isinstance(name, str) and name in methods else "lora"].config_cls
+    keys = {sec: {f.name for f in dataclasses.fields(c)} for sec, c in SECTIONS.items()}
+    keys["method"] = {f.name for f in dataclasses.fields(cls)} | {"name"}
+    return keys
+
+
+def _others(known: dict[str, set[str]], section: str) -> dict[str, set[str]]:
+    return {sec: keys for sec, keys in known.items() if sec != section}
+
+
+def _method_section(mraw: Any, source: str, problems: list[str], known: dict[str, set[str]]) -> tuple[str, Any]:
     """The method's name and its config dataclass; problems appended, LoRA standing in for a
     missing or unknown name so that the rest of the recipe is still checked."""
     methods = all_methods()
@@ -488,10 +499,9 @@ def _method_section(mraw: Any, source: str, problems: list[str]) -> tuple[str, A
     if mname not in methods:
         problems.append(f"method.name: unknown method {mname!r}{_suggest(str(mname), sorted(methods))}")
         mname = "lora"
-    before = len(problems)
-    mcfg = build_section(methods[mname].config_cls, mraw, "method", problems, skip=("name",))
     # A key another method takes (method.name=ia3 over a LoRA recipe's r): say whose keys are listed.
-    problems[before:] = [p.replace(": unknown key;", f": unknown key for method {mname!r};", 1) for p in problems[before:]]
+    mcfg = build_section(methods[mname].config_cls, mraw, "method", problems, skip=("name",),
+                         whose=f" for method {mname!r}", elsewhere=_others(known, "method"))
 
     if isinstance(mraw, dict) and mraw.get("leave_out") and any(f.name == "layers" for f in dataclasses.fields(mcfg)):
         sys.stderr.write(
@@ -575,10 +585,12 @@ def recipe_from_dict(
     for key in raw:
         if key not in TOP_LEVEL:
             problems.append(f"{key}: unknown section{_suggest(str(key), TOP_LEVEL)}")
-    sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in SECTIONS.items()}
+    known = _known_keys(raw.get("method"))
+    sections = {name: build_section(cls, raw.get(name), name, problems, elsewhere=_others(known, name))
+                for name, cls in SECTIONS.items()}
 
     methods = all_methods()
-    mname, mcfg = _method_section(raw.get("method"), source, problems)
+    mname, mcfg = _method_section(raw.get("method"), source, problems, known)
     train_cfg: TrainConfig = sections["train"]
     if train_cfg.lisa_layers and not methods[mname].trains_base:
         problems.append(
@@ -614,9 +626,7 @@ def recipe_from_dict(
         problems.append(f"eval.metric: {sections['eval'].metric!r} is not measured by train.objective "
                         f"{train_cfg.objective}; use accuracy (preference accuracy) or loss")
     if problems:
-        fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
-        fields["method"] = {f.name for f in dataclasses.fields(methods[mname].config_cls)} | {"name"}
-        raise RecipeError(source, [_elsewhere(p, fields) for p in problems])
+        raise RecipeError(source, problems)
     return Recipe(
         model=model,
         data=data,
