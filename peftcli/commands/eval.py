@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftcli.core.errors import DataError, UsageError
+from peftcli.core.errors import UsageError
 from peftcli.core.files import atomic_file_write
+from peftcli.data.splits import MissingSplit
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.inference.multi import evaluate_runs, load_runs
 from peftcli.methods.attach import pick_device
@@ -25,11 +26,10 @@ def split_examples(rec, tokenizer, split: str) -> list[dict]:
         rec.data.eval_split = split
     try:
         _, train_ex, val, test = prepare_data(rec, tokenizer)
-    except DataError as e:  # a named split the data lacks: the user wrote --split, not the recipe's key
-        if split in ("test", "val", "train") or not str(e).startswith("data.eval_split:"):
+    except MissingSplit as e:  # the split named by --split, not by the recipe's data.eval_split
+        if e.key != "data.eval_split" or e.split != split:
             raise
-        raise UsageError(f"--split {split}: {str(e).split(': ', 1)[1]}; or use test, val or train "
-                         "(the run's own splits)") from None
+        raise UsageError(f"--split {split}: {e.where}; or use test, val or train (the run's own splits)") from None
     if split == "val" and not val:
         raise UsageError("--split val: the run's recipe has no validation rows (data.val_fraction is 0); "
                          "use --split test")

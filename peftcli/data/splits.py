@@ -203,13 +203,21 @@ def _short_of(cfg: DataConfig, n_train: int) -> list[str]:
     return []
 
 
+class MissingSplit(DataError):
+    """A split the recipe names that the source does not have; `key` is the recipe key that names it,
+    so that a command which set it from a flag (`eval --split`) can name the flag instead."""
+
+    def __init__(self, key: str, split: str, cfg: DataConfig, table: dict[str, list[dict]]) -> None:
+        self.key, self.split, self.where = key, split, f"{split!r} not in {cfg.source}; splits: {', '.join(table)}"
+        super().__init__(f"{key}: {self.where}")
+
+
 def _splits_in_use(table: dict[str, list[dict]], cfg: DataConfig) -> dict[str, list[dict]]:
     """The recipe's train / eval / val splits of the source, refused when one is missing or training has no rows."""
-    if cfg.train_split not in table:
-        raise DataError(f"data.train_split: {cfg.train_split!r} not in {cfg.source}; splits: {', '.join(table)}")
-    for key, split in (("data.eval_split", cfg.eval_split), ("data.val_split", cfg.val_split)):
+    for key, split in (("data.train_split", cfg.train_split), ("data.eval_split", cfg.eval_split),
+                       ("data.val_split", cfg.val_split)):
         if split is not None and split not in table:
-            raise DataError(f"{key}: {split!r} not in {cfg.source}; splits: {', '.join(table)}")
+            raise MissingSplit(key, split, cfg, table)
     in_use = {cfg.train_split: table[cfg.train_split]}
     for split in (cfg.eval_split, cfg.val_split):
         if split is not None:
