@@ -206,12 +206,13 @@ def chat_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_llama_chat_dir(tmp_path_factory):
     """A tiny random Llama (tied head) with the embedded SmolLM2 tokenizer and its chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftcli.models.loading import resolve_source
+    from peftcli.models.loading import load_tokenizer
 
     d = tmp_path_factory.mktemp("tiny-llama-chat")
-    tok = AutoTokenizer.from_pretrained(resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct").path)
+    # load_tokenizer reads the embedded GGUF itself until its float32 copy is cached (a fresh machine)
+    tok = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
