@@ -151,6 +151,27 @@ def unkept_note(run: Path) -> str | None:
     return None
 
 
+def read_run_recipe(run: Path) -> dict:
+    """A run folder's recipe.yaml as plain data, for readers below the recipe layer and for early
+    choices made before the recipe is checked. `yaml.safe_load` constructs nothing but plain values,
+    so the file cannot run code. A missing, unreadable or non-mapping file is one CheckpointError
+    naming it; whether the mapping is a valid recipe is the recipe layer's to say."""
+    import yaml
+
+    f = Path(run) / "recipe.yaml"
+    if not Path(run).exists():
+        raise CheckpointError(f"{run}: no such folder; pass the run folder `peftcli train` wrote")
+    if not f.is_file():
+        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+    try:
+        raw = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{f}: not a readable recipe ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: not a readable recipe (expected a mapping of sections, got {type(raw).__name__})")
+    return raw
+
+
 def find_run_adapter(run: Path) -> Path:
     """A run folder's best adapter, or the folder itself if it is an adapter folder."""
     run = Path(run)

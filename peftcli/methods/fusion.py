@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from peftcli.core.adapter import AdapterModule
+from peftcli.core.adapter_files import find_run_adapter, read_adapter, read_run_recipe
 from peftcli.core.arch import Arch
 from peftcli.core.errors import BadInput, CheckpointError
 from peftcli.core.hf_call import SequenceMask, sequence_mask
@@ -111,20 +112,16 @@ def read_sources(cfg: FusionConfig) -> list[Source]:
         return _check(out)
     # The runs' recipe.yaml files were written resolved by peftcli: their `method:` mapping is all a
     # source needs (read as data; the recipe layer sits above the methods).
-    import yaml
-
     out = []
     for i, run in enumerate(cfg.adapters):
-        f = Path(run) / "recipe.yaml"
-        if not f.exists():
-            raise FusionError(f"method.adapters[{i}]: {run} is not a peftcli run folder (no recipe.yaml)")
         try:
-            method = dict((yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("method") or {})
-        except (yaml.YAMLError, AttributeError, TypeError, ValueError, OSError) as e:  # ValueError: not UTF-8
-            raise FusionError(f"method.adapters[{i}]: {f} is not a readable recipe ({e})") from None
+            method = read_run_recipe(Path(run)).get("method")
+        except CheckpointError as e:
+            raise FusionError(f"method.adapters[{i}]: {e}") from None
+        method = dict(method) if isinstance(method, dict) else {}
         name = method.pop("name", None)
         if not isinstance(name, str):
-            raise FusionError(f"method.adapters[{i}]: {f} names no method (method.name)")
+            raise FusionError(f"method.adapters[{i}]: {Path(run) / 'recipe.yaml'} names no method (method.name)")
         out.append(Source(i, str(run), name, method))
     return _check(out)
 
@@ -284,7 +281,6 @@ def attach(model: nn.Module, arch: Arch, cfg: FusionConfig) -> None:
 
 def _load_source_weights(model: nn.Module, arch: Arch, sources: list[Source]) -> None:
     """Copy each source run's adapter into the sites, when the runs are there."""
-    from peftcli.core.adapter_files import find_run_adapter, read_adapter
 
     files = {}
     for s in sources:

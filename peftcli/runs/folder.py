@@ -115,15 +115,14 @@ def foreign_entries(path: Path) -> list[str]:
 
 def reads_as_run(path: Path) -> bool:
     """recipe.yaml parses as a peftcli recipe and adapter/meta.json names a registered method."""
-    import yaml
-
     from peftcli.config.recipe import recipe_from_dict
+    from peftcli.core.adapter_files import read_run_recipe
     from peftcli.methods import all_methods
 
     try:
-        raw = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+        raw = read_run_recipe(path)
         meta = json.loads((path / "adapter" / "meta.json").read_text(encoding="utf-8"))
-        if not isinstance(raw, dict) or not isinstance(meta, dict):
+        if not isinstance(meta, dict):
             return False
         recipe_from_dict(raw, str(path / "recipe.yaml"))
     except Exception:  # noqa: BLE001  (anything that does not read as a recipe is not one of ours)

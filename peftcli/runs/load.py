@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe
-from peftcli.core.adapter_files import find_run_adapter, read_adapter
+from peftcli.core.adapter_files import find_run_adapter, read_adapter, read_run_recipe
 from peftcli.core.arch import Arch
 from peftcli.core.errors import CheckpointError, DataError
 from peftcli.core.precision import resolve_dtype
@@ -249,6 +249,7 @@ class SavedRun:
     adapter_dir: Path
     state: dict[str, torch.Tensor]
     meta: dict
+    init_from: str | None = None  # the adapter the run started from; `recipe.init_from` is cleared
 
 
 def open_run(run: str | Path, overrides: list[str] | None = None, *, trust_remote_code: bool = False,
@@ -270,11 +271,11 @@ def open_run(run: str | Path, overrides: list[str] | None = None, *, trust_remot
     recipe = untrusted(load_recipe(recipe_file, overrides), trust_remote_code)
     if before_weights is not None:
         before_weights(recipe)
-    recipe.init_from = None  # the saved adapter is the run's weights, not its starting point
+    init_from, recipe.init_from = recipe.init_from, None  # the saved adapter is the run's weights, not its start
     adapter_dir = find_run_adapter(run)
     state, meta = read_adapter(adapter_dir)
     check_adapter_matches(recipe, meta, adapter_dir, str(recipe_file))
-    return SavedRun(run, recipe_file, recipe, adapter_dir, state, meta)
+    return SavedRun(run, recipe_file, recipe, adapter_dir, state, meta, init_from)
 
 
 def load_run(run: str | Path, device: torch.device, overrides: list[str] | None = None, *,
@@ -317,13 +318,9 @@ def peek_recipe(run: str | Path) -> dict[str, dict]:
     """The sections of a run folder's recipe.yaml as plain dicts, read without checks, for a
     command's early choices (mergeable? a preference run?); {} for a section, or for the whole file,
     that cannot be read as one: `open_run` then refuses the file with the reason."""
-    import yaml
-
     try:
-        raw = yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    if not isinstance(raw, dict):
+        raw = read_run_recipe(Path(run))
+    except CheckpointError:
         return {}
     return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, dict)}
 

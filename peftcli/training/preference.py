@@ -365,16 +365,13 @@ def reference_for_run(run: Path, device: torch.device, *, trust_remote_code: boo
     """A preference run rebuilt for scoring, with the reference it trained against: its adapter
     switched off, or its starting weights (the `init_from` adapter, or the method's seeded fresh
     weights), read before the trained adapter goes in."""
-    import yaml
-
     from peftcli.core.switch import apply_recorded
     from peftcli.runs.checkpoint import load_adapter_state
     from peftcli.runs.load import build, open_run
 
     saved = open_run(run, trust_remote_code=trust_remote_code)
     recipe = saved.recipe
-    raw = yaml.safe_load((Path(run) / "recipe.yaml").read_text()) or {}
-    recipe.init_from = raw.get("init_from")
+    recipe.init_from = saved.init_from
     torch.manual_seed(recipe.train.seed)  # fresh adapter weights as the run drew them
     built = build(recipe, device, label_names=saved.meta.get("label_names"), trust_remote_code=trust_remote_code)
     reference = Reference(recipe, built.model)

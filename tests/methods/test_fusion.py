@@ -157,8 +157,14 @@ def test_houlsby_sources_fuse_at_both_sites_and_bad_sources_are_refused(tmp_path
     make_source(tmp_path / "l", tiny_model("bert"), 4, method="lora")
     with pytest.raises(fusion.FusionError, match="cannot be fused"):
         fused("bert", [tmp_path / "p", tmp_path / "l"])
-    with pytest.raises(fusion.FusionError, match="not a peftcli run"):
+    with pytest.raises(fusion.FusionError, match=r"method.adapters\[1\]: .*nowhere: no such folder"):
         fused("bert", [tmp_path / "p", tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fusion.FusionError, match=r"empty: not a run folder \(no recipe.yaml\)"):
+        fused("bert", [tmp_path / "p", tmp_path / "empty"])
+    (tmp_path / "empty" / "recipe.yaml").write_bytes(b"method: \xff\n")
+    with pytest.raises(fusion.FusionError, match="not a readable recipe"):
+        fused("bert", [tmp_path / "p", tmp_path / "empty"])
 
 
 # ------------------------------------------------------------------------------------ regulariser
