@@ -23,6 +23,7 @@ from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import (
     export_model,
     head_rows,
+    load_peft_weights,
     peft_type_for,
     read_peft_folder,
     recipe_from_peft,
@@ -174,9 +175,10 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     label_names = recipe.data.label_names
     if recipe.model.task == "classification" and not recipe.model.num_labels and not label_names:
         recipe.model.num_labels = head_rows(sd)
-    recipe.init_from = str(src)
-    built = build(recipe, pick_device("cpu"), label_names=label_names, trust_remote_code=trust_remote_code)
     recipe.init_from = None
+    built = build(recipe, pick_device("cpu"), label_names=label_names, trust_remote_code=trust_remote_code)
+    load_peft_weights(built.model, built.arch, built.spec, recipe, src,
+                      where=f"{src} (read with --recipe {recipe_path})" if recipe_path else str(src))
     recipe.output.dir = str(run_dir)
     budget = trainable_summary(built.model)
     meta = {

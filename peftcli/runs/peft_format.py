@@ -219,18 +219,11 @@ def method_from_peft(config: dict[str, Any], where: str = "adapter_config.json")
                               "HF PEFT writes, or pass --recipe with a recipe that describes the adapter") from None
 
 
-def _where(src: Path, recipe) -> str:
-    """How a message names the PEFT folder: as the recipe's init_from, or (import-peft, merge of a
-    PEFT folder, whose recipe is read from the folder itself) as the folder."""
-    return str(src) if str(recipe.source or "").endswith(PEFT_CONFIG) else f"init_from {src}"
-
-
-def _check_settings(src: Path, config: dict[str, Any], recipe) -> None:
+def _check_settings(src: Path, config: dict[str, Any], recipe, where: str) -> None:
     """The recipe's method must describe the adapter in the folder; say which keys differ."""
     pt = str(config.get("peft_type", "")).upper()
     block = method_from_peft(config, str(src / "adapter_config.json"))
     want = block["name"]
-    where = _where(src, recipe)
     if recipe.method_name != want:
         shown = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in block.items())
         raise PeftFormatError(
@@ -263,17 +256,16 @@ def _strip_head_key(key: str) -> str:
     return key
 
 
-def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, src: Path, recipe,
+def from_peft_state(peft_sd: dict[str, torch.Tensor], lay: Layout, where: str,
                     config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """PEFT tensors renamed to ours; explains what the recipe would need to change on a mismatch.
-    `config` is the folder's adapter_config.json."""
+    `config` is the folder's adapter_config.json; `where` names the folder in messages."""
     config = config or {}
     target_modules = config.get("target_modules")
     inverse = {v: k for k, v in lay.to_peft.items()}
     for ours in lay.heads:  # PEFT keeps heads under base_model. or base_model.model. depending on the type
         inverse.setdefault("base_model.model." + ours, ours)
         inverse.setdefault("base_model." + ours, ours)
-    where = _where(src, recipe)
     ours_sd: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, t in peft_sd.items():
@@ -334,18 +326,22 @@ def _module_of(peft_key: str) -> str | None:
     return None
 
 
-def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path) -> None:
-    """Load an HF PEFT adapter folder into a model built from `recipe` (its `init_from:`)."""
+def load_peft_weights(model: nn.Module, arch: Arch, spec: MethodSpec, recipe, src: Path,
+                      where: str | None = None) -> None:
+    """Load an HF PEFT adapter folder into a model built from `recipe`. `where` is how messages
+    name the folder, as the user gave it: the recipe's `init_from` unless the caller says otherwise
+    (import-peft and merge read the folder from the command line)."""
     src = Path(src)
+    where = where or f"init_from {src}"
     config, peft_sd = read_peft_folder(src)
-    _check_settings(src, config, recipe)
+    _check_settings(src, config, recipe, where)
     lay = layout(model, arch, spec, recipe)
-    sd = from_peft_state(peft_sd, lay, src, recipe, config)
+    sd = from_peft_state(peft_sd, lay, where, config)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     for name, t in sd.items():
         if name in lay.heads and tuple(shapes[name]) != tuple(t.shape):
             raise PeftFormatError(
-                f"init_from {src}: {name} has shape {tuple(t.shape)} in the adapter, {tuple(shapes[name])} here; "
+                f"{where}: {name} has shape {tuple(t.shape)} in the adapter, {tuple(shapes[name])} here; "
                 f"set model.num_labels: {t.shape[0]} (or data.label_names with {t.shape[0]} names)"
             )
     load_adapter_state(model, spec, arch, recipe.method, sd)

@@ -297,3 +297,19 @@ def test_import_peft_names_the_adapter_config_for_layers_the_model_lacks(tiny_ru
     refused(invoke("import-peft", peft_dir, tmp_path / "imported"), f"{peft_dir}/adapter_config.json: 1 problem",
             "layer 40 is out of range")
     assert not (tmp_path / "imported").exists()
+
+
+def test_peft_folder_with_another_recipe_is_named_as_given(tiny_run, tmp_path):
+    """`merge PEFT_DIR --recipe R` and `import-peft PEFT_DIR --recipe R`: a recipe that does not
+    describe the adapter is refused naming the folder and R, not an `init_from` the user never wrote."""
+    peft_dir = tmp_path / "peft"
+    assert invoke("export", tiny_run, "--to", "peft", peft_dir).exit_code == 0
+    raw = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    raw["method"]["r"] = 4
+    rec = tmp_path / "other.yaml"
+    rec.write_text(yaml.safe_dump(raw))
+    for args in (("merge", peft_dir, tmp_path / "merged"), ("import-peft", peft_dir, tmp_path / "imported")):
+        res = invoke(*args, "--recipe", rec)
+        refused(res, f"{peft_dir} (read with --recipe {rec})", "set method.r: 2")
+        assert "init_from" not in res.output
+        assert not args[2].exists()
