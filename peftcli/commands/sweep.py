@@ -324,6 +324,7 @@ def plan_trials(
     problems: list[str] = []
     planned: list[Trial] = []
     placed: set[str] = set()
+    grid_seen: dict[str, list[str]] = {}
     for i, swept in enumerate(combos, 1):
         overrides = [*fixed, *swept]
         try:
@@ -344,6 +345,13 @@ def plan_trials(
                 problems += [f"{', '.join(swept)}: {p}" for p in e.problems if p not in problems]
                 continue
         settings = {a.key: _value_at(resolved, a.key) for a in axes}
+        same = json.dumps(settings, sort_keys=True, default=str)
+        if not random_mode and same in grid_seen:  # "1e-4,0.0001": one value twice, trained twice alike
+            pairs = [(a, b) for a, b in zip(grid_seen[same], swept, strict=True) if a != b]
+            msg = "; ".join(f"{a} and {b.partition('=')[2]}" for a, b in pairs) + " are the same value; list each value once"
+            problems += [msg] if msg not in problems else []
+            continue
+        grid_seen[same] = swept
         planned.append(Trial(f"trial-{i:0{width}d}", settings, overrides, r))
     if problems:
         raise RecipeError(str(recipe_path), problems)

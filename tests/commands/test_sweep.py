@@ -129,6 +129,14 @@ def test_every_trial_is_validated_up_front(recipe, fake, tmp_path):
     assert len(e.value.problems) == 1 and "train.scheduler" in e.value.problems[0] and "'linaer'" in e.value.problems[0]
 
 
+def test_one_value_listed_twice_is_refused(recipe, fake, tmp_path):
+    """1e-4 and 0.0001 are one learning rate: a grid would train the same recipe twice."""
+    with pytest.raises(RecipeError) as e:
+        sw.plan_trials(recipe, ["train.lr=1e-4,3e-4,0.0001", "method.r=4,8"], out=tmp_path / "sw")
+    assert e.value.problems == ["train.lr=1e-4 and 0.0001 are the same value; list each value once"]
+    assert not (tmp_path / "sw").exists()
+
+
 def test_targets_the_model_lacks_are_refused_before_any_trial(tiny_bert_dir, tiny_csv, fake, tmp_path):
     """As `validate` and `train` refuse them; a sweep used to start and fail that trial alone."""
     rec = write_recipe(tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
