@@ -47,6 +47,17 @@ def check_plot_destination(out: Path, replace: bool = False) -> None:
                          "or pass --force to replace it")
 
 
+def _shared_eval_key(evals_per_run: list[list[dict]]) -> str | None:
+    """The validation metric every run measured, in order of preference; the loss when the runs
+    measured different ones (accuracy beside perplexity on one axis would read as a comparison)."""
+    if not evals_per_run:
+        return None
+    for key in ("accuracy", "generate_accuracy", "perplexity"):
+        if all(key in evals[0]["eval"] for evals in evals_per_run):
+            return key
+    return "loss"
+
+
 def plot_runs(runs: list[Path], out: Path, replace: bool = False) -> Path:
     """Draw the curves of `runs` into the PNG `out`; `check_plot_destination` first (the training
     loop passes `replace` for the curves.png of the run folder it writes)."""
@@ -57,18 +68,18 @@ def plot_runs(runs: list[Path], out: Path, replace: bool = False) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
-    eval_key = None
-    for run in runs:
-        m = read_metrics(run)
+    metrics = {Path(run): read_metrics(run) for run in runs}
+    eval_key = _shared_eval_key([m.evals for m in metrics.values() if m.evals])
+    for run, m in metrics.items():
         train, evals = m.steps, m.evals
-        label = Path(run).name
+        label = run.name
         if train:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{label} train")
         if evals:
             ax_loss.plot([r["step"] for r in evals], [r["eval"].get("loss", math.nan) for r in evals], "--o", ms=3,
                          label=f"{label} val")
-            eval_key = next((k for k in ("accuracy", "generate_accuracy", "perplexity") if k in evals[0]["eval"]), "loss")
-            ax_eval.plot([r["step"] for r in evals], [r["eval"].get(eval_key, math.nan) for r in evals], "-o", ms=3, label=label)
+            ax_eval.plot([r["step"] for r in evals], [r["eval"].get(eval_key, math.nan) for r in evals], "-o", ms=3,
+                         label=label)
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")
