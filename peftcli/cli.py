@@ -296,7 +296,7 @@ def _eval(run: Path, split: str, limit: int | None, device: str, trust_remote_co
 def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, trust_remote_code: bool = False) -> None:
     from peftcli.commands.eval import evaluate_many
 
-    base_name, metrics = evaluate_many(runs, split, limit, device, trust_remote_code)
+    base_name, metrics, unsaved = evaluate_many(runs, split, limit, device, trust_remote_code)
     table = Table(title=f"{len(runs)} runs on {base_name} · {split}")
     table.add_column("metric")
     for name in metrics:
@@ -304,6 +304,8 @@ def _eval_many(runs: list[Path], split: str, limit: int | None, device: str, tru
     for k in next(iter(metrics.values())):
         table.add_row(k, *(f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]) for m in metrics.values()))
     out.print(table)
+    for why in unsaved:
+        out.print(f"[yellow]{escape(why)}[/]", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------- count-params

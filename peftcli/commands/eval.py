@@ -86,9 +86,9 @@ def _save(path: Path, m: dict) -> str | None:
 
 
 def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: str,
-                  trust_remote_code: bool = False) -> tuple[str, dict[str, dict]]:
-    """Score several runs of one base model in shared batches; returns the base model's name and
-    each run's metrics, also saved in each run folder."""
+                  trust_remote_code: bool = False) -> tuple[str, dict[str, dict], list[str]]:
+    """Score several runs of one base model in shared batches; returns the base model's name, each
+    run's metrics (also saved in each run folder) and why any of them could not be saved."""
     for run in runs:
         if (obj := _objective(Path(str(run).partition("=")[2] or str(run)))) != "sft":
             raise UsageError(f"{run}: a run trained with train.objective {obj} is scored against its reference, "
@@ -100,9 +100,8 @@ def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: s
         rec = a.recipe
         examples[name] = split_examples(rec, multi.tokenizer, split)[: limit or None]
     metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
-    for name, m in metrics.items():
-        atomic_file_write(multi.adapters[name].run / f"eval_{split}.json", json.dumps(m, indent=2))
-    return multi.base_name, metrics
+    unsaved = [_save(multi.adapters[name].run / f"eval_{split}.json", m) for name, m in metrics.items()]
+    return multi.base_name, metrics, [u for u in unsaved if u]
 
 
 def _objective(run: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import write_recipe
@@ -93,9 +94,9 @@ def test_eval_names_what_the_user_wrote(trained_run, tmp_path):
     assert res.exit_code == 2 and "no such folder" in res.output, res.output
 
 
-def test_eval_keeps_its_scores_on_screen_when_the_run_cannot_be_written(trained_run, monkeypatch):
+def test_eval_keeps_its_scores_on_screen_when_the_run_cannot_be_written(trained_run, monkeypatch, tmp_path):
     """A read-only or full run folder: the scores are shown and the failed save said (it was exit 1
-    with errno text, the scores lost)."""
+    with errno text, the scores lost), for one run and for several scored together."""
     import peftcli.commands.eval as ev
 
     def refuse(path, data):
@@ -105,6 +106,10 @@ def test_eval_keeps_its_scores_on_screen_when_the_run_cannot_be_written(trained_
     res = invoke("eval", trained_run[2])
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and "could not save" in res.output and "Operation not permitted" in res.output
+    shutil.copytree(trained_run[2], tmp_path / "twin")
+    res = invoke("eval", trained_run[2], tmp_path / "twin")
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and " ".join(res.output.split()).count("could not save") == 2, res.output
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
