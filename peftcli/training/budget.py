@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peftcli.config.recipe import Recipe, RecipeError
@@ -102,11 +103,22 @@ def count_model(recipe: Recipe):
 
 
 def _head_classes(recipe: Recipe) -> int | None:
-    """The classifier head's outputs as training will size them: model.num_labels, else the classes
-    of a built-in source (a file's are known only once it is read; the model's config decides)."""
+    """The classifier head's outputs as training will size them: model.num_labels, else
+    data.label_names, else the classes of a built-in source (a file's are known only once it is
+    read: both counting paths then take 2, and `head_guess` says so)."""
     from peftcli.data.sources import BUILTIN_CLASSES
 
-    return recipe.model.num_labels or BUILTIN_CLASSES.get(recipe.data.source)
+    names = recipe.data.label_names
+    return recipe.model.num_labels or (len(names) if names else None) or BUILTIN_CLASSES.get(recipe.data.source)
+
+
+def head_guess(recipe: Recipe) -> str | None:
+    """A note when the classifier head was counted without knowing the classes: training sizes it
+    to the classes it finds in the data, which counting does not read."""
+    if recipe.model.task != "classification" or _head_classes(recipe) is not None:
+        return None
+    return (f"the classifier head is counted with 2 classes: model.num_labels is not set, and training takes "
+            f"the classes from {recipe.data.source}; set model.num_labels (or data.label_names) to count it exactly")
 
 
 def _transformers_meta(recipe: Recipe):
@@ -147,6 +159,7 @@ def budget(recipe: Recipe, *, depth: int = 3, batch_size: int = 8, seq_len: int 
     model, arch, spec, built_from = method_on_meta(recipe)
     s = trainable_summary(model)
     s["built_from"] = built_from
+    s["head_note"] = head_guess(recipe)
     # The method's own closed form for what it adds (None where it has none): a cross-check of the count.
     s["closed_form"] = spec.budget(model, arch, recipe.method) if spec.budget is not None else None
     s["table"] = per_module_table(model, depth=depth)
@@ -232,6 +245,8 @@ def print_budget(console: Console, recipe: Recipe, b: dict) -> None:
     )
     if "built_from" in b:
         console.print(f"[dim]counted from {b['built_from']}[/]")
+    if b.get("head_note"):
+        console.print(f"[yellow]{escape(b['head_note'])}[/]", soft_wrap=True)
     if b.get("trained_at_once", b["trainable"]) != b["trainable"]:
         console.print(f"trained at once (LISA): {b['trained_at_once']:,}; gradients and optimizer state are "
                       "counted for those")

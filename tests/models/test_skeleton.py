@@ -97,6 +97,28 @@ def test_skeleton_has_the_names_and_shapes_of_the_meta_model(folders, kind):
         assert all(p.is_meta for p in skel.parameters())
 
 
+def test_a_head_sized_by_the_data_is_counted_from_the_config_and_said(folders, tmp_path):
+    """num_labels null with a data file: training takes the classes from the data, which counting
+    does not read. Both counting paths then count two classes, whatever config.json says, and the
+    budget says so; data.label_names sizes the head exactly."""
+    from transformers import BertConfig
+
+    cfg = BertConfig.from_pretrained(folders["bert"], id2label={i: f"c{i}" for i in range(5)})
+    cfg.save_pretrained(tmp_path)
+    raw = {"model": {"name": str(tmp_path), "task": "classification"}, "method": {"name": "lora"},
+           "data": {"source": "train.csv"}}
+    r = recipe_from_dict(raw, "test", [], check_files=False)
+    fast, slow = budget_mod.budget(r), _meta_budget(r)
+    assert fast["built_from"] == budget_mod.SKELETON and fast["total"] == slow["total"]
+    assert ("classifier", 32 * 2 + 2, 32 * 2 + 2) in [(n.split(".")[-1], tr, tot) for n, tr, tot in fast["table"]]
+    assert fast["head_note"] == slow["head_note"] and "counted with 2 classes" in fast["head_note"]
+    assert "train.csv" in fast["head_note"]
+    r = recipe_from_dict({**raw, "data": {"source": "train.csv", "label_names": ["a", "b", "c"]}}, "test", [],
+                         check_files=False)
+    named = budget_mod.budget(r)
+    assert named["head_note"] is None and named["total"] == fast["total"] + 33
+
+
 def _same_or_same_refusal(recipe) -> dict | None:
     try:
         fast = budget_mod.budget(recipe)
