@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftcli.core.errors import UsageError
+from peftcli.core.errors import DataError, UsageError
 from peftcli.core.files import atomic_file_write
-from peftcli.data.splits import MissingSplit
+from peftcli.data.splits import MissingSplit, UnknownLabels
 from peftcli.inference.evaluate import evaluate, generation_eval
 from peftcli.inference.multi import evaluate_runs, load_runs
 from peftcli.methods.attach import pick_device
@@ -20,16 +20,25 @@ from peftcli.runs.load import collator, load_run, peek_recipe, prepare_data
 from peftcli.training.preference import Objective, reference_for_run
 
 
-def split_examples(rec, tokenizer, split: str) -> list[dict]:
-    """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows."""
+def split_examples(rec, tokenizer, split: str, label_names: list[str] | None = None, run: Path | None = None) -> list[dict]:
+    """A run's examples of one split: its recipe's train / val / test rows, or a named split as test rows.
+
+    A classifier's labels map to the classes the run was trained on (`label_names`, from its
+    meta.json), not to the classes the data file holds today: a file edited since training (a class
+    renamed, one added) would otherwise renumber the classes and score the wrong ones without a word."""
     if split not in ("test", "val", "train"):
         rec.data.eval_split = split
+    if label_names and rec.model.task == "classification":
+        rec.data.label_names = list(label_names)
     try:
         _, train_ex, val, test = prepare_data(rec, tokenizer)
     except MissingSplit as e:  # the split named by --split, not by the recipe's data.eval_split
         if e.key != "data.eval_split" or e.split != split:
             raise
         raise UsageError(f"--split {split}: {e.where}; or use test, val or train (the run's own splits)") from None
+    except UnknownLabels as e:
+        raise DataError(f"{e.source}: {e.shown} not among the classes {run or 'the run'} was trained on "
+                        f"({', '.join(e.names)}); fix those rows, or train a run on the new classes") from None
     if split == "val" and not val:
         raise UsageError("--split val: the run's recipe has no validation rows (data.val_fraction is 0); "
                          "use --split test")
@@ -53,7 +62,7 @@ def evaluate_run(run: Path, split: str, limit: int | None, device: str, trust_re
     else:
         built, _ = load_run(run, dev, trust_remote_code=trust_remote_code)
     rec = built.recipe
-    examples = split_examples(rec, built.tokenizer, split)
+    examples = split_examples(rec, built.tokenizer, split, built.label_names, Path(run))
     if limit:
         examples = examples[:limit]
     if reference is not None:
@@ -98,7 +107,7 @@ def evaluate_many(runs: Sequence[Path], split: str, limit: int | None, device: s
     examples: dict[str, list[dict]] = {}
     for name, a in multi.adapters.items():
         rec = a.recipe
-        examples[name] = split_examples(rec, multi.tokenizer, split)[: limit or None]
+        examples[name] = split_examples(rec, multi.tokenizer, split, a.meta.get("label_names"), a.run)[: limit or None]
     metrics = evaluate_runs(multi, examples, batch_size=multi.recipe.eval.batch_size)
     unsaved = [_save(multi.adapters[name].run / f"eval_{split}.json", m) for name, m in metrics.items()]
     return multi.base_name, metrics, [u for u in unsaved if u]

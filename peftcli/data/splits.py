@@ -115,8 +115,12 @@ def _label_names(
             "of classes - 1: fix those rows or remove them"
         )
     too_big = sorted({i for i in ints if n is not None and i >= n})
+    if too_big and names is not None:
+        raise UnknownLabels(
+            f"data.label_column: {_shown(too_big)} in {src} outside 0..{n - 1} (data.label_names gives {n} classes); "
+            "fix those rows, or set data.label_names to cover every class", _shown(too_big), names, src)
     if too_big:
-        key = "data.label_names" if names is not None else "model.num_labels"
+        key = "model.num_labels"
         raise DataError(
             f"data.label_column: {_shown(too_big)} in {src} outside 0..{n - 1} ({key} gives {n} classes); "
             f"fix those rows, or set {key} to cover every class"
@@ -125,10 +129,9 @@ def _label_names(
         known = set(names)
         unknown = sorted({str(v) for v in values if _as_int(v) is None and str(v) not in known})
         if unknown:
-            raise DataError(
+            raise UnknownLabels(
                 f"data.label_names: {_shown(unknown)} of {src} not in data.label_names {names}; "
-                "add them to data.label_names or fix those rows"
-            )
+                "add them to data.label_names or fix those rows", _shown(unknown), names, src)
         return list(names), False
     top = max(ints, default=-1) + 1
     return [str(i) for i in range(max(top, num_labels or 0))], True
@@ -201,6 +204,15 @@ def _short_of(cfg: DataConfig, n_train: int) -> list[str]:
         return [f"data.train_size {cfg.train_size}: {cfg.source} has {n_train} training rows once the held-out "
                 "and validation rows are set apart; training on those"]
     return []
+
+
+class UnknownLabels(DataError):
+    """Labels outside the classes data.label_names gives; `shown`, `names` and `source` let a
+    command that set those names itself (eval, from the run's meta.json) say so instead."""
+
+    def __init__(self, message: str, shown: str, names: list[str], source: str) -> None:
+        self.shown, self.names, self.source = shown, list(names), source
+        super().__init__(message)
 
 
 class MissingSplit(DataError):

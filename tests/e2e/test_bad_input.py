@@ -313,3 +313,29 @@ def test_peft_folder_with_another_recipe_is_named_as_given(tiny_run, tmp_path):
         refused(res, f"{peft_dir} (read with --recipe {rec})", "set method.r: 2")
         assert "init_from" not in res.output
         assert not args[2].exists()
+
+
+def test_eval_maps_labels_to_the_classes_the_run_was_trained_on(tiny_bert_dir, tiny_csv, tmp_path):
+    """A data file edited after training: renamed classes used to renumber silently (the scores of
+    swapped classes), a new class stopped eval with torch's words; both name the run's classes now,
+    and the unedited file scores as before."""
+    data = tmp_path / "d.csv"
+    shutil.copy(tiny_csv, data)
+    rec = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
+        data={"source": str(data), "text_column": "sentence", "eval_size": 8, "max_length": 16},
+        method={"name": "lora", "r": 2}, train={"max_steps": 2, "batch_size": 8, "progress": False},
+        output={"dir": str(tmp_path / "run"), "plot": False},
+    )
+    assert invoke("train", rec).exit_code == 0
+    before = invoke("eval", tmp_path / "run")
+    assert before.exit_code == 0, before.output
+    text = tiny_csv.read_text()
+    for edited, needle in ((text.replace(",negative,", ",znegative,"), "label 'znegative'"),
+                           (text.replace("today 3,negative,", "today 3,neutral,"), "label 'neutral'")):
+        data.write_text(edited)
+        refused(invoke("eval", tmp_path / "run"), str(data), needle,
+                f"not among the classes {tmp_path / 'run'} was trained on (negative, positive)")
+    data.write_text(text)
+    after = invoke("eval", tmp_path / "run")
+    assert after.exit_code == 0 and after.output == before.output
