@@ -80,6 +80,27 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def share_modes(root: Path) -> None:
+    """Give each file under `root` (or `root` itself, a file) the mode the user's umask gives a new
+    file. Writers that go through a temporary file (safetensors, and tempfile's) create it readable
+    by its owner alone, so a merged model or a run folder meant for others would not be readable by
+    them, unlike every other file beside it."""
+    mode = 0o666 & ~_UMASK
+    paths = [Path(root)] if Path(root).is_file() else [Path(d) / f for d, _, fs in os.walk(root) for f in fs]
+    for f in paths:
+        if not f.is_symlink() and f.is_file() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file and folder under `root` (before it is renamed into place)."""
     for dirpath, _, files in os.walk(root):
@@ -107,6 +128,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = temp_sibling(path)
     try:
         write(tmp)
+        share_modes(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -160,6 +182,7 @@ def write_dir(dest: Path, write: Callable[[Path], None]) -> None:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        share_modes(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +254,7 @@ def recover_dir(
 
 
 __all__ = [
-    "ROLES", "TAG", "atomic_file_write", "atomic_write", "fsync_path", "fsync_tree", "is_temp_name",
+    "ROLES", "TAG", "atomic_file_write", "atomic_write", "fsync_path", "fsync_tree", "is_temp_name", "share_modes",
     "parse_temp_name", "pid_alive", "recover_dir", "remove", "swap_into_place", "temp_sibling", "temp_siblings",
     "write_dir",
 ]

@@ -37,6 +37,7 @@ from peftcli.core.files import (
     is_temp_name,
     recover_dir,
     remove,
+    share_modes,
     swap_into_place,
     temp_sibling,
 )
@@ -271,6 +272,7 @@ def replacing(dest: Path, *, kind: str) -> Iterator[Path]:
     try:
         yield tmp
         write_marker(tmp, kind)
+        share_modes(tmp)
         fsync_tree(tmp)
         if _occupied(dest) and not is_ours(dest):  # something moved in since the destination was checked
             raise UnsafePathError(f"{dest} now holds files peftcli did not write; refusing to replace it")

@@ -11,6 +11,7 @@ import pytest
 
 from peftcli.core.files import (
     atomic_file_write,
+    atomic_write,
     is_temp_name,
     parse_temp_name,
     recover_dir,
@@ -41,6 +42,21 @@ def test_atomic_file_write_replaces_whole_and_leaves_no_temporary(tmp_path):
     atomic_file_write(f, "old")
     atomic_file_write(f, b"new")
     assert f.read_text() == "new" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_written_files_take_the_umask_not_the_temporary_files_mode(tmp_path):
+    """safetensors (and tempfile) create files readable by their owner alone; a run folder or a
+    merged model shared with others must read like every other file beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write(tmp_path / "one.safetensors", lambda t: save_file({"a": torch.zeros(1)}, str(t)))
+    write_dir(tmp_path / "d", lambda t: (save_file({"a": torch.zeros(1)}, str(t / "w.safetensors")),
+                                         (t / "x.json").write_text("{}")))
+    for f in (tmp_path / "one.safetensors", tmp_path / "d" / "w.safetensors", tmp_path / "d" / "x.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))
 
 
 def test_write_dir_failure_leaves_the_old_folder(tmp_path):
