@@ -222,8 +222,8 @@ def _check_finite_inputs(states: Sequence[dict[str, torch.Tensor]], weights: Seq
         for k, t in state.items():
             if not bool(torch.isfinite(t.float() * w).all()):
                 raise CombineError(
-                    f"{_shown(weights)}: {run}'s {k} times {w:g} is not a finite number (beyond float32's range, "
-                    "or the adapter already holds NaN/inf); nothing was written. Use smaller weights")
+                    f"{_shown(weights)}: {run}'s {k} times {w:g} is not a finite number (beyond float32's range); "
+                    "nothing was written. Use smaller weights")
 
 
 def _check_finite_result(state: dict[str, torch.Tensor], weights: Sequence[float]) -> None:

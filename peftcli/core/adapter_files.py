@@ -137,7 +137,19 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not (folder / META_FILE).exists():
         raise CheckpointError(f"{folder}: no {META_FILE} next to {ADAPTER_FILE}; restore it from the run that wrote it, or retrain")
     meta = _check_meta(folder / META_FILE)
-    return load_tensors(f), meta
+    return finite(f, load_tensors(f)), meta
+
+
+def finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, refused when one holds NaN or an infinity: training stops before it saves such a
+    step, so the file was damaged or edited, and scoring, merging or exporting it would spread NaN
+    into every output (a merged model, an exported adapter, eval's JSON)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: {name} holds {bad:,} NaN or infinite value{'s' if bad != 1 else ''}; "
+                                  "a trained adapter has none: restore the file as it was saved, or train again")
+    return tensors
 
 
 

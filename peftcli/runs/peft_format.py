@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.core.adapter_files import load_tensors
+from peftcli.core.adapter_files import finite, load_tensors
 from peftcli.core.arch import Arch
 from peftcli.core.files import write_dir
 from peftcli.core.peft_layout import (
@@ -184,13 +184,10 @@ def read_peft_folder(src: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise PeftFormatError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise PeftFormatError(f"{cfg_file}: holds a JSON {type(config).__name__}, not PEFT's config object")
-    if (src / PEFT_WEIGHTS).exists():
-        sd = load_tensors(src / PEFT_WEIGHTS)
-    elif (src / PEFT_WEIGHTS_BIN).exists():
-        sd = load_tensors(src / PEFT_WEIGHTS_BIN)
-    else:
+    weights = next((src / n for n in (PEFT_WEIGHTS, PEFT_WEIGHTS_BIN) if (src / n).exists()), None)
+    if weights is None:
         raise PeftFormatError(f"{src}: no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_BIN}) next to {PEFT_CONFIG}")
-    return config, sd
+    return config, finite(weights, load_tensors(weights))
 
 
 def _yaml_value(v: Any) -> str:

@@ -339,3 +339,26 @@ def test_eval_maps_labels_to_the_classes_the_run_was_trained_on(tiny_bert_dir, t
     data.write_text(text)
     after = invoke("eval", tmp_path / "run")
     assert after.exit_code == 0 and after.output == before.output
+
+
+def test_an_adapter_holding_nan_is_refused_by_every_reader(tiny_run, tmp_path):
+    """Training never saves a non-finite step, so NaN in a saved adapter is damage: eval wrote NaN
+    into its JSON, merge wrote a NaN model and export a NaN PEFT folder, all with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(tiny_run, tmp_path)
+    peft_dir = tmp_path / "peft"
+    assert invoke("export", run, "--to", "peft", peft_dir).exit_code == 0
+    f = run / "adapter" / "adapter.safetensors"
+    sd = load_file(str(f))
+    name = sorted(k for k in sd if "lora_B" in k or "lora_b" in k.lower())[0]
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(f))
+    for args in (("eval", run), ("merge", run, tmp_path / "merged"), ("export", run, "--to", "peft", tmp_path / "e")):
+        refused(invoke(*args), str(f), f"{name} holds 1 NaN or infinite value", "restore the file")
+    assert not (run / "eval_test.json").exists() and not (tmp_path / "merged").exists() and not (tmp_path / "e").exists()
+    pf = peft_dir / "adapter_model.safetensors"
+    sd = load_file(str(pf))
+    sd[next(iter(sd))].fill_(float("inf"))
+    save_file(sd, str(pf))
+    refused(invoke("import-peft", peft_dir, tmp_path / "imported"), str(pf), "NaN or infinite values")
