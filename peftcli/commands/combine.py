@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from peftcli.config.recipe import Recipe, recipe_yaml
+from peftcli.config.recipe import Recipe
 from peftcli.core.adapter_files import ADAPTER_FILE, META_FILE
 from peftcli.core.adapter_merging import (
     CombineError,
@@ -271,14 +271,14 @@ def _write_combined(dest: Path, state: dict[str, torch.Tensor], name: str, meta:
     shape) before it replaces DEST."""
     from safetensors.torch import save_file
 
-    from peftcli.runs.folder import replacing
+    from peftcli.runs.folder import replacing, run_recipe_yaml
 
     # Written beside DEST and rebuilt there: a folder that does not load never replaces the old one.
     with replacing(dest, kind="combine") as tmp:
         (tmp / "adapter").mkdir()
         save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata={"format": "pt", "method": name})
         (tmp / "adapter" / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        (tmp / "recipe.yaml").write_text(run_recipe_yaml(recipe))
         _check_written(recipe, label_names, state)
         if recipe.model.quantization != "nf4" or torch.cuda.is_available():
             load_run(tmp, pick_device("auto" if recipe.model.quantization == "nf4" else "cpu"),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.config.recipe import Recipe, recipe_yaml
+from peftcli.config.recipe import Recipe
 from peftcli.core.adapter_files import find_run_adapter
 from peftcli.core.arch import Arch
 from peftcli.core.errors import BadInput, CheckpointError
@@ -199,7 +199,7 @@ def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, repor
                        check: list[dict], collate, dev: torch.device, trust_remote_code: bool = False) -> float:
     """Write the dropped run to DEST; returns the largest logit difference of the run reloaded
     from it on the `check` examples, which must rebuild the dropped model."""
-    from peftcli.runs.folder import replacing
+    from peftcli.runs.folder import replacing, run_recipe_yaml
 
     src_adapter = find_run_adapter(run)
     # Written beside DEST and checked there: a run that does not rebuild never replaces the old one.
@@ -210,7 +210,7 @@ def _write_dropped_run(run: Path, dest: Path, new_meta: dict, rec: Recipe, repor
                 shutil.copy2(f, tmp / "adapter" / f.name)
         (tmp / "adapter" / "meta.json").write_text(json.dumps(new_meta, indent=2))
         rec.output.dir = str(dest)
-        (tmp / "recipe.yaml").write_text(recipe_yaml(rec))
+        (tmp / "recipe.yaml").write_text(run_recipe_yaml(rec))
         (tmp / "drop.json").write_text(json.dumps(report, indent=2))
 
         # The written run must rebuild the dropped model: same outputs on a few examples.

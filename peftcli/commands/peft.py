@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftcli.config.recipe import Recipe, load_recipe, recipe_yaml
+from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.peft_layout import Layout
 from peftcli.methods.attach import pick_device, trainable_summary
 from peftcli.runs.load import build, open_run, refuse_edited_recipe, run_on_meta
@@ -162,7 +162,14 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     from peftcli import __version__
     from peftcli.core.files import atomic_file_write
     from peftcli.runs.checkpoint import save_adapter
-    from peftcli.runs.folder import check_destination, check_paths, local_inputs, replacing
+    from peftcli.runs.folder import (
+        anchor_path,
+        check_destination,
+        check_paths,
+        local_inputs,
+        replacing,
+        run_recipe_yaml,
+    )
     from peftcli.runs.load import untrusted
 
     src, run_dir = Path(src), Path(run_dir)
@@ -182,7 +189,7 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
     recipe.output.dir = str(run_dir)
     budget = trainable_summary(built.model)
     meta = {
-        "base_model": recipe.model.name,
+        "base_model": anchor_path(recipe.model.name),
         "task": recipe.model.task,
         "label_names": label_names,
         "trainable": budget["trainable"],
@@ -192,7 +199,7 @@ def import_peft(src: Path, run_dir: Path, *, recipe_path: Path | None = None,
         "importer_version": __version__,
     }
     with replacing(run_dir, kind="import") as tmp:
-        atomic_file_write(tmp / "recipe.yaml", recipe_yaml(recipe))
+        atomic_file_write(tmp / "recipe.yaml", run_recipe_yaml(recipe))
         save_adapter(tmp / "adapter", built.model, built.spec, built.arch, recipe.method, meta)
     return run_dir
 

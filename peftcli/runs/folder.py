@@ -21,6 +21,7 @@ folder, so that it stays put while the folder is swapped, and never one of its e
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peftcli.config.recipe import Recipe, recipe_yaml
 from peftcli.core.errors import BadInput
 from peftcli.core.files import (
     atomic_file_write,
@@ -167,6 +169,37 @@ def write_marker(folder: Path, kind: str) -> None:
 def _abs(p: Path | str) -> Path:
     """Absolute, symlinks resolved where they exist, so two spellings of one folder compare equal."""
     return Path(os.path.realpath(str(p)))
+
+
+def anchor_path(v: Any) -> Any:
+    """`v` made absolute when it names an existing local file or folder; anything else (a hub id,
+    a path that does not exist here, None) as it is."""
+    if isinstance(v, str) and v and not os.path.isabs(v) and os.path.exists(os.path.expanduser(v)):
+        return os.path.abspath(os.path.expanduser(v))
+    return v
+
+
+def anchored(recipe: Recipe) -> Recipe:
+    """A copy of `recipe` whose inputs that name an existing local file or folder (model.name,
+    data.source, init_from, method.adapters) are absolute paths: what a run folder's recipe.yaml
+    keeps. It is read later from wherever its user stands, perhaps by someone else, and a path
+    relative to the folder training started in would then load another model or score other data."""
+    from peftcli.data.sources import BUILTIN_SOURCES
+
+    anchor = anchor_path
+    r = copy.deepcopy(recipe)
+    r.model.name = anchor(r.model.name)
+    if r.data.source not in BUILTIN_SOURCES:
+        r.data.source = anchor(r.data.source)
+    r.init_from = anchor(r.init_from)
+    if isinstance(getattr(r.method, "adapters", None), list):
+        r.method.adapters = [anchor(a) for a in r.method.adapters]
+    return r
+
+
+def run_recipe_yaml(recipe: Recipe) -> str:
+    """The recipe.yaml a run folder keeps: every default filled in, local inputs anchored."""
+    return recipe_yaml(anchored(recipe))
 
 
 def local_inputs(recipe) -> list[Path]:

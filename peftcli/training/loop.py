@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftcli.config.recipe import Recipe, RecipeError, load_recipe, recipe_yaml
+from peftcli.config.recipe import Recipe, RecipeError, load_recipe
 from peftcli.core import signals
 from peftcli.core.errors import BadInput, DataError
 from peftcli.core.faults import kill_point
@@ -308,7 +308,7 @@ def set_up(
         lisa_active=None,
         loss_kind=_loss_kind(recipe, arch), micro_per_epoch=micro_per_epoch, total_steps=total_steps,
         eval_every=total_steps if smoke else (tcfg.eval_every or steps_per_epoch),
-        meta={"base_model": recipe.model.name, "task": recipe.model.task, "label_names": splits.label_names,
+        meta={"base_model": runfolder.anchor_path(recipe.model.name), "task": recipe.model.task, "label_names": splits.label_names,
               **{k: budget[k] for k in ("trainable", "total")}},
         budget=budget, started=time.perf_counter(),
         pref=(Objective(recipe, reference, arch.spec.lm_head if _loss_kind(recipe, arch) == "chunked" else None, device)
@@ -551,13 +551,14 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
     dist_utils.barrier()
     _refuse_finished_without_checkpoint(run_dir)
     saved_path = run_dir / "recipe.yaml"
-    saved_recipe = load_recipe(saved_path).to_dict()  # a damaged file is refused with the reason (exit 2)
+    # A damaged file is refused with the reason (exit 2); paths compare as the run folder keeps them.
+    saved_recipe = runfolder.anchored(load_recipe(saved_path)).to_dict()
     saved = read_trainer_state(run_dir / "last")
     if world > 1:
         dist_utils.check_folder_shared(
             run_dir, f"a checkpoint at step {saved.position.step}" if saved is not None else "no checkpoint",
             what="--resume")
-    check_resume(saved_recipe, recipe.to_dict(), saved, world=world, source=str(saved_path))
+    check_resume(saved_recipe, runfolder.anchored(recipe).to_dict(), saved, world=world, source=str(saved_path))
     if saved is None:
         console.print(f"[yellow]--resume: {run_dir} has no checkpoint yet; training from step 0[/]")
     return saved, saved_recipe, True
@@ -628,8 +629,8 @@ def _open_run_folder(s: Session, pos: Position, *, resumed: bool, saved_recipe: 
         s.console.print(f"[dim]metrics.jsonl: {dropped} line(s) after the checkpoint dropped; they are re-run[/]")
     # The marker first: a kill right after recipe.yaml lands must still leave a folder --resume knows.
     runfolder.write_marker(s.run_dir, "run")
-    if saved_recipe is None or saved_recipe != s.recipe.to_dict():
-        atomic_file_write(s.run_dir / "recipe.yaml", recipe_yaml(s.recipe))
+    if saved_recipe is None or saved_recipe != runfolder.anchored(s.recipe).to_dict():
+        atomic_file_write(s.run_dir / "recipe.yaml", runfolder.run_recipe_yaml(s.recipe))
         runfolder.write_marker(s.run_dir, "run")
 
 

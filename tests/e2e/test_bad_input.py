@@ -341,6 +341,35 @@ def test_eval_maps_labels_to_the_classes_the_run_was_trained_on(tiny_bert_dir, t
     assert after.exit_code == 0 and after.output == before.output
 
 
+def test_a_run_folder_reads_the_same_from_any_folder(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
+    """Relative model and data paths are kept absolute in the run's recipe.yaml: eval from another
+    folder scored the files found there (or loaded nothing), and --resume still compares as equal."""
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    shutil.copytree(tiny_bert_dir, work / "models" / "bert")
+    shutil.copy(tiny_csv, work / "d.csv")
+    monkeypatch.chdir(work)
+    rec = write_recipe(
+        work / "r.yaml", model={"name": "models/bert"},
+        data={"source": "d.csv", "text_column": "sentence", "eval_size": 8, "max_length": 16},
+        method={"name": "lora", "r": 2}, train={"max_steps": 2, "batch_size": 8, "progress": False},
+        output={"dir": "run", "plot": False},
+    )
+    assert invoke("train", rec).exit_code == 0
+    saved = yaml.safe_load((work / "run" / "recipe.yaml").read_text())
+    assert saved["model"]["name"] == str(work / "models" / "bert") and saved["data"]["source"] == str(work / "d.csv")
+    res = invoke("train", rec, "train.max_steps=3", "--resume")  # relative in the recipe, absolute in the run
+    assert res.exit_code == 0 and "resuming at step 2" in res.output, res.output
+    assert invoke("eval", "run").exit_code == 0
+    scores = (work / "run" / "eval_test.json").read_text()
+    (tmp_path / "elsewhere").mkdir()  # a d.csv there with every label the other way round
+    swapped = tiny_csv.read_text().replace(",negative,", ",x,").replace(",positive,", ",negative,").replace(",x,", ",positive,")
+    (tmp_path / "elsewhere" / "d.csv").write_text(swapped)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert invoke("eval", work / "run").exit_code == 0
+    assert (work / "run" / "eval_test.json").read_text() == scores
+
+
 def test_an_adapter_holding_nan_is_refused_by_every_reader(tiny_run, tmp_path):
     """Training never saves a non-finite step, so NaN in a saved adapter is damage: eval wrote NaN
     into its JSON, merge wrote a NaN model and export a NaN PEFT folder, all with exit 0."""
