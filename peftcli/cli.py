@@ -114,10 +114,12 @@ def train(
 ) -> None:
     """Train a recipe and save the adapter into its run folder. The recipe's model.trust_remote_code
     counts for a new run; with --resume only --trust-remote-code does."""
+    from peftcli.commands.train import check_train_flags
     from peftcli.training.launch import check_nodes
 
     nodes = check_nodes(nnodes, node_rank, rdzv_endpoint, nproc)
     r = _load(recipe, overrides)
+    check_train_flags(r, resume=resume, smoke=smoke, dry_run=dry_run)
     if strict:
         r.data.strict = True
     if (nproc > 1 or nodes.count > 1) and not dry_run:

@@ -727,7 +727,7 @@ def _start_trial(plan: SweepPlan, trial: Trial, worker: int, gpus: Sequence[str]
     out = plan.out
     trial_yaml = out / f"{trial.id}.yaml"
     atomic_file_write(trial_yaml, trial_recipe_yaml(plan, trial))
-    resume = (plan.run_dir(trial) / "last").is_dir()
+    resume = not plan.smoke and (plan.run_dir(trial) / "last").is_dir()  # a smoke trial starts again: it is short
     argv = command(trial_yaml, resume=resume, smoke=plan.smoke)
     if resume and trial.recipe.model.trust_remote_code:  # the user's recipe, given to this very sweep
         argv.append("--trust-remote-code")

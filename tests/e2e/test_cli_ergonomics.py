@@ -118,6 +118,13 @@ def test_exit_0_on_success():
     (["drop", "no/such/run", "--lowest", "1", "--limit", "0"], "'--limit'"),
     *[(["count-params", str(ROOT / "recipes" / "tweets_lora.yaml"), flag, "0"], f"'{flag}'")
       for flag in ("--seq-len", "--batch-size", "--depth", "--num-labels")],
+    # Flags that would be ignored without a word, and a dry run of a run folder train refuses.
+    (["train", str(ROOT / "recipes" / "tweets_lora.yaml"), "--smoke", "--resume"], "--resume with --smoke"),
+    (["train", str(ROOT / "recipes" / "tweets_lora.yaml"), "--dry-run", "--resume"], "--resume with --dry-run"),
+    (["train", str(ROOT / "recipes" / "tweets_lora.yaml"), "--dry-run", "output.dir=/"], "root of the file system"),
+    # torch's and numpy's seeds are unsigned 64 and 32 bits: a larger one stopped train with exit 1
+    (["validate", str(ROOT / "recipes" / "tweets_lora.yaml"), "train.seed=99999999999999999999"],
+     "train.seed: 99999999999999999999 is above the maximum 4294967295"),
 ])
 def test_exit_2_on_bad_input(args, message):
     res = runner.invoke(app, args)
