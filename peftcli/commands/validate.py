@@ -41,13 +41,15 @@ def method_placement(r: Recipe) -> str:
     was checked, in words. Only a model whose config is on this machine (a local folder, an embedded
     model) is checked: validate never waits on the network."""
     from peftcli.models.skeleton import local_config
+    from peftcli.runs.load import check_positions
     from peftcli.training.budget import method_on_meta
 
     if local_config(r.model.name) is None:
         return ("method placement not checked: the model's config.json is not on this machine "
                 "(`peftcli count-params` fetches it and checks)")
     try:
-        _, _, _, built_from = method_on_meta(r)
+        _, arch, _, built_from = method_on_meta(r)
+        check_positions(arch, r)
     except RecipeError:
         raise
     except BadInput as e:  # a model that will not load here, AdapterFusion's source runs not trained yet

@@ -52,6 +52,9 @@ class ArchSpec:
     # Pretrained pooler between the encoder and a one-layer classifier (BERT). Trained only with
     # model.train_pooler; heads that already have two layers (RoBERTa, ELECTRA, DistilBERT) have none.
     pooler: tuple[str, ...] = ()
+    # Candidate paths of a learned absolute position embedding: its rows bound a sequence's length
+    # (rotary positions, Llama's, have no such table and no hard bound).
+    positions: tuple[str, ...] = ()
 
 
 _BERT = dict(
@@ -77,6 +80,7 @@ SPECS: dict[str, ArchSpec] = {
         family="bert",
         layers=("bert.encoder.layer", "encoder.layer"),
         embeddings=("bert.embeddings.word_embeddings", "embeddings.word_embeddings"),
+        positions=("bert.embeddings.position_embeddings", "embeddings.position_embeddings"),
         pooler=("bert.pooler",),
         **_BERT,
     ),
@@ -84,18 +88,21 @@ SPECS: dict[str, ArchSpec] = {
         family="bert",
         layers=("roberta.encoder.layer", "encoder.layer"),
         embeddings=("roberta.embeddings.word_embeddings", "embeddings.word_embeddings"),
+        positions=("roberta.embeddings.position_embeddings", "embeddings.position_embeddings"),
         **_BERT,
     ),
     "xlm-roberta": ArchSpec(
         family="bert",
         layers=("roberta.encoder.layer", "encoder.layer"),
         embeddings=("roberta.embeddings.word_embeddings", "embeddings.word_embeddings"),
+        positions=("roberta.embeddings.position_embeddings", "embeddings.position_embeddings"),
         **_BERT,
     ),
     "electra": ArchSpec(
         family="bert",
         layers=("electra.encoder.layer", "encoder.layer"),
         embeddings=("electra.embeddings.word_embeddings", "embeddings.word_embeddings"),
+        positions=("electra.embeddings.position_embeddings", "embeddings.position_embeddings"),
         **_BERT,
     ),
     "distilbert": ArchSpec(
@@ -115,6 +122,7 @@ SPECS: dict[str, ArchSpec] = {
         ffn_act="ffn.activation",
         heads=("pre_classifier", "classifier"),
         embeddings=("distilbert.embeddings.word_embeddings", "embeddings.word_embeddings"),
+        positions=("distilbert.embeddings.position_embeddings", "embeddings.position_embeddings"),
     ),
     "gpt2": ArchSpec(
         family="gpt2",
@@ -136,6 +144,7 @@ SPECS: dict[str, ArchSpec] = {
         heads=("score",),
         lm_head="lm_head",
         embeddings=("transformer.wte", "wte"),
+        positions=("transformer.wpe", "wpe"),
     ),
 }
 
@@ -315,6 +324,18 @@ class Arch:
 
     def lm_head(self) -> nn.Module | None:
         return _get(self.model, self.spec.lm_head) if self.spec.lm_head else None
+
+    def position_limit(self) -> int | None:
+        """The most tokens a sequence may hold: the rows of the learned absolute position table
+        (less RoBERTa's padding offset, whose positions start after its padding index); None where
+        positions are rotary or relative, which have no table to run past."""
+        if getattr(self.config, "position_embedding_type", "absolute") != "absolute":
+            return None
+        for p in self.spec.positions:
+            m = _get(self.model, p)
+            if isinstance(m, nn.Embedding):
+                return m.num_embeddings - (m.padding_idx + 1 if m.padding_idx is not None else 0)
+        return None
 
 
 def model_type(config: Any) -> str:

@@ -108,6 +108,16 @@ def attach_recipe(model: nn.Module, recipe: Recipe) -> tuple[Arch, MethodSpec]:
         raise RecipeError(recipe.source or "recipe", [str(e)]) from None
 
 
+def check_positions(arch: Arch, recipe: Recipe) -> None:
+    """data.max_length within the model's position table (`train` and `validate`): beyond it, the
+    first long example stops training mid-epoch with torch's words."""
+    limit = arch.position_limit()
+    if limit is not None and recipe.data.max_length > limit:
+        raise RecipeError(recipe.source or "recipe", [
+            f"data.max_length: {recipe.data.max_length} tokens, but {recipe.model.name} reads at most {limit} "
+            f"(its position table); set data.max_length: {limit} or less"])
+
+
 def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None = None,
           trust_remote_code: bool | None = None) -> Built:
     """Base model with the recipe's method attached (fresh adapter weights), on `device`;
@@ -115,6 +125,7 @@ def build(recipe: Recipe, device: torch.device, *, label_names: list[str] | None
     get_method(recipe.method_name)  # an unknown method is refused before the base model loads
     model, tok = base_model(recipe, device, label_names, trust_remote_code)
     arch, spec = attach_recipe(model, recipe)
+    check_positions(arch, recipe)
     # Adapter weights follow the base's device; their dtype is float32 on CPU and the base dtype
     # under CUDA autocast.
     model.to(device)
