@@ -543,6 +543,9 @@ def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console
         console.print(f"[yellow]--resume: nothing to resume in {run_dir}; starting the run[/]")
         return None, None, False
     _refuse_foreign_resume(run_dir)
+    if not os.access(run_dir, os.W_OK):  # else the first write stops the run with errno's words (exit 1)
+        raise runfolder.UnsafePathError(f"--resume: {run_dir} is read-only here, and resuming writes its checkpoints "
+                                        "and metrics; make it writable, or copy it and resume the copy")
     if rank == 0:  # a kill inside a checkpoint swap leaves it half-renamed: finish or undo it first
         for name in ("last", "adapter"):
             note = recover_checkpoint(run_dir / name)

@@ -4,6 +4,7 @@ comes back when the new one fails before its first checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -59,6 +60,20 @@ def test_resume_with_another_recipe_is_refused_and_touches_nothing(finished, tmp
     res = invoke("train", rec, override, "train.epochs=3", "--resume")
     assert res.exit_code == 2, res.output
     assert key in res.output and "recipe.yaml" in res.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_into_a_read_only_folder_is_refused_before_training(finished, tmp_path, monkeypatch):
+    """A read-only mount (root ignores chmod, so the test says the folder is read-only): the first
+    write stopped the resumed run with errno's words and exit 1."""
+    import peftcli.training.loop as loop
+
+    rec, run = _copy(finished, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    real = os.access
+    monkeypatch.setattr(loop.os, "access", lambda p, mode: False if Path(p) == run else real(p, mode))
+    res = invoke("train", rec, "train.epochs=3", "--resume")
+    assert res.exit_code == 2 and f"--resume: {run} is read-only here" in " ".join(res.output.split()), res.output
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
