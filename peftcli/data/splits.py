@@ -94,6 +94,12 @@ def _label_names(
                 f"{label_col!r} value (first: data row {gaps[0] + 1}); fill them in or remove those rows"
             )
         values += [r[label_col] for r in rows if not is_missing(r.get(label_col))]
+        nested = next((i for i, r in enumerate(rows) if isinstance(r.get(label_col), (list, dict))), None)
+        if nested is not None:  # e.g. a JSON object of columns, read as one row of lists
+            kind = type(rows[nested][label_col]).__name__
+            raise DataError(
+                f"data.label_column: {label_col!r} of {where} holds a {kind}, not a class name or id (data row "
+                f"{nested + 1}); a file holds one example per row: a JSON list of objects, or one object per line")
     names = cfg.label_names
     ints = [i for i in (_as_int(v) for v in values) if i is not None]
     all_ids = len(ints) == len(values)
@@ -134,6 +140,12 @@ def _label_names(
                 "add them to data.label_names or fix those rows", _shown(unknown), names, src)
         return list(names), False
     top = max(ints, default=-1) + 1
+    found = sorted(set(ints))
+    if not num_labels and top > 2 * len(found):  # ids 0, 1, 1000000: a head of a million classes, most never seen
+        raise DataError(
+            f"data.label_column: the labels of {src} read as class ids up to {top - 1}, a head of {top:,} classes, "
+            f"but only {len(found)} ids occur ({', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''}); "
+            f"renumber them 0..{len(found) - 1}, or set model.num_labels: {top} if the head has that many classes")
     return [str(i) for i in range(max(top, num_labels or 0))], True
 
 
@@ -256,7 +268,9 @@ def _lm_format(in_use: dict[str, list[dict]], cfg: DataConfig, col: _Columns) ->
             key, c = bad[0]
             raise DataError(
                 f"{key}: column {c!r} not in {cfg.source} (split {split!r}; format {fmt}); its columns are "
-                f"{', '.join(cols) or '(none)'}; set {key.split(':')[0]} or data.format to match the data"
+                f"{', '.join(cols) or '(none)'}; "
+                + (f"set {key.split(':')[0]} or data.format" if not key.startswith("data.format") else "set data.format")
+                + " to match the data"
             )
     return fmt
 

@@ -75,6 +75,33 @@ def test_class_names_and_num_labels_must_agree(tmp_path, num_labels, words):
     assert words in str(e.value)
 
 
+def test_class_ids_most_of_which_never_occur_are_refused(tmp_path):
+    """Ids 0, 1 and 1000000 built a head of a million classes (1.5 GB of adapter) without a word;
+    model.num_labels says the head really is that wide, and ids with a gap or two still read."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{(0, 1, 1000000)[i % 3]}\n" for i in range(30)))
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(source=str(path), eval_size=6), "classification")
+    assert ("class ids up to 1000000, a head of 1,000,001 classes, but only 3 ids occur (0, 1, 1000000); "
+            "renumber them 0..2, or set model.num_labels: 1000001") in str(e.value)
+    assert len(load_splits(DataConfig(source=str(path), eval_size=6), "classification", 1000001).label_names) == 1000001
+    path.write_text("text,label\n" + "".join(f"row {i},{(0, 2, 3)[i % 3]}\n" for i in range(30)))
+    assert load_splits(DataConfig(source=str(path), eval_size=6), "classification").label_names == ["0", "1", "2", "3"]
+
+
+def test_a_json_object_of_columns_is_named_not_read_as_one_class(tmp_path):
+    """{"text": [...], "label": [...]} read as one row whose label is a list: "one class" followed
+    by the whole column."""
+    import json
+
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"text": [f"row {i}" for i in range(20)], "label": ["pos", "neg"] * 10}))
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(source=str(path), eval_size=4), "classification")
+    assert "'label' of" in str(e.value) and "holds a list, not a class name or id" in str(e.value)
+    assert "'pos', 'neg'" not in str(e.value)
+
+
 @pytest.mark.parametrize("label", ["pos", "0"])
 def test_one_class_is_refused(tmp_path, label):
     path = tmp_path / "d.csv"
