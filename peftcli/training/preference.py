@@ -365,6 +365,7 @@ def reference_for_run(run: Path, device: torch.device, *, trust_remote_code: boo
     """A preference run rebuilt for scoring, with the reference it trained against: its adapter
     switched off, or its starting weights (the `init_from` adapter, or the method's seeded fresh
     weights), read before the trained adapter goes in."""
+    from peftcli.core.adapter_files import ADAPTER_FILE
     from peftcli.core.switch import apply_recorded
     from peftcli.runs.checkpoint import load_adapter_state
     from peftcli.runs.load import build, open_run
@@ -376,6 +377,7 @@ def reference_for_run(run: Path, device: torch.device, *, trust_remote_code: boo
     built = build(recipe, device, label_names=saved.meta.get("label_names"), trust_remote_code=trust_remote_code)
     reference = Reference(recipe, built.model)
     recipe.init_from = None
-    load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state)
+    load_adapter_state(built.model, built.spec, built.arch, recipe.method, saved.state,
+                       saved.adapter_dir / ADAPTER_FILE)
     apply_recorded(built.model, saved.meta)
     return built, reference

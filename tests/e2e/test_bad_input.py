@@ -231,6 +231,9 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (lambda m: json.dumps({k: v for k, v in m.items() if k != "method"}), ["key 'method' is missing"]),
     (lambda m: json.dumps({**m, "label_names": "negative"}), ["key 'label_names' should be a list"]),
     (lambda m: json.dumps([m]), ["expected a JSON object"]),
+    # more classes than the saved head has: meta.json is to blame, not recipe.yaml
+    (lambda m: json.dumps({**m, "label_names": ["a", "b", "c", "d"]}),
+     ["label_names has 4 classes, but the saved head", "meta.json was changed after training"]),
 ])
 def test_bad_meta_json(tiny_run, tmp_path, edit, needles):
     run = copy_run(tiny_run, tmp_path)
