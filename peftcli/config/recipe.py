@@ -415,7 +415,8 @@ def build_section(cls: type, raw: Any, where: str, problems: list[str], skip: tu
         tp = hints[key]
         ok, conv = _coerce(value, tp)
         if not ok:
-            problems.append(f"{where}.{key}: expected {_type_name(tp)}, got {value!r}")
+            got = "null (YAML reads ~, null and an empty value so; quote a path)" if value is None else repr(value)
+            problems.append(f"{where}.{key}: expected {_type_name(tp)}, got {got}")
             continue
         meta = fields[key].metadata
         fix = f"; {meta['fix']}" if "fix" in meta else ""
@@ -444,7 +445,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not key=value (e.g. train.lr=3e-4)")
     key, _, raw = text.partition("=")
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"override {text!r}: the value is not YAML ({why}); quote it, or close its brackets "
+                         "(e.g. method.targets=[q,v])") from None
     return key.strip().split("."), value
 
 
@@ -454,6 +460,9 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dic
             path, value = parse_override(ov)
         except (ValueError, yaml.YAMLError) as e:
             problems.append(str(e))
+            continue
+        if len(path) == 1 and path[0] in SECTIONS and not isinstance(value, dict):  # model=null: every key reset
+            problems.append(f"override {ov!r}: {path[0]} is a section; set its keys ({path[0]}.KEY=VALUE)")
             continue
         node = raw
         for part in path[:-1]:

@@ -121,3 +121,16 @@ def test_a_key_in_the_wrong_section_names_its_section():
     assert "train.r: unknown key; it belongs in method: method.r" in e.value.problems
     assert "model.lr: unknown key; it belongs in train: train.lr" in e.value.problems
     assert "train.lrr: unknown key; did you mean 'lr'?" in e.value.problems
+
+
+def test_override_slips_are_named_in_one_line():
+    """An unclosed list printed PyYAML's five-line dump; `model=null` reset the whole section to
+    its defaults without a word; `output.dir=~` said "got None"."""
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"method": {"name": "lora"}}, "r.yaml", ["method.targets=[q,k", "model=null", "output.dir=~"])
+    assert e.value.problems == [
+        "override 'method.targets=[q,k': the value is not YAML (expected ',' or ']', but got '<stream end>'); "
+        "quote it, or close its brackets (e.g. method.targets=[q,v])",
+        "override 'model=null': model is a section; set its keys (model.KEY=VALUE)",
+        "output.dir: expected str, got null (YAML reads ~, null and an empty value so; quote a path)",
+    ]
