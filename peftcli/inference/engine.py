@@ -172,10 +172,14 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator) -
     """One token from one row's last logits, as OpenAI's temperature and top_p define it."""
     if sampling.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    # In float64, shifted so the top logit is 0: a temperature as small as 1e-300 divides into
+    # -inf for the others (probability 0), never into inf - inf = NaN.
+    x = logits.double().cpu()
+    probs = torch.softmax((x - x.max()) / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         p, order = probs.sort(descending=True)
         keep = (p.cumsum(0) - p) < sampling.top_p  # the smallest head whose mass reaches top_p
+        keep[0] = True  # the top token always: a top_p that rounds below its mass keeps it alone
         probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
     return int(torch.multinomial(probs, 1, generator=rng))
 

@@ -228,3 +228,8 @@ def test_pick_token():
     seen = {pick_token(logits, Sampling(temperature=2.0), g) for _ in range(200)}
     assert seen == {0, 1, 2, 3}
     assert pick_token(logits, Sampling(temperature=1.0, top_p=0.6), torch.Generator().manual_seed(3)) in (1, 3)
+    # Values inside OpenAI's ranges that under- or overflow float32 sample the top token; they
+    # answered 503 "probability tensor contains either inf, nan or element < 0".
+    for tiny in (1e-38, 1e-300, 5e-324):
+        assert pick_token(logits, Sampling(temperature=tiny), g) == 1
+        assert pick_token(logits, Sampling(temperature=1.0, top_p=tiny), g) == 1
