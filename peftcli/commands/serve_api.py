@@ -152,6 +152,7 @@ class Params:
     include_usage: bool = False
     max_tokens: int | None = None  # None: the endpoint's default
     sampling: Sampling = field(default_factory=Sampling)
+    max_tokens_key: str = "max_tokens"  # the key the request gave it under, for messages
 
 
 # Parameters OpenAI defines that this server does not implement: accepted only at these values.
@@ -211,9 +212,22 @@ def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
         if key not in allowed:
             raise ApiError(400, f"unrecognized request argument {key!r}", param=key)
     for key, values in _NO_OP.items():
-        if key in body and not any(type(body[key]) is type(v) and body[key] == v or body[key] is v for v in values):
-            why = _WHY.get(key, f"'{key}' is not implemented")
-            raise ApiError(400, f"'{key}' = {body[key]!r} is not supported: this server has {why}", param=key)
+        no_tools = key == "tool_choice" and body[key] == "auto" and not body.get("tools") if key in body else False
+        if key in body and not no_tools and not any(_same(body[key], v) for v in values):
+            shown = " or ".join("null" if v is None else json.dumps(v) for v in values)
+            why = _WHY.get(key, f"no {key} (it takes {shown} only)")
+            raise ApiError(400, f"'{key}' = {json.dumps(body[key])} is not supported: this server has {why}", param=key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """A request's value equals a no-op value: numbers by value (clients send 0.0 for 0, 1.0 for
+    1), anything else by type and value (false is not 0)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    if number(a) and number(b):
+        return a == b
+    return a is b or (type(a) is type(b) and a == b)
 
 
 def parse_common(body: dict[str, Any], chat: bool) -> Params:
@@ -223,10 +237,12 @@ def parse_common(body: dict[str, Any], chat: bool) -> Params:
     if not isinstance(name, str) or not name:
         raise ApiError(400, "'model' is required: the base model or an adapter name (GET /v1/models lists them)",
                        param="model")
+    for k in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):  # each checked, even unused
+        v = _integer(body, k)
+        if v is not None and v < 1:
+            raise ApiError(400, f"'{k}' must be a positive integer, not {v!r}", param=k)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, key)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'{key}' must be a positive integer, not {max_tokens!r}", param=key)
+    max_tokens = body.get(key)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -241,7 +257,7 @@ def parse_common(body: dict[str, Any], chat: bool) -> Params:
     if user is not None and not isinstance(user, str):
         raise ApiError(400, "'user' must be a string", param="user")
     return Params(model=name, stream=stream, include_usage=bool((opts or {}).get("include_usage")),
-                  max_tokens=max_tokens, sampling=parse_sampling(body))
+                  max_tokens=max_tokens, sampling=parse_sampling(body), max_tokens_key=key)
 
 
 def parse_prompt(body: dict[str, Any]) -> str:
@@ -292,12 +308,12 @@ def resolve_max_tokens(params: Params, n_prompt: int, *, context: int | None, ca
     if n is None:  # OpenAI's defaults: 16 for completions, as much as fits for chat
         return min(16 if not chat else cap, cap, room if room is not None else cap)
     if n > cap:
-        raise ApiError(400, f"'max_tokens' is {n}, over this server's limit of {cap} (--max-tokens)",
-                       param="max_tokens")
+        raise ApiError(400, f"'{params.max_tokens_key}' is {n}, over this server's limit of {cap} (--max-tokens)",
+                       param=params.max_tokens_key)
     if room is not None and n > room:
         raise ApiError(
-            400, f"the prompt is {n_prompt} tokens and max_tokens is {n}: together more than the "
-                 f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
+            400, f"the prompt is {n_prompt} tokens and {params.max_tokens_key} is {n}: together more than the "
+                 f"model's context of {context} tokens; shorten the prompt or lower {params.max_tokens_key}",
             param=param, code="context_length_exceeded")
     return n
 

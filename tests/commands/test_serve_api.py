@@ -125,10 +125,23 @@ def test_completion_params_refused(extra, param):
     ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "function"}]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x"}, "prompt"), ({"echo": False}, "echo"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"max_completion_tokens": 2, "max_tokens": "x"}, "max_tokens"),  # the unused one is checked too
 ])
 def test_chat_params_refused(extra, param):
     e = refused(parse_common, {"model": "a", "messages": [{"role": "user", "content": "x"}], **extra}, chat=True)
     assert e.status == 400 and e.param == param
+
+
+def test_no_op_values_are_accepted_as_clients_send_them():
+    """OpenAI clients send presence_penalty: 0.0 and n: 1.0, and tool_choice "auto" with no tools;
+    each was refused because 0.0 is not the int 0 (with a garbled "this server has 'x' is not")."""
+    msgs = [{"role": "user", "content": "x"}]
+    for extra in ({"presence_penalty": 0.0, "frequency_penalty": 0.0}, {"n": 1.0}, {"tool_choice": "auto"},
+                  {"tool_choice": "auto", "tools": []}, {"top_logprobs": 0.0}):
+        parse_common({"model": "a", "messages": msgs, **extra}, chat=True)
+    e = refused(parse_common, {"model": "a", "messages": msgs, "presence_penalty": 0.5}, chat=True)
+    assert e.message == "'presence_penalty' = 0.5 is not supported: this server has no presence_penalty (it takes null or 0 only)"
+    assert refused(parse_common, {"model": "a", "messages": msgs, "n": True}, chat=True).param == "n"  # true is not 1
 
 
 def test_prompt_and_messages():
@@ -157,6 +170,9 @@ def test_max_tokens_fit_the_context_and_the_cap():
     e = refused(resolve_max_tokens, Params(model="a", max_tokens=100), 10, context=4096, cap=64, chat=False,
                 param="prompt")
     assert "--max-tokens" in e.message and e.param == "max_tokens"
+    e = refused(resolve_max_tokens, Params(model="a", max_tokens=100, max_tokens_key="max_completion_tokens"), 10,
+                context=4096, cap=64, chat=True, param="messages")
+    assert e.message.startswith("'max_completion_tokens' is 100") and e.param == "max_completion_tokens"
     assert refused(resolve_max_tokens, p, 128, context=128, cap=512, chat=True, param="messages").status == 400
     assert refused(resolve_max_tokens, p, 0, context=128, cap=512, chat=False, param="prompt").status == 400
 
