@@ -23,6 +23,7 @@ The engine runs in one thread and knows nothing of HTTP: a request reports its t
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import random
 import threading
@@ -36,6 +37,8 @@ from torch import nn
 
 from peftcli.inference.decode import eos_ids
 from peftcli.inference.multi import MultiAdapter
+
+log = logging.getLogger("peftcli.serve")
 
 EventSink = Callable[[str, Any], None]
 
@@ -198,6 +201,7 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="peftcli-engine", daemon=True)
         self.batches: dict[int, _Batch] = {}
         self.stats = {"requests": 0, "steps": 0, "largest_batch": 0, "active": 0, "cancelled": 0}
+        self.failed: str | None = None  # why the engine thread stopped on its own
         self._cache_arg: dict[int, str] = {}
         self._keep_last: dict[int, bool] = {}
 
@@ -211,17 +215,22 @@ class Engine:
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join(timeout=timeout_s)
+        self._fail_all("the server is shutting down")
+
+    def _fail_all(self, why: str) -> None:
         for b in self.batches.values():
             for r in b.rows:
-                r.req.finish("error", "the server is shutting down")
+                r.req.finish("error", why)
         self.batches.clear()
         while True:
             try:
-                self.inbox.get_nowait().finish("error", "the server is shutting down")
+                self.inbox.get_nowait().finish("error", why)
             except queue.Empty:
                 break
 
     def submit(self, req: GenRequest) -> None:
+        if self.failed:
+            raise EngineStopped(f"the decoding engine stopped ({self.failed}); restart the server")
         if self.stopping.is_set():
             raise EngineStopped("the server is shutting down")
         self.inbox.put(req)
@@ -232,6 +241,18 @@ class Engine:
     # ------------------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        """The loop; should it ever fail outside a batch's step (which `_guarded` contains), every
+        request gets an error at once and `failed` says why, instead of waiting out its timeout
+        behind a dead thread while /health answers ok."""
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001
+            self.failed = f"{type(e).__name__}: {e}"
+            log.error("the decoding engine stopped: %s", self.failed)
+            self.stopping.set()
+            self._fail_all(f"the decoding engine stopped ({self.failed})")
+
+    def _loop(self) -> None:
         while not self.stopping.is_set():
             self._admit()
             self.stats["active"] = self.active()

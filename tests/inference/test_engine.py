@@ -233,3 +233,21 @@ def test_pick_token():
     for tiny in (1e-38, 1e-300, 5e-324):
         assert pick_token(logits, Sampling(temperature=tiny), g) == 1
         assert pick_token(logits, Sampling(temperature=1.0, top_p=tiny), g) == 1
+
+
+def test_an_engine_that_fails_outside_a_step_fails_every_request_at_once(multi, monkeypatch):
+    """The thread died (a batch window too long for time.sleep) and every request then waited out
+    its timeout while /health said ok: now waiting requests get an error, new ones are refused, and
+    `failed` says why."""
+    from peftcli.inference.engine import EngineStopped
+
+    engine = Engine(multi)
+    got = Collector(1)
+    engine.submit(GenRequest(adapter="lora", ids=[5, 6, 7], max_tokens=2, on_event=got.sink(0)))
+    monkeypatch.setattr(engine, "_admit", lambda: (_ for _ in ()).throw(OverflowError("timestamp out of range")))
+    engine.start()
+    got.wait(30)
+    assert got.ends[0] == ("error", "the decoding engine stopped (OverflowError: timestamp out of range)")
+    assert engine.failed == "OverflowError: timestamp out of range"
+    with pytest.raises(EngineStopped, match="restart the server"):
+        engine.submit(GenRequest(adapter="lora", ids=[5], max_tokens=1, on_event=lambda *a: None))
