@@ -688,12 +688,14 @@ def serve(
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", min=1, help="largest max_tokens a request may ask for (also the chat default)")] = 512,
     request_timeout: Annotated[float, typer.Option(
-        "--request-timeout", min=0.001, help="seconds a request may take, waiting included (then 504)")] = 600.0,
+        "--request-timeout", min=0.001, max=86400.0,
+        help="seconds a request may take, waiting included (then 504)")] = 600.0,
     max_body_bytes: Annotated[int, typer.Option(
         "--max-body-bytes", min=1, help="largest request body (then 413)")] = 1 << 20,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests decoded in one batch")] = 64,
     batch_window_ms: Annotated[float, typer.Option(
-        "--batch-window-ms", min=0.0, help="how long an idle server waits for more requests before decoding")] = 5.0,
+        "--batch-window-ms", min=0.0, max=10000.0,
+        help="how long an idle server waits for more requests before decoding")] = 5.0,
     trust_remote_code: TrustFlag = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,

@@ -194,12 +194,21 @@ class ServeApp:
         check_content_type(request.headers.get("content-type"))
         limit = self.opts.max_body_bytes
         check_body_size(request.headers.get("content-length"), limit)
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise body_too_large(limit)
-            parts.append(part)
+        parts: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise body_too_large(limit)
+                parts.append(part)
+
+        try:  # a client that stops sending mid-body would otherwise hold its connection (and shutdown) forever
+            await asyncio.wait_for(read(), timeout=self.opts.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within this server's limit of "
+                                f"{self.opts.request_timeout_s:g} s (--request-timeout)", code="timeout") from None
         return parse_json(b"".join(parts))
 
     # ------------------------------------------------------------------------------ endpoints
@@ -237,6 +246,8 @@ class ServeApp:
     async def health(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
+        if self.engine.failed:  # a probe restarts a server whose engine can no longer decode
+            return JSONResponse({"status": "error", "engine": self.engine.failed}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     # ------------------------------------------------------------------------------ tokenizer

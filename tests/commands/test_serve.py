@@ -411,6 +411,22 @@ def test_port_in_use_and_exposed_host_warning(tiny_runs):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("flag,value,words", [
+    ("--batch-window-ms", "inf", "Invalid value for '--batch-window-ms'"),
+    ("--request-timeout", "inf", "Invalid value for '--request-timeout'"),
+    ("--request-timeout", "nan", "Invalid value for '--request-timeout'"),
+])
+def test_time_flags_out_of_range_are_refused_before_loading(flag, value, words):
+    """inf killed the engine thread at the first request (time.sleep overflows) or failed after
+    the model loaded with exit 1."""
+    from typer.testing import CliRunner
+
+    from peftcli.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "no/such/run", flag, value])
+    assert res.exit_code == 2 and words in res.output and "no/such/run" not in res.output, res.output
+
+
 def test_sigterm_drains_streams(tiny_runs, tmp_path):
     server = Server([tiny_runs[0]], tmp_path / "server.log")
     try:

@@ -56,6 +56,21 @@ def test_request_timeout_is_504_and_frees_the_row(base_only, tiny_gpt2_dir):
     assert cancelled == 2
 
 
+def test_a_stalled_body_times_out_and_a_failed_engine_fails_health(base_only, tiny_gpt2_dir):
+    """A client that stopped sending mid-body held its connection, and shutdown, for as long as it
+    liked; an engine thread that had died still answered /health with ok."""
+    async def work(app, state):
+        stalled = await call(app, "POST", "/v1/completions", b'{"model":', stall=True)
+        state.engine.failed = "OverflowError: timestamp out of range"
+        return stalled, await call(app, "GET", "/health"), await call(app, "POST", "/v1/completions",
+                                                                      body(model=tiny_gpt2_dir.name))
+
+    (s1, b1), (s2, b2), (s3, b3) = run_with(base_only, ServeOptions(request_timeout_s=0.5), work)
+    assert s1 == 408 and "did not arrive within" in json.loads(b1)["error"]["message"]
+    assert s2 == 503 and json.loads(b2) == {"status": "error", "engine": "OverflowError: timestamp out of range"}
+    assert s3 == 503 and "the decoding engine stopped" in json.loads(b3)["error"]["message"]
+
+
 def test_hung_up_non_stream_request_is_cancelled(base_only, tiny_gpt2_dir):
     async def work(app, state):
         await call(app, "POST", "/v1/completions", body(model=tiny_gpt2_dir.name, max_tokens=100), hang_up=True)

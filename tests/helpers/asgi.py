@@ -9,9 +9,10 @@ from peftcli.commands.serve import ServeOptions, build_app
 from peftcli.inference.multi import MultiAdapter
 
 
-async def call(app, method: str, path: str, body: bytes = b"", *, hang_up: bool = False,
+async def call(app, method: str, path: str, body: bytes = b"", *, hang_up: bool = False, stall: bool = False,
                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """One HTTP request through the ASGI app; `hang_up`: the client is gone once the body is sent."""
+    """One HTTP request through the ASGI app; `hang_up`: the client is gone once the body is sent;
+    `stall`: the client sends `body` as the first part of a longer one and then nothing more."""
     headers = {"host": "localhost:8000", "content-type": "application/json", **(headers or {})}
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
@@ -26,7 +27,9 @@ async def call(app, method: str, path: str, body: bytes = b"", *, hang_up: bool 
         nonlocal body_sent
         if not body_sent:
             body_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": stall}
+        if stall:
+            await asyncio.Event().wait()  # the rest never comes
         await gone.wait()
         return {"type": "http.disconnect"}
 
