@@ -52,6 +52,7 @@ from peftcli.commands.serve_api import (
     usage,
 )
 from peftcli.core.errors import BadInput
+from peftcli.inference.decode import context_length
 from peftcli.inference.engine import Engine, EngineStopped, GenRequest
 from peftcli.inference.multi import MultiAdapter
 
@@ -86,19 +87,6 @@ class ServeOptions:
     max_tokens: int = 512
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
-
-
-def context_length(model: Any) -> int | None:
-    """The most tokens (prompt plus max_tokens) a request may hold. A model with sliding-window
-    attention is held to its window: the engine's KV cache keeps every token, which equals the
-    sliding window's attention only while a sequence fits in the window."""
-    cfg = model.config
-    ctx = next((v for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                if isinstance(v := getattr(cfg, key, None), int) and v > 0), None)
-    window = getattr(cfg, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
-        ctx = window if ctx is None else min(ctx, window)
-    return ctx
 
 
 def error_response(e: ApiError):

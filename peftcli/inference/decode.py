@@ -115,3 +115,16 @@ def generate_texts(
         chunk = ids[i: i + batch_size]
         outs += greedy_ids(model, chunk, [max_new_tokens] * len(chunk), pad_id=pad, eos=eos, device=device)
     return [t.strip() for t in tokenizer.batch_decode(outs, skip_special_tokens=True)]
+
+
+def context_length(model: Any) -> int | None:
+    """The most tokens (prompt plus max_tokens) a request may hold. A model with sliding-window
+    attention is held to its window: the engine's KV cache keeps every token, which equals the
+    sliding window's attention only while a sequence fits in the window."""
+    cfg = model.config
+    ctx = next((v for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                if isinstance(v := getattr(cfg, key, None), int) and v > 0), None)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
+        ctx = window if ctx is None else min(ctx, window)
+    return ctx

@@ -17,8 +17,8 @@ import torch
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
 from peftcli.data.chat import format_prompt
-from peftcli.inference.decode import generate_texts
-from peftcli.inference.multi import generate_mixed, load_runs, read_prompts
+from peftcli.inference.decode import context_length, generate_texts
+from peftcli.inference.multi import generate_mixed, is_unicode, load_runs, prompt_rows, read_prompts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run, untrusted
 
@@ -64,21 +64,47 @@ def generate(
     """Greedy continuations of `prompts`; `chat_template` None = as the recipe's data section says."""
     if max_new_tokens < 1:
         raise GenerateError("max_new_tokens must be at least 1")
+    for i, p in enumerate(prompts):
+        if not is_unicode(p):
+            raise GenerateError(f"{_nth(i, len(prompts))} is not valid Unicode text (bytes that are not UTF-8); "
+                                "pass UTF-8 text")
     dev = pick_device(device)
     built = load_for_generation(target, dev, overrides, trust_remote_code=trust_remote_code)
     use_template = built.recipe.data.chat_template if chat_template is None else chat_template
     formatted = [format_prompt(built.tokenizer, p, use_template) for p in prompts]
+    _check_fits(built.model, built.tokenizer, formatted, [max_new_tokens] * len(prompts),
+                [_nth(i, len(prompts)) for i in range(len(prompts))], "--max-new-tokens")
     return generate_texts(built.model, built.tokenizer, formatted, device=dev, max_new_tokens=max_new_tokens)
+
+
+def _nth(i: int, n: int) -> str:
+    return "the prompt" if n == 1 else f"prompt {i + 1}"
+
+
+def _check_fits(model, tokenizer, formatted: list[str], limits: list[int], where: list[str], flag: str) -> None:
+    """Each prompt and its new tokens within the model's context: beyond it, generation runs past
+    the position table and returns nothing (or garbage) with exit 0 and one warning from transformers."""
+    ctx = context_length(model)
+    if ctx is None:
+        return
+    for text, m, w in zip(formatted, limits, where, strict=True):
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n + m > ctx:
+            raise GenerateError(f"{w} is {n:,} tokens; with {m} new ones that is more than the model's context of "
+                                f"{ctx:,} tokens: shorten it" + (f" or lower {flag}" if n < ctx else ""))
 
 
 def generate_for_runs(runs: Sequence[str | Path], prompts: Path, *, max_new_tokens: int,
                       device: str = "auto", trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """Answers to a JSONL prompts file, each prompt with the adapter its line names, several runs
     of one base model sharing each batch; one {"adapter", "prompt", "generated"} per line, in order."""
+    rows = prompt_rows(prompts)  # a bad file is refused before minutes of loading
     multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
     if multi.recipe.model.task != "causal_lm":
         raise GenerateError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
-    reqs, limits = read_prompts(prompts, multi, max_new_tokens)
+    reqs, limits = read_prompts(rows, multi, max_new_tokens)
+    formatted = [format_prompt(multi.tokenizer, p, multi.recipe_of(n).data.chat_template) for n, p in reqs]
+    _check_fits(multi.model, multi.tokenizer, formatted, limits, [w for w, _ in rows], "max_new_tokens")
     texts = generate_mixed(multi, reqs, max_new_tokens=limits)
     return [{"adapter": name, "prompt": prompt, "generated": text}
             for (name, prompt), text in zip(reqs, texts, strict=True)]

@@ -428,28 +428,25 @@ def generate_mixed(
 PROMPT_KEYS = {"adapter", "prompt", "max_new_tokens"}
 
 
-def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[list[tuple[str, str]], list[int]]:
-    """A JSONL prompts file -> (adapter, prompt) pairs and per-prompt token limits.
+def prompt_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """A JSONL prompts file's lines as (where, row), checked before any model loads.
 
-    Each line is {"adapter": NAME, "prompt": TEXT} with an optional "max_new_tokens"; "adapter"
-    may be left out when one run is loaded, and may name the base model (no adapter). Any other
+    Each line is {"adapter": NAME, "prompt": TEXT} with an optional "max_new_tokens". Any other
     key is refused: a misspelt or OpenAI-style one ("max_tokens") would otherwise be dropped unseen.
     """
     import json
 
     path = Path(path)
+    shape = '{"adapter": NAME, "prompt": TEXT} per line'
+    if path.is_dir():
+        raise MultiAdapterError(f"--prompts {path} is a folder; pass a JSONL file, one {shape}")
     if not path.is_file():
-        raise MultiAdapterError(f"--prompts {path}: no such file; pass a JSONL file, one "
-                                '{"adapter": NAME, "prompt": TEXT} per line')
-    only = multi.names[0] if len(multi.names) == 1 else None
-    known = ", ".join([*multi.names, multi.base_name])
-    reqs: list[tuple[str, str]] = []
-    limits: list[int] = []
+        raise MultiAdapterError(f"--prompts {path}: no such file; pass a JSONL file, one {shape}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is no line
     except UnicodeDecodeError:
-        raise MultiAdapterError(f"--prompts {path}: not a text file (not UTF-8); pass a JSONL file, one "
-                                '{"adapter": NAME, "prompt": TEXT} per line') from None
+        raise MultiAdapterError(f"--prompts {path}: not a text file (not UTF-8); pass a JSONL file, one {shape}") from None
+    rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -457,30 +454,54 @@ def read_prompts(path: Path, multi: MultiAdapter, max_new_tokens: int) -> tuple[
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MultiAdapterError(f"{where}: not JSON ({e.msg}); write one "
-                                    '{"adapter": NAME, "prompt": TEXT} object per line') from None
+            raise MultiAdapterError(f"{where}: not JSON ({e.msg}); write one {shape.replace(' per line', '')} "
+                                    "object per line") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise MultiAdapterError(f'{where}: needs a "prompt" string, e.g. {{"adapter": "{multi.names[0]}", '
-                                    '"prompt": "..."}')
+            raise MultiAdapterError(f'{where}: needs a "prompt" string, e.g. {{"adapter": "NAME", "prompt": "..."}}')
         unknown = sorted(set(row) - PROMPT_KEYS)
         if unknown:
             raise MultiAdapterError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
                                     f"{', '.join(map(repr, unknown))}; a line takes {', '.join(sorted(PROMPT_KEYS))}")
+        if not is_unicode(row["prompt"]):
+            raise MultiAdapterError(f'{where}: "prompt" is not valid Unicode text (a lone surrogate); fix the text')
+        limit = row.get("max_new_tokens")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise MultiAdapterError(f"{where}: max_new_tokens must be a positive integer, not {limit!r}")
+        if "adapter" in row and not isinstance(row["adapter"], str):
+            raise MultiAdapterError(f'{where}: "adapter" must be a name (a string), not {row["adapter"]!r}')
+        rows.append((where, row))
+    if not rows:
+        raise MultiAdapterError(f"{path}: no prompts; write one " + shape.replace(" per line", "") + " object per line")
+    return rows
+
+
+def is_unicode(text: str) -> bool:
+    """Text a tokenizer can read: no lone surrogate (JSON's "\\ud800", or a command-line argument
+    that was not UTF-8, which Python keeps as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_prompts(rows: list[tuple[str, dict[str, Any]]], multi: MultiAdapter,
+                 max_new_tokens: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """`prompt_rows`' lines -> (adapter, prompt) pairs and per-prompt token limits. "adapter" may
+    be left out when one run is loaded, and may name the base model (no adapter)."""
+    only = multi.names[0] if len(multi.names) == 1 else None
+    known = ", ".join([*multi.names, multi.base_name])
+    reqs: list[tuple[str, str]] = []
+    limits: list[int] = []
+    for where, row in rows:
         name = row.get("adapter", only)
-        if name is not None and not isinstance(name, str):
-            raise MultiAdapterError(f'{where}: "adapter" must be a name (a string), not {name!r}; use one of: {known}')
         if name is None:
             raise MultiAdapterError(f'{where}: no "adapter"; with several runs each line names one of: {known}')
         if name != multi.base_name and name not in multi.adapters:
             raise MultiAdapterError(f"{where}: adapter {name!r} is not loaded; use one of: {known} "
                                     "(a run is named after its folder, or NAME=RUN on the command line)")
-        limit = row.get("max_new_tokens", max_new_tokens)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise MultiAdapterError(f"{where}: max_new_tokens must be a positive integer, not {limit!r}")
         reqs.append((name, row["prompt"]))
-        limits.append(limit)
-    if not reqs:
-        raise MultiAdapterError(f"{path}: no prompts; write one " + '{"adapter": NAME, "prompt": TEXT} object per line')
+        limits.append(row.get("max_new_tokens", max_new_tokens))
     return reqs, limits
 
 
@@ -518,5 +539,5 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
 
 __all__ = [
     "Adapter", "MultiAdapter", "MultiAdapterError", "StackedLinear", "StackedLoraLinear", "evaluate_runs",
-    "generate_mixed", "load_runs", "parse_run_args", "read_prompts",
+    "generate_mixed", "is_unicode", "load_runs", "parse_run_args", "prompt_rows", "read_prompts",
 ]

@@ -112,7 +112,7 @@ def test_ok_request_and_models_in_process(base_only, tiny_gpt2_dir):
 def test_context_length_keeps_to_a_sliding_window():
     from types import SimpleNamespace
 
-    from peftcli.commands.serve import context_length
+    from peftcli.inference.decode import context_length
 
     def model(**cfg):
         return SimpleNamespace(config=SimpleNamespace(**cfg))

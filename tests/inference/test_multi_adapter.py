@@ -191,6 +191,36 @@ def test_generate_cli_bad_input_exits_2(decoder_runs, encoder_runs, tmp_path):
     assert res.exit_code == 2 and "two runs are named 'a'" in res.output
 
 
+def test_generate_refuses_prompts_it_cannot_answer(decoder_runs, tmp_path, monkeypatch):
+    """A folder as --prompts, a lone surrogate, a prompt beyond the model's context: each was
+    "no such file", exit 1 with the tokenizer's words, or an empty answer with exit 0. A file
+    with a byte-order mark reads."""
+    run = str(decoder_runs["a"])
+
+    def gen(*args: str):
+        return CliRunner().invoke(app, ["generate", run, *args])
+
+    res = gen("--prompts", str(tmp_path))
+    assert res.exit_code == 2 and "is a folder" in res.output, res.output
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok"}\n{"prompt": "\\ud800"}\n')
+    res = gen("--prompts", str(p))
+    assert res.exit_code == 2 and "line 2" in res.output and "not valid Unicode" in res.output, res.output
+    p.write_text('{"prompt": "' + "word " * 400 + '"}\n')
+    res = gen("--prompts", str(p), "--max-new-tokens", "2")
+    assert res.exit_code == 2 and "line 1 is" in res.output and "more than the model's context of 128" in " ".join(
+        res.output.split()), res.output
+    res = gen("word " * 400, "--max-new-tokens", "2")
+    assert res.exit_code == 2 and "the prompt is" in res.output and "context of 128" in " ".join(res.output.split())
+    res = gen("word " * 60, "--max-new-tokens", "100")
+    assert res.exit_code == 2 and "lower --max-new-tokens" in " ".join(res.output.split()), res.output
+    res = gen("caf\udce9")  # a command-line argument that was not UTF-8
+    assert res.exit_code == 2 and "not valid Unicode" in res.output, res.output
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "ok"}\n')
+    res = gen("--prompts", str(p), "--max-new-tokens", "2")
+    assert res.exit_code == 0, res.output
+
+
 def test_generate_refuses_4bit_run_without_cuda(decoder_runs, tmp_path):
     """A QLoRA run's base is 4-bit: loading it for mixed batches says what the machine lacks."""
     import shutil
