@@ -217,14 +217,24 @@ class ServeApp:
         ids = await self.on_tok_thread(self._encode_chat, name, msgs)
         return await self._generate(request, params, ids, chat=True, param="messages")
 
-    async def models(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
+    def _model_objects(self) -> list[dict[str, Any]]:
         base = next(k for k, v in self.ids.items() if v == self.multi.base_name)
         data = [{"id": base, "object": "model", "created": self.created, "owned_by": "peftcli"}]
         data += [{"id": n, "object": "model", "created": self.created, "owned_by": "peftcli", "parent": base,
                   "method": a.recipe.method_name} for n, a in self.multi.adapters.items()]
-        return JSONResponse({"object": "list", "data": data})
+        return data
+
+    async def models(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": self._model_objects()})
+
+    async def model(self, request: Any) -> Any:
+        """GET /v1/models/{id}: what OpenAI's client calls `models.retrieve`."""
+        from starlette.responses import JSONResponse
+
+        public, _ = resolve_model(request.path_params["model"], self.ids, self.multi.base_name)
+        return JSONResponse(next(m for m in self._model_objects() if m["id"] == public))
 
     async def stats(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -373,6 +383,7 @@ def build_app(multi: MultiAdapter, opts: ServeOptions | None = None):
         Route("/v1/completions", json_errors(app.completions), methods=["POST"]),
         Route("/v1/chat/completions", json_errors(app.chat_completions), methods=["POST"]),
         Route("/v1/models", json_errors(app.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", json_errors(app.model), methods=["GET"]),
         Route("/stats", json_errors(app.stats), methods=["GET"]),
         Route("/health", json_errors(app.health), methods=["GET"]),
     ], lifespan=lifespan, exception_handlers={HTTPException: http_error})

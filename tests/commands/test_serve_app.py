@@ -105,6 +105,14 @@ def test_ok_request_and_models_in_process(base_only, tiny_gpt2_dir):
 
     (s1, b1), (s2, b2), (s3, b3) = run_with(base_only, ServeOptions(), work)
     assert s1 == 200 and json.loads(b1)["usage"]["completion_tokens"] <= 3
+    listed = json.loads(b2)["data"][0]
+
+    async def retrieve(app, state):  # OpenAI's client: models.retrieve(id)
+        return await call(app, "GET", f"/v1/models/{listed['id']}"), await call(app, "GET", "/v1/models/nope")
+
+    (s4, b4), (s5, b5) = run_with(base_only, ServeOptions(), retrieve)
+    assert s4 == 200 and {**json.loads(b4), "created": 0} == {**listed, "created": 0}  # another app: another start
+    assert s5 == 404 and json.loads(b5)["error"]["code"] == "model_not_found"
     assert s2 == 200 and str(tiny_gpt2_dir) not in b2.decode()
     assert s3 == 421 and json.loads(b3)["error"]["code"] == "misdirected_request"
 
