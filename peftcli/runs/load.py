@@ -278,6 +278,9 @@ def open_run(run: str | Path, overrides: list[str] | None = None, *, trust_remot
     recipe_file = run / "recipe.yaml"
     if not run.exists():
         raise CheckpointError(f"{run}: no such folder; pass the run folder `peftcli train` wrote")
+    if run.is_file():
+        raise CheckpointError(f"{run} is a file; pass the run folder `peftcli train` wrote"
+                              + (f" ({run.parent})" if run.name == "recipe.yaml" else ""))
     if not recipe_file.exists():
         raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
     recipe = untrusted(load_recipe(recipe_file, overrides), trust_remote_code)

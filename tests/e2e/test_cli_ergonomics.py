@@ -109,6 +109,7 @@ def test_exit_0_on_success():
     (["merge", "no/such/run", "out"], "no such folder"),
     (["export", "no/such/run", "out"], "no such folder"),
     (["eval", "no/such/run"], "no such folder"),
+    (["eval", str(ROOT / "recipes" / "tweets_lora.yaml")], "is a file; pass the run folder"),
     (["import-peft", "no/such/folder", "out"], "no adapter_config.json"),
     (["validate", str(ROOT / "recipes" / "tweets_lora.yaml"), "method.rank=4"], "method.rank: unknown key"),
     (["recipes", "copy", "tweets_lroa", "x.yaml"], "did you mean 'tweets_lora'"),
