@@ -58,6 +58,11 @@ def _complete_recipes(incomplete: str) -> list[str]:
     return [name for name in shipped_recipes() if name.startswith(incomplete)]
 
 
+# What an interrupted command leaves, where it leaves something worth saying.
+_INTERRUPTED = {"train": "; checkpoints already written are intact", "fuse": "; checkpoints already written are intact",
+                "serve": " before the server started; nothing was served"}
+
+
 def handle_errors(fn):
     """Turn known errors into a short message and an exit code; never a raw traceback."""
 
@@ -71,7 +76,7 @@ def handle_errors(fn):
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(BAD_INPUT) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as peftcli.core.signals.Stopped (exit 143)
-            err.print("[yellow]interrupted[/]; checkpoints already written are intact")
+            err.print(f"[yellow]interrupted[/]{_INTERRUPTED.get(fn.__name__, '')}")
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except Exception as e:  # noqa: BLE001
             if os.environ.get("PEFTCLI_DEBUG"):
@@ -707,6 +712,7 @@ def serve(
     from peftcli.commands.serve import ServeOptions, bind
     from peftcli.commands.serve import serve as run_server
     from peftcli.commands.serve_api import is_loopback_bind
+    from peftcli.core.signals import stop_signals
     from peftcli.inference.multi import load_runs
     from peftcli.methods.attach import pick_device
 
@@ -714,7 +720,8 @@ def serve(
         err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                   "server; set --api-key KEY (or PEFTCLI_API_KEY)", highlight=False, markup=False, soft_wrap=True)
     bind(host, port).close()  # a port in use is refused before minutes of loading
-    multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
+    with stop_signals():  # SIGTERM while loading says so and exits 143, as Ctrl-C does with 130
+        multi = load_runs(runs, pick_device(device), trust_remote_code=trust_remote_code)
     if multi.recipe.model.task != "causal_lm":
         raise UsageError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; serve needs causal_lm runs")
     opts = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch=max_batch,

@@ -427,6 +427,30 @@ def test_time_flags_out_of_range_are_refused_before_loading(flag, value, words):
     assert res.exit_code == 2 and words in res.output and "no/such/run" not in res.output, res.output
 
 
+def test_sigterm_while_loading_says_so_and_exits_143(monkeypatch):
+    """SIGTERM before the server listened killed it without a word; Ctrl-C spoke of checkpoints."""
+    import signal
+    import time
+
+    from typer.testing import CliRunner
+
+    import peftcli.inference.multi as multi_mod
+    from peftcli.cli import app
+
+    def load_runs(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the load")
+
+    monkeypatch.setattr(multi_mod, "load_runs", load_runs)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    res = CliRunner().invoke(app, ["serve", "any-run", "--port", str(port)])
+    assert res.exit_code == 143 and "interrupted before the server started" in res.output, res.output
+    assert "checkpoints" not in res.output
+
+
 def test_sigterm_drains_streams(tiny_runs, tmp_path):
     server = Server([tiny_runs[0]], tmp_path / "server.log")
     try:
