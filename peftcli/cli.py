@@ -733,11 +733,11 @@ def serve(
         err.print(f"serving {multi.base_name} with adapters {', '.join(multi.names)} on http://{shown}:{port}/v1 "
                   "(Ctrl-C stops)", highlight=False, markup=False, soft_wrap=True)
 
-    try:
-        stopped_by = run_server(multi, opts, on_ready=ready)
-    except KeyboardInterrupt:  # a second Ctrl-C while draining
-        stopped_by = "SIGINT"
-    err.print(f"server stopped{f' ({stopped_by})' if stopped_by else ''}", highlight=False)
+    stop = run_server(multi, opts, on_ready=ready)
+    err.print(f"server stopped{f' ({stop.signal})' if stop.signal else ''}"
+              + ("; a second signal ended the requests in flight (503)" if stop.forced else ""), highlight=False)
+    if stop.forced:
+        raise typer.Exit(130 if stop.signal == "SIGINT" else 143)
 
 
 # ---------------------------------------------------------------------------------------- fuse

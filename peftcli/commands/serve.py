@@ -408,9 +408,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(multi: MultiAdapter, opts: ServeOptions, *, on_ready: Any = None) -> str | None:
-    """Run the server until SIGINT or SIGTERM; then it stops accepting, lets the requests in
-    flight finish (up to --request-timeout), and returns the name of the signal that stopped it."""
+@dataclass
+class Stop:
+    """How the server stopped: the first signal's name (None: it stopped on its own), and whether a
+    second signal ended the requests in flight early."""
+
+    signal: str | None
+    forced: bool = False
+
+
+def serve(multi: MultiAdapter, opts: ServeOptions, *, on_ready: Any = None) -> Stop:
+    """Run the server until SIGINT or SIGTERM; then it stops accepting and lets the requests in
+    flight finish (up to --request-timeout). A second signal ends them at once, each with a 503 in
+    OpenAI's shape (uvicorn's own second Ctrl-C cancels them mid-response: a plain-text 500 and
+    tracebacks)."""
     require_stack()
     import signal
 
@@ -435,13 +446,24 @@ def serve(multi: MultiAdapter, opts: ServeOptions, *, on_ready: Any = None) -> s
         signals.extend(caught)
         caught.clear()  # drained already: uvicorn need not re-raise the signal and kill the process
 
+    forced: list[int] = []
+    orig_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        if not server.should_exit:
+            orig_exit(sig, frame)
+            return
+        forced.append(sig)  # the requests in flight fail now; the shutdown under way then ends
+        app.app.state.serve.engine.stop(timeout_s=1)
+
     server.startup = startup  # type: ignore[method-assign]
     server.shutdown = shutdown  # type: ignore[method-assign]
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
-    return signal.Signals(signals[0]).name if signals else None
+    return Stop(signal.Signals(signals[0]).name if signals else None, forced=bool(forced))
 
 
-__all__ = ["ServeAddressError", "ServeOptions", "ServeUnavailable", "build_app", "require_stack", "serve"]
+__all__ = ["ServeAddressError", "ServeOptions", "ServeUnavailable", "Stop", "build_app", "require_stack", "serve"]

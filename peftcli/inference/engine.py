@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.core.faults import kill_point
 from peftcli.inference.decode import eos_ids
 from peftcli.inference.multi import MultiAdapter
 
@@ -378,6 +379,7 @@ class Engine:
     @torch.no_grad()
     def _step(self, batch: _Batch) -> None:
         """One decode step of every row of a batch: each row's own position, its padding masked."""
+        kill_point("decode")  # tests slow decoding down here (PEFTCLI_SLOW_AT=decode:0.05)
         dev = self.multi.device
         rows, width = batch.rows, batch.width
         self.stats["steps"] += 1

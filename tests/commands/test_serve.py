@@ -427,6 +427,30 @@ def test_time_flags_out_of_range_are_refused_before_loading(flag, value, words):
     assert res.exit_code == 2 and words in res.output and "no/such/run" not in res.output, res.output
 
 
+def test_a_second_signal_ends_requests_in_flight_with_503(tiny_runs, tmp_path):
+    """uvicorn's second Ctrl-C cancelled them mid-response: a plain-text 500, tracebacks in the
+    log, and exit 0 as if the server had drained."""
+    server = Server([tiny_runs[0]], tmp_path / "server.log", env={"PEFTCLI_SLOW_AT": "decode:0.05"})
+    try:
+        body = json.dumps({"model": "a", "prompt": "go on", "max_tokens": 100}).encode()
+        with cf.ThreadPoolExecutor(2) as pool:
+            futs = [pool.submit(server.request, "POST", "/v1/completions", body) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while server.get("/stats")[1]["active"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            server.proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            server.proc.send_signal(signal.SIGINT)
+            answers = [f.result(timeout=120) for f in futs]
+        code = server.proc.wait(timeout=60)
+    finally:
+        server.kill()
+    log = server.log.read_text()
+    assert code == 130 and "a second signal ended the requests in flight" in log and "Traceback" not in log, log
+    assert [status for status, _ in answers] == [503, 503], answers  # 100 steps of 0.05 s: still running
+    assert all(got["error"]["message"] == "the server is shutting down" for _, got in answers), answers
+
+
 def test_sigterm_while_loading_says_so_and_exits_143(monkeypatch):
     """SIGTERM before the server listened killed it without a word; Ctrl-C spoke of checkpoints."""
     import signal
