@@ -88,6 +88,8 @@ def pair_row(r: dict, prompt_col: str) -> dict | str:
                                     _as_turns(rejected, "assistant"))
         if not any(m["role"] == "assistant" for m in chosen) or not any(m["role"] == "assistant" for m in rejected):
             return "a completion without an assistant turn"
+    if chosen == rejected:  # every preference loss is flat on it: a pair that teaches nothing
+        return "chosen and rejected are the same completion"
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -231,7 +233,8 @@ def tokenize_preference(rows: list[dict], tokenizer, cfg: DataConfig, *, split: 
         e: dict[str, Any] = {"input_ids": ids[:n], "labels": labels[:n], "prompt_len": min(plen, n), "row": r.get("row", 0)}
         if "completion" in r:
             e["desirable"] = int(r["desirable"])
-            e["response"] = r.get("answer") or _reply(r["completion"])
+            # the reference answer generation is scored against: never an undesirable completion
+            e["response"] = r.get("answer") or (_reply(r["completion"]) if e["desirable"] else None)
         else:
             e["rejected_ids"], e["rejected_labels"] = sides[1][0][:n], sides[1][1][:n]
             e["response"] = _reply(r["chosen"])

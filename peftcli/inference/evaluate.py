@@ -98,10 +98,16 @@ def evaluate(
     return scores.metrics(len(examples), num_labels)
 
 
+def _words(text: str) -> list[str]:
+    return text.strip().lower().replace(".", " ").replace(",", " ").split()
+
+
 def label_match(generated: str, reference: str) -> bool:
-    """A generated label counts when its first word is the reference label word."""
-    words = generated.strip().lower().replace(".", " ").replace(",", " ").split()
-    return bool(words) and words[0] == reference.strip().lower()
+    """A generated answer counts when it opens with the reference's words (case, full stops and
+    commas aside): a label word ("positive.") for a classifier-like task, the whole reference for a
+    longer answer, and whatever the model adds after it is let be."""
+    ref = _words(reference)
+    return bool(ref) and _words(generated)[: len(ref)] == ref
 
 
 def generation_eval(
@@ -111,6 +117,8 @@ def generation_eval(
     ex = examples if limit is None else examples[:limit]
     prompts = [tokenizer.decode(e["input_ids"][: e["prompt_len"]]) for e in ex]
     gens = generate_texts(model, tokenizer, prompts, device=device, max_new_tokens=max_new_tokens)
-    hits = [label_match(g, e["response"]) for g, e in zip(gens, ex, strict=True)]
-    samples = [{"prompt": p, "generated": g, "reference": e["response"]} for p, g, e in zip(prompts, gens, ex, strict=True)]
+    # A row without a reference (a KTO row whose completion is the undesirable one) is shown, not scored.
+    hits = [label_match(g, e["response"]) for g, e in zip(gens, ex, strict=True) if e.get("response") is not None]
+    samples = [{"prompt": p, "generated": g, "reference": e.get("response") or ""}
+               for p, g, e in zip(prompts, gens, ex, strict=True)]
     return {"generate_accuracy": sum(hits) / max(len(hits), 1), "generated": len(hits)}, samples

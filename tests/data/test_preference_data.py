@@ -75,6 +75,12 @@ def test_pair_row_shapes():
     assert "not a role/content" in pair_row({"prompt": [{"who": "me"}], "chosen": "4", "rejected": "5"}, "prompt")
     assert "assistant" in pair_row({"prompt": user, "chosen": [{"role": "user", "content": "4"}], "rejected": "5"},
                                    "prompt")
+    # every preference loss is flat on a pair whose sides are one text: it trained at loss 0.6931 without a word
+    assert pair_row({"prompt": "q", "chosen": "same", "rejected": "same"}, "prompt") == \
+        "chosen and rejected are the same completion"
+    assert pair_row({"chosen": user + [{"role": "assistant", "content": "4"}],
+                     "rejected": user + [{"role": "assistant", "content": "4"}]}, "prompt") == \
+        "chosen and rejected are the same completion"
     assert kto_row({"prompt": "p", "completion": "c", "label": "false"}, "prompt")["desirable"] is False
     assert kto_row({"prompt": "p", "completion": "c", "label": 1}, "prompt")["desirable"] is True
     assert "not true / false" in kto_row({"prompt": "p", "completion": "c", "label": "maybe"}, "prompt")
@@ -95,6 +101,16 @@ def test_labels_cover_the_completion_only(smol_tok):
             assert "Hello" not in trained  # the prompt's own assistant turn is not trained
         assert e["input_ids"][: e["prompt_len"]] == e["rejected_ids"][: e["prompt_len"]]
         assert e["response"] == "positive"
+
+
+def test_an_undesirable_kto_completion_is_never_the_reference(smol_tok):
+    """generate_accuracy scored a KTO model that produced the undesirable completion as right."""
+    cfg = DataConfig(source="x", max_length=256)
+    rows = [{"prompt": "Sentiment of: rain", "completion": "negative", "desirable": False, "row": 1},
+            {"prompt": "Sentiment of: sun", "completion": "positive", "desirable": True, "row": 2},
+            {"prompt": "Sentiment of: fog", "completion": "positive", "desirable": False, "answer": "neutral", "row": 3}]
+    ex = tokenize_preference(rows, smol_tok, cfg, split="test", malformed=None, untrained=[])
+    assert [e["response"] for e in ex] == [None, "positive", "neutral"]
 
 
 @pytest.mark.slow
