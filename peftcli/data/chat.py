@@ -38,7 +38,8 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], template: str) -> l
     rendering incrementally: the conversation up to the turn with the generation prompt, then up
     to and including it. The difference is what the model must produce at inference: the reply
     and the template's end-of-turn marker (trailing whitespace after it is not trained). Both
-    renderings must be prefixes of the whole conversation's, or the turn cannot be located.
+    renderings must be prefixes of the whole conversation's, or the turn cannot be located. An
+    assistant turn that opens the conversation answers nothing and stays untrained.
     """
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
@@ -55,7 +56,9 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], template: str) -> l
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], True) if i else ""
+        if i == 0:  # nothing prompts an opening assistant turn (a greeting): context, not a reply; and the
+            continue  # template's default system prompt before it would otherwise be trained as if it were one
+        before = render(messages[:i], True)
         upto = render(messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(before)) or len(before) < done:
             raise ChatRenderError(f"the chat template renders assistant turn {i + 1} differently inside the "

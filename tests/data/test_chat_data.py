@@ -87,6 +87,16 @@ def test_a_template_without_markers_of_another_layout_masks_correctly(smol_tok):
     assert "".join(t for t, _ in pieces) == smol_tok.apply_chat_template(CHAT, chat_template=llama3_like, tokenize=False)
 
 
+def test_an_opening_assistant_turn_is_context_not_a_reply(smol_tok):
+    """SmolLM2's template puts its default system prompt before a conversation that opens with the
+    assistant: that prompt and the header were trained as if the model had to produce them."""
+    t = smol_tok.chat_template
+    assert [x for x, trained in chat_segments(smol_tok, [{"role": "assistant", "content": "hello"}], t) if trained] == []
+    greeting = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "a1"}]
+    assert [x for x, trained in chat_segments(smol_tok, greeting, t) if trained] == ["a1<|im_end|>"]
+
+
 def test_tokenizer_without_a_template_uses_chatml(tmp_path, tiny_gpt2_dir):
     src = _jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}] * 3)
     tok = load_tokenizer(str(tiny_gpt2_dir))
