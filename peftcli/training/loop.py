@@ -140,6 +140,7 @@ class Session:
     aside: Path | None = None  # a replaced run, kept until this run's first checkpoint
     trackers: Any = None  # rank 0's train.report_to trackers (peftcli.training.tracking.Trackers), once the run folder is open
     grad_norm: float | None = None  # of the latest optimizer step, when train.max_grad_norm computes it
+    step_lr: float | None = None  # the learning rate the latest optimizer step applied (the first group's)
     # Examples and real tokens (all ranks) trained on by this process, since `started`: the rates'
     # numerators. Not part of the Position, so a resumed run's rates count only its own work.
     seen: int = 0
@@ -693,6 +694,7 @@ def train_step(s: Session, group: list[dict], pos: Position) -> list[float]:
         s.grad_norm = float(gnorm)
         if not torch.isfinite(gnorm) and not s.scaler.is_enabled():  # fp16: the scaler skips the step
             raise NonFiniteError(f"gradient norm became NaN or infinite ({float(gnorm)}) at step {pos.step + 1}")
+    s.step_lr = s.scheduler.get_last_lr()[0]  # before the schedule moves on to the next step's
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.scheduler.step()
@@ -736,7 +738,8 @@ def _close_trackers(s: Session) -> None:
 def log_train(s: Session, pos: Position) -> None:
     elapsed = time.perf_counter() - s.started
     record = {"step": pos.step, "epoch": pos.epoch, "loss": pos.window_loss / max(pos.window_n, 1),
-              "lr": s.scheduler.get_last_lr()[0], "samples_per_s": s.seen / max(elapsed, 1e-9),
+              "lr": s.step_lr if s.step_lr is not None else s.scheduler.get_last_lr()[0],
+              "samples_per_s": s.seen / max(elapsed, 1e-9),
               "tokens_per_s": s.tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
     if s.grad_norm is not None:
         record["grad_norm"] = s.grad_norm
@@ -912,6 +915,6 @@ class _progress:
     def _update(self, task_id, pos: Position, loss: float | None) -> None:
         elapsed = max(time.perf_counter() - self.s.started, 1e-9)
         info = "" if loss is None else (
-            f"loss {loss:.4f} lr {self.s.scheduler.get_last_lr()[0]:.2e} {self.s.seen / elapsed:.0f} samples/s "
+            f"loss {loss:.4f} lr {self.s.step_lr if self.s.step_lr is not None else self.s.scheduler.get_last_lr()[0]:.2e} {self.s.seen / elapsed:.0f} samples/s "
             f"{self.s.tokens / elapsed:.0f} tokens/s")
         self.bar.update(task_id, completed=pos.step, info=info)

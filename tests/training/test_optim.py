@@ -177,6 +177,18 @@ def test_lisa_is_refused_for_adapters(tiny_bert_dir, tiny_csv, tmp_path):
     assert res.exit_code == 2 and "train.lisa_layers" in res.output and "method.name: full" in res.output
 
 
+def test_metrics_log_the_learning_rate_each_step_applied(tiny_bert_dir, tiny_csv, tmp_path):
+    """The log read the schedule after it had moved on: warm-up looked a step ahead and a linear
+    run's last step showed lr 0."""
+    import json
+
+    res = invoke("train", _recipe(tmp_path, tiny_bert_dir, tiny_csv, {"name": "lora", "r": 2}, lr=1e-3,
+                                  scheduler="linear", warmup_ratio=1.0))
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 10) for r in lines if "loss" in r and "lr" in r] == [2.5e-4, 5e-4, 7.5e-4, 1e-3]
+
+
 def test_compile_on_cpu_says_it_trains_eager(tiny_bert_dir, tiny_csv, tmp_path):
     from rich.console import Console
 
