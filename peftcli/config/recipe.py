@@ -189,7 +189,7 @@ class EvalConfig:
     generate_samples: int = opt(3, "causal_lm: generated samples shown after evaluation", min=0)
     max_new_tokens: int = opt(16, "causal_lm: tokens generated per sample", min=1)
     generate_accuracy: bool = opt(
-        False, "causal_lm: score accuracy by generating each eval response and comparing it to the label"
+        False, "causal_lm: score accuracy by generating each eval answer: a hit opens with the reference's words"
     )
 
 
