@@ -371,9 +371,17 @@ def plan_trials(
 
 
 def _definition_differences(old: dict, new: dict) -> list[str]:
-    """Keys of the definition that differ; the recipe's path may (a rerun from elsewhere), its content may not."""
+    """Keys of the definition that differ; the recipe's path may (a rerun from elsewhere), its content may not.
+    The swept keys compare in order: trials are numbered (and random draws made) in that order, so
+    the same keys given in another order would resume other trials under the recorded ones' numbers."""
+    def same(a: Any, b: Any) -> bool:
+        return list(a.items()) == list(b.items()) if isinstance(a, dict) and isinstance(b, dict) else a == b
+
     keys = [k for k in new if k != "recipe"] + [k for k in old if k not in new and k != "recipe"]
-    return [k for k in keys if old.get(k) != new.get(k)]
+    diffs = [k for k in keys if not same(old.get(k), new.get(k))]
+    if "axes" in diffs and isinstance(old.get("axes"), dict) and old["axes"] == new.get("axes"):
+        diffs[diffs.index("axes")] = f"the order of the swept keys (first given: {', '.join(old['axes'])})"
+    return diffs
 
 
 def open_sweep_folder(plan: SweepPlan) -> bool:

@@ -385,6 +385,11 @@ def test_a_different_sweep_into_the_same_folder_is_refused(recipe, fake, tmp_pat
         sw.run_sweep(sw.plan_trials(recipe, ["train.lr=1e-3,3e-3"], out=out), console=_console())
     res = runner.invoke(app, ["sweep", recipe, "train.lr=1e-3,2e-3", "--smoke", "--out", str(out)])
     assert res.exit_code == 2 and "smoke differs" in res.output and "--out" in res.output
+    # The same keys in another order number the trials otherwise: resuming took recorded trials for others.
+    two = tmp_path / "sw2"
+    sw.run_sweep(sw.plan_trials(recipe, ["train.lr=1e-3,2e-3", "method.r=2,4"], out=two), console=_console())
+    with pytest.raises(sw.SweepError, match=r"the order of the swept keys \(first given: train.lr, method.r\) differs"):
+        sw.open_sweep_folder(sw.plan_trials(recipe, ["method.r=2,4", "train.lr=1e-3,2e-3"], out=two))
     Path(recipe).write_text(Path(recipe).read_text().replace("r: 4", "r: 2"))  # the recipe changed
     res = runner.invoke(app, ["sweep", recipe, "train.lr=1e-3,2e-3", "--out", str(out)])
     assert res.exit_code == 2 and "recipe_sha256 differs" in res.output
