@@ -59,7 +59,10 @@ RECORDS_FILE = "sweep.jsonl"
 BEST_FILE = "best.yaml"
 DIVERGED_TEXT = "NaN or infinite"  # what train.NonFiniteError says; the log is all a subprocess leaves
 # How a trial stopped by SIGINT / SIGTERM exits: 128 + signal from peftcli, minus the signal when it died of it.
-STOPPED_EXITS = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+# Exits that stopped a trial from outside, resumed on the next invocation: SIGINT and SIGTERM (the
+# trial checkpointed), and SIGKILL (the out-of-memory killer, `kill -9`: its last checkpoint stands).
+STOPPED_EXITS = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGKILL,
+                 -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL}
 # Keys the sweep sets itself: a trial's folder is the sweep's to choose.
 RESERVED_KEYS = {
     "output.dir": "the sweep gives each trial its own folder; choose where with --out",
@@ -757,7 +760,8 @@ def _how_it_ended(rc: int, log_text: str, summary: Path, *, stopped: bool) -> tu
     if rc == 0 and summary.exists():
         return "done", None
     if stopped or rc in STOPPED_EXITS:  # resumable: the next invocation runs it again
-        return "interrupted", None
+        killed = rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and not stopped
+        return "interrupted", "killed (SIGKILL: out of memory?); the next run of this sweep resumes it" if killed else None
     if DIVERGED_TEXT in " ".join(log_text.split()):
         return "diverged", _last_error(log_text)
     return "failed", _last_error(log_text) if rc != 0 else f"exited 0 without {summary}"

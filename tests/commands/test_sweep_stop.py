@@ -65,6 +65,10 @@ def test_a_trial_stopped_by_a_signal_is_interrupted_not_failed(tmp_path: Path):
     assert sw._how_it_ended(143, "", summary, stopped=False) == ("interrupted", None)
     assert sw._how_it_ended(-signal.SIGTERM, "", summary, stopped=False) == ("interrupted", None)
     assert sw._how_it_ended(-signal.SIGKILL, "", summary, stopped=True) == ("interrupted", None)
+    # killed from outside (the out-of-memory killer): it was "failed" with its last log line as the
+    # error, and never resumed although its last/ checkpoint stood
+    status, why = sw._how_it_ended(-signal.SIGKILL, "step 3: val loss 1.09\n", summary, stopped=False)
+    assert status == "interrupted" and "SIGKILL" in why and "resumes it" in why
     assert sw._how_it_ended(1, "error: CUDA out of memory\n", summary, stopped=False) == (
         "failed", "error: CUDA out of memory")
     summary.write_text("{}")
