@@ -42,7 +42,15 @@ from peftcli.methods import get_method
 from peftcli.methods.attach import pick_device
 from peftcli.methods.registry import MethodSpec
 from peftcli.models.meta import misfits
-from peftcli.runs.load import SavedRun, load_run, open_run, refuse_edited_recipe, run_on_meta, same_model
+from peftcli.runs.load import (
+    SavedRun,
+    load_run,
+    open_run,
+    refuse_dropped,
+    refuse_edited_recipe,
+    run_on_meta,
+    same_model,
+)
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import is_peft_folder
 
@@ -112,9 +120,7 @@ def _read_run(folder: Path, trust_remote_code: bool = False) -> SavedRun:
 
     run = open_run(folder, trust_remote_code=trust_remote_code, before_weights=combinable)
     refuse_edited_recipe(run_on_meta(run.recipe, run.meta.get("label_names"))[0], run)
-    if run.meta.get("disabled_modules"):
-        raise CombineError(f"{run.adapter_dir / META_FILE} lists switched-off adapters (a `peftcli drop` run); combine "
-                           "the runs it was made from, then drop layers from the result")
+    refuse_dropped(run, "combine", "combine the runs it was made from, then drop layers from the result")
     return run
 
 

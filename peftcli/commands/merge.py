@@ -14,7 +14,7 @@ import torch
 
 from peftcli.core.errors import CheckpointError
 from peftcli.methods.attach import pick_device
-from peftcli.runs.load import load_run, peek_recipe, sample_batch
+from peftcli.runs.load import build_saved, open_run, peek_recipe, refuse_dropped, sample_batch
 from peftcli.runs.lock import hold, writes_folders
 
 
@@ -54,7 +54,9 @@ def merge_run(run: Path, dest: Path, *, force: bool = False, device: str = "cpu"
     nf4 = _is_nf4_run(Path(run))
     # A 4-bit base only loads on CUDA; "auto" lets the QLoRA check explain when there is none.
     dev = pick_device("auto" if nf4 else device)
-    built, _ = load_run(run, dev, trust_remote_code=trust_remote_code)
+    saved = open_run(run, trust_remote_code=trust_remote_code)
+    refuse_dropped(saved, "merge", "merge the run it was made from (a merged model has no adapters to switch off)")
+    built = build_saved(saved, dev, trust_remote_code=trust_remote_code)
     spec = built.spec
     if spec.merge is None:
         raise MergeRefused(f"method {spec.name!r} cannot be merged: {spec.merge_refusal or 'it is not a weight delta'}")

@@ -18,7 +18,7 @@ from torch import nn
 from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.core.peft_layout import Layout
 from peftcli.methods.attach import pick_device, trainable_summary
-from peftcli.runs.load import build, open_run, refuse_edited_recipe, run_on_meta
+from peftcli.runs.load import build, open_run, refuse_dropped, refuse_edited_recipe, run_on_meta
 from peftcli.runs.lock import hold, writes_folders
 from peftcli.runs.peft_format import (
     export_model,
@@ -43,6 +43,7 @@ def export_run(run: Path, dest: Path, *, force: bool = False, trust_remote_code:
         check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
 
     saved = open_run(run, trust_remote_code=trust_remote_code, before_weights=writable)
+    refuse_dropped(saved, "export", "export the run it was made from (HF PEFT has no switch for them)")
     recipe, sd, labels = saved.recipe, saved.state, saved.meta.get("label_names")
     model, arch, spec = run_on_meta(recipe, labels)
     refuse_edited_recipe(model, saved)
@@ -110,6 +111,7 @@ def export_as_lora(run: Path, dest: Path, *, rank: int | None = None, energy: fl
         check_destination(dest, what="export destination", sources=[run, *local_inputs(recipe)], replace=force)
 
     saved = open_run(run, trust_remote_code=trust_remote_code, before_weights=writable)
+    refuse_dropped(saved, "export", "export the run it was made from (HF PEFT has no switch for them)")
     dev = pick_device("cpu")
     built = build_saved(saved, dev, trust_remote_code=trust_remote_code)
     recipe, model, tok = built.recipe, built.model.eval(), built.tokenizer

@@ -355,6 +355,14 @@ def untrusted(recipe: Recipe, trust_remote_code: bool) -> Recipe:
     return recipe
 
 
+def refuse_dropped(saved: SavedRun, command: str, why: str) -> None:
+    """A `peftcli drop` run switches adapters off in its meta.json; a command that would write them
+    (merged into weights, exported, combined) refuses it rather than ignore the switch."""
+    if saved.meta.get("disabled_modules"):
+        raise CheckpointError(f"{saved.adapter_dir / 'meta.json'} lists switched-off adapters (a `peftcli drop` run), "
+                              f"which {command} would write as if they were on; {why}")
+
+
 def run_meta(run: Path) -> dict:
     p = find_run_adapter(run) / "meta.json"
     return json.loads(p.read_text()) if p.exists() else {}

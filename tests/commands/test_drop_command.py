@@ -42,3 +42,22 @@ def test_drop_of_a_run_with_only_last_leaves_its_trainer_state_behind(tiny_bert_
     assert "adapter.safetensors" in copied and "meta.json" in copied
     assert not [n for n in copied if is_trainer_state(n)], copied
     assert not (out / "last").exists()
+
+
+def test_merge_and_export_refuse_a_run_whose_adapters_are_switched_off(tiny_bert_dir, tiny_csv, tmp_path):
+    """They merged and exported the adapters drop had switched off, with exit 0."""
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model={"name": str(tiny_bert_dir)},
+        data={"source": str(tiny_csv), "text_column": "sentence", "eval_size": 12, "max_length": 32},
+        method={"name": "lora", "r": 2}, train={"max_steps": 2, "batch_size": 16, "progress": False},
+        output={"dir": str(tmp_path / "run"), "plot": False},
+    )
+    assert runner.invoke(app, ["train", recipe]).exit_code == 0
+    dropped = tmp_path / "dropped"
+    res = runner.invoke(app, ["drop", str(tmp_path / "run"), "--lowest", "1", "--out", str(dropped), "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    for args in (["merge", str(dropped), str(tmp_path / "m")], ["export", str(dropped), "--to", "peft", str(tmp_path / "e")],
+                 ["export", str(dropped), "--as-lora", str(tmp_path / "l")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "lists switched-off adapters" in " ".join(res.output.split()), (args, res.output)
+        assert not (tmp_path / args[-1]).exists()
