@@ -23,7 +23,7 @@ from peftcli.core.adapter import LayerAdapter, merge_layer_adapters
 from peftcli.core.adapter_merging import WEIGHTED, averaging
 from peftcli.core.arch import QKV, Arch, dense_weight, is_conv1d, linear_dims, set_module
 from peftcli.methods.registry import PeftTwin, register
-from peftcli.methods.targets import LAYERS_HELP, parse_layers, require_linears, select_linears
+from peftcli.methods.targets import LAYERS_HELP, TargetError, parse_layers, require_linears, select_linears
 
 
 @dataclass
@@ -114,7 +114,9 @@ def plan(model: nn.Module, arch: Arch, cfg: IA3Config) -> dict[str, tuple[bool, 
     ff = set(select_linears(model, arch, cfg.feedforward, layers)) if cfg.feedforward else set()
     stray = sorted(ff - set(paths))
     if stray:
-        raise ValueError(f"method.feedforward must be a subset of method.targets; {stray[0]} is not a target")
+        raise TargetError(f"method.feedforward: {stray[0]} is not one of method.targets {cfg.targets} (IA³ scales a "
+                          "feed-forward layer's input, so it must be adapted); add its role to method.targets, "
+                          "or set method.feedforward: []")
     out: dict[str, tuple[bool, list[int] | None]] = {p: (p in ff, None) for p in paths}
     if arch.spec.fused_qkv:
         qkv_roles = [t for t in cfg.targets if t in QKV]

@@ -110,6 +110,8 @@ def test_exit_0_on_success():
     (["export", "no/such/run", "out"], "no such folder"),
     (["eval", "no/such/run"], "no such folder"),
     (["eval", str(ROOT / "recipes" / "tweets_lora.yaml")], "is a file; pass the run folder"),
+    # IA³'s feed-forward layers must be targets: it was a ValueError, exit 1, with no fix
+    (["validate", str(ROOT / "recipes" / "tweets_ia3.yaml"), "method.targets=[q]"], "or set method.feedforward: []"),
     (["import-peft", "no/such/folder", "out"], "no adapter_config.json"),
     (["validate", str(ROOT / "recipes" / "tweets_lora.yaml"), "method.rank=4"], "method.rank: unknown key"),
     (["recipes", "copy", "tweets_lroa", "x.yaml"], "did you mean 'tweets_lora'"),
