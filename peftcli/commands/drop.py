@@ -33,7 +33,14 @@ from peftcli.core.switch import (
 )
 from peftcli.inference.evaluate import evaluate
 from peftcli.methods.attach import pick_device
-from peftcli.methods.fusion import attention_table, fusion_sites, prune, read_sources, record_attention
+from peftcli.methods.fusion import (
+    attention_table,
+    fusion_sites,
+    prune,
+    read_sources,
+    record_attention,
+    source_names,
+)
 from peftcli.methods.targets import parse_layers
 from peftcli.runs.load import collator, load_run, prepare_data
 from peftcli.runs.lock import hold, writes_folders
@@ -188,7 +195,7 @@ def _switch_off(model: nn.Module, arch: Arch, rec: Recipe, chosen: list[int], pr
         record_attention(model, True)
         timed_eval(model, examples, collate, **kw)
         record_attention(model, False)
-        names = [s.name for s in read_sources(rec.method)]
+        names = source_names(read_sources(rec.method))
         attention = attention_table(model, names)
         disable_layers(model, arch, chosen)
         switched += len(prune(model, prune_fusion))

@@ -29,6 +29,7 @@ from peftcli.methods.fusion import (
     attention_table,
     read_sources,
     record_attention,
+    source_names,
 )
 from peftcli.runs.folder import check_paths, local_inputs
 
@@ -72,7 +73,7 @@ def attention_summary(run: str | Path, *, limit: int = 256, device: str = "cpu",
     built, _ = load_run(run, dev, trust_remote_code=trust_remote_code)
     rec = built.recipe
     _, _, _, held = prepare_data(rec, built.tokenizer)
-    names = [s.name for s in read_sources(rec.method)]
+    names = source_names(read_sources(rec.method))
     record_attention(built.model, True)
     m, _ = timed_eval(built.model, held[:limit], collator(rec, built.tokenizer), task=rec.model.task, device=dev,
                       batch_size=rec.eval.batch_size, precision=rec.train.precision,

@@ -27,6 +27,7 @@ others' `adapter_enabled` off, and the site then mixes only the enabled ones.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,13 @@ class Source:
         return json.dumps({"run": self.run, "method": self.method, "options": self.options}, sort_keys=True)
 
 
+def source_names(sources: list[Source]) -> list[str]:
+    """The sources' names in reports: their folders' names, each with its index where two share one
+    (runs/a and other/a), so that neither's attention is reported under the other's."""
+    names = [s.name for s in sources]
+    return [f"{s.index}:{n}" if names.count(n) > 1 else n for s, n in zip(sources, names, strict=True)]
+
+
 class FusionError(BadInput, ValueError):
     pass
 
@@ -129,6 +137,13 @@ def read_sources(cfg: FusionConfig) -> list[Source]:
 def _check(sources: list[Source]) -> list[Source]:
     if not sources:
         raise FusionError("method.adapters is empty: name two or more trained adapter runs to fuse")
+    seen: dict[str, int] = {}
+    for s in sources:
+        real = os.path.realpath(s.run)
+        if real in seen:  # the same adapter twice: fusion would weigh one source against itself
+            raise FusionError(f"method.adapters[{seen[real]}] and method.adapters[{s.index}] name the same run "
+                              f"({s.run}); name each source run once")
+        seen[real] = s.index
     for s in sources:
         if s.method not in SITES:
             raise FusionError(

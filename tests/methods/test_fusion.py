@@ -159,6 +159,11 @@ def test_houlsby_sources_fuse_at_both_sites_and_bad_sources_are_refused(tmp_path
         fused("bert", [tmp_path / "p", tmp_path / "l"])
     with pytest.raises(fusion.FusionError, match=r"method.adapters\[1\]: .*nowhere: no such folder"):
         fused("bert", [tmp_path / "p", tmp_path / "nowhere"])
+    with pytest.raises(fusion.FusionError, match=r"method.adapters\[0\] and method.adapters\[1\] name the same run"):
+        fused("bert", [tmp_path / "p", tmp_path / "p" / "."])
+    same_name = [fusion.Source(0, "runs/a", "pfeiffer", {}), fusion.Source(1, "other/a", "pfeiffer", {}),
+                 fusion.Source(2, "runs/b", "pfeiffer", {})]
+    assert fusion.source_names(same_name) == ["0:a", "1:a", "b"]  # one's attention was reported under the other's
     (tmp_path / "empty").mkdir()
     with pytest.raises(fusion.FusionError, match=r"empty: not a run folder \(no recipe.yaml\)"):
         fused("bert", [tmp_path / "p", tmp_path / "empty"])
