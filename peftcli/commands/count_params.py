@@ -27,7 +27,15 @@ def recipe_to_count(recipe: Path | None, overrides: list[str] | None, *, model: 
         overrides = [str(recipe), *(overrides or [])] if "=" in str(recipe) else overrides
         model = model or (str(recipe) if "=" not in str(recipe) else None)
     if model is None or method is None:
-        raise UsageError("count-params needs a recipe, or --model and --method (e.g. --model gpt2 --method lora)")
+        hint = ""
+        if recipe is not None and "=" not in str(recipe):
+            if (recipe / "recipe.yaml").is_file():
+                hint = f"; {recipe} is a run folder: pass {recipe / 'recipe.yaml'}"
+            elif recipe.is_file() or recipe.is_dir():
+                hint = f"; {recipe} is not a .yaml recipe: as a model, add --method (e.g. --method lora)"
+            else:
+                hint = f"; {recipe}: no such file"
+        raise UsageError("count-params needs a recipe, or --model and --method (e.g. --model gpt2 --method lora)" + hint)
     raw = {"model": {"name": model, "task": task, "num_labels": num_labels if task == "classification" else None},
            "method": {"name": method}}
     return recipe_from_dict(raw, "count-params", overrides or [])

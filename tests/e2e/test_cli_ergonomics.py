@@ -110,6 +110,7 @@ def test_exit_0_on_success():
     (["export", "no/such/run", "out"], "no such folder"),
     (["eval", "no/such/run"], "no such folder"),
     (["eval", str(ROOT / "recipes" / "tweets_lora.yaml")], "is a file; pass the run folder"),
+    (["count-params", str(ROOT / "README.md")], "README.md is not a .yaml recipe: as a model, add --method"),
     # IA³'s feed-forward layers must be targets: it was a ValueError, exit 1, with no fix
     (["validate", str(ROOT / "recipes" / "tweets_ia3.yaml"), "method.targets=[q]"], "or set method.feedforward: []"),
     (["import-peft", "no/such/folder", "out"], "no adapter_config.json"),
