@@ -11,6 +11,7 @@ from peftcli.methods import get_method
 from peftcli.methods.attach import attach_method
 from peftcli.methods.ia3 import IA3Config, IA3Linear
 from peftcli.methods.lora import DoraLinear, LoraConfig
+from peftcli.methods.targets import TargetError
 
 CASES = [("bert", "classification"), ("gpt2", "classification"), ("gpt2", "causal_lm"),
          ("llama", "classification"), ("llama", "causal_lm")]
@@ -96,7 +97,7 @@ def test_ia3_defaults_target_k_v_and_ffn_input():
 
 def test_ia3_feedforward_must_be_a_target():
     m = tiny_model("bert")
-    with pytest.raises(ValueError, match="subset"):
+    with pytest.raises(TargetError, match="is not one of method.targets"):  # a recipe problem: exit 2
         attach_method(m, "ia3", IA3Config(targets=["k", "v"], feedforward=["ffn_out"]))
 
 
