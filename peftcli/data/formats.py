@@ -86,6 +86,8 @@ def _conversation(value: Any) -> list[dict[str, str]] | str:
                 return f"turn {k}: unknown role {role!r} (known: {', '.join(ROLES)})"
         if not isinstance(content, str):
             return f"turn {k}: content is {type(content).__name__}, not text"
+        if role == "assistant" and not content.strip():  # it would train the end-of-turn marker alone
+            return f"turn {k}: an empty assistant answer"
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         return "no assistant turn to train on"
@@ -105,7 +107,7 @@ def lm_row(r: dict, fmt: str, cfg: DataConfig, pcol: str | None, rcol: str | Non
         prompt = str(instruction) + (f"\n\n{extra}" if not is_missing(extra) else "")
         return {"prompt": prompt, "response": str(output)}
     if fmt == "prompt_response":
-        if is_missing(r.get(pcol)) or r.get(rcol) is None:
+        if is_missing(r.get(pcol)) or is_missing(r.get(rcol)):  # as alpaca's: an empty response trains nothing
             return "no prompt or no response"
         return {"prompt": r[pcol], "response": str(r[rcol])}
     if not isinstance(r.get(text_col), str):

@@ -165,3 +165,21 @@ def test_tweets_chat_is_deterministic_and_varied():
     clean = [m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant" and "word" in m["content"]
              and "@" not in m["content"]]
     assert clean and all("#" not in c and "http" not in c for c in clean)
+
+
+def test_an_empty_answer_is_malformed_in_every_format():
+    """An empty assistant turn or prompt/response answer trained the end-of-turn marker alone, while
+    alpaca's and preference data's empty outputs were refused."""
+    from peftcli.config.recipe import DataConfig
+    from peftcli.data.formats import lm_row
+
+    cfg = DataConfig(source="x")
+    for answer in ("", "  "):
+        conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]}
+        assert lm_row(conv, "messages", cfg, None, None, "text") == "turn 2: an empty assistant answer"
+        row = {"prompt": "hi", "response": answer}
+        assert lm_row(row, "prompt_response", cfg, "prompt", "response", "text") == "no prompt or no response"
+        assert lm_row({"instruction": "hi", "output": answer}, "alpaca", cfg, None, None, "text") == \
+            "alpaca row without instruction or output"
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    assert lm_row(ok, "messages", cfg, None, None, "text") == {"messages": ok["messages"]}
