@@ -38,7 +38,7 @@ from typing import ParamSpec, TypeVar
 from peftcli.core.errors import BadInput
 from peftcli.runs.folder import UnsafePathError, check_paths, lock_path
 
-_held: dict[str, tuple[int, int]] = {}  # lock file -> (descriptor, depth) held by this process
+_held: dict[str, tuple[int, int, list[Path]]] = {}  # lock file -> (descriptor, depth, folders made for it)
 _guard = threading.Lock()
 _scope: ContextVar[ExitStack | None] = ContextVar("peftcli_lock_scope", default=None)
 P = ParamSpec("P")
@@ -62,11 +62,26 @@ def _holder(path: Path) -> str:
     return "unknown"
 
 
-def _acquire(path: Path, dest: Path, what: str) -> int:
-    """Lock `path` for this process; returns the open descriptor, or refuses."""
+def _missing_parents(folder: Path) -> list[Path]:
+    """The folders `folder.mkdir(parents=True)` would create, outermost first; refuses a file in the way."""
+    missing = []
+    for d in [folder, *folder.parents]:
+        if d.is_dir():
+            break
+        if d.exists() or d.is_symlink():
+            raise UnsafePathError(f"{d} is a file, not a folder; choose a destination under a folder")
+        missing.append(d)
+    return missing[::-1]
+
+
+def _acquire(path: Path, dest: Path, what: str, created: list[Path]) -> int:
+    """Lock `path` for this process; returns the open descriptor, or refuses. The folders made for
+    the lock file are listed in `created`, for `_release` to remove when nothing else went in them."""
     while True:
         try:
+            made = _missing_parents(path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
+            created += [d for d in made if d not in created]
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise UnsafePathError(f"{what} {dest}: cannot create its lock file {path} ({e.strerror}); "
@@ -94,13 +109,20 @@ def _acquire(path: Path, dest: Path, what: str) -> int:
     return fd
 
 
-def _release(path: Path, fd: int) -> None:
-    """Remove the lock file, then unlock: the order that lets a waiter notice (see the module)."""
+def _release(path: Path, fd: int, created: list[Path] = ()) -> None:
+    """Remove the lock file, then unlock: the order that lets a waiter notice (see the module).
+    Then the folders made for it, innermost first, while they are empty: a refused command leaves
+    no empty parent behind, and a folder something was written into stays."""
     try:
         os.unlink(path)
     except OSError:
         pass
     os.close(fd)
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 @contextmanager
@@ -119,20 +141,21 @@ def folder_lock(dest: Path | str, *, what: str = "folder",
     key = str(path)
     with _guard:
         if key in _held:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth + 1)
+            fd, depth, created = _held[key]
+            _held[key] = (fd, depth + 1, created)
         else:
-            _held[key] = (_acquire(path, dest, what), 1)
+            created: list[Path] = []
+            _held[key] = (_acquire(path, dest, what, created), 1, created)
     try:
         yield path
     finally:
         with _guard:
-            fd, depth = _held[key]
+            fd, depth, created = _held[key]
             if depth > 1:
-                _held[key] = (fd, depth - 1)
+                _held[key] = (fd, depth - 1, created)
             else:
                 del _held[key]
-                _release(path, fd)
+                _release(path, fd, created)
 
 
 def writes_folders(fn: Callable[P, R]) -> Callable[P, R]:

@@ -74,6 +74,20 @@ def test_re_entrant_in_one_process_and_removed_on_release(tmp_path):
     assert not lock.exists() and not dest.exists()  # locking creates nothing at the destination
 
 
+def test_folders_made_for_the_lock_go_with_it_when_nothing_went_in_them(tmp_path):
+    """A command refused after taking its lock left the destination's new parents behind, empty;
+    a file in the way was "cannot create its lock file (File exists)"."""
+    with pytest.raises(ValueError, match="refused"), folder_lock(tmp_path / "new" / "deep" / "dest"):
+        raise ValueError("refused")
+    assert not (tmp_path / "new").exists()
+    with folder_lock(tmp_path / "kept" / "dest"):
+        (tmp_path / "kept" / "dest").mkdir()  # what the command wrote
+    assert (tmp_path / "kept" / "dest").is_dir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BadInput, match=r"afile is a file, not a folder"), folder_lock(tmp_path / "afile" / "sub"):
+        pass
+
+
 def test_hold_is_released_when_the_command_ends(tmp_path):
     dest = tmp_path / "out"
 
