@@ -17,14 +17,13 @@ from peftcli.training.preference import Objective, reference_for_run
 def check_train_flags(r: Recipe, *, resume: bool, smoke: bool, dry_run: bool) -> None:
     """Refuse flags that would be ignored without a word, and, for --dry-run, a run folder that
     `train` itself would refuse (the dry run says what train would do)."""
-    from peftcli.runs.folder import check_paths, local_inputs
+    from peftcli.runs.folder import check_paths, protected_inputs
 
     if resume and (smoke or dry_run):
         other = "--smoke trains a fresh <output.dir>-smoke every time" if smoke else "--dry-run trains nothing"
         raise UsageError(f"--resume with {'--smoke' if smoke else '--dry-run'}: {other}; drop one of the two")
     if dry_run:
-        check_paths(Path(r.run_dir()), what="output.dir",
-                    sources=[*([Path(r.source)] if r.source else []), *local_inputs(r)])
+        check_paths(Path(r.run_dir()), what="output.dir", sources=protected_inputs(r))
 
 
 def smoke_reload_loss(r: Recipe, test: dict[str, Any], trust_remote_code: bool = False) -> float:

@@ -186,14 +186,13 @@ def anchored(recipe: Recipe) -> Recipe:
     relative to the folder training started in would then load another model or score other data."""
     from peftcli.data.sources import BUILTIN_SOURCES
 
-    anchor = anchor_path
     r = copy.deepcopy(recipe)
-    r.model.name = anchor(r.model.name)
+    r.model.name = anchor_path(r.model.name)
     if r.data.source not in BUILTIN_SOURCES:
-        r.data.source = anchor(r.data.source)
-    r.init_from = anchor(r.init_from)
+        r.data.source = anchor_path(r.data.source)
+    r.init_from = anchor_path(r.init_from)
     if isinstance(getattr(r.method, "adapters", None), list):
-        r.method.adapters = [anchor(a) for a in r.method.adapters]
+        r.method.adapters = [anchor_path(a) for a in r.method.adapters]
     return r
 
 
@@ -208,6 +207,11 @@ def local_inputs(recipe) -> list[Path]:
     cands: list[Any] = [recipe.model.name, recipe.data.source, recipe.init_from,
                         *(getattr(recipe.method, "adapters", None) or [])]
     return [Path(c) for c in cands if isinstance(c, str) and c and os.path.exists(c)]
+
+
+def protected_inputs(recipe) -> list[Path]:
+    """Paths a recipe's run folder must never be, hold or sit inside: the recipe file and its inputs."""
+    return [*([Path(recipe.source)] if recipe.source else []), *local_inputs(recipe)]
 
 
 def check_paths(dest: Path, *, what: str, sources: Iterable[Path | str | None] = ()) -> None:
@@ -375,7 +379,8 @@ def _empty_dir(p: Path) -> bool:
 
 
 __all__ = [
-    "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "check_destination", "check_paths", "discard_aside",
-    "foreign_entries", "is_lock_name", "is_ours", "local_inputs", "lock_path", "move_aside", "read_marker",
-    "reads_as_run", "recover_stale", "replacing", "restore_aside", "write_marker",
+    "KINDS", "MARKER", "RUN_ENTRIES", "UnsafePathError", "anchor_path", "anchored", "check_destination",
+    "check_paths", "discard_aside", "foreign_entries", "is_lock_name", "is_ours", "local_inputs", "lock_path",
+    "move_aside", "protected_inputs", "read_marker", "reads_as_run", "recover_stale", "replacing",
+    "restore_aside", "run_recipe_yaml", "write_marker",
 ]

@@ -279,7 +279,7 @@ def set_up(
     seed_everything(tcfg.seed)
     run_dir = recipe.run_dir()
     if held is not None and rank == 0:
-        held.enter_context(folder_lock(run_dir, what="output.dir", sources=_protected(recipe)))
+        held.enter_context(folder_lock(run_dir, what="output.dir", sources=runfolder.protected_inputs(recipe)))
     trust = allowed_remote_code(recipe, resume, trust_remote_code)
     saved, saved_recipe, resume = _check_run_folder(recipe, run_dir, resume=resume, world=world, rank=rank,
                                                     console=console)
@@ -371,7 +371,7 @@ def _check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world: int
         if not recipe.output.overwrite and (run_dir / "recipe.yaml").exists() and runfolder.is_ours(run_dir):
             raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
                                  "set output.overwrite=true to replace it, or choose output.dir")
-        runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe),
+        runfolder.check_destination(run_dir, what="output.dir", sources=runfolder.protected_inputs(recipe),
                                     replace=recipe.output.overwrite)
     return None, None, False
 
@@ -528,11 +528,6 @@ def _check_nodes_share(s: Session) -> None:
         probe.unlink(missing_ok=True)
 
 
-def _protected(recipe: Recipe) -> list[Path]:
-    """Paths a run folder must never be, hold or sit inside: the user's inputs."""
-    return [*([Path(recipe.source)] if recipe.source else []), *runfolder.local_inputs(recipe)]
-
-
 def _resume_target(recipe: Recipe, run_dir: Path, world: int, rank: int, console: Console):
     """(trainer state, saved recipe dict, resume?) for `--resume`, after every check passes."""
     if world > 1:  # every rank takes the same branch below, or a node's folder is not the shared one
@@ -597,9 +592,9 @@ def _clear_unstarted_run(recipe: Recipe, run_dir: Path) -> None:
     leaves at most the marker and peftcli's temporary files. Every path check passes before
     anything is deleted, and then only peftcli's temporary entries, of processes that died, in a
     folder that is provably ours (its marker lists the rest, or it holds nothing else)."""
-    runfolder.check_paths(run_dir, what="output.dir", sources=_protected(recipe))
+    runfolder.check_paths(run_dir, what="output.dir", sources=runfolder.protected_inputs(recipe))
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)  # refuses
+        runfolder.check_destination(run_dir, what="output.dir", sources=runfolder.protected_inputs(recipe), replace=True)  # refuses
     names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     leftovers = [n for n in names if is_temp_name(n)]
     others = [n for n in names if n not in leftovers]
@@ -608,7 +603,7 @@ def _clear_unstarted_run(recipe: Recipe, run_dir: Path) -> None:
     for n in leftovers:
         if not pid_alive(parse_temp_name(n)[2]):
             remove(run_dir / n)
-    runfolder.check_destination(run_dir, what="output.dir", sources=_protected(recipe), replace=True)
+    runfolder.check_destination(run_dir, what="output.dir", sources=runfolder.protected_inputs(recipe), replace=True)
 
 
 def _restore(s: Session, saved: Saved) -> Position:
