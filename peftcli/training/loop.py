@@ -730,11 +730,15 @@ def _close_trackers(s: Session) -> None:
         s.trackers = None
 
 
+def applied_lr(s: Session) -> float:
+    """The learning rate of the latest optimizer step (before any: the first one's)."""
+    return s.step_lr if s.step_lr is not None else s.scheduler.get_last_lr()[0]
+
+
 def log_train(s: Session, pos: Position) -> None:
     elapsed = time.perf_counter() - s.started
     record = {"step": pos.step, "epoch": pos.epoch, "loss": pos.window_loss / max(pos.window_n, 1),
-              "lr": s.step_lr if s.step_lr is not None else s.scheduler.get_last_lr()[0],
-              "samples_per_s": s.seen / max(elapsed, 1e-9),
+              "lr": applied_lr(s), "samples_per_s": s.seen / max(elapsed, 1e-9),
               "tokens_per_s": s.tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
     if s.grad_norm is not None:
         record["grad_norm"] = s.grad_norm
@@ -910,6 +914,6 @@ class _progress:
     def _update(self, task_id, pos: Position, loss: float | None) -> None:
         elapsed = max(time.perf_counter() - self.s.started, 1e-9)
         info = "" if loss is None else (
-            f"loss {loss:.4f} lr {self.s.step_lr if self.s.step_lr is not None else self.s.scheduler.get_last_lr()[0]:.2e} {self.s.seen / elapsed:.0f} samples/s "
+            f"loss {loss:.4f} lr {applied_lr(self.s):.2e} {self.s.seen / elapsed:.0f} samples/s "
             f"{self.s.tokens / elapsed:.0f} tokens/s")
         self.bar.update(task_id, completed=pos.step, info=info)
