@@ -109,8 +109,6 @@ def _read_run(folder: Path, trust_remote_code: bool = False) -> SavedRun:
     if not (folder / "recipe.yaml").exists() and is_peft_folder(folder):
         raise CombineError(f"{folder} is an HF PEFT adapter folder; turn it into a run first: "
                            f"peftcli import-peft {folder} RUN")
-    if not (folder / "recipe.yaml").exists():
-        raise CombineError(f"{folder}: not a run folder (no recipe.yaml); pass folders written by `peftcli train`")
 
     def combinable(recipe: Recipe) -> None:  # before any weights are read
         spec = get_method(recipe.method_name)

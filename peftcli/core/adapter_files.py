@@ -163,6 +163,20 @@ def unkept_note(run: Path) -> str | None:
     return None
 
 
+def run_recipe_file(run: Path) -> Path:
+    """A run folder's recipe.yaml, refused (one CheckpointError naming the path) when `run` is not
+    there, is a file, or holds no recipe.yaml: the one check of every reader of a run folder."""
+    run = Path(run)
+    if not run.exists():
+        raise CheckpointError(f"{run}: no such folder; pass the run folder `peftcli train` wrote")
+    if run.is_file():
+        raise CheckpointError(f"{run} is a file; pass the run folder `peftcli train` wrote"
+                              + (f" ({run.parent})" if run.name == "recipe.yaml" else ""))
+    if not (run / "recipe.yaml").exists():
+        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+    return run / "recipe.yaml"
+
+
 def read_run_recipe(run: Path) -> dict:
     """A run folder's recipe.yaml as plain data, for readers below the recipe layer and for early
     choices made before the recipe is checked. `yaml.safe_load` constructs nothing but plain values,
@@ -170,11 +184,7 @@ def read_run_recipe(run: Path) -> dict:
     naming it; whether the mapping is a valid recipe is the recipe layer's to say."""
     import yaml
 
-    f = Path(run) / "recipe.yaml"
-    if not Path(run).exists():
-        raise CheckpointError(f"{run}: no such folder; pass the run folder `peftcli train` wrote")
-    if not f.is_file():
-        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+    f = run_recipe_file(run)
     try:
         raw = yaml.safe_load(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

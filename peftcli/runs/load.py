@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from peftcli.config.recipe import Recipe, RecipeError, load_recipe
-from peftcli.core.adapter_files import ADAPTER_FILE, find_run_adapter, read_adapter, read_run_recipe
+from peftcli.core.adapter_files import (
+    ADAPTER_FILE,
+    find_run_adapter,
+    read_adapter,
+    read_run_recipe,
+    run_recipe_file,
+)
 from peftcli.core.arch import Arch
 from peftcli.core.arch import resolve as resolve_arch
 from peftcli.core.errors import CheckpointError, DataError
@@ -275,14 +281,7 @@ def open_run(run: str | Path, overrides: list[str] | None = None, *, trust_remot
     that cannot be combined, a destination that cannot be written).
     """
     run = Path(run)
-    recipe_file = run / "recipe.yaml"
-    if not run.exists():
-        raise CheckpointError(f"{run}: no such folder; pass the run folder `peftcli train` wrote")
-    if run.is_file():
-        raise CheckpointError(f"{run} is a file; pass the run folder `peftcli train` wrote"
-                              + (f" ({run.parent})" if run.name == "recipe.yaml" else ""))
-    if not recipe_file.exists():
-        raise CheckpointError(f"{run}: not a run folder (no recipe.yaml); pass the folder `peftcli train` wrote")
+    recipe_file = run_recipe_file(run)
     recipe = untrusted(load_recipe(recipe_file, overrides), trust_remote_code)
     if before_weights is not None:
         before_weights(recipe)
