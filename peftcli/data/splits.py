@@ -121,16 +121,11 @@ def _label_names(
             "of classes - 1: fix those rows or remove them"
         )
     too_big = sorted({i for i in ints if n is not None and i >= n})
-    if too_big and names is not None:
-        raise UnknownLabels(
-            f"data.label_column: {_shown(too_big)} in {src} outside 0..{n - 1} (data.label_names gives {n} classes); "
-            "fix those rows, or set data.label_names to cover every class", _shown(too_big), names, src)
     if too_big:
-        key = "model.num_labels"
-        raise DataError(
-            f"data.label_column: {_shown(too_big)} in {src} outside 0..{n - 1} ({key} gives {n} classes); "
-            f"fix those rows, or set {key} to cover every class"
-        )
+        key = "data.label_names" if names is not None else "model.num_labels"
+        msg = (f"data.label_column: {_shown(too_big)} in {src} outside 0..{n - 1} ({key} gives {n} classes); "
+               f"fix those rows, or set {key} to cover every class")
+        raise UnknownLabels(msg, _shown(too_big), names, src) if names is not None else DataError(msg)
     if names is not None:
         known = set(names)
         unknown = sorted({str(v) for v in values if _as_int(v) is None and str(v) not in known})
@@ -268,9 +263,8 @@ def _lm_format(in_use: dict[str, list[dict]], cfg: DataConfig, col: _Columns) ->
             key, c = bad[0]
             raise DataError(
                 f"{key}: column {c!r} not in {cfg.source} (split {split!r}; format {fmt}); its columns are "
-                f"{', '.join(cols) or '(none)'}; "
-                + (f"set {key.split(':')[0]} or data.format" if not key.startswith("data.format") else "set data.format")
-                + " to match the data"
+                f"{', '.join(cols) or '(none)'}; set {' or '.join(dict.fromkeys([key.split(':')[0], 'data.format']))} "
+                "to match the data"
             )
     return fmt
 
