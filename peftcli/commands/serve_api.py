@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftcli.inference.decode import is_unicode
 from peftcli.inference.engine import Sampling
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -132,12 +133,9 @@ def _check_strings(body: dict[str, Any]) -> None:
             todo.extend(x.values())
         elif isinstance(x, list):
             todo.extend(x)
-        elif isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ApiError(400, "the body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
-                                    "send valid Unicode text") from None
+        elif isinstance(x, str) and not is_unicode(x):
+            raise ApiError(400, "the body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                                "send valid Unicode text")
 
 
 # ------------------------------------------------------------------------------------ the request
@@ -212,11 +210,13 @@ def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
         if key not in allowed:
             raise ApiError(400, f"unrecognized request argument {key!r}", param=key)
     for key, values in _NO_OP.items():
-        no_tools = key == "tool_choice" and body[key] == "auto" and not body.get("tools") if key in body else False
-        if key in body and not no_tools and not any(_same(body[key], v) for v in values):
-            shown = " or ".join("null" if v is None else json.dumps(v) for v in values)
-            why = _WHY.get(key, f"no {key} (it takes {shown} only)")
-            raise ApiError(400, f"'{key}' = {json.dumps(body[key])} is not supported: this server has {why}", param=key)
+        if key not in body or any(_same(body[key], v) for v in values):
+            continue
+        if key == "tool_choice" and body[key] == "auto" and not body.get("tools"):
+            continue  # "auto" with no tools to choose from chooses none
+        shown = " or ".join("null" if v is None else json.dumps(v) for v in values)
+        why = _WHY.get(key, f"no {key} (it takes {shown} only)")
+        raise ApiError(400, f"'{key}' = {json.dumps(body[key])} is not supported: this server has {why}", param=key)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -128,3 +128,13 @@ def context_length(model: Any) -> int | None:
     if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
         ctx = window if ctx is None else min(ctx, window)
     return ctx
+
+
+def is_unicode(text: str) -> bool:
+    """Text a tokenizer can read: no lone surrogate (JSON's "\\ud800", or a command-line argument
+    that was not UTF-8, which Python keeps as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

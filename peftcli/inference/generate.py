@@ -17,8 +17,8 @@ import torch
 from peftcli.config.recipe import load_recipe
 from peftcli.core.errors import BadInput
 from peftcli.data.chat import format_prompt
-from peftcli.inference.decode import context_length, generate_texts
-from peftcli.inference.multi import generate_mixed, is_unicode, load_runs, prompt_rows, read_prompts
+from peftcli.inference.decode import context_length, generate_texts, is_unicode
+from peftcli.inference.multi import generate_mixed, load_runs, prompt_ids, prompt_rows, read_prompts
 from peftcli.methods.attach import pick_device
 from peftcli.runs.load import Built, build, load_run, untrusted
 
@@ -72,8 +72,9 @@ def generate(
     built = load_for_generation(target, dev, overrides, trust_remote_code=trust_remote_code)
     use_template = built.recipe.data.chat_template if chat_template is None else chat_template
     formatted = [format_prompt(built.tokenizer, p, use_template) for p in prompts]
-    _check_fits(built.model, built.tokenizer, formatted, [max_new_tokens] * len(prompts),
-                [_nth(i, len(prompts)) for i in range(len(prompts))], "--max-new-tokens")
+    _check_fits(built.model, [len(built.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in formatted],
+                [max_new_tokens] * len(prompts), [_nth(i, len(prompts)) for i in range(len(prompts))],
+                "--max-new-tokens")
     return generate_texts(built.model, built.tokenizer, formatted, device=dev, max_new_tokens=max_new_tokens)
 
 
@@ -81,14 +82,14 @@ def _nth(i: int, n: int) -> str:
     return "the prompt" if n == 1 else f"prompt {i + 1}"
 
 
-def _check_fits(model, tokenizer, formatted: list[str], limits: list[int], where: list[str], flag: str) -> None:
-    """Each prompt and its new tokens within the model's context: beyond it, generation runs past
-    the position table and returns nothing (or garbage) with exit 0 and one warning from transformers."""
+def _check_fits(model, lengths: list[int], limits: list[int], where: list[str], flag: str) -> None:
+    """Each prompt (of `lengths` tokens) and its new tokens within the model's context: beyond it,
+    generation runs past the position table and returns nothing (or garbage) with exit 0 and one
+    warning from transformers."""
     ctx = context_length(model)
     if ctx is None:
         return
-    for text, m, w in zip(formatted, limits, where, strict=True):
-        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for n, m, w in zip(lengths, limits, where, strict=True):
         if n + m > ctx:
             raise GenerateError(f"{w} is {n:,} tokens; with {m} new ones that is more than the model's context of "
                                 f"{ctx:,} tokens: shorten it" + (f" or lower {flag}" if n < ctx else ""))
@@ -103,8 +104,8 @@ def generate_for_runs(runs: Sequence[str | Path], prompts: Path, *, max_new_toke
     if multi.recipe.model.task != "causal_lm":
         raise GenerateError(f"{runs[0]}: model.task is {multi.recipe.model.task!r}; generation needs causal_lm runs")
     reqs, limits = read_prompts(rows, multi, max_new_tokens)
-    formatted = [format_prompt(multi.tokenizer, p, multi.recipe_of(n).data.chat_template) for n, p in reqs]
-    _check_fits(multi.model, multi.tokenizer, formatted, limits, [w for w, _ in rows], "max_new_tokens")
-    texts = generate_mixed(multi, reqs, max_new_tokens=limits)
+    ids = prompt_ids(multi, reqs)
+    _check_fits(multi.model, [len(x) for x in ids], limits, [w for w, _ in rows], "max_new_tokens")
+    texts = generate_mixed(multi, reqs, max_new_tokens=limits, ids=ids)
     return [{"adapter": name, "prompt": prompt, "generated": text}
             for (name, prompt), text in zip(reqs, texts, strict=True)]

@@ -39,7 +39,7 @@ from peftcli.core.errors import BadInput
 from peftcli.core.precision import autocast_ctx, float_dtype, forward_inputs
 from peftcli.data.batching import Collator
 from peftcli.data.chat import format_prompt
-from peftcli.inference.decode import eos_ids, greedy_ids, pad_id
+from peftcli.inference.decode import eos_ids, greedy_ids, is_unicode, pad_id
 from peftcli.inference.evaluate import Scores
 from peftcli.methods import get_method
 from peftcli.methods.lora import site_scalings
@@ -385,6 +385,18 @@ def _build_stacks(multi: MultiAdapter, stacked: list[tuple[Adapter, dict, dict]]
 # --------------------------------------------------------------------------------------- generation
 
 
+def prompt_ids(multi: MultiAdapter, requests: Sequence[tuple[str, str]],
+               chat_template: bool | None = None) -> list[list[int]]:
+    """The token ids of (adapter name, prompt) pairs, each prompt formatted as its run's training
+    data was (`chat_template` None: as the run's recipe says)."""
+    tok = multi.tokenizer
+    out = []
+    for n, p in requests:
+        use = multi.recipe_of(n).data.chat_template if chat_template is None else chat_template
+        out.append(tok(format_prompt(tok, p, use), add_special_tokens=False)["input_ids"])
+    return out
+
+
 def generate_mixed(
     multi: MultiAdapter,
     requests: Sequence[tuple[str, str]],
@@ -393,18 +405,18 @@ def generate_mixed(
     batch_size: int = 16,
     chat_template: bool | None = None,
     logits: list[list[torch.Tensor]] | None = None,
+    ids: list[list[int]] | None = None,
 ) -> list[str]:
     """Greedy continuations of (adapter name, prompt) pairs, each prompt formatted as its run's
-    training data was; the order of the answers is the order of the requests."""
+    training data was; the order of the answers is the order of the requests. `ids`: the requests'
+    `prompt_ids`, where the caller has them already."""
     tok = multi.tokenizer
     names = [n for n, _ in requests]
     limits = [max_new_tokens] * len(requests) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if any(m < 1 for m in limits):
         raise MultiAdapterError("max_new_tokens must be at least 1")
-    ids = []
-    for n, p in requests:
-        use = multi.recipe_of(n).data.chat_template if chat_template is None else chat_template
-        ids.append(tok(format_prompt(tok, p, use), add_special_tokens=False)["input_ids"])
+    if ids is None:
+        ids = prompt_ids(multi, requests, chat_template)
     outs: list[list[int]] = [[] for _ in requests]
     row_logits: list[list[torch.Tensor]] = [[] for _ in requests]
     pad = pad_id(tok)
@@ -475,16 +487,6 @@ def prompt_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def is_unicode(text: str) -> bool:
-    """Text a tokenizer can read: no lone surrogate (JSON's "\\ud800", or a command-line argument
-    that was not UTF-8, which Python keeps as surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def read_prompts(rows: list[tuple[str, dict[str, Any]]], multi: MultiAdapter,
                  max_new_tokens: int) -> tuple[list[tuple[str, str]], list[int]]:
     """`prompt_rows`' lines -> (adapter, prompt) pairs and per-prompt token limits. "adapter" may
@@ -539,5 +541,5 @@ def evaluate_runs(multi: MultiAdapter, examples: dict[str, list[dict]], *, batch
 
 __all__ = [
     "Adapter", "MultiAdapter", "MultiAdapterError", "StackedLinear", "StackedLoraLinear", "evaluate_runs",
-    "generate_mixed", "is_unicode", "load_runs", "parse_run_args", "prompt_rows", "read_prompts",
+    "generate_mixed", "load_runs", "parse_run_args", "prompt_ids", "prompt_rows", "read_prompts",
 ]
