@@ -162,3 +162,12 @@ def test_a_file_that_does_not_parse_is_reported_once(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "refused", res.stderr[-2000:]
     assert "Failed to read file" not in res.stderr, res.stderr
+
+
+def test_the_builtin_names_are_the_ones_builtin_rows_answers():
+    """BUILTIN_SOURCES (a run folder keeps these names as they are, never as paths) lists what
+    builtin_rows reads; BUILTIN_CLASSES counts classes of some of them."""
+    from peftcli.data.sources import BUILTIN_CLASSES, BUILTIN_SOURCES, builtin_rows
+
+    assert all(builtin_rows(name) for name in BUILTIN_SOURCES)
+    assert builtin_rows("tweets_nosuch") is None and set(BUILTIN_CLASSES) <= BUILTIN_SOURCES
